@@ -1,0 +1,215 @@
+// CPU kernels of the engram ops: validation, allocation and threading here,
+// per-token math in kernels/.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "csrc/checks.h"
+#include "csrc/ops.h"
+#include "kernels/hash.h"
+
+namespace engram {
+namespace {
+
+// Tokens per parallel_for chunk: hashing one token costs ~100 ns.
+constexpr int64_t kHashGrain = 512;
+// (token, head) rows per chunk for the gather.
+constexpr int64_t kGatherGrain = 2048;
+
+// Maps ids through lookup into `out` (may alias nothing); returns false if an
+// id is >= the vocabulary. Negative ids pass through, as in the reference.
+bool compress_into(const int64_t* ids, int64_t n, const int64_t* lookup, int64_t vocab, int64_t* out) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    bool chunk_ok = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t id = ids[i];
+      if (id >= vocab) {
+        chunk_ok = false;
+        out[i] = 0;
+      } else {
+        out[i] = id >= 0 ? lookup[id] : id;
+      }
+    }
+    if (!chunk_ok) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+at::Tensor compress_ids_cpu(const at::Tensor& input_ids, const at::Tensor& lookup) {
+  check_compress_args(input_ids, lookup);
+  at::Tensor ids = input_ids.contiguous();
+  at::Tensor table = lookup.contiguous();
+  at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
+  if (!compress_into(ids.data_ptr<int64_t>(), ids.numel(), table.data_ptr<int64_t>(), table.numel(),
+                     out.data_ptr<int64_t>())) {
+    report_id_out_of_range("compress_ids", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
+  }
+  return out;
+}
+
+at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup, const at::Tensor& keys,
+                          const at::Tensor& head_sizes, const std::optional<at::Tensor>& offsets, int64_t pad_id,
+                          c10::string_view family) {
+  const NgramHashShape shape =
+      check_ngram_hash_args(input_ids, lookup, keys, head_sizes, offsets, pad_id, std::string_view(family.data(), family.size()));
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  const int64_t L = shape.num_layers, K = shape.num_heads;
+  const int N = static_cast<int>(shape.max_ngram_size), H = static_cast<int>(shape.heads_per_order);
+
+  at::Tensor ids = input_ids.contiguous();
+  at::Tensor table = lookup.contiguous();
+  at::Tensor canonical = at::empty({B, T}, ids.options());
+  int64_t* x = canonical.data_ptr<int64_t>();
+  if (!compress_into(ids.data_ptr<int64_t>(), B * T, table.data_ptr<int64_t>(), table.numel(), x)) {
+    report_id_out_of_range("ngram_hash", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
+  }
+  const int64_t pad = table.data_ptr<int64_t>()[pad_id];
+
+  // Per-(layer, head) reduction constants, computed once per call.
+  at::Tensor sizes = head_sizes.contiguous();
+  const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
+  std::vector<FastMod> mods(L * K);
+  for (int64_t i = 0; i < L * K; ++i) {
+    TORCH_CHECK_VALUE(sizes_ptr[i] >= 1, "ngram_hash: head_sizes holds ", sizes_ptr[i], " at flat index ", i,
+                      "; expected table sizes >= 1");
+    mods[i] = FastMod::make(static_cast<uint64_t>(sizes_ptr[i]));
+  }
+  at::Tensor key_table = keys.contiguous();
+  const int64_t* key_ptr = key_table.data_ptr<int64_t>();
+  std::vector<uint64_t> seeds;
+  if (shape.family == HashFamily::XXH64) {
+    seeds.resize(L * (N - 1));
+    for (int64_t i = 0; i < L * (N - 1); ++i) seeds[i] = static_cast<uint64_t>(key_ptr[i]);
+  }
+  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const int64_t* offset_ptr = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
+
+  at::Tensor out = at::empty({L, B, T, K}, ids.options());
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  const int64_t tokens = B * T;
+  at::parallel_for(0, tokens, kHashGrain, [&](int64_t begin, int64_t end) {
+    int64_t window[kMaxNgramSize];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i % T;
+      for (int k = 0; k < N; ++k) window[k] = t >= k ? x[i - k] : pad;
+      for (int64_t l = 0; l < L; ++l) {
+        int64_t* dst = out_ptr + (l * tokens + i) * K;
+        const int64_t* layer_offsets = offset_ptr ? offset_ptr + l * K : nullptr;
+        if (shape.family == HashFamily::DeepSeek) {
+          deepseek_hash_token(window, N, H, key_ptr + l * N, mods.data() + l * K, layer_offsets, dst);
+        } else {
+          xxh64_hash_token(window, N, H, seeds.data() + l * (N - 1), mods.data() + l * K, layer_offsets, dst);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Row index of (token, head) entry e, or -1 if out of range.
+inline int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t e, int64_t num_rows) {
+  const int64_t row = offsets ? ids[e] + offsets[e % K] : ids[e];
+  return (row >= 0 && row < num_rows) ? row : -1;
+}
+
+at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& ids_in,
+                                   const std::optional<at::Tensor>& offsets, bool /*sparse*/) {
+  constexpr const char* op = "multihead_embedding";
+  const int64_t K = check_embedding_args(op, weight, "weight", ids_in, offsets);
+  ENGRAM_CHECK_DIM(op, "weight", weight, 2);
+  at::Tensor table = weight.contiguous();
+  at::Tensor ids = ids_in.contiguous();
+  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const int64_t* offset_ptr = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
+  const int64_t R = table.size(0), Dh = table.size(1);
+  std::vector<int64_t> out_shape(ids.sizes().begin(), ids.sizes().end());
+  out_shape.push_back(Dh);
+  at::Tensor out = at::empty(out_shape, table.options());
+  const int64_t entries = ids.numel();
+  const int64_t* id_ptr = ids.data_ptr<int64_t>();
+  const size_t row_bytes = static_cast<size_t>(Dh) * table.element_size();
+  const char* src = static_cast<const char*>(table.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, entries, kGatherGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t row = table_row(id_ptr, offset_ptr, K, e, R);
+      if (row < 0) {
+        ok.store(false, std::memory_order_relaxed);
+        std::memset(dst + e * row_bytes, 0, row_bytes);
+        continue;
+      }
+      std::memcpy(dst + e * row_bytes, src + row * row_bytes, row_bytes);
+    }
+  });
+  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, R, "weight.size(0)");
+  return out;
+}
+
+at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at::Tensor& ids_in,
+                                            const std::optional<at::Tensor>& offsets, int64_t num_rows) {
+  constexpr const char* op = "multihead_embedding_backward";
+  const int64_t K = check_embedding_args(op, grad_in, "grad", ids_in, offsets);
+  TORCH_CHECK_VALUE(grad_in.dim() == ids_in.dim() + 1 &&
+                        grad_in.sizes().slice(0, ids_in.dim()) == ids_in.sizes(),
+                    op, ": grad has shape ", grad_in.sizes(), "; expected ids.shape + [Dh] with ids.shape ",
+                    ids_in.sizes());
+  TORCH_CHECK_VALUE(num_rows >= 1, op, ": num_rows=", num_rows, "; expected >= 1");
+  at::Tensor grad = grad_in.contiguous();
+  at::Tensor ids = ids_in.contiguous();
+  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const int64_t* offset_ptr = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
+  const int64_t Dh = grad.size(-1);
+  const int64_t entries = ids.numel();
+  const int64_t* id_ptr = ids.data_ptr<int64_t>();
+
+  at::Tensor result;
+  std::atomic<bool> ok{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multihead_embedding_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Accumulate in opmath precision: many tokens can share a row.
+    at::Tensor acc = at::zeros({num_rows, Dh}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* acc_ptr = acc.data_ptr<acc_t>();
+    const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
+    // Each thread owns a contiguous range of rows and scans every entry, so
+    // no two threads write one row: deterministic and lock-free.
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), num_rows);
+    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+      for (int64_t part = part_begin; part < part_end; ++part) {
+        const int64_t row_begin = num_rows * part / parts, row_end = num_rows * (part + 1) / parts;
+        for (int64_t e = 0; e < entries; ++e) {
+          const int64_t row = table_row(id_ptr, offset_ptr, K, e, num_rows);
+          if (row < 0) {
+            ok.store(false, std::memory_order_relaxed);
+            continue;
+          }
+          if (row < row_begin || row >= row_end) continue;
+          acc_t* dst = acc_ptr + row * Dh;
+          const scalar_t* src = grad_ptr + e * Dh;
+          for (int64_t d = 0; d < Dh; ++d) dst[d] += static_cast<acc_t>(src[d]);
+        }
+      }
+    });
+    result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
+  });
+  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(engram, CPU, m) {
+  m.impl("compress_ids", &compress_ids_cpu);
+  m.impl("ngram_hash", &ngram_hash_cpu);
+  m.impl("multihead_embedding", &multihead_embedding_cpu);
+  m.impl("multihead_embedding_backward", &multihead_embedding_backward_cpu);
+}
+
+}  // namespace engram

@@ -1,0 +1,9 @@
+"""engram: Engram conditional-memory layers for PyTorch (arXiv 2601.07372)."""
+
+from .config import EngramConfig
+from .compression import CompressionTable
+from . import ops
+from .hashing import NgramHasher
+
+__all__ = ["EngramConfig", "CompressionTable", "NgramHasher", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+// engram._engine: pybind11 bindings for the torch-free helpers that are not
+// operators (the op library stays dispatcher-only).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "kernels/hash.h"
+#include "kernels/primes.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_engine, m) {
+  m.doc() = "engram helpers that are not operators";
+  m.def(
+      "head_primes",
+      [](const std::vector<uint64_t>& min_size_per_order, int heads_per_order, int num_layers) {
+        return engram::head_primes(min_size_per_order, heads_per_order, num_layers);
+      },
+      py::arg("min_size_per_order"), py::arg("heads_per_order"), py::arg("num_layers"),
+      "Distinct prime head sizes of spec §2, one list of (N-1)*H primes per layer in configured order.");
+  m.def(
+      "xxh64",
+      [](py::bytes data, uint64_t seed) {
+        std::string s = data;
+        return engram::xxh64(reinterpret_cast<const uint8_t*>(s.data()), s.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0, "XXH64 of a byte string (the kernels' implementation).");
+  m.def(
+      "xxh64_ngram_seed",
+      [](int64_t seed, int64_t layer_id, int64_t order) {
+        return engram::xxh64_ngram_seed(seed, layer_id, order);
+      },
+      py::arg("seed"), py::arg("layer_id"), py::arg("order"),
+      "Seed of the xxh64 n-gram hash for one (seed, layer id, order).");
+}

@@ -1,0 +1,67 @@
+"""Builds engram._C (the operator library) and engram._engine (pybind11 helpers).
+
+Install torch first, then: pip install --no-build-isolation .
+CUDA sources are compiled only when a CUDA toolkit and a CUDA build of torch
+are both present (or ENGRAM_CUDA=0 turns them off).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - message for people installing wrongly
+    sys.exit(
+        "engram builds against the torch you already have. Install torch first "
+        "(e.g. pip install torch==2.13.0), then run: pip install --no-build-isolation ."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("MAX_JOBS", "2")
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def want_cuda():
+    if os.environ.get("ENGRAM_CUDA", "1") == "0":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+op_sources = sources("csrc/*.cpp")
+define_macros = []
+Extension = cpp_extension.CppExtension
+extra_compile_args = {"cxx": cxx_flags}
+if want_cuda():
+    Extension = cpp_extension.CUDAExtension
+    op_sources += sources("csrc/cuda/*.cu")
+    define_macros.append(("ENGRAM_WITH_CUDA", "1"))
+    extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+
+ext_modules = [
+    Extension(
+        "engram._C",
+        op_sources,
+        include_dirs=[ROOT],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+    ),
+    cpp_extension.CppExtension(
+        "engram._engine",
+        sources("python/*.cpp"),
+        include_dirs=[ROOT],
+        extra_compile_args={"cxx": cxx_flags},
+    ),
+]
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
