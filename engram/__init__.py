@@ -4,6 +4,7 @@ from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
 from .hashing import NgramHasher
+from .layer import EngramLayer
 
-__all__ = ["EngramConfig", "CompressionTable", "NgramHasher", "ops"]
+__all__ = ["EngramConfig", "CompressionTable", "NgramHasher", "EngramLayer", "ops"]
 __version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""EngramLayer: the full Engram module (spec §3-7)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .compression import CompressionTable
+from .config import EngramConfig
+from .hashing import NgramHasher
+
+# Vocabulary of the reference release's tokenizer (DeepSeek-V3); used for the
+# identity compression when a layer is built without a CompressionTable.
+DEFAULT_VOCAB_SIZE = 129280
+
+
+class MultiHeadEmbedding(nn.Module):
+    """K hashed heads in one table of sum(sizes) rows (spec §4)."""
+
+    def __init__(self, head_sizes, head_dim: int) -> None:
+        super().__init__()
+        sizes = torch.as_tensor(list(head_sizes), dtype=torch.int64)
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes)
+        self.embedding = nn.Embedding(int(sizes.sum()), head_dim)
+        self.sparse = False
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        return ops.multihead_embedding(self.embedding.weight, hash_ids, self.offsets, self.sparse)
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, depthwise causal dilated conv over T, SiLU (spec §6)."""
+
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        channels = hidden_size * hc_mult
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
+        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=1e-5) for _ in range(hc_mult)])
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        # value [B, T, G, D] -> SiLU(conv(norm(value))) [B, T, G, D]
+        b, t, g, d = value.shape
+        u = torch.cat([self.norms[i](value[:, :, i, :]) for i in range(g)], dim=-1)  # [B, T, G*D]
+        u = u.transpose(1, 2)
+        u = nn.functional.pad(u, ((self.kernel_size - 1) * self.dilation, 0))  # causal: zero history
+        y = self.conv(u).transpose(1, 2)
+        return nn.functional.silu(y).reshape(b, t, g, d)
+
+
+class EngramLayer(nn.Module):
+    """One Engram layer: hash the last 2..N tokens, look the rows up, gate them
+    against each residual branch and return the update for the residual stream.
+
+    forward(hidden_states [B, T, G, D] (or [B, T, D] when G = 1), input_ids [B, T])
+    returns a tensor shaped like hidden_states; the caller adds it.
+    """
+
+    def __init__(
+        self,
+        config: EngramConfig,
+        layer_id: int,
+        hidden_size: int,
+        hc_mult: int = 1,
+        compression: Optional[CompressionTable] = None,
+    ) -> None:
+        super().__init__()
+        if layer_id not in config.layer_ids:
+            raise ValueError(f"EngramLayer: layer_id={layer_id} is not in config.layer_ids={config.layer_ids}")
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"EngramLayer: hidden_size={hidden_size!r}, expected a positive int")
+        if not isinstance(hc_mult, int) or hc_mult < 1:
+            raise ValueError(f"EngramLayer: hc_mult={hc_mult!r}, expected a positive int")
+        if compression is None:
+            compression = CompressionTable.identity(DEFAULT_VOCAB_SIZE)
+        self.config, self.layer_id = config, layer_id
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        self.compression = compression
+        self.hasher = NgramHasher(config, compression)
+
+        n = config.max_ngram_size
+        engram_dim = (n - 1) * config.n_embed_per_ngram
+        self.multi_head_embedding = MultiHeadEmbedding(self.hasher.head_sizes(layer_id), config.head_dim)
+        self.short_conv = ShortConv(hidden_size, hc_mult, config.kernel_size, dilation=n)
+        self.value_proj = nn.Linear(engram_dim, hidden_size)
+        self.key_projs = nn.ModuleList([nn.Linear(engram_dim, hidden_size) for _ in range(hc_mult)])
+        self.norm1 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+
+    def hash(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, K] hash ids of this layer (without offsets)."""
+        return self.hasher.hash_stacked(input_ids, [self.layer_id])[0]
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        squeeze = hidden_states.dim() == 3
+        if squeeze:
+            if self.hc_mult != 1:
+                raise ValueError(
+                    f"EngramLayer: hidden_states has shape {list(hidden_states.shape)} but hc_mult={self.hc_mult}; "
+                    "expected [B, T, G, D]"
+                )
+            hidden_states = hidden_states.unsqueeze(2)
+        if hidden_states.dim() != 4 or hidden_states.shape[2:] != (self.hc_mult, self.hidden_size):
+            raise ValueError(
+                f"EngramLayer: hidden_states has shape {list(hidden_states.shape)}; expected "
+                f"[B, T, {self.hc_mult}, {self.hidden_size}]"
+                + (f" or [B, T, {self.hidden_size}]" if self.hc_mult == 1 else "")
+            )
+        if input_ids.shape != hidden_states.shape[:2]:
+            raise ValueError(
+                f"EngramLayer: input_ids has shape {list(input_ids.shape)}; expected [B, T] = "
+                f"{list(hidden_states.shape[:2])} to match hidden_states"
+            )
+        b, t = input_ids.shape
+        e = self.multi_head_embedding(self.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
+        d = self.hidden_size
+        gates = []
+        for g in range(self.hc_mult):
+            key = self.norm1[g](self.key_projs[g](e))
+            query = self.norm2[g](hidden_states[:, :, g, :])
+            s = (key * query).sum(-1) / d**0.5
+            s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
+            gates.append(torch.sigmoid(s))
+        gate = torch.stack(gates, dim=2).unsqueeze(-1)  # [B, T, G, 1]
+        value = gate * self.value_proj(e).unsqueeze(2)  # [B, T, G, D]
+        out = value + self.short_conv(value)
+        return out.squeeze(2) if squeeze else out
+
+    def extra_repr(self) -> str:
+        w = self.multi_head_embedding.embedding.weight
+        return (
+            f"layer_id={self.layer_id}, rows={w.shape[0]:,}, head_dim={w.shape[1]}, "
+            f"table_bytes={w.numel() * w.element_size():,}, hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, "
+            f"hash={self.config.hash!r}"
+        )
