@@ -76,7 +76,7 @@ def _ngram_hash_fake(input_ids, lookup, keys, head_sizes, offsets, pad_id, famil
 
 
 @torch.library.register_fake("engram::multihead_embedding")
-def _multihead_embedding_fake(weight, ids, offsets, sparse):
+def _multihead_embedding_fake(weight, ids, offsets=None, sparse=False):
     _same_device("multihead_embedding", "weight", weight, ids=ids, offsets=offsets)
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
@@ -109,7 +109,7 @@ def _embedding_backward(ctx, grad):
         rows = ids if offsets is None else ids + offsets
         dh = grad.shape[-1]
         grad_weight = torch.sparse_coo_tensor(
-            rows.reshape(1, -1), grad.reshape(-1, dh), (ctx.num_rows, dh), is_coalesced=False
+            rows.reshape(1, -1), grad.reshape(-1, dh), (ctx.num_rows, dh), is_coalesced=False, check_invariants=False
         )
     else:
         grad_weight = _ops.multihead_embedding_backward(grad, ids, offsets, ctx.num_rows)
