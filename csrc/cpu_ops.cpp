@@ -13,6 +13,7 @@
 #include "csrc/checks.h"
 #include "csrc/ops.h"
 #include "kernels/hash.h"
+#include "kernels/hash_cpu.h"
 
 namespace engram {
 namespace {
@@ -70,45 +71,38 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   if (!compress_into(ids.data_ptr<int64_t>(), B * T, table.data_ptr<int64_t>(), table.numel(), x)) {
     report_id_out_of_range("ngram_hash", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
   }
-  const int64_t pad = table.data_ptr<int64_t>()[pad_id];
-
-  // Per-(layer, head) reduction constants, computed once per call.
   at::Tensor sizes = head_sizes.contiguous();
   const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
-  std::vector<FastMod> mods(L * K);
   for (int64_t i = 0; i < L * K; ++i) {
     TORCH_CHECK_VALUE(sizes_ptr[i] >= 1, "ngram_hash: head_sizes holds ", sizes_ptr[i], " at flat index ", i,
                       "; expected table sizes >= 1");
-    mods[i] = FastMod::make(static_cast<uint64_t>(sizes_ptr[i]));
   }
+  const cpu::HeadConstants heads(sizes_ptr, L * K);  // per call: L*K divisions, negligible
   at::Tensor key_table = keys.contiguous();
-  const int64_t* key_ptr = key_table.data_ptr<int64_t>();
-  std::vector<uint64_t> seeds;
-  if (shape.family == HashFamily::XXH64) {
-    seeds.resize(L * (N - 1));
-    for (int64_t i = 0; i < L * (N - 1); ++i) seeds[i] = static_cast<uint64_t>(key_ptr[i]);
-  }
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  const int64_t* offset_ptr = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
-
   at::Tensor out = at::empty({L, B, T, K}, ids.options());
-  int64_t* out_ptr = out.data_ptr<int64_t>();
-  const int64_t tokens = B * T;
-  at::parallel_for(0, tokens, kHashGrain, [&](int64_t begin, int64_t end) {
-    int64_t window[kMaxNgramSize];
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i % T;
-      for (int k = 0; k < N; ++k) window[k] = t >= k ? x[i - k] : pad;
-      for (int64_t l = 0; l < L; ++l) {
-        int64_t* dst = out_ptr + (l * tokens + i) * K;
-        const int64_t* layer_offsets = offset_ptr ? offset_ptr + l * K : nullptr;
-        if (shape.family == HashFamily::DeepSeek) {
-          deepseek_hash_token(window, N, H, key_ptr + l * N, mods.data() + l * K, layer_offsets, dst);
-        } else {
-          xxh64_hash_token(window, N, H, seeds.data() + l * (N - 1), mods.data() + l * K, layer_offsets, dst);
-        }
-      }
-    }
+
+  cpu::HashPlan plan;
+  plan.canonical = x;
+  plan.batch = B;
+  plan.seq_len = T;
+  plan.pad = table.data_ptr<int64_t>()[pad_id];
+  plan.num_layers = static_cast<int>(L);
+  plan.max_ngram_size = N;
+  plan.heads_per_order = H;
+  plan.num_heads = static_cast<int>(K);
+  plan.xxh64 = shape.family == HashFamily::XXH64;
+  // deepseek keys are int64 multipliers; xxh64 keys are uint64 seeds stored as int64 bit patterns.
+  plan.multipliers = key_table.data_ptr<int64_t>();
+  plan.seeds = reinterpret_cast<const uint64_t*>(key_table.data_ptr<int64_t>());
+  plan.offsets = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
+  heads.attach(plan);
+  plan.out = out.data_ptr<int64_t>();
+
+  static const bool cpu_has_avx512 = cpu::cpu_has_avx512();
+  const bool use_avx512 = cpu_has_avx512 && heads.f64_exact;
+  at::parallel_for(0, B * T, kHashGrain, [&](int64_t begin, int64_t end) {
+    cpu::hash_tokens(plan, use_avx512, begin, end);
   });
   return out;
 }

@@ -1,0 +1,70 @@
+"""Tokens/s of NgramHasher.hash (fused C++) vs the numpy formulation of the
+reference release (engram.reference.ngram_hash), same inputs, one run.
+
+    python benchmarks/bench_hash.py [--batch 8] [--seq 4096] [--family deepseek]
+"""
+
+import argparse
+import platform
+
+import numpy as np
+import torch
+from torch.utils.benchmark import Timer
+
+from engram import CompressionTable, EngramConfig, NgramHasher
+from engram import reference as ref
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=129280, help="tokenizer vocabulary (DeepSeek-V3: 129280)")
+    parser.add_argument("--family", choices=["deepseek", "xxh64"], default="deepseek")
+    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    cfg = EngramConfig(hash=args.family)  # reference defaults: N=3, H=8, layers [1, 15]
+    table = CompressionTable.identity(args.vocab)
+    hasher = NgramHasher(cfg, table)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    tokens = ids.numel()
+
+    # The reference computes its parameters once and hashes in numpy per forward.
+    lookup = table.lookup.numpy()
+    primes = ref.layer_head_primes(cfg.engram_vocab_size, cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.layer_ids)
+    mult = ref.layer_multipliers(table.num_canonical, cfg.max_ngram_size, cfg.seed, cfg.layer_ids)
+    ids_np = ids.numpy()
+
+    def reference_hash():
+        if args.family == "deepseek":
+            return ref.ngram_hash(ids_np, lookup, mult, primes, cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.pad_id)
+        return ref.ngram_hash_xxh64(
+            ids_np, lookup, cfg.seed, cfg.layer_ids, primes, cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.pad_id
+        )
+
+    # Same ids, checked before timing.
+    ours, theirs = hasher.hash(ids), None
+    if args.family == "deepseek" or tokens <= 4096:
+        theirs = reference_hash()
+        for l in cfg.layer_ids:
+            assert np.array_equal(ours[l].numpy(), theirs[l]), f"layer {l}: ids differ from the reference"
+
+    print(f"engram n-gram hashing: B={args.batch} T={args.seq} layers={cfg.layer_ids} N={cfg.max_ngram_size} "
+          f"H={cfg.n_head_per_ngram} family={args.family}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, {platform.processor() or platform.machine()}")
+    t_ours = Timer("hasher.hash(ids)", globals={"hasher": hasher, "ids": ids}).blocked_autorange(min_run_time=args.min_run_time)
+    rows = [("NgramHasher.hash (engram, fused C++)", t_ours.median)]
+    if args.family == "deepseek":
+        t_ref = Timer("f()", globals={"f": reference_hash}).blocked_autorange(min_run_time=args.min_run_time)
+        rows.append(("numpy reference (engram/reference.py)", t_ref.median))
+    width = max(len(name) for name, _ in rows)
+    for name, sec in rows:
+        print(f"  {name:<{width}}  {sec * 1e3:9.3f} ms  {tokens / sec / 1e6:8.2f} M tokens/s")
+    if len(rows) == 2:
+        print(f"  speed-up: {rows[1][1] / rows[0][1]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+// The CPU token loop: the AVX-512 and the scalar reductions give identical ids.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "kernels/hash_cpu.h"
+#include "kernels/primes.h"
+
+namespace {
+
+using engram::cpu::HashPlan;
+using engram::cpu::HeadConstants;
+
+struct Case {
+  int B, T, L, N, H;
+  bool xxh64;
+  uint64_t min_size;
+};
+
+std::vector<int64_t> run(const Case& c, bool avx512, std::vector<int64_t>& x, std::vector<int64_t>& keys,
+                         std::vector<int64_t>& sizes, std::vector<int64_t>& offsets) {
+  const int K = (c.N - 1) * c.H;
+  HeadConstants heads(sizes.data(), static_cast<int64_t>(sizes.size()));
+  std::vector<int64_t> out(static_cast<size_t>(c.L) * c.B * c.T * K, -1);
+  HashPlan plan;
+  plan.canonical = x.data();
+  plan.batch = c.B;
+  plan.seq_len = c.T;
+  plan.pad = 2;
+  plan.num_layers = c.L;
+  plan.max_ngram_size = c.N;
+  plan.heads_per_order = c.H;
+  plan.num_heads = K;
+  plan.xxh64 = c.xxh64;
+  plan.multipliers = keys.data();
+  plan.seeds = reinterpret_cast<const uint64_t*>(keys.data());
+  plan.offsets = offsets.data();
+  heads.attach(plan);
+  plan.out = out.data();
+  // Two uneven ranges, as parallel_for hands them out.
+  const int64_t tokens = static_cast<int64_t>(c.B) * c.T, cut = tokens / 3;
+  engram::cpu::hash_tokens(plan, avx512, 0, cut);
+  engram::cpu::hash_tokens(plan, avx512, cut, tokens);
+  return out;
+}
+
+TEST(HashCpu, Avx512EqualsScalar) {
+  if (!engram::cpu::cpu_has_avx512()) GTEST_SKIP() << "this machine's CPU (the test device) lacks AVX-512F/DQ";
+  std::mt19937_64 rng(5);
+  const std::vector<Case> cases = {{2, 37, 2, 3, 8, false, 646400}, {1, 5, 1, 4, 3, false, 1000},
+                                   {3, 17, 2, 2, 8, true, 646400},  {1, 9, 3, 3, 11, true, 50000000},
+                                   {2, 64, 1, 3, 8, false, 2},      {1, 3, 1, 5, 8, false, 67108000}};
+  for (const Case& c : cases) {
+    const int K = (c.N - 1) * c.H;
+    std::vector<int64_t> x(static_cast<size_t>(c.B) * c.T);
+    for (auto& v : x) v = static_cast<int64_t>(rng() % 200000) - 100;  // a few negative ids too
+    std::vector<int64_t> keys(static_cast<size_t>(c.L) * c.N);
+    for (auto& k : keys) k = static_cast<int64_t>(rng() | 1);  // full 64-bit range: many negative mixes
+    const auto primes = engram::head_primes(std::vector<uint64_t>(c.N - 1, c.min_size), c.H, c.L);
+    std::vector<int64_t> sizes, offsets;
+    for (const auto& layer : primes) {
+      int64_t offset = 0;
+      for (uint64_t p : layer) {
+        sizes.push_back(static_cast<int64_t>(p));
+        offsets.push_back(offset);
+        offset += static_cast<int64_t>(p);
+      }
+    }
+    ASSERT_EQ(static_cast<int>(sizes.size()), c.L * K);
+    EXPECT_EQ(run(c, true, x, keys, sizes, offsets), run(c, false, x, keys, sizes, offsets))
+        << "B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H << " xxh64=" << c.xxh64;
+  }
+}
+
+TEST(HashCpu, HeadConstantsPickTheExactPath) {
+  const int64_t small[2] = {646403, (int64_t(1) << 26) - 5};
+  const int64_t large[2] = {646403, int64_t(1) << 26};
+  EXPECT_TRUE(HeadConstants(small, 2).f64_exact);
+  EXPECT_FALSE(HeadConstants(large, 2).f64_exact);
+}
+
+}  // namespace
