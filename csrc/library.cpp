@@ -3,6 +3,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cmath>
+
 #include "csrc/checks.h"
 #include "csrc/ops.h"
 #include "kernels/hash.h"
@@ -103,6 +106,75 @@ void report_id_out_of_range(const char* op, const char* name, const at::Tensor& 
                     (negatives_allowed ? "" : ")"), " for ", limit_name, "=", limit);
 }
 
+// --- Engram layer ops (spec §5-6) -------------------------------------------
+
+namespace {
+
+void check_same_floating_dtype(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
+                               const at::Tensor& t) {
+  ENGRAM_CHECK_SAME_DEVICE(op, ref_name, ref, name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but ", ref_name,
+                   " is ", ref.scalar_type(), "; expected one floating dtype for all of them");
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                 const char* expected_text) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), "; expected ", expected_text,
+                    " = ", expected);
+}
+
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps=", eps, "; expected a finite value >= 0");
+}
+
+}  // namespace
+
+std::array<int64_t, 4> check_context_gate_args(const char* op, const at::Tensor& key, const at::Tensor& hidden,
+                                               const at::Tensor& key_norm_weight,
+                                               const at::Tensor& hidden_norm_weight, std::optional<double> eps) {
+  ENGRAM_CHECK_FLOATING(op, "key", key);
+  ENGRAM_CHECK_DIM(op, "key", key, 4);
+  ENGRAM_CHECK_NONEMPTY(op, "key", key);
+  const int64_t B = key.size(0), T = key.size(1), G = key.size(2), D = key.size(3);
+  check_same_floating_dtype(op, "key", key, "hidden", hidden);
+  check_shape(op, "hidden", hidden, key.sizes(), "the shape of key [B, T, G, D]");
+  check_same_floating_dtype(op, "key", key, "key_norm_weight", key_norm_weight);
+  check_shape(op, "key_norm_weight", key_norm_weight, {G, D}, "[G, D]");
+  check_same_floating_dtype(op, "key", key, "hidden_norm_weight", hidden_norm_weight);
+  check_shape(op, "hidden_norm_weight", hidden_norm_weight, {G, D}, "[G, D]");
+  if (eps.has_value()) check_eps(op, *eps);
+  return {B, T, G, D};
+}
+
+std::array<int64_t, 5> check_gated_short_conv_args(const char* op, const at::Tensor& value, const at::Tensor& gate,
+                                                   const at::Tensor& norm_weight, const at::Tensor& conv_weight,
+                                                   int64_t dilation, double eps) {
+  ENGRAM_CHECK_FLOATING(op, "value", value);
+  ENGRAM_CHECK_DIM(op, "value", value, 3);
+  ENGRAM_CHECK_NONEMPTY(op, "value", value);
+  const int64_t B = value.size(0), T = value.size(1), D = value.size(2);
+  check_same_floating_dtype(op, "value", value, "gate", gate);
+  ENGRAM_CHECK_DIM(op, "gate", gate, 3);
+  TORCH_CHECK_VALUE(gate.size(0) == B && gate.size(1) == T && gate.size(2) >= 1, op, ": gate has shape ",
+                    gate.sizes(), "; expected [B, T, G] with [B, T] = [", B, ", ", T, "] from value and G >= 1");
+  const int64_t G = gate.size(2);
+  check_same_floating_dtype(op, "value", value, "norm_weight", norm_weight);
+  check_shape(op, "norm_weight", norm_weight, {G, D}, "[G, D]");
+  check_same_floating_dtype(op, "value", value, "conv_weight", conv_weight);
+  ENGRAM_CHECK_DIM(op, "conv_weight", conv_weight, 2);
+  TORCH_CHECK_VALUE(conv_weight.size(0) == G * D && conv_weight.size(1) >= 1, op, ": conv_weight has shape ",
+                    conv_weight.sizes(), "; expected [G*D, kernel_size] = [", G * D, ", kernel_size >= 1]");
+  TORCH_CHECK_VALUE(dilation >= 1, op, ": dilation=", dilation, "; expected >= 1");
+  check_eps(op, eps);
+  return {B, T, G, D, conv_weight.size(1)};
+}
+
+void check_grad_like(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
+                     at::IntArrayRef expected) {
+  check_same_floating_dtype(op, "the input", like, name, grad);
+  check_shape(op, name, grad, expected, "the shape of the forward output");
+}
+
 }  // namespace engram
 
 TORCH_LIBRARY(engram, m) {
@@ -119,6 +191,27 @@ TORCH_LIBRARY(engram, m) {
   m.def("multihead_embedding(Tensor weight, Tensor ids, Tensor? offsets, bool sparse=False) -> Tensor");
   // Dense gradient of the table: scatter-add of grad [..., K, Dh] into [R, Dh].
   m.def("multihead_embedding_backward(Tensor grad, Tensor ids, Tensor? offsets, SymInt num_rows) -> Tensor");
+  // Context gate of spec §5 for G branches: key, hidden [B, T, G, D] (last dim
+  // contiguous, other strides free), norm weights [G, D] -> gate [B, T, G].
+  // eps=None: the dtype's machine epsilon, as nn.RMSNorm(D).
+  m.def(
+      "context_gate(Tensor key, Tensor hidden, Tensor key_norm_weight, Tensor hidden_norm_weight, "
+      "float? eps=None) -> Tensor");
+  // -> (grad_key, grad_hidden, grad_key_norm_weight, grad_hidden_norm_weight)
+  m.def(
+      "context_gate_backward(Tensor grad_gate, Tensor key, Tensor hidden, Tensor key_norm_weight, "
+      "Tensor hidden_norm_weight, float? eps=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gated short-convolution block of spec §5-6: value [B, T, D] (shared by the
+  // branches), gate [B, T, G] -> out [B, T, G, D] with x = gate * value,
+  // out = x + SiLU(causal depthwise conv over T of RMSNorm_g(x)), channel
+  // g*D + c; conv_weight [G*D, kernel_size], tap i reads t - (kernel_size-1-i)*dilation.
+  m.def(
+      "gated_short_conv(Tensor value, Tensor gate, Tensor norm_weight, Tensor conv_weight, int dilation, "
+      "float eps) -> Tensor");
+  // -> (grad_value, grad_gate, grad_norm_weight, grad_conv_weight)
+  m.def(
+      "gated_short_conv_backward(Tensor grad_out, Tensor value, Tensor gate, Tensor norm_weight, "
+      "Tensor conv_weight, int dilation, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // engram._C is imported for its side effect of registering the library.

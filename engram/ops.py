@@ -119,3 +119,107 @@ def _embedding_backward(ctx, grad):
 torch.library.register_autograd(
     "engram::multihead_embedding", _embedding_backward, setup_context=_embedding_setup_context
 )
+
+
+# --------------------------------------------------------------------------
+# Engram layer ops (spec §5-6): context gate and gated short convolution
+# --------------------------------------------------------------------------
+
+
+def context_gate(
+    key: torch.Tensor,
+    hidden: torch.Tensor,
+    key_norm_weight: torch.Tensor,
+    hidden_norm_weight: torch.Tensor,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """key, hidden [B, T, G, D], norm weights [G, D] -> gate [B, T, G] (spec §5):
+    sigmoid(signed_sqrt(sum(RMSNorm(key) * RMSNorm(hidden)) / sqrt(D))) per
+    branch. eps=None is the dtype's machine epsilon, like nn.RMSNorm(D)."""
+    return _ops.context_gate(key, hidden, key_norm_weight, hidden_norm_weight, eps)
+
+
+def gated_short_conv(
+    value: torch.Tensor,
+    gate: torch.Tensor,
+    norm_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    dilation: int,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """value [B, T, D], gate [B, T, G] -> [B, T, G, D] (spec §5-6): with
+    x = gate * value per branch, x + SiLU(causal depthwise conv over T of
+    RMSNorm_g(x)); norm_weight [G, D], conv_weight [G*D, kernel_size]."""
+    return _ops.gated_short_conv(value, gate, norm_weight, conv_weight, dilation, eps)
+
+
+def _check_layer_shapes(op: str, **dims) -> None:
+    """Fake-kernel shape checks, so torch.compile reports bad shapes like eager."""
+    for name, (tensor, ndim) in dims.items():
+        if tensor.dim() != ndim:
+            raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {list(tensor.shape)}")
+
+
+@torch.library.register_fake("engram::context_gate")
+def _context_gate_fake(key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
+    _same_device("context_gate", "key", key, hidden=hidden, key_norm_weight=key_norm_weight,
+                 hidden_norm_weight=hidden_norm_weight)
+    _check_layer_shapes("context_gate", key=(key, 4), hidden=(hidden, 4), key_norm_weight=(key_norm_weight, 2),
+                        hidden_norm_weight=(hidden_norm_weight, 2))
+    torch._check(hidden.shape == key.shape, lambda: f"context_gate: hidden has shape {list(hidden.shape)}; expected the shape of key {list(key.shape)}")
+    return key.new_empty(key.shape[:3])
+
+
+@torch.library.register_fake("engram::context_gate_backward")
+def _context_gate_backward_fake(grad_gate, key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
+    _same_device("context_gate_backward", "key", key, grad_gate=grad_gate, hidden=hidden)
+    return (key.new_empty(key.shape), key.new_empty(key.shape), key_norm_weight.new_empty(key_norm_weight.shape),
+            hidden_norm_weight.new_empty(hidden_norm_weight.shape))
+
+
+@torch.library.register_fake("engram::gated_short_conv")
+def _gated_short_conv_fake(value, gate, norm_weight, conv_weight, dilation, eps):
+    _same_device("gated_short_conv", "value", value, gate=gate, norm_weight=norm_weight, conv_weight=conv_weight)
+    _check_layer_shapes("gated_short_conv", value=(value, 3), gate=(gate, 3), norm_weight=(norm_weight, 2),
+                        conv_weight=(conv_weight, 2))
+    b, t, d = value.shape
+    return value.new_empty((b, t, gate.shape[2], d))
+
+
+@torch.library.register_fake("engram::gated_short_conv_backward")
+def _gated_short_conv_backward_fake(grad_out, value, gate, norm_weight, conv_weight, dilation, eps):
+    _same_device("gated_short_conv_backward", "value", value, grad_out=grad_out, gate=gate)
+    return (value.new_empty(value.shape), gate.new_empty(gate.shape), norm_weight.new_empty(norm_weight.shape),
+            conv_weight.new_empty(conv_weight.shape))
+
+
+# Both backward kernels recompute the few per-row reductions instead of saving
+# intermediates: less memory, and the rows are re-read anyway.
+def _context_gate_setup_context(ctx, inputs, output):
+    key, hidden, key_norm_weight, hidden_norm_weight, eps = inputs
+    ctx.save_for_backward(key, hidden, key_norm_weight, hidden_norm_weight)
+    ctx.eps = eps
+
+
+def _context_gate_backward(ctx, grad_gate):
+    grads = _ops.context_gate_backward(grad_gate, *ctx.saved_tensors, ctx.eps)
+    return (*grads, None)
+
+
+def _gated_short_conv_setup_context(ctx, inputs, output):
+    value, gate, norm_weight, conv_weight, dilation, eps = inputs
+    ctx.save_for_backward(value, gate, norm_weight, conv_weight)
+    ctx.dilation, ctx.eps = dilation, eps
+
+
+def _gated_short_conv_backward(ctx, grad_out):
+    grads = _ops.gated_short_conv_backward(grad_out, *ctx.saved_tensors, ctx.dilation, ctx.eps)
+    return (*grads, None, None)
+
+
+torch.library.register_autograd(
+    "engram::context_gate", _context_gate_backward, setup_context=_context_gate_setup_context
+)
+torch.library.register_autograd(
+    "engram::gated_short_conv", _gated_short_conv_backward, setup_context=_gated_short_conv_setup_context
+)

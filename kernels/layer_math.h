@@ -1,0 +1,231 @@
+// Torch-free per-row math of the Engram layer (spec §5-6), shared by the CPU
+// kernels and (later) the CUDA kernels.
+//
+// Every function works on one row of D values through raw pointers. `acc_t`
+// is the accumulation type (float for float/bf16/fp16 storage, double for
+// double); `scalar_t` and `weight_t` are the storage types, converted with
+// static_cast so that c10::BFloat16, __nv_bfloat16 and plain floats all work.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/hash.h"  // ENGRAM_HD
+
+namespace engram {
+
+// ---------------------------------------------------------------------------
+// Scalar formulas
+// ---------------------------------------------------------------------------
+
+template <typename acc_t>
+ENGRAM_HD acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+template <typename acc_t>
+ENGRAM_HD acc_t silu(acc_t x) {
+  return x * sigmoid(x);
+}
+
+// d silu(x) / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x)))
+template <typename acc_t>
+ENGRAM_HD acc_t silu_grad(acc_t x) {
+  const acc_t s = sigmoid(x);
+  return s * (acc_t(1) + x * (acc_t(1) - s));
+}
+
+// Floor of |s| in the signed square root of spec §5.
+template <typename acc_t>
+ENGRAM_HD acc_t gate_score_floor() {
+  return static_cast<acc_t>(1e-6);
+}
+
+// sign(s) * sqrt(max(|s|, 1e-6)); sign(0) = 0, so s = 0 maps to 0.
+template <typename acc_t>
+ENGRAM_HD acc_t signed_sqrt(acc_t s) {
+  const acc_t magnitude = std::sqrt(std::fmax(std::fabs(s), gate_score_floor<acc_t>()));
+  return s > acc_t(0) ? magnitude : (s < acc_t(0) ? -magnitude : acc_t(0));
+}
+
+// Derivative of signed_sqrt as autograd of the plain formula
+// `s.sign() * s.abs().clamp_min(1e-6).sqrt()` gives it: sign() has zero
+// gradient, clamp_min passes the gradient only where |s| >= 1e-6, and
+// sign(s) * d|s|/ds = sign(s)^2 = 1 there. So 0.5 / sqrt(|s|) for
+// |s| >= 1e-6 and 0 below (including s = 0).
+template <typename acc_t>
+ENGRAM_HD acc_t signed_sqrt_grad(acc_t s) {
+  const acc_t magnitude = std::fabs(s);
+  return magnitude >= gate_score_floor<acc_t>() ? acc_t(0.5) / std::sqrt(magnitude) : acc_t(0);
+}
+
+// ---------------------------------------------------------------------------
+// Row reductions
+// ---------------------------------------------------------------------------
+
+// Independent partial sums let the compiler vectorise a reduction without
+// -ffast-math (a single accumulator is a serial dependency chain).
+constexpr int kReductionLanes = 8;
+
+template <typename acc_t, typename scalar_t>
+ENGRAM_HD acc_t sum_of_squares(const scalar_t* x, int64_t n) {
+  acc_t lanes[kReductionLanes] = {};
+  int64_t i = 0;
+  for (; i + kReductionLanes <= n; i += kReductionLanes) {
+    for (int l = 0; l < kReductionLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(x[i + l]);
+      lanes[l] += v * v;
+    }
+  }
+  acc_t total = 0;
+  for (int l = 0; l < kReductionLanes; ++l) total += lanes[l];
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    total += v * v;
+  }
+  return total;
+}
+
+// 1 / sqrt(mean(x^2) + eps), the scale of an RMSNorm row (as nn.RMSNorm).
+template <typename acc_t>
+ENGRAM_HD acc_t rms_scale_from_sum_of_squares(acc_t sum_sq, int64_t n, acc_t eps) {
+  return acc_t(1) / std::sqrt(sum_sq / static_cast<acc_t>(n) + eps);
+}
+
+// ---------------------------------------------------------------------------
+// Context gate of one (token, branch) row, spec §5:
+//   nk = RMSNorm(key) * key_weight, nq = RMSNorm(query) * query_weight
+//   s = sum(nk * nq) / sqrt(D), gate = sigmoid(signed_sqrt(s))
+// ---------------------------------------------------------------------------
+
+template <typename acc_t>
+struct GateRowState {
+  acc_t key_scale;    // 1 / rms(key)
+  acc_t query_scale;  // 1 / rms(query)
+  acc_t dot;          // sum(nk * nq), before the 1/sqrt(D)
+  acc_t score;        // s
+};
+
+template <typename acc_t, typename scalar_t, typename weight_t>
+ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
+                                             const weight_t* query_weight, int64_t D, acc_t eps) {
+  acc_t kk[kReductionLanes] = {}, qq[kReductionLanes] = {}, kq[kReductionLanes] = {};
+  auto accumulate = [&](int l, int64_t c) {
+    const acc_t k = static_cast<acc_t>(key[c]), q = static_cast<acc_t>(query[c]);
+    kk[l] += k * k;
+    qq[l] += q * q;
+    kq[l] += k * static_cast<acc_t>(key_weight[c]) * q * static_cast<acc_t>(query_weight[c]);
+  };
+  int64_t c = 0;
+  for (; c + kReductionLanes <= D; c += kReductionLanes) {
+    for (int l = 0; l < kReductionLanes; ++l) accumulate(l, c + l);
+  }
+  for (; c < D; ++c) accumulate(0, c);
+  acc_t sum_kk = 0, sum_qq = 0, sum_kq = 0;
+  for (int l = 0; l < kReductionLanes; ++l) {
+    sum_kk += kk[l];
+    sum_qq += qq[l];
+    sum_kq += kq[l];
+  }
+  GateRowState<acc_t> st;
+  st.key_scale = rms_scale_from_sum_of_squares(sum_kk, D, eps);
+  st.query_scale = rms_scale_from_sum_of_squares(sum_qq, D, eps);
+  st.dot = sum_kq * st.key_scale * st.query_scale;
+  st.score = st.dot / std::sqrt(static_cast<acc_t>(D));
+  return st;
+}
+
+template <typename acc_t>
+ENGRAM_HD acc_t gate_from_score(acc_t score) {
+  return sigmoid(signed_sqrt(score));
+}
+
+// Backward of one gate row given d loss / d gate. With r_k, r_q the scales,
+// nk, nq the normalised rows and g = d loss / d dot:
+//   d key_c   = r_k * g * (w_k,c * nq_c - key_c * r_k * dot / D)
+//   d query_c = r_q * g * (w_q,c * nk_c - query_c * r_q * dot / D)
+//   d w_k,c  += g * nq_c * key_c * r_k,   d w_q,c += g * nk_c * query_c * r_q
+// (the RMSNorm backward with the incoming gradient g * nq folded in).
+template <typename acc_t, typename scalar_t, typename weight_t>
+ENGRAM_HD void gate_row_backward(acc_t grad_gate, const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
+                                 const weight_t* query_weight, int64_t D, acc_t eps, scalar_t* grad_key,
+                                 scalar_t* grad_query, acc_t* grad_key_weight, acc_t* grad_query_weight) {
+  const GateRowState<acc_t> st = gate_row_state<acc_t>(key, query, key_weight, query_weight, D, eps);
+  const acc_t gate = gate_from_score(st.score);
+  const acc_t grad_score = grad_gate * gate * (acc_t(1) - gate) * signed_sqrt_grad(st.score);
+  const acc_t grad_dot = grad_score / std::sqrt(static_cast<acc_t>(D));
+  const acc_t dot_over_d = st.dot / static_cast<acc_t>(D);
+  const acc_t rk = st.key_scale, rq = st.query_scale;
+  for (int64_t c = 0; c < D; ++c) {
+    const acc_t k = static_cast<acc_t>(key[c]), q = static_cast<acc_t>(query[c]);
+    const acc_t wk = static_cast<acc_t>(key_weight[c]), wq = static_cast<acc_t>(query_weight[c]);
+    const acc_t k_hat = k * rk, q_hat = q * rq;
+    const acc_t nk = k_hat * wk, nq = q_hat * wq;
+    grad_key[c] = static_cast<scalar_t>(rk * grad_dot * (wk * nq - k_hat * dot_over_d));
+    grad_query[c] = static_cast<scalar_t>(rq * grad_dot * (wq * nk - q_hat * dot_over_d));
+    grad_key_weight[c] += grad_dot * nq * k_hat;
+    grad_query_weight[c] += grad_dot * nk * q_hat;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Gated short-convolution block, spec §5-6, one (token, branch) row:
+//   value = gate * v, u = value * scale * norm_weight, scale = 1 / rms(value)
+//   out = value + SiLU(conv(u))
+// ---------------------------------------------------------------------------
+
+// 1 / rms(gate * v) from sum(v^2): rms(gate * v)^2 = gate^2 * mean(v^2), so one
+// reduction over v serves every branch.
+template <typename acc_t>
+ENGRAM_HD acc_t gated_rms_scale(acc_t gate, acc_t sum_sq_v, int64_t D, acc_t eps) {
+  return rms_scale_from_sum_of_squares(gate * gate * sum_sq_v, D, eps);
+}
+
+// Backward of one branch row given grad_u = d loss / d u (through the conv)
+// and grad_residual = d loss / d out (the residual path). Adds gate * d value
+// to grad_v and grad_u * value * scale to grad_norm_weight; returns
+// d loss / d gate = sum(d value * v). The RMSNorm backward, with
+// x_hat = value * scale and dx_hat = grad_u * norm_weight:
+//   d value = scale * (dx_hat - x_hat * mean(dx_hat * x_hat)) + grad_residual
+template <typename acc_t, typename scalar_t, typename weight_t>
+ENGRAM_HD acc_t gated_norm_row_backward(acc_t gate, const scalar_t* v, acc_t scale, const weight_t* norm_weight,
+                                        const acc_t* grad_u, const scalar_t* grad_residual, int64_t D,
+                                        acc_t* grad_v, acc_t* grad_norm_weight) {
+  const acc_t value_to_x_hat = gate * scale;
+  acc_t lanes[kReductionLanes] = {};
+  int64_t c = 0;
+  for (; c + kReductionLanes <= D; c += kReductionLanes) {
+    for (int l = 0; l < kReductionLanes; ++l) {
+      const int64_t i = c + l;
+      lanes[l] += grad_u[i] * static_cast<acc_t>(norm_weight[i]) * static_cast<acc_t>(v[i]);
+    }
+  }
+  acc_t projection = 0;
+  for (int l = 0; l < kReductionLanes; ++l) projection += lanes[l];
+  for (; c < D; ++c) projection += grad_u[c] * static_cast<acc_t>(norm_weight[c]) * static_cast<acc_t>(v[c]);
+  projection *= value_to_x_hat / static_cast<acc_t>(D);  // mean(dx_hat * x_hat)
+
+  acc_t grad_gate = 0;
+  for (c = 0; c < D; ++c) {
+    const acc_t vc = static_cast<acc_t>(v[c]);
+    const acc_t x_hat = vc * value_to_x_hat;
+    const acc_t grad_value =
+        scale * (grad_u[c] * static_cast<acc_t>(norm_weight[c]) - x_hat * projection) +
+        static_cast<acc_t>(grad_residual[c]);
+    grad_gate += grad_value * vc;
+    grad_v[c] += gate * grad_value;
+    grad_norm_weight[c] += grad_u[c] * x_hat;
+  }
+  return grad_gate;
+}
+
+// ---------------------------------------------------------------------------
+// Short convolution, spec §6: tap i of a kernel of `kernel_size` taps reads
+// the token (kernel_size - 1 - i) * dilation steps back (zero before t = 0).
+// ---------------------------------------------------------------------------
+
+ENGRAM_HD int64_t conv_tap_lag(int64_t tap, int64_t kernel_size, int64_t dilation) {
+  return (kernel_size - 1 - tap) * dilation;
+}
+
+}  // namespace engram
