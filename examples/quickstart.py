@@ -44,7 +44,7 @@ def main() -> None:
             trigram = " ".join(padded[t: t + 3])
             r = rows[layer_id][0, t].tolist()
             print(f"  {word:<8} {bigram:<18} {r[0]:>9,} {r[1]:>10,}   {trigram:<24} {r[H]:>10,} {r[H + 1]:>10,}")
-    same = torch.equal(rows[1][0, 2:5], rows[1][0, 9:12])
+    same = torch.equal(rows[1][0, 3], rows[1][0, 11])  # both 2- and 3-gram heads
     print(f"\n'Great Wall of' and 'great wall of' look up the same rows: {same} (case folded by the compression table)")
 
 
