@@ -5,6 +5,16 @@ from .compression import CompressionTable
 from . import ops
 from .hashing import NgramHasher
 from .layer import EngramLayer
+from . import tokenizer
+from .tokenizer import build_compression
 
-__all__ = ["EngramConfig", "CompressionTable", "NgramHasher", "EngramLayer", "ops"]
+__all__ = [
+    "EngramConfig",
+    "CompressionTable",
+    "NgramHasher",
+    "EngramLayer",
+    "build_compression",
+    "ops",
+    "tokenizer",
+]
 __version__ = "0.1.0"
