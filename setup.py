@@ -34,7 +34,9 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+# No -std flag: torch.utils.cpp_extension picks the standard its headers need
+# (C++17 up to torch 2.13, C++20 from 2.14).
+cxx_flags = ["-O3", "-fvisibility=hidden"]
 op_sources = sources("csrc/*.cpp")
 define_macros = []
 Extension = cpp_extension.CppExtension
@@ -43,7 +45,7 @@ if want_cuda():
     Extension = cpp_extension.CUDAExtension
     op_sources += sources("csrc/cuda/*.cu")
     define_macros.append(("ENGRAM_WITH_CUDA", "1"))
-    extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 ext_modules = [
     Extension(

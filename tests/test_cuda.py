@@ -1,0 +1,72 @@
+"""CUDA kernels against the CPU kernels (which are tested against the reference).
+
+Every test here needs a GPU and a CUDA build of engram; without one they skip.
+"""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from engram import CompressionTable, EngramConfig, NgramHasher, ops
+from engram import reference as ref
+
+has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "engram::ngram_hash", "CUDA"
+)
+pytestmark = pytest.mark.skipif(not has_cuda_kernels, reason="needs a CUDA GPU and a CUDA build of engram")
+
+
+@pytest.mark.parametrize("family", ["deepseek", "xxh64"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (4, 257)])
+def test_ngram_hash_matches_cpu(family, shape):
+    cfg = EngramConfig(hash=family, layer_ids=[1, 15, 3])
+    table = CompressionTable(torch.randint(0, 9000, (12000,)).unique(return_inverse=True)[1])
+    hasher = NgramHasher(cfg, table)
+    ids = torch.randint(-5, table.vocab_size, shape)
+    for with_offsets in (False, True):
+        cpu = hasher.hash_stacked(ids, with_offsets=with_offsets)
+        gpu = hasher.hash_stacked(ids.cuda(), with_offsets=with_offsets)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_ngram_hash_errors_on_cuda():
+    hasher = NgramHasher(EngramConfig(), CompressionTable.identity(100))
+    ids = torch.randint(0, 100, (2, 9), device="cuda")
+    ids[1, 4] = 100
+    with pytest.raises(IndexError, match=r"input_ids holds 100 at flat index 13"):
+        hasher.hash(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_embedding_forward_backward_match_reference(dtype):
+    sizes = [5, 7, 11, 3]
+    offsets = ref.head_offsets(sizes).cuda()
+    weight = torch.randn(sum(sizes), 8, dtype=dtype, device="cuda", requires_grad=True)
+    ids = torch.stack([torch.randint(0, s, (3, 40)) for s in sizes], dim=-1).cuda()
+    out = ops.multihead_embedding(weight, ids, offsets)
+    assert torch.equal(out, ref.multihead_embedding(weight.detach(), ids, offsets))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    w64 = weight.detach().double().requires_grad_()
+    ref.multihead_embedding(w64, ids, offsets).backward(grad.double())
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    torch.testing.assert_close(weight.grad.double(), w64.grad, atol=tol, rtol=tol)
+
+
+def test_embedding_row_out_of_range_on_cuda():
+    weight = torch.randn(10, 4, device="cuda")
+    ids = torch.tensor([[1, 10]], device="cuda")
+    with pytest.raises(IndexError, match=r"ids holds 10 at flat index 1"):
+        ops.multihead_embedding(weight, ids, None)
+
+
+def test_opcheck_cuda():
+    cfg = EngramConfig(engram_vocab_size=[101, 211])
+    hasher = NgramHasher(cfg, CompressionTable.identity(300))
+    lookup, keys, sizes, offsets = hasher._params(torch.device("cuda"), cfg.layer_ids)
+    ids = torch.randint(0, 300, (2, 11), device="cuda")
+    opcheck(torch.ops.engram.compress_ids.default, (ids, lookup))
+    opcheck(torch.ops.engram.ngram_hash.default, (ids, lookup, keys, sizes, offsets, cfg.pad_id, "deepseek"))
+    weight = torch.randn(int(sizes[0].sum()), 4, device="cuda", requires_grad=True)
+    rows = ops.ngram_hash(ids, lookup, keys[:1], sizes[:1], None, cfg.pad_id)[0]
+    opcheck(torch.ops.engram.multihead_embedding.default, (weight, rows, offsets[0], False))
