@@ -13,6 +13,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/layer_math.h"
@@ -83,6 +84,45 @@ at::ScalarType acc_dtype() {
   return c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
 }
 
+// Rows are widened to acc_t once, by a plain conversion loop, so that the row
+// math of kernels/layer_math.h runs on acc_t arrays only: the compiler
+// vectorises those well, and loops that mix bf16 loads with float math poorly.
+template <typename acc_t, typename scalar_t>
+const acc_t* widen(const scalar_t* src, int64_t n, acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<acc_t>(src[i]);
+    return buffer;
+  }
+}
+
+// A whole (small) tensor, e.g. a [G, D] norm weight, widened once per call.
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> widen_tensor(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const scalar_t* src = c.const_data_ptr<scalar_t>();
+  return std::vector<at::opmath_type<scalar_t>>(src, src + c.numel());
+}
+
+// Where an acc_t result row goes: straight into the output when the output
+// is acc_t, else into `buffer`, to be narrowed by store_row.
+template <typename acc_t, typename scalar_t>
+acc_t* result_row(scalar_t* dst, acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return dst;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void store_row(const acc_t* row, int64_t n, scalar_t* dst) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(row[i]);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // context gate
 // ---------------------------------------------------------------------------
@@ -123,13 +163,15 @@ at::Tensor context_gate_cpu(const at::Tensor& key_in, const at::Tensor& hidden_i
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t eps_value = resolve_eps<scalar_t>(eps);
     const GateRows<scalar_t> keys(key), queries(hidden);
-    const scalar_t* wk = key_weight.const_data_ptr<scalar_t>();
-    const scalar_t* wq = hidden_weight.const_data_ptr<scalar_t>();
+    const std::vector<acc_t> wk = widen_tensor<scalar_t>(key_weight), wq = widen_tensor<scalar_t>(hidden_weight);
     scalar_t* out = gate.data_ptr<scalar_t>();
     at::parallel_for(0, B * T * G, rows_per_chunk(2 * D), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> key_row(D), query_row(D);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t g = r % G;
-        const auto st = gate_row_state<acc_t>(keys.row(r), queries.row(r), wk + g * D, wq + g * D, D, eps_value);
+        const auto st = gate_row_state<acc_t>(widen(keys.row(r), D, key_row.data()),
+                                              widen(queries.row(r), D, query_row.data()), wk.data() + g * D,
+                                              wq.data() + g * D, D, eps_value);
         out[r] = static_cast<scalar_t>(gate_from_score(st.score));
       }
     });
@@ -154,8 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t eps_value = resolve_eps<scalar_t>(eps);
     const GateRows<scalar_t> keys(key), queries(hidden);
-    const scalar_t* wk = key_weight.const_data_ptr<scalar_t>();
-    const scalar_t* wq = hidden_weight.const_data_ptr<scalar_t>();
+    const std::vector<acc_t> wk = widen_tensor<scalar_t>(key_weight), wq = widen_tensor<scalar_t>(hidden_weight);
     const scalar_t* gg = grad_gate.const_data_ptr<scalar_t>();
     scalar_t* dk = grad_key.data_ptr<scalar_t>();
     scalar_t* dq = grad_hidden.data_ptr<scalar_t>();
@@ -164,13 +205,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
     at::Tensor partials = at::zeros({blocks.count, 2 * G * D}, key.options().dtype(acc_dtype<scalar_t>()));
     acc_t* partial_ptr = partials.data_ptr<acc_t>();
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
+      std::vector<acc_t> key_row(D), query_row(D), grad_key_row(D), grad_query_row(D);
       for (int64_t block = block_begin; block < block_end; ++block) {
         acc_t* dwk = partial_ptr + block * 2 * G * D;
         acc_t* dwq = dwk + G * D;
         for (int64_t r = blocks.begin(block) * G; r < blocks.begin(block + 1) * G; ++r) {
           const int64_t g = r % G;
-          gate_row_backward<acc_t>(static_cast<acc_t>(gg[r]), keys.row(r), queries.row(r), wk + g * D, wq + g * D, D,
-                                   eps_value, dk + r * D, dq + r * D, dwk + g * D, dwq + g * D);
+          acc_t* dk_row = result_row(dk + r * D, grad_key_row.data());
+          acc_t* dq_row = result_row(dq + r * D, grad_query_row.data());
+          gate_row_backward<acc_t>(static_cast<acc_t>(gg[r]), widen(keys.row(r), D, key_row.data()),
+                                   widen(queries.row(r), D, query_row.data()), wk.data() + g * D, wq.data() + g * D,
+                                   D, eps_value, dk_row, dq_row, dwk + g * D, dwq + g * D);
+          store_row(dk_row, D, dk + r * D);
+          store_row(dq_row, D, dq + r * D);
         }
       }
     });
@@ -198,51 +245,92 @@ std::vector<at::opmath_type<scalar_t>> taps_by_channel(const at::Tensor& conv_we
   const scalar_t* src = w.const_data_ptr<scalar_t>();
   std::vector<at::opmath_type<scalar_t>> taps(s.kernel_size * s.C);
   for (int64_t c = 0; c < s.C; ++c) {
-    for (int64_t i = 0; i < s.kernel_size; ++i) taps[i * s.C + c] = static_cast<at::opmath_type<scalar_t>>(src[c * s.kernel_size + i]);
+    for (int64_t i = 0; i < s.kernel_size; ++i) {
+      taps[i * s.C + c] = static_cast<at::opmath_type<scalar_t>>(src[c * s.kernel_size + i]);
+    }
   }
   return taps;
 }
 
-// u = RMSNorm_g(gate * value) * norm_weight for every token, as [tokens, C]
-// in acc_t; also returns each (token, branch) row's scale 1/rms if asked.
+// Read-only view of the block's inputs; value rows may be strided.
 template <typename scalar_t>
-void normalize_gated_rows(const ShortConvShape& s, const at::Tensor& value, const at::Tensor& gate,
-                          const at::Tensor& norm_weight, at::opmath_type<scalar_t> eps,
-                          at::opmath_type<scalar_t>* u, at::opmath_type<scalar_t>* scales) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* v = value.const_data_ptr<scalar_t>();
-  const scalar_t* gates = gate.const_data_ptr<scalar_t>();
-  const scalar_t* w = norm_weight.const_data_ptr<scalar_t>();
-  const int64_t vb = value.stride(0), vt = value.stride(1);
-  at::parallel_for(0, s.tokens(), rows_per_chunk(s.C), [&](int64_t begin, int64_t end) {
-    for (int64_t tok = begin; tok < end; ++tok) {
-      const scalar_t* v_row = v + (tok / s.T) * vb + (tok % s.T) * vt;
-      const acc_t sum_sq = sum_of_squares<acc_t>(v_row, s.D);
-      for (int64_t g = 0; g < s.G; ++g) {
-        const acc_t gate_value = static_cast<acc_t>(gates[tok * s.G + g]);
-        const acc_t scale = gated_rms_scale(gate_value, sum_sq, s.D, eps);
-        if (scales) scales[tok * s.G + g] = scale;
-        const acc_t factor = gate_value * scale;
-        const scalar_t* w_row = w + g * s.D;
-        acc_t* u_row = u + tok * s.C + g * s.D;
-        for (int64_t c = 0; c < s.D; ++c) u_row[c] = static_cast<acc_t>(v_row[c]) * factor * static_cast<acc_t>(w_row[c]);
-      }
-    }
-  });
+struct ShortConvInputs {
+  const scalar_t* value;
+  int64_t value_stride_b, value_stride_t;
+  const scalar_t* gate;                                 // [tokens, G]
+  std::vector<at::opmath_type<scalar_t>> norm_weight;  // [G, D], widened
+
+  ShortConvInputs(const at::Tensor& v, const at::Tensor& g, const at::Tensor& w)
+      : value(v.const_data_ptr<scalar_t>()), value_stride_b(v.stride(0)), value_stride_t(v.stride(1)),
+        gate(g.const_data_ptr<scalar_t>()), norm_weight(widen_tensor<scalar_t>(w)) {}
+
+  const scalar_t* value_row(int64_t tok, int64_t T) const {
+    return value + (tok / T) * value_stride_b + (tok % T) * value_stride_t;
+  }
+};
+
+// The block is processed in chunks of tokens whose normalised rows u (and, in
+// backward, dy) fit in L2 with the conv's reach on either side; the reach is
+// recomputed per chunk instead of materialising [tokens, C] buffers.
+constexpr int64_t kChunkElements = 1 << 16;
+
+int64_t chunk_tokens(const ShortConvShape& s) {
+  return std::max<int64_t>(4, kChunkElements / s.C);
 }
 
-// y[c] = sum_i taps[i][c] * u[t - lag_i][c] for one token (zero history).
-template <typename acc_t>
-void causal_conv_token(const ShortConvShape& s, const acc_t* taps, const acc_t* u, int64_t tok, acc_t* y) {
-  const int64_t t = tok % s.T;
-  std::fill(y, y + s.C, acc_t(0));
-  for (int64_t i = 0; i < s.kernel_size; ++i) {
-    const int64_t lag = conv_tap_lag(i, s.kernel_size, s.dilation);
-    if (t < lag) continue;
-    const acc_t* w = taps + i * s.C;
-    const acc_t* src = u + (tok - lag) * s.C;
-    for (int64_t c = 0; c < s.C; ++c) y[c] += w[c] * src[c];
+int64_t conv_reach(const ShortConvShape& s) {
+  return conv_tap_lag(0, s.kernel_size, s.dilation);
+}
+
+// u[tok - first] = RMSNorm_g(gate * value[tok]) * norm_weight for tok in
+// [first, last), all branches; scales[(tok - first) * G + g] = 1 / rms if asked.
+template <typename scalar_t>
+void normalize_gated_tokens(const ShortConvShape& s, const ShortConvInputs<scalar_t>& in,
+                            at::opmath_type<scalar_t> eps, int64_t first, int64_t last,
+                            at::opmath_type<scalar_t>* u, at::opmath_type<scalar_t>* scales) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> value_row(s.D);
+  for (int64_t tok = first; tok < last; ++tok) {
+    const acc_t* v = widen(in.value_row(tok, s.T), s.D, value_row.data());
+    const acc_t sum_sq = sum_of_squares<acc_t>(v, s.D);
+    for (int64_t g = 0; g < s.G; ++g) {
+      const acc_t gate = static_cast<acc_t>(in.gate[tok * s.G + g]);
+      const acc_t scale = gated_rms_scale(gate, sum_sq, s.D, eps);
+      if (scales) scales[(tok - first) * s.G + g] = scale;
+      const acc_t factor = gate * scale;
+      const acc_t* w = in.norm_weight.data() + g * s.D;
+      acc_t* dst = u + (tok - first) * s.C + g * s.D;
+      for (int64_t c = 0; c < s.D; ++c) dst[c] = v[c] * factor * w[c];
+    }
   }
+}
+
+// y[tok - first] = sum_i taps[i] * u[tok - lag_i] for tok in [first, last)
+// (zero history before t = 0); u holds rows from token u_first on.
+template <typename acc_t>
+void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t* u, int64_t u_first,
+                        int64_t first, int64_t last, acc_t* y) {
+  for (int64_t tok = first; tok < last; ++tok) {
+    const int64_t t = tok % s.T;
+    acc_t* dst = y + (tok - first) * s.C;
+    std::fill(dst, dst + s.C, acc_t(0));
+    for (int64_t i = 0; i < s.kernel_size; ++i) {
+      const int64_t lag = conv_tap_lag(i, s.kernel_size, s.dilation);
+      if (t < lag) continue;
+      const acc_t* w = taps + i * s.C;
+      const acc_t* src = u + (tok - lag - u_first) * s.C;
+      for (int64_t c = 0; c < s.C; ++c) dst[c] += w[c] * src[c];
+    }
+  }
+}
+
+// sigmoid of n values through ATen's vectorised kernel (a SIMD exp the
+// portable loops here do not get from the compiler).
+template <typename acc_t>
+void sigmoid_block(const acc_t* x, int64_t n, acc_t* out) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor out_view = at::from_blob(out, {n}, options);
+  at::sigmoid_out(out_view, at::from_blob(const_cast<acc_t*>(x), {n}, options));
 }
 
 ShortConvShape short_conv_shape(const char* op, const at::Tensor& value, const at::Tensor& gate,
@@ -263,26 +351,31 @@ at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& ga
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "gated_short_conv", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> taps = taps_by_channel<scalar_t>(conv_weight, s);
-    at::Tensor u = at::empty({s.tokens(), s.C}, value.options().dtype(acc_dtype<scalar_t>()));
-    acc_t* u_ptr = u.data_ptr<acc_t>();
-    normalize_gated_rows<scalar_t>(s, value, gate, norm_weight, static_cast<acc_t>(eps), u_ptr, nullptr);
-
-    const scalar_t* v = value.const_data_ptr<scalar_t>();
-    const scalar_t* gates = gate.const_data_ptr<scalar_t>();
-    const int64_t vb = value.stride(0), vt = value.stride(1);
+    const ShortConvInputs<scalar_t> in(value, gate, norm_weight);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, s.tokens(), rows_per_chunk(s.C * s.kernel_size), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> y(s.C);
-      for (int64_t tok = begin; tok < end; ++tok) {
-        causal_conv_token(s, taps.data(), u_ptr, tok, y.data());
-        const scalar_t* v_row = v + (tok / s.T) * vb + (tok % s.T) * vt;
-        for (int64_t g = 0; g < s.G; ++g) {
-          const acc_t gate_value = static_cast<acc_t>(gates[tok * s.G + g]);
-          const acc_t* y_row = y.data() + g * s.D;
-          scalar_t* dst = out_ptr + tok * s.C + g * s.D;
-          for (int64_t c = 0; c < s.D; ++c) {
-            dst[c] = static_cast<scalar_t>(gate_value * static_cast<acc_t>(v_row[c]) + silu(y_row[c]));
+    const int64_t chunk = chunk_tokens(s), reach = conv_reach(s), C = s.C;
+    const int64_t num_chunks = (s.tokens() + chunk - 1) / chunk;
+    at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      std::vector<acc_t> u((chunk + reach) * C), y(chunk * C), sig(chunk * C), value_row(s.D), out_buffer(C);
+      for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+        const int64_t first = ci * chunk, last = std::min(first + chunk, s.tokens());
+        const int64_t u_first = std::max<int64_t>(first - reach, 0);
+        normalize_gated_tokens<scalar_t>(s, in, static_cast<acc_t>(eps), u_first, last, u.data(), nullptr);
+        causal_conv_tokens(s, taps.data(), u.data(), u_first, first, last, y.data());
+        sigmoid_block(y.data(), (last - first) * C, sig.data());
+        // out = gate * value + SiLU(y)
+        for (int64_t tok = first; tok < last; ++tok) {
+          const acc_t* v = widen(in.value_row(tok, s.T), s.D, value_row.data());
+          acc_t* out_row = result_row(out_ptr + tok * C, out_buffer.data());
+          for (int64_t g = 0; g < s.G; ++g) {
+            const acc_t gate_value = static_cast<acc_t>(in.gate[tok * s.G + g]);
+            const int64_t offset = (tok - first) * C + g * s.D;
+            const acc_t* y_row = y.data() + offset;
+            const acc_t* sig_row = sig.data() + offset;
+            acc_t* dst = out_row + g * s.D;
+            for (int64_t c = 0; c < s.D; ++c) dst[c] = gate_value * v[c] + silu_from_sigmoid(y_row[c], sig_row[c]);
           }
+          store_row(out_row, C, out_ptr + tok * C);
         }
       }
     });
@@ -304,88 +397,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
   at::Tensor grad_norm_weight, grad_conv_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "gated_short_conv_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = acc_dtype<scalar_t>();
     const std::vector<acc_t> taps = taps_by_channel<scalar_t>(conv_weight, s);
-    const int64_t C = s.C, K = s.kernel_size, T = s.T;
-
-    // Recompute the normalised rows (cheaper than saving them in forward).
-    at::Tensor u = at::empty({s.tokens(), C}, value.options().dtype(acc_type));
-    at::Tensor scales = at::empty({s.tokens(), s.G}, value.options().dtype(acc_type));
-    acc_t* u_ptr = u.data_ptr<acc_t>();
-    acc_t* scale_ptr = scales.data_ptr<acc_t>();
-    normalize_gated_rows<scalar_t>(s, value, gate, norm_weight, static_cast<acc_t>(eps), u_ptr, scale_ptr);
-
-    const TokenBlocks blocks = token_blocks(s.tokens());
+    const ShortConvInputs<scalar_t> in(value, gate, norm_weight);
     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
-
-    // d loss / d y = grad_out * SiLU'(y) for every token, and the conv weight
-    // gradient d w[c, i] = sum_t dy[t, c] * u[t - lag_i, c].
-    at::Tensor grad_y = at::empty({s.tokens(), C}, value.options().dtype(acc_type));
-    acc_t* gy_ptr = grad_y.data_ptr<acc_t>();
-    at::Tensor conv_partials = at::zeros({blocks.count, K * C}, value.options().dtype(acc_type));
-    acc_t* conv_partial_ptr = conv_partials.data_ptr<acc_t>();
-    at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
-      for (int64_t block = block_begin; block < block_end; ++block) {
-        acc_t* dw = conv_partial_ptr + block * K * C;
-        for (int64_t tok = blocks.begin(block); tok < blocks.begin(block + 1); ++tok) {
-          acc_t* gy = gy_ptr + tok * C;
-          causal_conv_token(s, taps.data(), u_ptr, tok, gy);
-          const scalar_t* go_row = go + tok * C;
-          for (int64_t c = 0; c < C; ++c) gy[c] = static_cast<acc_t>(go_row[c]) * silu_grad(gy[c]);
-          const int64_t t = tok % T;
-          for (int64_t i = 0; i < K; ++i) {
-            const int64_t lag = conv_tap_lag(i, K, s.dilation);
-            if (t < lag) continue;
-            const acc_t* src = u_ptr + (tok - lag) * C;
-            acc_t* dw_tap = dw + i * C;
-            for (int64_t c = 0; c < C; ++c) dw_tap[c] += gy[c] * src[c];
-          }
-        }
-      }
-    });
-
-    // d u[t] = sum_i w[i] * dy[t + lag_i] (the transposed conv), then the
-    // RMSNorm and gating backward of each branch row.
-    const scalar_t* v = value.const_data_ptr<scalar_t>();
-    const scalar_t* gates = gate.const_data_ptr<scalar_t>();
-    const scalar_t* w_norm = norm_weight.const_data_ptr<scalar_t>();
-    const int64_t vb = value.stride(0), vt = value.stride(1);
     scalar_t* dv_ptr = grad_value.data_ptr<scalar_t>();
     scalar_t* dgate_ptr = grad_gate.data_ptr<scalar_t>();
-    at::Tensor norm_partials = at::zeros({blocks.count, C}, value.options().dtype(acc_type));
-    acc_t* norm_partial_ptr = norm_partials.data_ptr<acc_t>();
+    const int64_t chunk = chunk_tokens(s), reach = conv_reach(s);
+    const int64_t C = s.C, K = s.kernel_size, T = s.T, D = s.D;
+
+    // Per block: [conv weight grad (K*C, tap-major) | norm weight grad (C)].
+    const TokenBlocks blocks = token_blocks(s.tokens());
+    at::Tensor partials = at::zeros({blocks.count, (K + 1) * C}, value.options().dtype(acc_dtype<scalar_t>()));
+    acc_t* partial_ptr = partials.data_ptr<acc_t>();
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<acc_t> du(C), dv(s.D);
+      // u covers [first - reach, last + reach): dy at t reads u back to t - reach,
+      // and d u at t reads dy up to t + reach.
+      std::vector<acc_t> u((chunk + 2 * reach) * C), scales((chunk + 2 * reach) * s.G);
+      std::vector<acc_t> dy((chunk + reach) * C), sig((chunk + reach) * C), du(C);
+      std::vector<acc_t> value_row(D), grad_out_row(C), dv_row(D);
       for (int64_t block = block_begin; block < block_end; ++block) {
-        acc_t* dw_norm = norm_partial_ptr + block * C;
-        for (int64_t tok = blocks.begin(block); tok < blocks.begin(block + 1); ++tok) {
-          const int64_t t = tok % T;
-          std::fill(du.begin(), du.end(), acc_t(0));
-          for (int64_t i = 0; i < K; ++i) {
-            const int64_t lag = conv_tap_lag(i, K, s.dilation);
-            if (t + lag >= T) continue;
-            const acc_t* w = taps.data() + i * C;
-            const acc_t* src = gy_ptr + (tok + lag) * C;
-            for (int64_t c = 0; c < C; ++c) du[c] += w[c] * src[c];
+        acc_t* dw_conv = partial_ptr + block * (K + 1) * C;
+        acc_t* dw_norm = dw_conv + K * C;
+        for (int64_t first = blocks.begin(block); first < blocks.begin(block + 1); first += chunk) {
+          const int64_t last = std::min(first + chunk, blocks.begin(block + 1));
+          const int64_t u_first = std::max<int64_t>(first - reach, 0);
+          const int64_t dy_last = std::min(last + reach, s.tokens());
+          normalize_gated_tokens<scalar_t>(s, in, static_cast<acc_t>(eps), u_first, dy_last, u.data(),
+                                           scales.data());
+
+          // dy = grad_out * SiLU'(y) for tokens [first, dy_last)
+          const int64_t dy_count = (dy_last - first) * C;
+          causal_conv_tokens(s, taps.data(), u.data(), u_first, first, dy_last, dy.data());
+          sigmoid_block(dy.data(), dy_count, sig.data());
+          const scalar_t* go_rows = go + first * C;
+          for (int64_t i = 0; i < dy_count; ++i) {
+            dy[i] = static_cast<acc_t>(go_rows[i]) * silu_grad_from_sigmoid(dy[i], sig[i]);
           }
-          const scalar_t* v_row = v + (tok / T) * vb + t * vt;
-          std::fill(dv.begin(), dv.end(), acc_t(0));
-          for (int64_t g = 0; g < s.G; ++g) {
-            const int64_t row = tok * s.G + g;
-            const acc_t grad_gate_row = gated_norm_row_backward<acc_t>(
-                static_cast<acc_t>(gates[row]), v_row, scale_ptr[row], w_norm + g * s.D, du.data() + g * s.D,
-                go + tok * C + g * s.D, s.D, dv.data(), dw_norm + g * s.D);
-            dgate_ptr[row] = static_cast<scalar_t>(grad_gate_row);
+
+          for (int64_t tok = first; tok < last; ++tok) {
+            const int64_t t = tok % T;
+            const acc_t* dy_row = dy.data() + (tok - first) * C;
+            std::fill(du.begin(), du.end(), acc_t(0));
+            for (int64_t i = 0; i < K; ++i) {
+              const int64_t lag = conv_tap_lag(i, K, s.dilation);
+              // d w[c, i] += dy[t, c] * u[t - lag, c]
+              if (t >= lag) {
+                const acc_t* u_row = u.data() + (tok - lag - u_first) * C;
+                acc_t* dw = dw_conv + i * C;
+                for (int64_t c = 0; c < C; ++c) dw[c] += dy_row[c] * u_row[c];
+              }
+              // d u[t, c] += w[c, i] * dy[t + lag, c]
+              if (t + lag < T) {
+                const acc_t* w = taps.data() + i * C;
+                const acc_t* dy_ahead = dy.data() + (tok + lag - first) * C;
+                for (int64_t c = 0; c < C; ++c) du[c] += w[c] * dy_ahead[c];
+              }
+            }
+            // RMSNorm and gating backward of each branch row.
+            const acc_t* v = widen(in.value_row(tok, T), D, value_row.data());
+            const acc_t* go_row = widen(go + tok * C, C, grad_out_row.data());
+            acc_t* dv = result_row(dv_ptr + tok * D, dv_row.data());
+            std::fill(dv, dv + D, acc_t(0));
+            for (int64_t g = 0; g < s.G; ++g) {
+              const int64_t row = tok * s.G + g;
+              dgate_ptr[row] = static_cast<scalar_t>(gated_norm_row_backward<acc_t>(
+                  static_cast<acc_t>(in.gate[row]), v, scales[(tok - u_first) * s.G + g],
+                  in.norm_weight.data() + g * D, du.data() + g * D, go_row + g * D, D, dv, dw_norm + g * D));
+            }
+            store_row(dv, D, dv_ptr + tok * D);
           }
-          scalar_t* dv_row = dv_ptr + tok * s.D;
-          for (int64_t c = 0; c < s.D; ++c) dv_row[c] = static_cast<scalar_t>(dv[c]);
         }
       }
     });
 
-    grad_norm_weight = sum_block_partials<acc_t>(norm_partials, value.scalar_type()).view({s.G, s.D});
-    // [K, C] -> [C, K], the layout of conv_weight.
-    grad_conv_weight = sum_block_partials<acc_t>(conv_partials, value.scalar_type()).view({K, C}).t().contiguous();
+    const at::Tensor weight_grads = sum_block_partials<acc_t>(partials, value.scalar_type());
+    // [K, C] tap-major -> [C, K], the layout of conv_weight.
+    grad_conv_weight = weight_grads.narrow(0, 0, K * C).view({K, C}).t().contiguous();
+    grad_norm_weight = weight_grads.narrow(0, K * C, C).view({s.G, D}).clone();
   });
   return {grad_value, grad_gate, grad_norm_weight, grad_conv_weight};
 }

@@ -32,24 +32,25 @@ class MultiHeadEmbedding(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """Per-branch RMSNorm, depthwise causal dilated conv over T, SiLU (spec §6)."""
+    """Per-branch RMSNorm, depthwise causal dilated conv over T, SiLU, plus the
+    gated value as residual (spec §5-6), in one fused op."""
 
     def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int) -> None:
         super().__init__()
         channels = hidden_size * hc_mult
         self.hidden_size, self.hc_mult = hidden_size, hc_mult
         self.kernel_size, self.dilation = kernel_size, dilation
+        # Kept as nn.Conv1d / nn.RMSNorm for the reference parameter names and
+        # initialisation; forward reads their weights.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=1e-5) for _ in range(hc_mult)])
 
-    def forward(self, value: torch.Tensor) -> torch.Tensor:
-        # value [B, T, G, D] -> SiLU(conv(norm(value))) [B, T, G, D]
-        b, t, g, d = value.shape
-        u = torch.cat([self.norms[i](value[:, :, i, :]) for i in range(g)], dim=-1)  # [B, T, G*D]
-        u = u.transpose(1, 2)
-        u = nn.functional.pad(u, ((self.kernel_size - 1) * self.dilation, 0))  # causal: zero history
-        y = self.conv(u).transpose(1, 2)
-        return nn.functional.silu(y).reshape(b, t, g, d)
+    def forward(self, value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """value [B, T, D] (shared by the branches), gate [B, T, G] -> [B, T, G, D]:
+        x + SiLU(conv(RMSNorm(x))) with x[:, :, g] = gate[:, :, g] * value."""
+        norm_weight = torch.stack([norm.weight for norm in self.norms])
+        conv_weight = self.conv.weight.view(self.conv.weight.shape[0], self.kernel_size)
+        return ops.gated_short_conv(value, gate, norm_weight, conv_weight, self.dilation, self.norms[0].eps)
 
 
 class EngramLayer(nn.Module):
@@ -91,9 +92,25 @@ class EngramLayer(nn.Module):
         self.norm1 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
         self.norm2 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
 
+        # Hash parameters of this layer as non-persistent buffers: .to(device)
+        # moves them, state_dict keys stay spec §7's, and forward calls the op
+        # directly (no Python-side cache for torch.compile to trip over).
+        keys = self.hasher.multipliers(layer_id) if config.hash == "deepseek" else self.hasher.xxh64_seeds(layer_id)
+        self.register_buffer("hash_lookup", compression.lookup.clone(), persistent=False)
+        self.register_buffer("hash_keys", keys[None], persistent=False)
+        self.register_buffer("hash_sizes", torch.tensor([self.hasher.head_sizes(layer_id)]), persistent=False)
+
     def hash(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, T, K] hash ids of this layer (without offsets)."""
-        return self.hasher.hash_stacked(input_ids, [self.layer_id])[0]
+        return ops.ngram_hash(
+            input_ids, self.hash_lookup, self.hash_keys, self.hash_sizes, None, self.config.pad_id, self.config.hash
+        )[0]
+
+    def fused_projection_weights(self):
+        """value_proj and every key_proj as one [(G+1)*D, (N-1)*E] weight and bias:
+        one GEMM instead of G+1 over the same input."""
+        linears = [self.value_proj, *self.key_projs]
+        return torch.cat([l.weight for l in linears]), torch.cat([l.bias for l in linears])
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         squeeze = hidden_states.dim() == 3
@@ -116,18 +133,18 @@ class EngramLayer(nn.Module):
                 f"{list(hidden_states.shape[:2])} to match hidden_states"
             )
         b, t = input_ids.shape
+        d, g = self.hidden_size, self.hc_mult
         e = self.multi_head_embedding(self.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
-        d = self.hidden_size
-        gates = []
-        for g in range(self.hc_mult):
-            key = self.norm1[g](self.key_projs[g](e))
-            query = self.norm2[g](hidden_states[:, :, g, :])
-            s = (key * query).sum(-1) / d**0.5
-            s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
-            gates.append(torch.sigmoid(s))
-        gate = torch.stack(gates, dim=2).unsqueeze(-1)  # [B, T, G, 1]
-        value = gate * self.value_proj(e).unsqueeze(2)  # [B, T, G, D]
-        out = value + self.short_conv(value)
+        weight, bias = self.fused_projection_weights()
+        value, keys = nn.functional.linear(e, weight, bias).split([d, g * d], dim=-1)
+        gate = ops.context_gate(
+            keys.unflatten(-1, (g, d)),
+            hidden_states,
+            torch.stack([norm.weight for norm in self.norm1]),
+            torch.stack([norm.weight for norm in self.norm2]),
+            self.norm1[0].eps,
+        )  # [B, T, G]
+        out = self.short_conv(value, gate)  # gate * value + SiLU(conv(...)), [B, T, G, D]
         return out.squeeze(2) if squeeze else out
 
     def extra_repr(self) -> str:

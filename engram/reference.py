@@ -7,6 +7,7 @@ Nothing here is fast on purpose: each line mirrors a sentence of the spec.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -174,3 +175,131 @@ def multihead_embedding(weight: torch.Tensor, ids: torch.Tensor, offsets: torch.
     """[..., K] hash ids -> [..., K, Dh] rows, via nn.functional.embedding."""
     rows = ids if offsets is None else ids + offsets
     return torch.nn.functional.embedding(rows, weight)
+
+
+# --------------------------------------------------------------------------
+# §3-6 the whole layer in plain PyTorch modules: the test oracle of
+# engram.EngramLayer and the peer of its benchmark. Parameter names and
+# shapes are spec §7's, so state_dicts move between the two with strict=True.
+# --------------------------------------------------------------------------
+
+HASHING_CHOICES = ("numpy", "op")
+
+
+class ReferenceMultiHeadEmbedding(torch.nn.Module):
+    """§4: one nn.Embedding (dense gradient) of sum(sizes) rows; head k's rows start at offsets[k]."""
+
+    def __init__(self, head_sizes: Sequence[int], head_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("offsets", head_offsets(head_sizes))
+        self.embedding = torch.nn.Embedding(sum(head_sizes), head_dim)
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(hash_ids + self.offsets)
+
+
+class ReferenceShortConv(torch.nn.Module):
+    """§6: per-branch RMSNorm (eps 1e-5), depthwise causal dilated nn.Conv1d, SiLU."""
+
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        channels = hidden_size * hc_mult
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.conv = torch.nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
+        self.norms = torch.nn.ModuleList([torch.nn.RMSNorm(hidden_size, eps=1e-5) for _ in range(hc_mult)])
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        b, t, g, d = value.shape
+        u = torch.cat([self.norms[i](value[:, :, i, :]) for i in range(g)], dim=-1)  # channel i*D + c
+        u = torch.nn.functional.pad(u.transpose(1, 2), ((self.kernel_size - 1) * self.dilation, 0))  # zero history
+        y = self.conv(u).transpose(1, 2)
+        return torch.nn.functional.silu(y).reshape(b, t, g, d)
+
+
+class EngramLayerReference(torch.nn.Module):
+    """Spec §3-6 as written: hash, look up, gate per branch, short conv, residual.
+
+    hashing="numpy" hashes with the numpy statement above on every call, as
+    the reference release does; hashing="op" uses the fused engram.ops.ngram_hash
+    (same ids) so that only the torch part is compared. Submodules are built in
+    the order of engram.EngramLayer, so one seed gives both the same weights.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_id: int,
+        hidden_size: int,
+        hc_mult: int = 1,
+        compression=None,
+        hashing: str = "numpy",
+    ) -> None:
+        super().__init__()
+        from .compression import CompressionTable
+
+        if hashing not in HASHING_CHOICES:
+            raise ValueError(f"EngramLayerReference: hashing={hashing!r}, expected one of {HASHING_CHOICES}")
+        if compression is None:
+            from .layer import DEFAULT_VOCAB_SIZE
+
+            compression = CompressionTable.identity(DEFAULT_VOCAB_SIZE)
+        self.config, self.layer_id, self.hashing = config, layer_id, hashing
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        n, h = config.max_ngram_size, config.n_head_per_ngram
+        self.lookup = compression.lookup.numpy()
+        self.head_primes = layer_head_primes(config.engram_vocab_size, n, h, config.layer_ids)[layer_id]
+        self.multipliers = layer_multipliers(compression.num_canonical, n, config.seed, [layer_id])[layer_id]
+
+        engram_dim = (n - 1) * config.n_embed_per_ngram
+        self.multi_head_embedding = ReferenceMultiHeadEmbedding(self.head_primes, config.head_dim)
+        self.short_conv = ReferenceShortConv(hidden_size, hc_mult, config.kernel_size, dilation=n)
+        self.value_proj = torch.nn.Linear(engram_dim, hidden_size)
+        self.key_projs = torch.nn.ModuleList([torch.nn.Linear(engram_dim, hidden_size) for _ in range(hc_mult)])
+        self.norm1 = torch.nn.ModuleList([torch.nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+        self.norm2 = torch.nn.ModuleList([torch.nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+
+    def hash(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, K] hash ids (spec §3), without offsets."""
+        cfg = self.config
+        if self.hashing == "op":
+            from . import ops
+
+            keys = torch.from_numpy(self.multipliers) if cfg.hash == "deepseek" else self._xxh64_keys()
+            return ops.ngram_hash(
+                input_ids, torch.from_numpy(self.lookup).to(input_ids.device), keys[None].to(input_ids.device),
+                torch.tensor([self.head_primes], device=input_ids.device), None, cfg.pad_id, cfg.hash,
+            )[0]
+        ids = input_ids.cpu().numpy()
+        primes = {self.layer_id: self.head_primes}
+        if cfg.hash == "deepseek":
+            hashed = ngram_hash(ids, self.lookup, {self.layer_id: self.multipliers}, primes, cfg.max_ngram_size,
+                                cfg.n_head_per_ngram, cfg.pad_id)
+        else:
+            hashed = ngram_hash_xxh64(ids, self.lookup, cfg.seed, [self.layer_id], primes, cfg.max_ngram_size,
+                                      cfg.n_head_per_ngram, cfg.pad_id)
+        return torch.from_numpy(hashed[self.layer_id]).to(input_ids.device)
+
+    def _xxh64_keys(self) -> torch.Tensor:
+        seeds = [xxh64_seed(self.config.seed, self.layer_id, n) for n in range(2, self.config.max_ngram_size + 1)]
+        return torch.tensor(np.array(seeds, dtype=np.uint64).view(np.int64))
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        squeeze = hidden_states.dim() == 3
+        if squeeze:
+            hidden_states = hidden_states.unsqueeze(2)
+        b, t = input_ids.shape
+        d = self.hidden_size
+        # §4: [B, T, K, Dh] -> [B, T, (N-1)*E]
+        e = self.multi_head_embedding(self.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
+        # §5
+        gates = []
+        for g in range(self.hc_mult):
+            nk = self.norm1[g](self.key_projs[g](e))
+            nq = self.norm2[g](hidden_states[:, :, g, :])
+            s = (nk * nq).sum(-1) / math.sqrt(d)
+            s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
+            gates.append(torch.sigmoid(s))
+        value = torch.stack(gates, dim=2).unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # [B, T, G, D]
+        # §6
+        out = value + self.short_conv(value)
+        return out.squeeze(2) if squeeze else out

@@ -12,6 +12,14 @@
 
 #include "kernels/hash.h"  // ENGRAM_HD
 
+// Output rows never alias the inputs; saying so lets the compiler vectorise
+// loops that write several rows at once.
+#if defined(_MSC_VER)
+#define ENGRAM_RESTRICT __restrict
+#else
+#define ENGRAM_RESTRICT __restrict__
+#endif
+
 namespace engram {
 
 // ---------------------------------------------------------------------------
@@ -23,16 +31,27 @@ ENGRAM_HD acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + std::exp(-x));
 }
 
+// SiLU and its derivative given s = sigmoid(x), for callers that compute the
+// sigmoid of a whole block with a vectorised exp.
 template <typename acc_t>
-ENGRAM_HD acc_t silu(acc_t x) {
-  return x * sigmoid(x);
+ENGRAM_HD acc_t silu_from_sigmoid(acc_t x, acc_t s) {
+  return x * s;
 }
 
-// d silu(x) / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x)))
+// d silu(x) / dx = s * (1 + x * (1 - s))
+template <typename acc_t>
+ENGRAM_HD acc_t silu_grad_from_sigmoid(acc_t x, acc_t s) {
+  return s * (acc_t(1) + x * (acc_t(1) - s));
+}
+
+template <typename acc_t>
+ENGRAM_HD acc_t silu(acc_t x) {
+  return silu_from_sigmoid(x, sigmoid(x));
+}
+
 template <typename acc_t>
 ENGRAM_HD acc_t silu_grad(acc_t x) {
-  const acc_t s = sigmoid(x);
-  return s * (acc_t(1) + x * (acc_t(1) - s));
+  return silu_grad_from_sigmoid(x, sigmoid(x));
 }
 
 // Floor of |s| in the signed square root of spec §5.
@@ -64,11 +83,19 @@ ENGRAM_HD acc_t signed_sqrt_grad(acc_t s) {
 // ---------------------------------------------------------------------------
 
 // Independent partial sums let the compiler vectorise a reduction without
-// -ffast-math (a single accumulator is a serial dependency chain).
+// -ffast-math (a single accumulator is a serial dependency chain). GCC's loop
+// vectoriser would vectorise across iterations of the lane loop instead and
+// drown it in shuffles; with it off for these functions, the SLP vectoriser
+// maps the lanes onto SIMD registers directly.
 constexpr int kReductionLanes = 8;
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define ENGRAM_LANE_REDUCTION __attribute__((optimize("no-tree-loop-vectorize")))
+#else
+#define ENGRAM_LANE_REDUCTION
+#endif
 
 template <typename acc_t, typename scalar_t>
-ENGRAM_HD acc_t sum_of_squares(const scalar_t* x, int64_t n) {
+ENGRAM_LANE_REDUCTION ENGRAM_HD acc_t sum_of_squares(const scalar_t* x, int64_t n) {
   acc_t lanes[kReductionLanes] = {};
   int64_t i = 0;
   for (; i + kReductionLanes <= n; i += kReductionLanes) {
@@ -83,6 +110,22 @@ ENGRAM_HD acc_t sum_of_squares(const scalar_t* x, int64_t n) {
     const acc_t v = static_cast<acc_t>(x[i]);
     total += v * v;
   }
+  return total;
+}
+
+// sum(a * b * c) over n values.
+template <typename acc_t, typename a_t, typename b_t, typename c_t>
+ENGRAM_LANE_REDUCTION ENGRAM_HD acc_t sum_of_triple_products(const a_t* a, const b_t* b, const c_t* c, int64_t n) {
+  acc_t lanes[kReductionLanes] = {};
+  int64_t i = 0;
+  for (; i + kReductionLanes <= n; i += kReductionLanes) {
+    for (int l = 0; l < kReductionLanes; ++l) {
+      lanes[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]) * static_cast<acc_t>(c[i + l]);
+    }
+  }
+  acc_t total = 0;
+  for (int l = 0; l < kReductionLanes; ++l) total += lanes[l];
+  for (; i < n; ++i) total += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]) * static_cast<acc_t>(c[i]);
   return total;
 }
 
@@ -107,25 +150,29 @@ struct GateRowState {
 };
 
 template <typename acc_t, typename scalar_t, typename weight_t>
-ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
+ENGRAM_LANE_REDUCTION ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
                                              const weight_t* query_weight, int64_t D, acc_t eps) {
   acc_t kk[kReductionLanes] = {}, qq[kReductionLanes] = {}, kq[kReductionLanes] = {};
-  auto accumulate = [&](int l, int64_t c) {
-    const acc_t k = static_cast<acc_t>(key[c]), q = static_cast<acc_t>(query[c]);
-    kk[l] += k * k;
-    qq[l] += q * q;
-    kq[l] += k * static_cast<acc_t>(key_weight[c]) * q * static_cast<acc_t>(query_weight[c]);
-  };
   int64_t c = 0;
   for (; c + kReductionLanes <= D; c += kReductionLanes) {
-    for (int l = 0; l < kReductionLanes; ++l) accumulate(l, c + l);
+    for (int l = 0; l < kReductionLanes; ++l) {
+      const acc_t k = static_cast<acc_t>(key[c + l]), q = static_cast<acc_t>(query[c + l]);
+      kk[l] += k * k;
+      qq[l] += q * q;
+      kq[l] += k * static_cast<acc_t>(key_weight[c + l]) * q * static_cast<acc_t>(query_weight[c + l]);
+    }
   }
-  for (; c < D; ++c) accumulate(0, c);
   acc_t sum_kk = 0, sum_qq = 0, sum_kq = 0;
   for (int l = 0; l < kReductionLanes; ++l) {
     sum_kk += kk[l];
     sum_qq += qq[l];
     sum_kq += kq[l];
+  }
+  for (; c < D; ++c) {
+    const acc_t k = static_cast<acc_t>(key[c]), q = static_cast<acc_t>(query[c]);
+    sum_kk += k * k;
+    sum_qq += q * q;
+    sum_kq += k * static_cast<acc_t>(key_weight[c]) * q * static_cast<acc_t>(query_weight[c]);
   }
   GateRowState<acc_t> st;
   st.key_scale = rms_scale_from_sum_of_squares(sum_kk, D, eps);
@@ -146,10 +193,11 @@ ENGRAM_HD acc_t gate_from_score(acc_t score) {
 //   d query_c = r_q * g * (w_q,c * nk_c - query_c * r_q * dot / D)
 //   d w_k,c  += g * nq_c * key_c * r_k,   d w_q,c += g * nk_c * query_c * r_q
 // (the RMSNorm backward with the incoming gradient g * nq folded in).
-template <typename acc_t, typename scalar_t, typename weight_t>
+template <typename acc_t, typename scalar_t, typename weight_t, typename out_t>
 ENGRAM_HD void gate_row_backward(acc_t grad_gate, const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
-                                 const weight_t* query_weight, int64_t D, acc_t eps, scalar_t* grad_key,
-                                 scalar_t* grad_query, acc_t* grad_key_weight, acc_t* grad_query_weight) {
+                                 const weight_t* query_weight, int64_t D, acc_t eps,
+                                 out_t* ENGRAM_RESTRICT grad_key, out_t* ENGRAM_RESTRICT grad_query,
+                                 acc_t* ENGRAM_RESTRICT grad_key_weight, acc_t* ENGRAM_RESTRICT grad_query_weight) {
   const GateRowState<acc_t> st = gate_row_state<acc_t>(key, query, key_weight, query_weight, D, eps);
   const acc_t gate = gate_from_score(st.score);
   const acc_t grad_score = grad_gate * gate * (acc_t(1) - gate) * signed_sqrt_grad(st.score);
@@ -161,8 +209,8 @@ ENGRAM_HD void gate_row_backward(acc_t grad_gate, const scalar_t* key, const sca
     const acc_t wk = static_cast<acc_t>(key_weight[c]), wq = static_cast<acc_t>(query_weight[c]);
     const acc_t k_hat = k * rk, q_hat = q * rq;
     const acc_t nk = k_hat * wk, nq = q_hat * wq;
-    grad_key[c] = static_cast<scalar_t>(rk * grad_dot * (wk * nq - k_hat * dot_over_d));
-    grad_query[c] = static_cast<scalar_t>(rq * grad_dot * (wq * nk - q_hat * dot_over_d));
+    grad_key[c] = static_cast<out_t>(rk * grad_dot * (wk * nq - k_hat * dot_over_d));
+    grad_query[c] = static_cast<out_t>(rq * grad_dot * (wq * nk - q_hat * dot_over_d));
     grad_key_weight[c] += grad_dot * nq * k_hat;
     grad_query_weight[c] += grad_dot * nk * q_hat;
   }
@@ -187,26 +235,16 @@ ENGRAM_HD acc_t gated_rms_scale(acc_t gate, acc_t sum_sq_v, int64_t D, acc_t eps
 // d loss / d gate = sum(d value * v). The RMSNorm backward, with
 // x_hat = value * scale and dx_hat = grad_u * norm_weight:
 //   d value = scale * (dx_hat - x_hat * mean(dx_hat * x_hat)) + grad_residual
-template <typename acc_t, typename scalar_t, typename weight_t>
+template <typename acc_t, typename scalar_t, typename weight_t, typename grad_t>
 ENGRAM_HD acc_t gated_norm_row_backward(acc_t gate, const scalar_t* v, acc_t scale, const weight_t* norm_weight,
-                                        const acc_t* grad_u, const scalar_t* grad_residual, int64_t D,
-                                        acc_t* grad_v, acc_t* grad_norm_weight) {
+                                        const acc_t* grad_u, const grad_t* grad_residual, int64_t D,
+                                        acc_t* ENGRAM_RESTRICT grad_v, acc_t* ENGRAM_RESTRICT grad_norm_weight) {
   const acc_t value_to_x_hat = gate * scale;
-  acc_t lanes[kReductionLanes] = {};
-  int64_t c = 0;
-  for (; c + kReductionLanes <= D; c += kReductionLanes) {
-    for (int l = 0; l < kReductionLanes; ++l) {
-      const int64_t i = c + l;
-      lanes[l] += grad_u[i] * static_cast<acc_t>(norm_weight[i]) * static_cast<acc_t>(v[i]);
-    }
-  }
-  acc_t projection = 0;
-  for (int l = 0; l < kReductionLanes; ++l) projection += lanes[l];
-  for (; c < D; ++c) projection += grad_u[c] * static_cast<acc_t>(norm_weight[c]) * static_cast<acc_t>(v[c]);
-  projection *= value_to_x_hat / static_cast<acc_t>(D);  // mean(dx_hat * x_hat)
-
+  // mean(dx_hat * x_hat)
+  const acc_t projection = sum_of_triple_products<acc_t>(grad_u, norm_weight, v, D) * value_to_x_hat /
+                           static_cast<acc_t>(D);
   acc_t grad_gate = 0;
-  for (c = 0; c < D; ++c) {
+  for (int64_t c = 0; c < D; ++c) {
     const acc_t vc = static_cast<acc_t>(v[c]);
     const acc_t x_hat = vc * value_to_x_hat;
     const acc_t grad_value =
