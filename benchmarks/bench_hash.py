@@ -1,7 +1,8 @@
-"""Tokens/s of NgramHasher.hash (fused C++) vs the numpy formulation of the
-reference release (engram.reference.ngram_hash), same inputs, one run.
+"""Tokens/s of NgramHasher.hash (fused kernel) vs the numpy formulation of the
+reference release (engram.reference.ngram_hash) and the same statement in
+plain PyTorch ops (engram.reference.ngram_hash_torch), same inputs, one run.
 
-    python benchmarks/bench_hash.py [--batch 8] [--seq 4096] [--family deepseek]
+    python benchmarks/bench_hash.py [--batch 8] [--seq 4096] [--family deepseek] [--device cpu|cuda]
 """
 
 import argparse
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=129280, help="tokenizer vocabulary (DeepSeek-V3: 129280)")
     parser.add_argument("--family", choices=["deepseek", "xxh64"], default="deepseek")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the numpy peer always runs on the CPU)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -30,6 +32,8 @@ def main() -> None:
     hasher = NgramHasher(cfg, table)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     tokens = ids.numel()
+    device = torch.device(args.device)
+    ids_dev = ids.to(device)
 
     # The reference computes its parameters once and hashes in numpy per forward.
     lookup = table.lookup.numpy()
@@ -44,8 +48,15 @@ def main() -> None:
             ids_np, lookup, cfg.seed, cfg.layer_ids, primes, cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.pad_id
         )
 
+    mult_dev = {l: torch.from_numpy(m).to(device) for l, m in mult.items()}
+    lookup_dev = table.lookup.to(device)
+
+    def torch_hash():
+        return ref.ngram_hash_torch(ids_dev, lookup_dev, mult_dev, primes, cfg.max_ngram_size, cfg.n_head_per_ngram,
+                                    cfg.pad_id)
+
     # Same ids, checked before timing.
-    ours, theirs = hasher.hash(ids), None
+    ours, theirs = {l: v.cpu() for l, v in hasher.hash(ids_dev).items()}, None
     if args.family == "deepseek" or tokens <= 4096:
         theirs = reference_hash()
         for l in cfg.layer_ids:
@@ -54,16 +65,23 @@ def main() -> None:
     print(f"engram n-gram hashing: B={args.batch} T={args.seq} layers={cfg.layer_ids} N={cfg.max_ngram_size} "
           f"H={cfg.n_head_per_ngram} family={args.family}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, {platform.processor() or platform.machine()}")
-    t_ours = Timer("hasher.hash(ids)", globals={"hasher": hasher, "ids": ids}).blocked_autorange(min_run_time=args.min_run_time)
-    rows = [("NgramHasher.hash (engram, fused C++)", t_ours.median)]
     if args.family == "deepseek":
-        t_ref = Timer("f()", globals={"f": reference_hash}).blocked_autorange(min_run_time=args.min_run_time)
-        rows.append(("numpy reference (engram/reference.py)", t_ref.median))
+        want = torch_hash()
+        for l in cfg.layer_ids:
+            assert torch.equal(want[l].cpu(), ours[l]), f"layer {l}: plain-PyTorch ids differ"
+
+    def timed(fn):  # Timer synchronizes CUDA around each measurement
+        return Timer("f()", globals={"f": fn}).blocked_autorange(min_run_time=args.min_run_time).median
+
+    rows = [(f"NgramHasher.hash (engram, fused, {device.type})", timed(lambda: hasher.hash(ids_dev)))]
+    if args.family == "deepseek":
+        rows.append(("numpy reference (reference.ngram_hash, cpu)", timed(reference_hash)))
+        rows.append((f"plain PyTorch ops (reference.ngram_hash_torch, {device.type})", timed(torch_hash)))
     width = max(len(name) for name, _ in rows)
     for name, sec in rows:
         print(f"  {name:<{width}}  {sec * 1e3:9.3f} ms  {tokens / sec / 1e6:8.2f} M tokens/s")
-    if len(rows) == 2:
-        print(f"  speed-up: {rows[1][1] / rows[0][1]:.1f}x")
+    for name, sec in rows[1:]:
+        print(f"  speed-up vs {name.split(' (')[0]}: {sec / rows[0][1]:.1f}x")
 
 
 if __name__ == "__main__":
