@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -154,24 +155,29 @@ at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& i
   return out;
 }
 
-// An uninitialised [rows, Dh] buffer for a dense table gradient, which is
-// hundreds of MB for real tables. Its first touch costs one page fault per
-// 4 KiB page, more than the zeroing itself; on Linux it asks for transparent
-// huge pages (2 MiB, ~500x fewer faults), as PyTorch's allocator does under
-// THP_MEM_ALLOC_ENABLE=1. The advice is only a hint: it changes no contents.
-at::Tensor empty_table_gradient(int64_t rows, int64_t Dh, const at::TensorOptions& options) {
-  at::Tensor out = at::empty({rows, Dh}, options);
+// A zero [rows, Dh] tensor for a dense table gradient, which is hundreds of MB
+// for real tables. calloc hands out pages the OS has already zeroed (glibc
+// maps large blocks and skips the memset), so the gradient is not written
+// twice; on Linux the block also asks for transparent huge pages, which cut
+// the first-touch page faults ~500x (2 MiB instead of 4 KiB pages), as
+// PyTorch's allocator does under THP_MEM_ALLOC_ENABLE=1. Small blocks come
+// from the heap and calloc zeroes them.
+at::Tensor zeros_table_gradient(int64_t rows, int64_t Dh, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(Dh) * c10::elementSize(
+      c10::typeMetaToScalarType(options.dtype()));
+  void* data = std::calloc(std::max<size_t>(bytes, 1), 1);
+  TORCH_CHECK(data != nullptr, "multihead_embedding_backward: could not allocate ", bytes,
+              " bytes for the table gradient [", rows, ", ", Dh, "]");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + static_cast<uintptr_t>(out.nbytes());
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t aligned_end = end & ~(kHugePage - 1);
+  const uintptr_t aligned_end = (begin + bytes) & ~(kHugePage - 1);
   if (aligned_end > aligned_begin) {
-    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);  // a hint only
   }
 #endif
-  return out;
+  return at::from_blob(data, {rows, Dh}, [](void* p) { std::free(p); }, options);
 }
 
 at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at::Tensor& ids_in,
@@ -191,24 +197,23 @@ at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at:
   const int64_t entries = ids.numel();
   const int64_t* id_ptr = ids.data_ptr<int64_t>();
 
-  at::Tensor result = empty_table_gradient(num_rows, Dh, grad.options());
+  at::Tensor result = zeros_table_gradient(num_rows, Dh, grad.options());
   std::atomic<bool> ok{true};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multihead_embedding_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* result_ptr = result.data_ptr<scalar_t>();
     const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
-    // Each thread owns a contiguous range of rows: it zeroes (first-touches)
-    // them, collects the entries that hit them, and sums each row's entries
-    // in entry order in opmath precision (many tokens can share a row), then
-    // stores the row once. No two threads write one row: deterministic,
-    // lock-free, and no [num_rows, Dh] float buffer for reduced dtypes.
+    // Each thread owns a contiguous range of rows: it collects the entries
+    // that hit them and sums each row's entries in entry order in opmath
+    // precision (many tokens can share a row), then stores the row once. No
+    // two threads write one row: deterministic, lock-free, and no
+    // [num_rows, Dh] float buffer for reduced dtypes.
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), num_rows);
     at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
       std::vector<std::pair<int64_t, int64_t>> hits;  // (row, entry)
       std::vector<acc_t> row_sum(Dh);
       for (int64_t part = part_begin; part < part_end; ++part) {
         const int64_t row_begin = num_rows * part / parts, row_end = num_rows * (part + 1) / parts;
-        std::memset(result_ptr + row_begin * Dh, 0, (row_end - row_begin) * Dh * sizeof(scalar_t));
         hits.clear();
         for (int64_t e = 0; e < entries; ++e) {
           const int64_t row = table_row(id_ptr, offset_ptr, K, e, num_rows);

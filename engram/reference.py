@@ -117,6 +117,36 @@ def ngram_hash(
     return out
 
 
+def ngram_hash_torch(
+    input_ids: torch.Tensor,
+    lookup: torch.Tensor,
+    multipliers: Dict[int, torch.Tensor],
+    head_primes: Dict[int, List[int]],
+    max_ngram_size: int,
+    n_head_per_ngram: int,
+    pad_id: int,
+) -> Dict[int, torch.Tensor]:
+    """The same statement in plain PyTorch ops (runs on any device): the peer
+    of the fused kernel on GPU. torch's int64 multiply wraps like numpy's and
+    torch.remainder is a floor modulo."""
+    x = torch.where(input_ids >= 0, lookup[input_ids.clamp_min(0)], input_ids)
+    pad = int(lookup[pad_id])
+    shifted = [x] + [torch.nn.functional.pad(x[:, :-k], (k, 0), value=pad) if k < x.shape[1]
+                     else torch.full_like(x, pad) for k in range(1, max_ngram_size)]
+    out = {}
+    for layer_id, mult in multipliers.items():
+        m = [int(v) for v in mult]
+        heads = []
+        for n in range(2, max_ngram_size + 1):
+            mix = shifted[0] * m[0]
+            for k in range(1, n):
+                mix = torch.bitwise_xor(mix, shifted[k] * m[k])
+            primes = head_primes[layer_id][(n - 2) * n_head_per_ngram: (n - 1) * n_head_per_ngram]
+            heads.append(torch.remainder(mix.unsqueeze(-1), torch.tensor(primes, device=mix.device)))
+        out[layer_id] = torch.cat(heads, dim=-1)
+    return out
+
+
 # --------------------------------------------------------------------------
 # xxh64 family (ours, see README): XXH64 over the n little-endian int64
 # canonical ids s_0 .. s_{n-1} (newest first), seeded per (seed, layer, order)
@@ -182,6 +212,29 @@ def multihead_embedding(weight: torch.Tensor, ids: torch.Tensor, offsets: torch.
 # engram.EngramLayer and the peer of its benchmark. Parameter names and
 # shapes are spec §7's, so state_dicts move between the two with strict=True.
 # --------------------------------------------------------------------------
+
+def context_gate(key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
+    """§5 for G branches: key, hidden [B, T, G, D] -> gate [B, T, G]."""
+    d = key.shape[-1]
+    nk = torch.nn.functional.rms_norm(key, (d,), None, eps) * key_norm_weight
+    nq = torch.nn.functional.rms_norm(hidden, (d,), None, eps) * hidden_norm_weight
+    s = (nk * nq).sum(-1) / math.sqrt(d)
+    s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
+    return torch.sigmoid(s)
+
+
+def gated_short_conv(value, gate, norm_weight, conv_weight, dilation, eps=1e-5):
+    """§5-6: x = gate * value per branch ([B, T, G, D]); x + SiLU(causal
+    depthwise conv over T of RMSNorm_g(x)), channel g*D + c."""
+    b, t, d = value.shape
+    g = gate.shape[-1]
+    kernel_size = conv_weight.shape[-1]
+    x = gate.unsqueeze(-1) * value.unsqueeze(2)
+    u = torch.nn.functional.rms_norm(x, (d,), None, eps) * norm_weight  # [B, T, G, D]
+    u = torch.nn.functional.pad(u.reshape(b, t, g * d).transpose(1, 2), ((kernel_size - 1) * dilation, 0))
+    y = torch.nn.functional.conv1d(u, conv_weight.reshape(g * d, 1, kernel_size), groups=g * d, dilation=dilation)
+    return x + torch.nn.functional.silu(y.transpose(1, 2)).reshape(b, t, g, d)
+
 
 HASHING_CHOICES = ("numpy", "op")
 

@@ -1,0 +1,167 @@
+"""EngramLayer on CPU: forward and forward+backward time against two peers,
+same inputs and weights, one run.
+
+  ours  engram.EngramLayer: fused hash, embedding, one projection GEMM, fused
+        context gate and gated short conv.
+  (a)   engram.reference.EngramLayerReference(hashing="op"): the plain-PyTorch
+        composite users write (nn.Embedding with a dense gradient, nn.Linear,
+        nn.RMSNorm, nn.Conv1d), hashing with the fused op.
+  (b)   engram.reference.EngramLayerReference(hashing="numpy"): the reference
+        release's formulation, numpy hashing on every call + the same modules.
+
+forward runs under torch.no_grad(); forward+backward computes the gradients of
+the hidden states and of every parameter (the dense table gradient included)
+with torch.autograd.grad, so nothing accumulates between runs.
+
+Peak memory is the growth of the resident set during one forward+backward
+call, measured in a fresh subprocess per layer: Linux's peak RSS (VmHWM) is
+reset through /proc/self/clear_refs before the call and read after it, minus
+the RSS before. The subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so that
+glibc returns every freed block of 64 KiB or more to the OS and the RSS follows
+the live allocations (otherwise a reused heap hides them). It counts what the
+call allocates (activations, gradients, temporaries), not the weights and
+inputs that exist before it. Where the reset is not permitted it says n/a.
+
+    python benchmarks/bench_layer.py [--batch 2] [--seq 1024] [--hidden 512] [--hc-mult 4]
+                                     [--rows 100000] [--min-run-time 1] [--profile]
+"""
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+from torch.utils.benchmark import Timer
+
+from engram import EngramConfig, EngramLayer
+from engram.reference import EngramLayerReference
+
+VOCAB = 129280  # DeepSeek-V3 tokenizer, identity compression
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rss_growth_mib(fn):
+    """Runs fn once; returns (peak RSS during it - RSS before) in MiB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        before = _status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_in_subprocess(peer: str):
+    """Peak RSS growth of one forward+backward of `peer`, in a fresh process."""
+    argv = [a for a in sys.argv[1:] if a != "--profile"]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--peak-of", peer], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {peer} failed:\n{done.stderr}")
+    value = done.stdout.strip().splitlines()[-1]
+    return None if value == "n/a" else float(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hc-mult", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=100_000, help="minimum rows per head (engram_vocab_size)")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
+    parser.add_argument("--peak-of", choices=["ours", "a", "b"], help=argparse.SUPPRESS)  # internal
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = EngramConfig(engram_vocab_size=[args.rows, args.rows])  # reference N=3, H=8, E=512, layers [1, 15]
+    layer_id = cfg.layer_ids[0]
+    ours = EngramLayer(cfg, layer_id, args.hidden, hc_mult=args.hc_mult)
+    peer_a = EngramLayerReference(cfg, layer_id, args.hidden, hc_mult=args.hc_mult, hashing="op")
+    peer_b = EngramLayerReference(cfg, layer_id, args.hidden, hc_mult=args.hc_mult, hashing="numpy")
+    for peer in (peer_a, peer_b):
+        peer.load_state_dict(ours.state_dict(), strict=True)
+    hidden = torch.randn(args.batch, args.seq, args.hc_mult, args.hidden)
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq))
+
+    def forward(layer):
+        def run():
+            with torch.no_grad():
+                return layer(hidden, ids)
+
+        return run
+
+    def forward_backward(layer):
+        params = list(layer.parameters())
+
+        def run():
+            h = hidden.detach().requires_grad_()
+            out = layer(h, ids)
+            return torch.autograd.grad(out, [h, *params], torch.ones_like(out))
+
+        return run
+
+    peers = {"ours": ("ours  EngramLayer", ours), "a": ("(a)   plain PyTorch + fused hash", peer_a),
+             "b": ("(b)   reference: numpy hash + torch", peer_b)}
+    if args.peak_of:
+        mem = peak_rss_growth_mib(forward_backward(peers[args.peak_of][1]))
+        print("n/a" if mem is None else f"{mem:.1f}")
+        return
+
+    # Same outputs before timing (float32 rounding only).
+    torch.testing.assert_close(forward(ours)(), forward(peer_b)(), atol=1e-4, rtol=1e-4)
+
+    table = ours.multi_head_embedding.embedding.weight
+    print(
+        f"EngramLayer CPU benchmark: B={args.batch} T={args.seq} D={args.hidden} G={args.hc_mult} "
+        f"N={cfg.max_ngram_size} H={cfg.n_head_per_ngram} E={cfg.n_embed_per_ngram}, table {table.shape[0]:,} x "
+        f"{table.shape[1]} ({table.numel() * table.element_size() / 2**20:.0f} MiB), float32"
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+
+    def median_seconds(fn):
+        timer = Timer("f()", globals={"f": fn}, num_threads=args.threads)  # Timer's default is 1 thread
+        return timer.blocked_autorange(min_run_time=args.min_run_time).median
+
+    results = {}
+    for key, (name, layer) in peers.items():
+        fwd, fwd_bwd = median_seconds(forward(layer)), median_seconds(forward_backward(layer))
+        results[key] = (fwd, fwd_bwd, peak_in_subprocess(key))
+
+    width = max(len(name) for name, _ in peers.values())
+    print(f"  {'':<{width}}  {'forward':>10}  {'fwd+bwd':>10}  {'peak RSS growth, fwd+bwd':>25}")
+    for key, (f, fb, mem) in results.items():
+        mem_text = "n/a" if mem is None else f"{mem:.0f} MiB"
+        print(f"  {peers[key][0]:<{width}}  {f * 1e3:7.1f} ms  {fb * 1e3:7.1f} ms  {mem_text:>25}")
+    f0, fb0, _ = results["ours"]
+    for key in ("a", "b"):
+        f, fb, _ = results[key]
+        print(f"  speed-up vs ({key}): forward {f / f0:.2f}x, forward+backward {fb / fb0:.2f}x")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, layer in (peers["ours"], peers["a"]):
+            for label, fn in (("forward", forward(layer)), ("forward+backward", forward_backward(layer))):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    fn()
+                print(f"\n{name.split()[0]} {label}:")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
