@@ -132,6 +132,12 @@ class EngramLayer(nn.Module):
                 f"EngramLayer: input_ids has shape {list(input_ids.shape)}; expected [B, T] = "
                 f"{list(hidden_states.shape[:2])} to match hidden_states"
             )
+        weight_dtype = self.value_proj.weight.dtype
+        if hidden_states.dtype != weight_dtype:
+            raise TypeError(
+                f"EngramLayer: hidden_states is {hidden_states.dtype} but the layer's weights are {weight_dtype}; "
+                "expected one dtype (convert the layer with .to(dtype))"
+            )
         b, t = input_ids.shape
         d, g = self.hidden_size, self.hc_mult
         e = self.multi_head_embedding(self.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
