@@ -33,6 +33,16 @@ void check_grad_like(const char* op, const char* name, const at::Tensor& grad, c
 
 namespace {
 
+// The extension is built for baseline x86-64. Its hot loops are compiled
+// three times, for baseline, AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4),
+// and the loader picks one per CPU (GCC function multiversioning): ~1.4x on
+// these kernels over SSE2 alone. Elsewhere they are compiled once.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+#define ENGRAM_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define ENGRAM_CPU_CLONES
+#endif
+
 // Elements of work per parallel_for chunk: enough to amortise the dispatch.
 constexpr int64_t kElementsPerChunk = 1 << 15;
 
@@ -50,7 +60,7 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 // thread count, tokens are cut into a number of blocks that depends only on
 // the token count; each block sums into its own partial and the partials are
 // added in block order.
-constexpr int64_t kMinTokensPerBlock = 16;
+constexpr int64_t kMinTokensPerBlock = 64;
 constexpr int64_t kMaxBlocks = 64;
 
 struct TokenBlocks {
@@ -151,29 +161,70 @@ at::opmath_type<scalar_t> resolve_eps(std::optional<double> eps) {
       eps.has_value() ? *eps : static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
 }
 
+template <typename scalar_t>
+struct GateArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  GateRows<scalar_t> keys, queries;
+  std::vector<acc_t> key_weight, query_weight;  // [G, D], widened
+  int64_t G, D;
+  acc_t eps;
+
+  GateArgs(const at::Tensor& key, const at::Tensor& hidden, const at::Tensor& wk, const at::Tensor& wq,
+           std::optional<double> eps_opt)
+      : keys(key), queries(hidden), key_weight(widen_tensor<scalar_t>(wk)), query_weight(widen_tensor<scalar_t>(wq)),
+        G(key.size(2)), D(key.size(3)), eps(resolve_eps<scalar_t>(eps_opt)) {}
+};
+
+// gate[r] for the (token, branch) rows r in [begin, end).
+template <typename scalar_t>
+ENGRAM_CPU_CLONES void gate_forward_rows(const GateArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* gate) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D;
+  std::vector<acc_t> key_row(D), query_row(D);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t g = r % a.G;
+    const auto st = gate_row_state<acc_t>(widen(a.keys.row(r), D, key_row.data()),
+                                          widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D,
+                                          a.query_weight.data() + g * D, D, a.eps);
+    gate[r] = static_cast<scalar_t>(gate_from_score(st.score));
+  }
+}
+
+// Gradients of rows [begin, end); the norm weight gradients are added to
+// grad_key_weight / grad_query_weight ([G, D] each, acc_t).
+template <typename scalar_t>
+ENGRAM_CPU_CLONES void gate_backward_rows(const GateArgs<scalar_t>& a, const scalar_t* grad_gate, int64_t begin,
+                                          int64_t end, scalar_t* grad_key, scalar_t* grad_query,
+                                          at::opmath_type<scalar_t>* grad_key_weight,
+                                          at::opmath_type<scalar_t>* grad_query_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D;
+  std::vector<acc_t> key_row(D), query_row(D), grad_key_row(D), grad_query_row(D);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t g = r % a.G;
+    acc_t* dk = result_row(grad_key + r * D, grad_key_row.data());
+    acc_t* dq = result_row(grad_query + r * D, grad_query_row.data());
+    gate_row_backward<acc_t>(static_cast<acc_t>(grad_gate[r]), widen(a.keys.row(r), D, key_row.data()),
+                             widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D,
+                             a.query_weight.data() + g * D, D, a.eps, dk, dq, grad_key_weight + g * D,
+                             grad_query_weight + g * D);
+    store_row(dk, D, grad_key + r * D);
+    store_row(dq, D, grad_query + r * D);
+  }
+}
+
 at::Tensor context_gate_cpu(const at::Tensor& key_in, const at::Tensor& hidden_in, const at::Tensor& key_norm_weight,
                             const at::Tensor& hidden_norm_weight, std::optional<double> eps) {
   const auto shape =
       check_context_gate_args("context_gate", key_in, hidden_in, key_norm_weight, hidden_norm_weight, eps);
   const int64_t B = shape[0], T = shape[1], G = shape[2], D = shape[3];
   const at::Tensor key = rows_contiguous(key_in), hidden = rows_contiguous(hidden_in);
-  const at::Tensor key_weight = key_norm_weight.contiguous(), hidden_weight = hidden_norm_weight.contiguous();
   at::Tensor gate = at::empty({B, T, G}, key.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "context_gate", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t eps_value = resolve_eps<scalar_t>(eps);
-    const GateRows<scalar_t> keys(key), queries(hidden);
-    const std::vector<acc_t> wk = widen_tensor<scalar_t>(key_weight), wq = widen_tensor<scalar_t>(hidden_weight);
+    const GateArgs<scalar_t> args(key, hidden, key_norm_weight, hidden_norm_weight, eps);
     scalar_t* out = gate.data_ptr<scalar_t>();
     at::parallel_for(0, B * T * G, rows_per_chunk(2 * D), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> key_row(D), query_row(D);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t g = r % G;
-        const auto st = gate_row_state<acc_t>(widen(keys.row(r), D, key_row.data()),
-                                              widen(queries.row(r), D, query_row.data()), wk.data() + g * D,
-                                              wq.data() + g * D, D, eps_value);
-        out[r] = static_cast<scalar_t>(gate_from_score(st.score));
-      }
+      gate_forward_rows(args, begin, end, out);
     });
   });
   return gate;
@@ -188,15 +239,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
   check_grad_like(op, "grad_gate", grad_gate_in, key_in, {B, T, G});
   const at::Tensor grad_gate = grad_gate_in.contiguous();
   const at::Tensor key = rows_contiguous(key_in), hidden = rows_contiguous(hidden_in);
-  const at::Tensor key_weight = key_norm_weight.contiguous(), hidden_weight = hidden_norm_weight.contiguous();
   at::Tensor grad_key = at::empty({B, T, G, D}, key.options());
   at::Tensor grad_hidden = at::empty({B, T, G, D}, key.options());
   at::Tensor grad_key_weight, grad_hidden_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "context_gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t eps_value = resolve_eps<scalar_t>(eps);
-    const GateRows<scalar_t> keys(key), queries(hidden);
-    const std::vector<acc_t> wk = widen_tensor<scalar_t>(key_weight), wq = widen_tensor<scalar_t>(hidden_weight);
+    const GateArgs<scalar_t> args(key, hidden, key_norm_weight, hidden_norm_weight, eps);
     const scalar_t* gg = grad_gate.const_data_ptr<scalar_t>();
     scalar_t* dk = grad_key.data_ptr<scalar_t>();
     scalar_t* dq = grad_hidden.data_ptr<scalar_t>();
@@ -205,20 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
     at::Tensor partials = at::zeros({blocks.count, 2 * G * D}, key.options().dtype(acc_dtype<scalar_t>()));
     acc_t* partial_ptr = partials.data_ptr<acc_t>();
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<acc_t> key_row(D), query_row(D), grad_key_row(D), grad_query_row(D);
       for (int64_t block = block_begin; block < block_end; ++block) {
         acc_t* dwk = partial_ptr + block * 2 * G * D;
-        acc_t* dwq = dwk + G * D;
-        for (int64_t r = blocks.begin(block) * G; r < blocks.begin(block + 1) * G; ++r) {
-          const int64_t g = r % G;
-          acc_t* dk_row = result_row(dk + r * D, grad_key_row.data());
-          acc_t* dq_row = result_row(dq + r * D, grad_query_row.data());
-          gate_row_backward<acc_t>(static_cast<acc_t>(gg[r]), widen(keys.row(r), D, key_row.data()),
-                                   widen(queries.row(r), D, query_row.data()), wk.data() + g * D, wq.data() + g * D,
-                                   D, eps_value, dk_row, dq_row, dwk + g * D, dwq + g * D);
-          store_row(dk_row, D, dk + r * D);
-          store_row(dq_row, D, dq + r * D);
-        }
+        gate_backward_rows(args, gg, blocks.begin(block) * G, blocks.begin(block + 1) * G, dk, dq, dwk, dwk + G * D);
       }
     });
     const at::Tensor weight_grads = sum_block_partials<acc_t>(partials, key.scalar_type()).view({2, G, D});
@@ -237,42 +274,38 @@ struct ShortConvShape {
   int64_t tokens() const { return B * T; }
 };
 
-// The conv weight [C, kernel_size] transposed to [kernel_size, C] in acc_t, so
-// the inner loops run over contiguous channels.
+// The block's inputs, read-only; value rows may be strided.
 template <typename scalar_t>
-std::vector<at::opmath_type<scalar_t>> taps_by_channel(const at::Tensor& conv_weight, const ShortConvShape& s) {
-  const at::Tensor w = conv_weight.contiguous();
-  const scalar_t* src = w.const_data_ptr<scalar_t>();
-  std::vector<at::opmath_type<scalar_t>> taps(s.kernel_size * s.C);
-  for (int64_t c = 0; c < s.C; ++c) {
-    for (int64_t i = 0; i < s.kernel_size; ++i) {
-      taps[i * s.C + c] = static_cast<at::opmath_type<scalar_t>>(src[c * s.kernel_size + i]);
-    }
-  }
-  return taps;
-}
-
-// Read-only view of the block's inputs; value rows may be strided.
-template <typename scalar_t>
-struct ShortConvInputs {
+struct ShortConvArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  ShortConvShape s;
   const scalar_t* value;
   int64_t value_stride_b, value_stride_t;
-  const scalar_t* gate;                                 // [tokens, G]
-  std::vector<at::opmath_type<scalar_t>> norm_weight;  // [G, D], widened
+  const scalar_t* gate;            // [tokens, G]
+  std::vector<acc_t> norm_weight;  // [G, D], widened
+  std::vector<acc_t> taps;         // conv weight as [kernel_size, C]: contiguous channels per tap
+  acc_t eps;
 
-  ShortConvInputs(const at::Tensor& v, const at::Tensor& g, const at::Tensor& w)
-      : value(v.const_data_ptr<scalar_t>()), value_stride_b(v.stride(0)), value_stride_t(v.stride(1)),
-        gate(g.const_data_ptr<scalar_t>()), norm_weight(widen_tensor<scalar_t>(w)) {}
+  ShortConvArgs(const ShortConvShape& shape, const at::Tensor& v, const at::Tensor& g, const at::Tensor& w,
+                const at::Tensor& conv_weight, double eps_value)
+      : s(shape), value(v.const_data_ptr<scalar_t>()), value_stride_b(v.stride(0)), value_stride_t(v.stride(1)),
+        gate(g.const_data_ptr<scalar_t>()), norm_weight(widen_tensor<scalar_t>(w)),
+        taps(shape.kernel_size * shape.C), eps(static_cast<acc_t>(eps_value)) {
+    const std::vector<acc_t> by_channel = widen_tensor<scalar_t>(conv_weight);  // [C, kernel_size]
+    for (int64_t c = 0; c < s.C; ++c) {
+      for (int64_t i = 0; i < s.kernel_size; ++i) taps[i * s.C + c] = by_channel[c * s.kernel_size + i];
+    }
+  }
 
-  const scalar_t* value_row(int64_t tok, int64_t T) const {
-    return value + (tok / T) * value_stride_b + (tok % T) * value_stride_t;
+  const scalar_t* value_row(int64_t tok) const {
+    return value + (tok / s.T) * value_stride_b + (tok % s.T) * value_stride_t;
   }
 };
 
-// The block is processed in chunks of tokens whose normalised rows u (and, in
-// backward, dy) fit in L2 with the conv's reach on either side; the reach is
-// recomputed per chunk instead of materialising [tokens, C] buffers.
-constexpr int64_t kChunkElements = 1 << 16;
+// The tokens are processed in chunks whose normalised rows u (and, in
+// backward, dy) fit in L2 together with the conv's reach on either side; the
+// reach is recomputed per chunk instead of materialising [tokens, C] buffers.
+constexpr int64_t kChunkElements = 1 << 17;
 
 int64_t chunk_tokens(const ShortConvShape& s) {
   return std::max<int64_t>(4, kChunkElements / s.C);
@@ -282,23 +315,32 @@ int64_t conv_reach(const ShortConvShape& s) {
   return conv_tap_lag(0, s.kernel_size, s.dilation);
 }
 
+// sigmoid of n values through ATen's vectorised kernel (a SIMD exp the
+// portable loops here do not get from the compiler).
+template <typename acc_t>
+void sigmoid_block(const acc_t* x, int64_t n, acc_t* out) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor out_view = at::from_blob(out, {n}, options);
+  at::sigmoid_out(out_view, at::from_blob(const_cast<acc_t*>(x), {n}, options));
+}
+
 // u[tok - first] = RMSNorm_g(gate * value[tok]) * norm_weight for tok in
 // [first, last), all branches; scales[(tok - first) * G + g] = 1 / rms if asked.
 template <typename scalar_t>
-void normalize_gated_tokens(const ShortConvShape& s, const ShortConvInputs<scalar_t>& in,
-                            at::opmath_type<scalar_t> eps, int64_t first, int64_t last,
-                            at::opmath_type<scalar_t>* u, at::opmath_type<scalar_t>* scales) {
+ENGRAM_CPU_CLONES void normalize_gated_tokens(const ShortConvArgs<scalar_t>& a, int64_t first, int64_t last,
+                                              at::opmath_type<scalar_t>* u, at::opmath_type<scalar_t>* scales,
+                                              at::opmath_type<scalar_t>* value_buffer) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> value_row(s.D);
+  const ShortConvShape& s = a.s;
   for (int64_t tok = first; tok < last; ++tok) {
-    const acc_t* v = widen(in.value_row(tok, s.T), s.D, value_row.data());
+    const acc_t* v = widen(a.value_row(tok), s.D, value_buffer);
     const acc_t sum_sq = sum_of_squares<acc_t>(v, s.D);
     for (int64_t g = 0; g < s.G; ++g) {
-      const acc_t gate = static_cast<acc_t>(in.gate[tok * s.G + g]);
-      const acc_t scale = gated_rms_scale(gate, sum_sq, s.D, eps);
+      const acc_t gate = static_cast<acc_t>(a.gate[tok * s.G + g]);
+      const acc_t scale = gated_rms_scale(gate, sum_sq, s.D, a.eps);
       if (scales) scales[(tok - first) * s.G + g] = scale;
       const acc_t factor = gate * scale;
-      const acc_t* w = in.norm_weight.data() + g * s.D;
+      const acc_t* w = a.norm_weight.data() + g * s.D;
       acc_t* dst = u + (tok - first) * s.C + g * s.D;
       for (int64_t c = 0; c < s.D; ++c) dst[c] = v[c] * factor * w[c];
     }
@@ -308,8 +350,8 @@ void normalize_gated_tokens(const ShortConvShape& s, const ShortConvInputs<scala
 // y[tok - first] = sum_i taps[i] * u[tok - lag_i] for tok in [first, last)
 // (zero history before t = 0); u holds rows from token u_first on.
 template <typename acc_t>
-void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t* u, int64_t u_first,
-                        int64_t first, int64_t last, acc_t* y) {
+ENGRAM_CPU_CLONES void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t* u, int64_t u_first,
+                                          int64_t first, int64_t last, acc_t* y) {
   for (int64_t tok = first; tok < last; ++tok) {
     const int64_t t = tok % s.T;
     acc_t* dst = y + (tok - first) * s.C;
@@ -324,13 +366,102 @@ void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t*
   }
 }
 
-// sigmoid of n values through ATen's vectorised kernel (a SIMD exp the
-// portable loops here do not get from the compiler).
+// Per-thread scratch rows of one chunk.
 template <typename acc_t>
-void sigmoid_block(const acc_t* x, int64_t n, acc_t* out) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor out_view = at::from_blob(out, {n}, options);
-  at::sigmoid_out(out_view, at::from_blob(const_cast<acc_t*>(x), {n}, options));
+struct ShortConvScratch {
+  std::vector<acc_t> u, scales, y, sig, value_row, row_a, row_b;
+
+  ShortConvScratch(const ShortConvShape& s, int64_t chunk, int64_t reach)
+      : u((chunk + 2 * reach) * s.C), scales((chunk + 2 * reach) * s.G), y((chunk + reach) * s.C),
+        sig((chunk + reach) * s.C), value_row(s.D), row_a(s.C), row_b(s.C) {}
+};
+
+// out = gate * value + SiLU(conv(u)) for tokens [first, last).
+template <typename scalar_t>
+ENGRAM_CPU_CLONES void short_conv_forward_chunk(const ShortConvArgs<scalar_t>& a, int64_t first, int64_t last,
+                                                ShortConvScratch<at::opmath_type<scalar_t>>& w, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ShortConvShape& s = a.s;
+  const int64_t C = s.C;
+  const int64_t u_first = std::max<int64_t>(first - conv_reach(s), 0);
+  normalize_gated_tokens(a, u_first, last, w.u.data(), nullptr, w.value_row.data());
+  causal_conv_tokens(s, a.taps.data(), w.u.data(), u_first, first, last, w.y.data());
+  sigmoid_block(w.y.data(), (last - first) * C, w.sig.data());
+  for (int64_t tok = first; tok < last; ++tok) {
+    const acc_t* v = widen(a.value_row(tok), s.D, w.value_row.data());
+    acc_t* out_row = result_row(out + tok * C, w.row_a.data());
+    for (int64_t g = 0; g < s.G; ++g) {
+      const acc_t gate = static_cast<acc_t>(a.gate[tok * s.G + g]);
+      const int64_t offset = (tok - first) * C + g * s.D;
+      const acc_t* y = w.y.data() + offset;
+      const acc_t* sig = w.sig.data() + offset;
+      acc_t* dst = out_row + g * s.D;
+      for (int64_t c = 0; c < s.D; ++c) dst[c] = gate * v[c] + silu_from_sigmoid(y[c], sig[c]);
+    }
+    store_row(out_row, C, out + tok * C);
+  }
+}
+
+// Backward of tokens [first, last): writes grad_value and grad_gate rows,
+// adds to the conv weight gradient (tap-major [kernel_size, C]) and the norm
+// weight gradient ([G, D]), both acc_t.
+template <typename scalar_t>
+ENGRAM_CPU_CLONES void short_conv_backward_chunk(const ShortConvArgs<scalar_t>& a, const scalar_t* grad_out,
+                                                 int64_t first, int64_t last,
+                                                 ShortConvScratch<at::opmath_type<scalar_t>>& w,
+                                                 scalar_t* grad_value, scalar_t* grad_gate,
+                                                 at::opmath_type<scalar_t>* grad_taps,
+                                                 at::opmath_type<scalar_t>* grad_norm_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ShortConvShape& s = a.s;
+  const int64_t C = s.C, K = s.kernel_size, T = s.T, D = s.D, reach = conv_reach(s);
+  // u covers [first - reach, last + reach): dy at t reads u back to t - reach,
+  // and d u at t reads dy up to t + reach.
+  const int64_t u_first = std::max<int64_t>(first - reach, 0);
+  const int64_t dy_last = std::min(last + reach, s.tokens());
+  normalize_gated_tokens(a, u_first, dy_last, w.u.data(), w.scales.data(), w.value_row.data());
+
+  // dy = grad_out * SiLU'(y) for tokens [first, dy_last), in place of y.
+  acc_t* dy = w.y.data();
+  const int64_t dy_count = (dy_last - first) * C;
+  causal_conv_tokens(s, a.taps.data(), w.u.data(), u_first, first, dy_last, dy);
+  sigmoid_block(dy, dy_count, w.sig.data());
+  const scalar_t* go_rows = grad_out + first * C;
+  for (int64_t i = 0; i < dy_count; ++i) {
+    dy[i] = static_cast<acc_t>(go_rows[i]) * silu_grad_from_sigmoid(dy[i], w.sig[i]);
+  }
+
+  acc_t* du = w.row_a.data();
+  for (int64_t tok = first; tok < last; ++tok) {
+    const int64_t t = tok % T;
+    const acc_t* dy_row = dy + (tok - first) * C;
+    std::fill(du, du + C, acc_t(0));
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t lag = conv_tap_lag(i, K, s.dilation);
+      if (t >= lag) {  // d w[c, i] += dy[t, c] * u[t - lag, c]
+        const acc_t* u_row = w.u.data() + (tok - lag - u_first) * C;
+        acc_t* dw = grad_taps + i * C;
+        for (int64_t c = 0; c < C; ++c) dw[c] += dy_row[c] * u_row[c];
+      }
+      if (t + lag < T) {  // d u[t, c] += w[c, i] * dy[t + lag, c]
+        const acc_t* taps = a.taps.data() + i * C;
+        const acc_t* dy_ahead = dy + (tok + lag - first) * C;
+        for (int64_t c = 0; c < C; ++c) du[c] += taps[c] * dy_ahead[c];
+      }
+    }
+    // RMSNorm and gating backward of each branch row.
+    const acc_t* v = widen(a.value_row(tok), D, w.value_row.data());
+    const acc_t* go_row = widen(grad_out + tok * C, C, w.row_b.data());
+    acc_t* dv = result_row(grad_value + tok * D, w.sig.data());  // sig is free again
+    std::fill(dv, dv + D, acc_t(0));
+    for (int64_t g = 0; g < s.G; ++g) {
+      const int64_t row = tok * s.G + g;
+      grad_gate[row] = static_cast<scalar_t>(gated_norm_row_backward<acc_t>(
+          static_cast<acc_t>(a.gate[row]), v, w.scales[(tok - u_first) * s.G + g], a.norm_weight.data() + g * D,
+          du + g * D, go_row + g * D, D, dv, grad_norm_weight + g * D));
+    }
+    store_row(dv, D, grad_value + tok * D);
+  }
 }
 
 ShortConvShape short_conv_shape(const char* op, const at::Tensor& value, const at::Tensor& gate,
@@ -341,42 +472,21 @@ ShortConvShape short_conv_shape(const char* op, const at::Tensor& value, const a
   return {shape[0], shape[1], G, D, G * D, shape[4], dilation};
 }
 
-at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& gate_in, const at::Tensor& norm_weight_in,
+at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& gate_in, const at::Tensor& norm_weight,
                                 const at::Tensor& conv_weight, int64_t dilation, double eps) {
   const ShortConvShape s =
-      short_conv_shape("gated_short_conv", value_in, gate_in, norm_weight_in, conv_weight, dilation, eps);
-  const at::Tensor value = rows_contiguous(value_in);
-  const at::Tensor gate = gate_in.contiguous(), norm_weight = norm_weight_in.contiguous();
+      short_conv_shape("gated_short_conv", value_in, gate_in, norm_weight, conv_weight, dilation, eps);
+  const at::Tensor value = rows_contiguous(value_in), gate = gate_in.contiguous();
   at::Tensor out = at::empty({s.B, s.T, s.G, s.D}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "gated_short_conv", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> taps = taps_by_channel<scalar_t>(conv_weight, s);
-    const ShortConvInputs<scalar_t> in(value, gate, norm_weight);
+    const ShortConvArgs<scalar_t> args(s, value, gate, norm_weight, conv_weight, eps);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    const int64_t chunk = chunk_tokens(s), reach = conv_reach(s), C = s.C;
+    const int64_t chunk = chunk_tokens(s);
     const int64_t num_chunks = (s.tokens() + chunk - 1) / chunk;
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<acc_t> u((chunk + reach) * C), y(chunk * C), sig(chunk * C), value_row(s.D), out_buffer(C);
+      ShortConvScratch<at::opmath_type<scalar_t>> scratch(s, chunk, conv_reach(s));
       for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
-        const int64_t first = ci * chunk, last = std::min(first + chunk, s.tokens());
-        const int64_t u_first = std::max<int64_t>(first - reach, 0);
-        normalize_gated_tokens<scalar_t>(s, in, static_cast<acc_t>(eps), u_first, last, u.data(), nullptr);
-        causal_conv_tokens(s, taps.data(), u.data(), u_first, first, last, y.data());
-        sigmoid_block(y.data(), (last - first) * C, sig.data());
-        // out = gate * value + SiLU(y)
-        for (int64_t tok = first; tok < last; ++tok) {
-          const acc_t* v = widen(in.value_row(tok, s.T), s.D, value_row.data());
-          acc_t* out_row = result_row(out_ptr + tok * C, out_buffer.data());
-          for (int64_t g = 0; g < s.G; ++g) {
-            const acc_t gate_value = static_cast<acc_t>(in.gate[tok * s.G + g]);
-            const int64_t offset = (tok - first) * C + g * s.D;
-            const acc_t* y_row = y.data() + offset;
-            const acc_t* sig_row = sig.data() + offset;
-            acc_t* dst = out_row + g * s.D;
-            for (int64_t c = 0; c < s.D; ++c) dst[c] = gate_value * v[c] + silu_from_sigmoid(y_row[c], sig_row[c]);
-          }
-          store_row(out_row, C, out_ptr + tok * C);
-        }
+        short_conv_forward_chunk(args, ci * chunk, std::min((ci + 1) * chunk, s.tokens()), scratch, out_ptr);
       }
     });
   });
@@ -385,95 +495,41 @@ at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& ga
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& value_in, const at::Tensor& gate_in,
-    const at::Tensor& norm_weight_in, const at::Tensor& conv_weight, int64_t dilation, double eps) {
+    const at::Tensor& norm_weight, const at::Tensor& conv_weight, int64_t dilation, double eps) {
   constexpr const char* op = "gated_short_conv_backward";
-  const ShortConvShape s = short_conv_shape(op, value_in, gate_in, norm_weight_in, conv_weight, dilation, eps);
+  const ShortConvShape s = short_conv_shape(op, value_in, gate_in, norm_weight, conv_weight, dilation, eps);
   check_grad_like(op, "grad_out", grad_out_in, value_in, {s.B, s.T, s.G, s.D});
   const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor value = rows_contiguous(value_in);
-  const at::Tensor gate = gate_in.contiguous(), norm_weight = norm_weight_in.contiguous();
+  const at::Tensor value = rows_contiguous(value_in), gate = gate_in.contiguous();
   at::Tensor grad_value = at::empty({s.B, s.T, s.D}, value.options());
   at::Tensor grad_gate = at::empty({s.B, s.T, s.G}, value.options());
   at::Tensor grad_norm_weight, grad_conv_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "gated_short_conv_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> taps = taps_by_channel<scalar_t>(conv_weight, s);
-    const ShortConvInputs<scalar_t> in(value, gate, norm_weight);
+    const ShortConvArgs<scalar_t> args(s, value, gate, norm_weight, conv_weight, eps);
+    const int64_t C = s.C, K = s.kernel_size, chunk = chunk_tokens(s);
     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* dv_ptr = grad_value.data_ptr<scalar_t>();
-    scalar_t* dgate_ptr = grad_gate.data_ptr<scalar_t>();
-    const int64_t chunk = chunk_tokens(s), reach = conv_reach(s);
-    const int64_t C = s.C, K = s.kernel_size, T = s.T, D = s.D;
-
+    scalar_t* dv = grad_value.data_ptr<scalar_t>();
+    scalar_t* dgate = grad_gate.data_ptr<scalar_t>();
     // Per block: [conv weight grad (K*C, tap-major) | norm weight grad (C)].
     const TokenBlocks blocks = token_blocks(s.tokens());
     at::Tensor partials = at::zeros({blocks.count, (K + 1) * C}, value.options().dtype(acc_dtype<scalar_t>()));
     acc_t* partial_ptr = partials.data_ptr<acc_t>();
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
-      // u covers [first - reach, last + reach): dy at t reads u back to t - reach,
-      // and d u at t reads dy up to t + reach.
-      std::vector<acc_t> u((chunk + 2 * reach) * C), scales((chunk + 2 * reach) * s.G);
-      std::vector<acc_t> dy((chunk + reach) * C), sig((chunk + reach) * C), du(C);
-      std::vector<acc_t> value_row(D), grad_out_row(C), dv_row(D);
+      ShortConvScratch<acc_t> scratch(s, chunk, conv_reach(s));
       for (int64_t block = block_begin; block < block_end; ++block) {
-        acc_t* dw_conv = partial_ptr + block * (K + 1) * C;
-        acc_t* dw_norm = dw_conv + K * C;
-        for (int64_t first = blocks.begin(block); first < blocks.begin(block + 1); first += chunk) {
-          const int64_t last = std::min(first + chunk, blocks.begin(block + 1));
-          const int64_t u_first = std::max<int64_t>(first - reach, 0);
-          const int64_t dy_last = std::min(last + reach, s.tokens());
-          normalize_gated_tokens<scalar_t>(s, in, static_cast<acc_t>(eps), u_first, dy_last, u.data(),
-                                           scales.data());
-
-          // dy = grad_out * SiLU'(y) for tokens [first, dy_last)
-          const int64_t dy_count = (dy_last - first) * C;
-          causal_conv_tokens(s, taps.data(), u.data(), u_first, first, dy_last, dy.data());
-          sigmoid_block(dy.data(), dy_count, sig.data());
-          const scalar_t* go_rows = go + first * C;
-          for (int64_t i = 0; i < dy_count; ++i) {
-            dy[i] = static_cast<acc_t>(go_rows[i]) * silu_grad_from_sigmoid(dy[i], sig[i]);
-          }
-
-          for (int64_t tok = first; tok < last; ++tok) {
-            const int64_t t = tok % T;
-            const acc_t* dy_row = dy.data() + (tok - first) * C;
-            std::fill(du.begin(), du.end(), acc_t(0));
-            for (int64_t i = 0; i < K; ++i) {
-              const int64_t lag = conv_tap_lag(i, K, s.dilation);
-              // d w[c, i] += dy[t, c] * u[t - lag, c]
-              if (t >= lag) {
-                const acc_t* u_row = u.data() + (tok - lag - u_first) * C;
-                acc_t* dw = dw_conv + i * C;
-                for (int64_t c = 0; c < C; ++c) dw[c] += dy_row[c] * u_row[c];
-              }
-              // d u[t, c] += w[c, i] * dy[t + lag, c]
-              if (t + lag < T) {
-                const acc_t* w = taps.data() + i * C;
-                const acc_t* dy_ahead = dy.data() + (tok + lag - first) * C;
-                for (int64_t c = 0; c < C; ++c) du[c] += w[c] * dy_ahead[c];
-              }
-            }
-            // RMSNorm and gating backward of each branch row.
-            const acc_t* v = widen(in.value_row(tok, T), D, value_row.data());
-            const acc_t* go_row = widen(go + tok * C, C, grad_out_row.data());
-            acc_t* dv = result_row(dv_ptr + tok * D, dv_row.data());
-            std::fill(dv, dv + D, acc_t(0));
-            for (int64_t g = 0; g < s.G; ++g) {
-              const int64_t row = tok * s.G + g;
-              dgate_ptr[row] = static_cast<scalar_t>(gated_norm_row_backward<acc_t>(
-                  static_cast<acc_t>(in.gate[row]), v, scales[(tok - u_first) * s.G + g],
-                  in.norm_weight.data() + g * D, du.data() + g * D, go_row + g * D, D, dv, dw_norm + g * D));
-            }
-            store_row(dv, D, dv_ptr + tok * D);
-          }
+        acc_t* grad_taps = partial_ptr + block * (K + 1) * C;
+        const int64_t block_last = blocks.begin(block + 1);
+        for (int64_t first = blocks.begin(block); first < block_last; first += chunk) {
+          short_conv_backward_chunk(args, go, first, std::min(first + chunk, block_last), scratch, dv, dgate,
+                                    grad_taps, grad_taps + K * C);
         }
       }
     });
-
     const at::Tensor weight_grads = sum_block_partials<acc_t>(partials, value.scalar_type());
     // [K, C] tap-major -> [C, K], the layout of conv_weight.
     grad_conv_weight = weight_grads.narrow(0, 0, K * C).view({K, C}).t().contiguous();
-    grad_norm_weight = weight_grads.narrow(0, K * C, C).view({s.G, D}).clone();
+    grad_norm_weight = weight_grads.narrow(0, K * C, C).view({s.G, s.D}).clone();
   });
   return {grad_value, grad_gate, grad_norm_weight, grad_conv_weight};
 }

@@ -86,9 +86,15 @@ ENGRAM_HD acc_t signed_sqrt_grad(acc_t s) {
 // -ffast-math (a single accumulator is a serial dependency chain). GCC's loop
 // vectoriser would vectorise across iterations of the lane loop instead and
 // drown it in shuffles; with it off for these functions, the SLP vectoriser
-// maps the lanes onto SIMD registers directly.
+// maps the lanes onto SIMD registers directly. On x86-64 Linux they are also
+// compiled for AVX2 and AVX-512, picked at load time (function
+// multiversioning), like the CPU kernels that call them.
 constexpr int kReductionLanes = 8;
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define ENGRAM_LANE_REDUCTION \
+  __attribute__((optimize("no-tree-loop-vectorize"), target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define ENGRAM_LANE_REDUCTION __attribute__((optimize("no-tree-loop-vectorize")))
 #else
 #define ENGRAM_LANE_REDUCTION
