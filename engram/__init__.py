@@ -3,6 +3,9 @@
 from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
+from . import _cuda_composite
+
+_cuda_composite.register()
 from .hashing import NgramHasher
 from .layer import EngramLayer
 from . import tokenizer
