@@ -70,3 +70,24 @@ def test_opcheck_cuda():
     weight = torch.randn(int(sizes[0].sum()), 4, device="cuda", requires_grad=True)
     rows = ops.ngram_hash(ids, lookup, keys[:1], sizes[:1], None, cfg.pad_id)[0]
     opcheck(torch.ops.engram.multihead_embedding.default, (weight, rows, offsets[0], False))
+
+
+@pytest.mark.parametrize("hc_mult", [1, 4])
+def test_engram_layer_on_cuda_matches_cpu(hc_mult):
+    from engram import EngramLayer
+
+    cfg = EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0])
+    layer = EngramLayer(cfg, 0, hidden_size=32, hc_mult=hc_mult, compression=CompressionTable.identity(500)).double()
+    hidden = torch.randn(2, 13, hc_mult, 32, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 500, (2, 13))
+    out_cpu = layer(hidden, ids)
+    out_cpu.sum().backward()
+    grads_cpu = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer_gpu = layer.cuda()
+    hidden_gpu = hidden.detach().cuda().requires_grad_()
+    out_gpu = layer_gpu(hidden_gpu, ids.cuda())
+    out_gpu.sum().backward()
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu)
+    for p, g in zip(layer_gpu.parameters(), grads_cpu):
+        torch.testing.assert_close(p.grad.cpu(), g)
