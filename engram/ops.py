@@ -166,7 +166,10 @@ def _context_gate_fake(key, hidden, key_norm_weight, hidden_norm_weight, eps=Non
                  hidden_norm_weight=hidden_norm_weight)
     _check_layer_shapes("context_gate", key=(key, 4), hidden=(hidden, 4), key_norm_weight=(key_norm_weight, 2),
                         hidden_norm_weight=(hidden_norm_weight, 2))
-    torch._check(hidden.shape == key.shape, lambda: f"context_gate: hidden has shape {list(hidden.shape)}; expected the shape of key {list(key.shape)}")
+    torch._check(
+        hidden.shape == key.shape,
+        lambda: f"context_gate: hidden has shape {list(hidden.shape)}; expected the shape of key {list(key.shape)}",
+    )
     return key.new_empty(key.shape[:3])
 
 
@@ -217,9 +220,19 @@ def _gated_short_conv_backward(ctx, grad_out):
     return (*grads, None, None)
 
 
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"engram::{op}: double backward (differentiating the gradient) is not implemented")
+
+    return backward
+
+
 torch.library.register_autograd(
     "engram::context_gate", _context_gate_backward, setup_context=_context_gate_setup_context
 )
 torch.library.register_autograd(
     "engram::gated_short_conv", _gated_short_conv_backward, setup_context=_gated_short_conv_setup_context
 )
+# An explicit error instead of PyTorch's silent fallback for a backward op.
+for _op in ("context_gate_backward", "gated_short_conv_backward"):
+    torch.library.register_autograd(f"engram::{_op}", _no_double_backward(_op))

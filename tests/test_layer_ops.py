@@ -201,6 +201,17 @@ def test_opcheck(op, args):
     opcheck(op, args)
 
 
+def test_double_backward_is_a_clear_error():
+    key, hidden, wk, wq = [x.requires_grad_() for x in gate_inputs(b=1, t=3)]
+    (grad_key,) = torch.autograd.grad(ops.context_gate(key, hidden, wk, wq).sum(), [key], create_graph=True)
+    with pytest.raises(RuntimeError, match="context_gate_backward: double backward .* is not implemented"):
+        grad_key.sum().backward()
+    value, gate, wn, wc = [x.requires_grad_() for x in conv_inputs(b=1, t=3)]
+    (grad_value,) = torch.autograd.grad(ops.gated_short_conv(value, gate, wn, wc, 2).sum(), [value], create_graph=True)
+    with pytest.raises(RuntimeError, match="gated_short_conv_backward: double backward .* is not implemented"):
+        grad_value.sum().backward()
+
+
 # --------------------------------------------------------------------------
 # determinism: weight gradients do not depend on the thread count
 # --------------------------------------------------------------------------
