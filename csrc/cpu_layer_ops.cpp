@@ -33,16 +33,6 @@ void check_grad_like(const char* op, const char* name, const at::Tensor& grad, c
 
 namespace {
 
-// The extension is built for baseline x86-64. Its hot loops are compiled
-// three times, for baseline, AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4),
-// and the loader picks one per CPU (GCC function multiversioning): ~1.4x on
-// these kernels over SSE2 alone. Elsewhere they are compiled once.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define ENGRAM_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define ENGRAM_CPU_CLONES
-#endif
-
 // Elements of work per parallel_for chunk: enough to amortise the dispatch.
 constexpr int64_t kElementsPerChunk = 1 << 15;
 

@@ -49,7 +49,7 @@ class ShortConv(nn.Module):
         """value [B, T, D] (shared by the branches), gate [B, T, G] -> [B, T, G, D]:
         x + SiLU(conv(RMSNorm(x))) with x[:, :, g] = gate[:, :, g] * value."""
         norm_weight = torch.stack([norm.weight for norm in self.norms])
-        conv_weight = self.conv.weight.view(self.conv.weight.shape[0], self.kernel_size)
+        conv_weight = self.conv.weight.flatten(1)  # [G*D, 1, K] -> [G*D, K]
         return ops.gated_short_conv(value, gate, norm_weight, conv_weight, self.dilation, self.norms[0].eps)
 
 

@@ -20,6 +20,17 @@
 #define ENGRAM_RESTRICT __restrict__
 #endif
 
+// CPU builds are for baseline x86-64. With GCC on x86-64 glibc, functions
+// marked ENGRAM_CPU_CLONES are compiled three times, for baseline, AVX2+FMA
+// (x86-64-v3) and AVX-512 (x86-64-v4), and the loader picks one for the CPU
+// (function multiversioning, an ifunc). Elsewhere they are compiled once.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__GLIBC__)
+#define ENGRAM_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define ENGRAM_CPU_CLONES
+#endif
+
 namespace engram {
 
 // ---------------------------------------------------------------------------
@@ -86,16 +97,10 @@ ENGRAM_HD acc_t signed_sqrt_grad(acc_t s) {
 // -ffast-math (a single accumulator is a serial dependency chain). GCC's loop
 // vectoriser would vectorise across iterations of the lane loop instead and
 // drown it in shuffles; with it off for these functions, the SLP vectoriser
-// maps the lanes onto SIMD registers directly. On x86-64 Linux they are also
-// compiled for AVX2 and AVX-512, picked at load time (function
-// multiversioning), like the CPU kernels that call them.
+// maps the lanes onto SIMD registers directly.
 constexpr int kReductionLanes = 8;
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define ENGRAM_LANE_REDUCTION \
-  __attribute__((optimize("no-tree-loop-vectorize"), target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define ENGRAM_LANE_REDUCTION __attribute__((optimize("no-tree-loop-vectorize")))
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define ENGRAM_LANE_REDUCTION ENGRAM_CPU_CLONES __attribute__((optimize("no-tree-loop-vectorize")))
 #else
 #define ENGRAM_LANE_REDUCTION
 #endif
