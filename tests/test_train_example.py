@@ -1,0 +1,97 @@
+"""Smoke test of examples/train_tiny_lm.py with tiny settings (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_tiny_lm.py")
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("train_tiny_lm", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = [
+    "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--d-model", "32", "--layers", "2", "--heads", "2",
+    "--vocab-size", "400", "--max-files", "24", "--eval-every", "3", "--eval-windows", "8",
+    "--engram-layers", "0,1", "--engram-vocab-size", "1009", "--engram-dim", "16", "--snippet-tokens", "20",
+]
+
+
+def test_tiny_run_writes_plots_and_metrics(example, tmp_path):
+    out = tmp_path / "run"
+    metrics = example.main(["--out", str(out), *TINY])
+    for name in ("loss_curves.png", "gate_heatmap.png", "metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("baseline_val_loss", "engram_val_loss", "baseline_params", "engram_params", "steps",
+                "wall_seconds", "train_tokens_seen"):
+        assert key in saved, key
+    assert saved["steps"] == 6
+    assert math.isfinite(saved["baseline_val_loss"]) and math.isfinite(saved["engram_val_loss"])
+    # Both losses come from the same held-out windows at the same step.
+    assert [s for s, _ in saved["val_curves"]["baseline"]] == [s for s, _ in saved["val_curves"]["engram"]] == [3, 6]
+    assert saved["engram_params"] == saved["engram_dense_params"] + saved["engram_table_params"]
+    assert saved["engram_table_params"] > 0 and saved["engram_dense_params"] > saved["baseline_params"]
+    gates = saved["gate_snippet"]["gates"]
+    assert sorted(gates) == ["0", "1"]
+    assert all(len(g) == len(saved["gate_snippet"]["tokens"]) for g in gates.values())
+    assert metrics["engram_val_loss"] == saved["engram_val_loss"]
+
+
+def test_split_is_by_file(example):
+    files = example.stdlib_files(max_files=40)
+    train, val = example.split_files(files, 0.2, seed=0)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(files)
+    assert len(val) == 8
+    assert not any(os.sep + "test" + os.sep in f or "site-packages" in f for f in files)
+
+
+def test_same_seed_same_backbone(example):
+    import torch
+
+    import engram
+
+    def build(with_engram):
+        torch.manual_seed(0)
+        m = example.TinyLM(64, 16, 2, 2, 8)
+        if with_engram:
+            torch.manual_seed(1)
+            cfg = engram.EngramConfig(engram_vocab_size=[101, 101], n_embed_per_ngram=8, n_head_per_ngram=2,
+                                      layer_ids=[1])
+            m.add_engram(cfg, engram.CompressionTable.identity(64))
+        return m
+
+    base, eng = build(False).state_dict(), build(True).state_dict()
+    assert all(torch.equal(base[k], eng[k]) for k in base)
+    assert any(".engram." in k for k in eng)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--engram-layers", "1,9"], "engram-layers"),
+        (["--engram-layers", "a"], "engram-layers"),
+        (["--val-fraction", "1.5"], "val-fraction"),
+        (["--steps", "0"], "steps"),
+        (["--vocab-size", "100"], "vocab-size"),
+    ],
+)
+def test_bad_arguments(example, bad, message, capsys):
+    with pytest.raises(SystemExit):
+        example.parse_args(["--out", "x", *bad])
+    assert message in capsys.readouterr().err
