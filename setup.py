@@ -37,6 +37,13 @@ def want_cuda():
 # No -std flag: torch.utils.cpp_extension picks the standard its headers need
 # (C++17 up to torch 2.13, C++20 from 2.14).
 cxx_flags = ["-O3", "-fvisibility=hidden"]
+link_flags = []
+# at::parallel_for is a header template: with torch's OpenMP backend it only
+# runs in parallel when the extension itself is compiled with OpenMP. The
+# loader then reuses the libgomp.so.1 torch already loaded (one thread pool).
+if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 op_sources = sources("csrc/*.cpp")
 define_macros = []
 Extension = cpp_extension.CppExtension
@@ -54,6 +61,7 @@ ext_modules = [
         include_dirs=[ROOT],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=link_flags,
     ),
     cpp_extension.CppExtension(
         "engram._engine",
