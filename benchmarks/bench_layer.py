@@ -23,12 +23,13 @@ call allocates (activations, gradients, temporaries), not the weights and
 inputs that exist before it. Where the reset is not permitted it says n/a.
 
     python benchmarks/bench_layer.py [--batch 2] [--seq 1024] [--hidden 512] [--hc-mult 4]
-                                     [--rows 100000] [--min-run-time 1] [--profile]
+                                     [--rows 100000] [--min-run-time 1] [--rounds 3] [--threads N] [--profile]
 """
 
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--hc-mult", type=int, default=4)
     parser.add_argument("--rows", type=int, default=100_000, help="minimum rows per head (engram_vocab_size)")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds per measurement, all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the layers")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
     parser.add_argument("--peak-of", choices=["ours", "a", "b"], help=argparse.SUPPRESS)  # internal
@@ -133,24 +135,35 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
 
-    def median_seconds(fn):
+    # Rounds interleave the layers, so that a burst of load from elsewhere on a
+    # shared machine hits all of them rather than one; every timed block of
+    # every round is pooled, and the median (and the best) block is printed.
+    def blocks(fn):
         timer = Timer("f()", globals={"f": fn}, num_threads=args.threads)  # Timer's default is 1 thread
-        return timer.blocked_autorange(min_run_time=args.min_run_time).median
+        return timer.blocked_autorange(min_run_time=args.min_run_time / args.rounds).times
 
-    results = {}
-    for key, (name, layer) in peers.items():
-        fwd, fwd_bwd = median_seconds(forward(layer)), median_seconds(forward_backward(layer))
-        results[key] = (fwd, fwd_bwd, peak_in_subprocess(key))
+    times = {key: {"fwd": [], "fwd_bwd": []} for key in peers}
+    for _ in range(args.rounds):
+        for key, (_, layer) in peers.items():
+            times[key]["fwd"] += blocks(forward(layer))
+            times[key]["fwd_bwd"] += blocks(forward_backward(layer))
+    median = {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
+    best = {key: {k: min(v) for k, v in t.items()} for key, t in times.items()}
+    memory = {key: peak_in_subprocess(key) for key in peers}
 
     width = max(len(name) for name, _ in peers.values())
-    print(f"  {'':<{width}}  {'forward':>10}  {'fwd+bwd':>10}  {'peak RSS growth, fwd+bwd':>25}")
-    for key, (f, fb, mem) in results.items():
+    print(f"  median (best) of {args.rounds} interleaved rounds")
+    print(f"  {'':<{width}}  {'forward':>18}  {'fwd+bwd':>18}  {'peak RSS growth, fwd+bwd':>25}")
+    for key, (name, _) in peers.items():
+        mem = memory[key]
         mem_text = "n/a" if mem is None else f"{mem:.0f} MiB"
-        print(f"  {peers[key][0]:<{width}}  {f * 1e3:7.1f} ms  {fb * 1e3:7.1f} ms  {mem_text:>25}")
-    f0, fb0, _ = results["ours"]
+        cols = [f"{median[key][k] * 1e3:7.1f} ({best[key][k] * 1e3:6.1f}) ms" for k in ("fwd", "fwd_bwd")]
+        print(f"  {name:<{width}}  {cols[0]:>18}  {cols[1]:>18}  {mem_text:>25}")
     for key in ("a", "b"):
-        f, fb, _ = results[key]
-        print(f"  speed-up vs ({key}): forward {f / f0:.2f}x, forward+backward {fb / fb0:.2f}x")
+        ratio = {k: median[key][k] / median["ours"][k] for k in ("fwd", "fwd_bwd")}
+        ratio_best = {k: best[key][k] / best["ours"][k] for k in ("fwd", "fwd_bwd")}
+        print(f"  speed-up vs ({key}): forward {ratio['fwd']:.2f}x ({ratio_best['fwd']:.2f}x best), "
+              f"forward+backward {ratio['fwd_bwd']:.2f}x ({ratio_best['fwd_bwd']:.2f}x best)")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
