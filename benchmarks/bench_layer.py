@@ -11,7 +11,10 @@ same inputs and weights, one run.
 
 forward runs under torch.no_grad(); forward+backward computes the gradients of
 the hidden states and of every parameter (the dense table gradient included)
-with torch.autograd.grad, so nothing accumulates between runs.
+with torch.autograd.grad, so nothing accumulates between runs. Times are the
+median (and best) block of torch.utils.benchmark.Timer.blocked_autorange,
+pooled over interleaved rounds; on a shared machine, load from elsewhere
+shows up as a spread between the two, mostly in the peers' many small ops.
 
 Peak memory is the growth of the resident set during one forward+backward
 call, measured in a fresh subprocess per layer: Linux's peak RSS (VmHWM) is
@@ -23,7 +26,7 @@ call allocates (activations, gradients, temporaries), not the weights and
 inputs that exist before it. Where the reset is not permitted it says n/a.
 
     python benchmarks/bench_layer.py [--batch 2] [--seq 1024] [--hidden 512] [--hc-mult 4]
-                                     [--rows 100000] [--min-run-time 1] [--rounds 3] [--threads N] [--profile]
+                                     [--rows 100000] [--min-run-time 3] [--rounds 3] [--threads N] [--profile]
 """
 
 import argparse
