@@ -71,7 +71,9 @@ def main() -> None:
             assert torch.equal(want[l].cpu(), ours[l]), f"layer {l}: plain-PyTorch ids differ"
 
     def timed(fn):  # Timer synchronizes CUDA around each measurement
-        return Timer("f()", globals={"f": fn}).blocked_autorange(min_run_time=args.min_run_time).median
+        # Timer defaults to one thread; measure with the threads torch uses.
+        timer = Timer("f()", globals={"f": fn}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=args.min_run_time).median
 
     rows = [(f"NgramHasher.hash (engram, fused, {device.type})", timed(lambda: hasher.hash(ids_dev)))]
     if args.family == "deepseek":
