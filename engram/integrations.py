@@ -66,35 +66,11 @@ _COMPRESSION_MODULE = "engram_compression"
 
 
 def engram_gates(layer: EngramLayer, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """The gate of ``layer`` for these inputs: ``[B, T, G]`` values in (0, 1).
-
-    Recomputed from the layer's public submodules exactly as spec §5 states
-    (key = RMSNorm1(key_proj(e)), query = RMSNorm2(hidden), signed-sqrt of the
-    scaled dot product, sigmoid), so it needs no change to the layer.
-    """
+    """The gate of ``layer`` for these inputs: ``[B, T, G]`` values in (0, 1)
+    (``EngramLayer.gate``; spec §5)."""
     if not isinstance(layer, EngramLayer):
         raise TypeError(f"engram_gates: layer must be an EngramLayer, got {type(layer).__name__}")
-    if hidden_states.dim() == 3:
-        hidden_states = hidden_states.unsqueeze(2)
-    if hidden_states.dim() != 4 or hidden_states.shape[2:] != (layer.hc_mult, layer.hidden_size):
-        raise ValueError(
-            f"engram_gates: hidden_states has shape {list(hidden_states.shape)}; expected "
-            f"[B, T, {layer.hc_mult}, {layer.hidden_size}]"
-        )
-    if input_ids.shape != hidden_states.shape[:2]:
-        raise ValueError(
-            f"engram_gates: input_ids has shape {list(input_ids.shape)}; expected {list(hidden_states.shape[:2])}"
-        )
-    b, t = input_ids.shape
-    e = layer.multi_head_embedding(layer.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
-    gates = []
-    for g in range(layer.hc_mult):
-        key = layer.norm1[g](layer.key_projs[g](e))
-        query = layer.norm2[g](hidden_states[:, :, g, :])
-        s = (key * query).sum(-1) / layer.hidden_size**0.5
-        s = s.sign() * s.abs().clamp_min(1e-6).sqrt()
-        gates.append(torch.sigmoid(s))
-    return torch.stack(gates, dim=2)
+    return layer.gate(hidden_states, input_ids)
 
 
 @contextlib.contextmanager

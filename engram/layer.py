@@ -112,9 +112,9 @@ class EngramLayer(nn.Module):
         linears = [self.value_proj, *self.key_projs]
         return torch.cat([l.weight for l in linears]), torch.cat([l.bias for l in linears])
 
-    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        squeeze = hidden_states.dim() == 3
-        if squeeze:
+    def _check_inputs(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Returns hidden_states as [B, T, G, D]; raises on shapes or dtypes that do not fit."""
+        if hidden_states.dim() == 3:
             if self.hc_mult != 1:
                 raise ValueError(
                     f"EngramLayer: hidden_states has shape {list(hidden_states.shape)} but hc_mult={self.hc_mult}; "
@@ -138,6 +138,10 @@ class EngramLayer(nn.Module):
                 f"EngramLayer: hidden_states is {hidden_states.dtype} but the layer's weights are {weight_dtype}; "
                 "expected one dtype (convert the layer with .to(dtype))"
             )
+        return hidden_states
+
+    def _value_and_gate(self, hidden_states: torch.Tensor, input_ids: torch.Tensor):
+        """Spec §4-5 on [B, T, G, D] hidden states: the shared value [B, T, D] and the gate [B, T, G]."""
         b, t = input_ids.shape
         d, g = self.hidden_size, self.hc_mult
         e = self.multi_head_embedding(self.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
@@ -149,7 +153,19 @@ class EngramLayer(nn.Module):
             torch.stack([norm.weight for norm in self.norm1]),
             torch.stack([norm.weight for norm in self.norm2]),
             self.norm1[0].eps,
-        )  # [B, T, G]
+        )
+        return value, gate
+
+    def gate(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The context gate alone, [B, T, G] values in (0, 1): how much of the
+        looked-up n-gram memory each token lets into each residual branch."""
+        hidden_states = self._check_inputs(hidden_states, input_ids)
+        return self._value_and_gate(hidden_states, input_ids)[1]
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        squeeze = hidden_states.dim() == 3
+        hidden_states = self._check_inputs(hidden_states, input_ids)
+        value, gate = self._value_and_gate(hidden_states, input_ids)
         out = self.short_conv(value, gate)  # gate * value + SiLU(conv(...)), [B, T, G, D]
         return out.squeeze(2) if squeeze else out
 

@@ -255,3 +255,21 @@ def test_bad_inputs_give_clear_errors():
         ours(hidden, torch.tensor([[1, 2, VOCAB, 3, 4]]))
     with pytest.raises(ValueError, match=r"layer_id=7 is not in config.layer_ids=\[1, 3\]"):
         EngramLayer(small_config(), 7, 24)
+
+
+def test_public_gate_equals_spec_formula():
+    # EngramLayer.gate: spec §5 from the layer's own submodules, in plain PyTorch.
+    cfg = EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0])
+    layer = EngramLayer(cfg, 0, hidden_size=32, hc_mult=3, compression=CompressionTable.identity(300))
+    hidden, ids = torch.randn(2, 9, 3, 32), torch.randint(0, 300, (2, 9))
+    e = torch.nn.functional.embedding(layer.hash(ids) + layer.multi_head_embedding.offsets,
+                                      layer.multi_head_embedding.embedding.weight).reshape(2, 9, -1)
+    want = []
+    for g in range(3):
+        key = layer.norm1[g](layer.key_projs[g](e))
+        query = layer.norm2[g](hidden[:, :, g])
+        s = (key * query).sum(-1) / 32**0.5
+        want.append(torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt()))
+    torch.testing.assert_close(layer.gate(hidden, ids), torch.stack(want, dim=2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="input_ids has shape"):
+        layer.gate(hidden, ids[:, :4])
