@@ -16,20 +16,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "csrc/ops.h"
 #include "kernels/layer_math.h"
 
 namespace engram {
-
-// Device-independent argument checks, defined in csrc/library.cpp beside the
-// schemas (declared here because csrc/ops.h has no layer section yet).
-std::array<int64_t, 4> check_context_gate_args(const char* op, const at::Tensor& key, const at::Tensor& hidden,
-                                               const at::Tensor& key_norm_weight,
-                                               const at::Tensor& hidden_norm_weight, std::optional<double> eps);
-std::array<int64_t, 5> check_gated_short_conv_args(const char* op, const at::Tensor& value, const at::Tensor& gate,
-                                                   const at::Tensor& norm_weight, const at::Tensor& conv_weight,
-                                                   int64_t dilation, double eps);
-void check_grad_like(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
-                     at::IntArrayRef expected);
 
 namespace {
 

@@ -92,6 +92,16 @@ int64_t check_embedding_args(const char* op, const at::Tensor& rows_like, const 
   return num_heads;
 }
 
+int64_t check_embedding_backward_args(const at::Tensor& grad, const at::Tensor& ids,
+                                      const std::optional<at::Tensor>& offsets, int64_t num_rows) {
+  constexpr const char* op = "multihead_embedding_backward";
+  const int64_t num_heads = check_embedding_args(op, grad, "grad", ids, offsets);
+  TORCH_CHECK_VALUE(grad.dim() == ids.dim() + 1 && grad.sizes().slice(0, ids.dim()) == ids.sizes(), op,
+                    ": grad has shape ", grad.sizes(), "; expected ids.shape + [Dh] with ids.shape ", ids.sizes());
+  TORCH_CHECK_VALUE(num_rows >= 1, op, ": num_rows=", num_rows, "; expected >= 1");
+  return num_heads;
+}
+
 void report_id_out_of_range(const char* op, const char* name, const at::Tensor& ids,
                             const std::optional<at::Tensor>& offsets, int64_t limit, const char* limit_name,
                             bool negatives_allowed) {

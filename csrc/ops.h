@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <string_view>
 
@@ -32,10 +33,25 @@ void check_compress_args(const at::Tensor& ids, const at::Tensor& lookup);
 int64_t check_embedding_args(const char* op, const at::Tensor& rows_like, const char* rows_name,
                              const at::Tensor& ids, const std::optional<at::Tensor>& offsets);
 
+// check_embedding_args for the backward, plus grad = ids.shape + [Dh] and
+// num_rows >= 1; returns K.
+int64_t check_embedding_backward_args(const at::Tensor& grad, const at::Tensor& ids,
+                                      const std::optional<at::Tensor>& offsets, int64_t num_rows);
+
 // Reports the first id outside [0, vocab) (or row outside [0, num_rows) once
 // offsets are added); call after a kernel saw one.
 [[noreturn]] void report_id_out_of_range(const char* op, const char* name, const at::Tensor& ids,
                                          const std::optional<at::Tensor>& offsets, int64_t limit,
                                          const char* limit_name, bool negatives_allowed = false);
+
+// Layer ops (spec §5-6): shape checks shared by the CPU and CUDA kernels.
+std::array<int64_t, 4> check_context_gate_args(const char* op, const at::Tensor& key, const at::Tensor& hidden,
+                                               const at::Tensor& key_norm_weight,
+                                               const at::Tensor& hidden_norm_weight, std::optional<double> eps);
+std::array<int64_t, 5> check_gated_short_conv_args(const char* op, const at::Tensor& value, const at::Tensor& gate,
+                                                   const at::Tensor& norm_weight, const at::Tensor& conv_weight,
+                                                   int64_t dilation, double eps);
+void check_grad_like(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
+                     at::IntArrayRef expected);
 
 }  // namespace engram

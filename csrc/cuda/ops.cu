@@ -120,11 +120,7 @@ at::Tensor multihead_embedding_cuda(const at::Tensor& weight, const at::Tensor& 
 at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at::Tensor& ids_in,
                                              const std::optional<at::Tensor>& offsets, int64_t num_rows) {
   constexpr const char* op = "multihead_embedding_backward";
-  const int64_t K = check_embedding_args(op, grad_in, "grad", ids_in, offsets);
-  TORCH_CHECK_VALUE(grad_in.dim() == ids_in.dim() + 1 && grad_in.sizes().slice(0, ids_in.dim()) == ids_in.sizes(),
-                    op, ": grad has shape ", grad_in.sizes(), "; expected ids.shape + [Dh] with ids.shape ",
-                    ids_in.sizes());
-  TORCH_CHECK_VALUE(num_rows >= 1, op, ": num_rows=", num_rows, "; expected >= 1");
+  const int64_t K = check_embedding_backward_args(grad_in, ids_in, offsets, num_rows);
   const c10::cuda::OptionalCUDAGuard guard(grad_in.device());
   at::Tensor grad = grad_in.contiguous();
   at::Tensor ids = ids_in.contiguous();
