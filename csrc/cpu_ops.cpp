@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -51,6 +53,59 @@ bool compress_into(const int64_t* ids, int64_t n, const int64_t* lookup, int64_t
   return ok.load();
 }
 
+// Hash outputs are megabytes of int64 ([L, B, T, K]) and are usually freed
+// before the next batch is hashed. Fresh blocks of that size come from mmap,
+// and faulting in and zeroing their pages costs as much as the hashing itself,
+// so the last few freed blocks are kept and handed out again for a request
+// of the same size. A block is reused only after its tensor is gone.
+class RecycledBlocks {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 20;  // smaller blocks: malloc reuses them already
+  static constexpr size_t kMaxKept = 2;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+        if (it->first == bytes) {
+          void* block = it->second;
+          kept_.erase(it);
+          return block;
+        }
+      }
+    }
+    return std::malloc(bytes);
+  }
+
+  void give_back(void* block, size_t bytes) {
+    void* evicted = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      kept_.emplace_back(bytes, block);
+      if (kept_.size() > kMaxKept) {
+        evicted = kept_.front().second;
+        kept_.pop_front();
+      }
+    }
+    std::free(evicted);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::deque<std::pair<size_t, void*>> kept_;
+};
+
+at::Tensor empty_recycled_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  size_t bytes = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
+  if (bytes < RecycledBlocks::kMinBytes) return at::empty(sizes, options);
+  // Never destroyed: tensors may be freed during interpreter shutdown.
+  static RecycledBlocks* blocks = new RecycledBlocks();
+  void* data = blocks->take(bytes);
+  TORCH_CHECK(data != nullptr, "ngram_hash: could not allocate ", bytes, " bytes for an output of shape ", sizes);
+  return at::from_blob(data, sizes, [bytes](void* p) { blocks->give_back(p, bytes); }, options);
+}
+
 at::Tensor compress_ids_cpu(const at::Tensor& input_ids, const at::Tensor& lookup) {
   check_compress_args(input_ids, lookup);
   at::Tensor ids = input_ids.contiguous();
@@ -88,7 +143,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   const cpu::HeadConstants heads(sizes_ptr, L * K);  // per call: L*K divisions, negligible
   at::Tensor key_table = keys.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({L, B, T, K}, ids.options());
+  at::Tensor out = empty_recycled_cpu({L, B, T, K}, ids.options());
 
   cpu::HashPlan plan;
   plan.canonical = x;
