@@ -74,7 +74,8 @@ class RecycledBlocks {
         }
       }
     }
-    return std::malloc(bytes);
+    // 64-byte aligned like ATen's CPU allocator: the hash streams whole cache lines.
+    return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   }
 
   void give_back(void* block, size_t bytes) {
@@ -161,6 +162,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   plan.offsets = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
   heads.attach(plan);
   plan.out = out.data_ptr<int64_t>();
+  plan.stream_output = cpu::stream_output_ok(plan);
 
   static const bool cpu_has_avx512 = cpu::cpu_has_avx512();
   const bool use_avx512 = cpu_has_avx512 && heads.f64_exact;

@@ -36,7 +36,19 @@ struct HashPlan {
   const double* reciprocal_f64 = nullptr;  // 1 / p
   const double* two32_mod_p_f64 = nullptr; // 2^32 mod p
   int64_t* out = nullptr;  // [L, B, T, K]
+  // AVX-512 path only: write 8-head blocks with non-temporal stores. Requires
+  // heads_per_order % 8 == 0 and `out` 64-byte aligned; see stream_output_ok().
+  bool stream_output = false;
 };
+
+// Outputs at least this big bypass the cache (most of them would be evicted
+// before they are read again anyway).
+constexpr int64_t kStreamMinBytes = int64_t(2) << 20;
+
+inline bool stream_output_ok(const HashPlan& plan) {
+  const int64_t bytes = int64_t(plan.num_layers) * plan.batch * plan.seq_len * plan.num_heads * 8;
+  return plan.heads_per_order % 8 == 0 && reinterpret_cast<uintptr_t>(plan.out) % 64 == 0 && bytes >= kStreamMinBytes;
+}
 
 // Head sizes below this use the double-precision path: with p < 2^26 every
 // intermediate stays below 2^53 and is exact in a double.
@@ -60,10 +72,18 @@ struct ScalarReducer {
 };
 
 #if defined(ENGRAM_X86_SIMD)
+// kStream: store each 8-head block (one 64-byte line) with a non-temporal
+// store. Set only when the blocks are 64-byte aligned and the output is too
+// big to stay in cache: it skips reading every output line before writing it.
+template <bool kStream>
 struct Avx512Reducer {
   // value = hi * 2^32 + lo with hi signed (deepseek) or unsigned (xxh64):
-  //   a = hi mod p, x = a * (2^32 mod p) + lo < 2^53, id = x mod p.
-  // Each floor(x / p) estimate is off by at most one; one fix-up each way.
+  //   a = hi - round(hi / p) * p    (|a| <= p/2 + 1, congruent to hi)
+  //   x = a * (2^32 mod p) + lo     (|x| < 2^53, congruent to value)
+  //   r = x - round(x / p) * p, plus p if negative: value mod p in [0, p).
+  // Each quotient only needs to be within one of the nearest integer, so it is
+  // rounded by adding and subtracting 1.5 * 2^52 (cheaper than roundscale);
+  // every product and difference is an integer below 2^53, hence exact.
   template <bool kSigned, int kHeads>
   __attribute__((target("avx512f,avx512dq"))) static inline void reduce(uint64_t value, const HashPlan& plan,
                                                                          int64_t head_base, int heads, int64_t* dst) {
@@ -73,6 +93,7 @@ struct Avx512Reducer {
     const __m512d vhi = _mm512_set1_pd(hi);
     const __m512d vlo = _mm512_set1_pd(static_cast<double>(value & 0xffffffffu));
     const __m512d zero = _mm512_setzero_pd();
+    const __m512d round_shift = _mm512_set1_pd(6755399441055744.0);  // 1.5 * 2^52
     const double* P = plan.divisor_f64 + head_base;
     const double* INV = plan.reciprocal_f64 + head_base;
     const double* C = plan.two32_mod_p_f64 + head_base;
@@ -82,18 +103,19 @@ struct Avx512Reducer {
       const __m512d p = _mm512_maskz_loadu_pd(m, P + j);
       const __m512d inv = _mm512_maskz_loadu_pd(m, INV + j);
       const __m512d c = _mm512_maskz_loadu_pd(m, C + j);
-      __m512d q = _mm512_maskz_roundscale_pd(__mmask8(0xff), _mm512_mul_pd(vhi, inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      __m512d a = _mm512_fnmadd_pd(q, p, vhi);
-      a = _mm512_mask_add_pd(a, _mm512_cmp_pd_mask(a, zero, _CMP_LT_OQ), a, p);
-      a = _mm512_mask_sub_pd(a, _mm512_cmp_pd_mask(a, p, _CMP_GE_OQ), a, p);
+      __m512d q = _mm512_sub_pd(_mm512_fmadd_pd(vhi, inv, round_shift), round_shift);
+      const __m512d a = _mm512_fnmadd_pd(q, p, vhi);
       const __m512d x = _mm512_fmadd_pd(a, c, vlo);
-      q = _mm512_maskz_roundscale_pd(__mmask8(0xff), _mm512_mul_pd(x, inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      q = _mm512_sub_pd(_mm512_fmadd_pd(x, inv, round_shift), round_shift);
       __m512d r = _mm512_fnmadd_pd(q, p, x);
       r = _mm512_mask_add_pd(r, _mm512_cmp_pd_mask(r, zero, _CMP_LT_OQ), r, p);
-      r = _mm512_mask_sub_pd(r, _mm512_cmp_pd_mask(r, p, _CMP_GE_OQ), r, p);
       __m512i ids = _mm512_cvttpd_epi64(r);
       if (offsets) ids = _mm512_add_epi64(ids, _mm512_maskz_loadu_epi64(m, offsets + j));
-      _mm512_mask_storeu_epi64(dst + j, m, ids);
+      if (kStream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + j), ids);
+      } else {
+        _mm512_mask_storeu_epi64(dst + j, m, ids);
+      }
     }
   }
 };
@@ -108,10 +130,13 @@ inline bool cpu_has_avx512() { return false; }
 
 // Hashes tokens [begin, end) of the flattened [B, T] ids for every layer.
 // kN / kHeads > 0 fix N and H at compile time for the common shapes.
-template <class Reducer, int kN, int kHeads>
-__attribute__((always_inline)) inline void hash_token_range(const HashPlan& plan, int64_t begin, int64_t end) {
+// The plan is taken by value: a local copy lets the compiler keep its fields
+// in registers instead of reloading them after every int64 store to `out`.
+template <class Reducer, bool kXxh64, int kN, int kHeads>
+__attribute__((always_inline)) inline void hash_token_range(const HashPlan plan, int64_t begin, int64_t end) {
   const int N = kN > 0 ? kN : plan.max_ngram_size;
   const int H = kHeads > 0 ? kHeads : plan.heads_per_order;
+  const int L = plan.num_layers;
   const int64_t K = plan.num_heads, T = plan.seq_len, tokens = plan.batch * plan.seq_len;
   const int64_t* x = plan.canonical;
   int64_t window[kMaxNgramSize];
@@ -119,10 +144,10 @@ __attribute__((always_inline)) inline void hash_token_range(const HashPlan& plan
   for (int64_t i = begin; i < end; ++i, ++t) {
     if (t == T) t = 0;
     for (int k = 0; k < N; ++k) window[k] = t >= k ? x[i - k] : plan.pad;
-    for (int l = 0; l < plan.num_layers; ++l) {
+    for (int l = 0; l < L; ++l) {
       int64_t* dst = plan.out + (l * tokens + i) * K;
       const int64_t head_base = static_cast<int64_t>(l) * K;
-      if (!plan.xxh64) {
+      if constexpr (!kXxh64) {
         const int64_t* m = plan.multipliers + l * N;
         uint64_t mix = deepseek_mix_step(0, window[0], m[0]);
         for (int n = 2; n <= N; ++n) {
@@ -140,15 +165,21 @@ __attribute__((always_inline)) inline void hash_token_range(const HashPlan& plan
   }
 }
 
-// Compile-time N and H for the reference shape family, run-time otherwise.
+// Compile-time family, N and H for the reference shape family, run-time otherwise.
+template <class Reducer, bool kXxh64>
+inline void dispatch_shape(const HashPlan& plan, int64_t begin, int64_t end) {
+  const int N = plan.max_ngram_size, H = plan.heads_per_order;
+  if (N == 3 && H == 8) return hash_token_range<Reducer, kXxh64, 3, 8>(plan, begin, end);
+  if (N == 2 && H == 8) return hash_token_range<Reducer, kXxh64, 2, 8>(plan, begin, end);
+  if (N == 4 && H == 8) return hash_token_range<Reducer, kXxh64, 4, 8>(plan, begin, end);
+  if (N == 3 && H == 4) return hash_token_range<Reducer, kXxh64, 3, 4>(plan, begin, end);
+  return hash_token_range<Reducer, kXxh64, 0, 0>(plan, begin, end);
+}
+
 template <class Reducer>
 inline void dispatch_token_range(const HashPlan& plan, int64_t begin, int64_t end) {
-  const int N = plan.max_ngram_size, H = plan.heads_per_order;
-  if (N == 3 && H == 8) return hash_token_range<Reducer, 3, 8>(plan, begin, end);
-  if (N == 2 && H == 8) return hash_token_range<Reducer, 2, 8>(plan, begin, end);
-  if (N == 4 && H == 8) return hash_token_range<Reducer, 4, 8>(plan, begin, end);
-  if (N == 3 && H == 4) return hash_token_range<Reducer, 3, 4>(plan, begin, end);
-  return hash_token_range<Reducer, 0, 0>(plan, begin, end);
+  if (plan.xxh64) return dispatch_shape<Reducer, true>(plan, begin, end);
+  return dispatch_shape<Reducer, false>(plan, begin, end);
 }
 
 inline void hash_tokens_scalar(const HashPlan& plan, int64_t begin, int64_t end) {
@@ -158,7 +189,12 @@ inline void hash_tokens_scalar(const HashPlan& plan, int64_t begin, int64_t end)
 #if defined(ENGRAM_X86_SIMD)
 __attribute__((target("avx512f,avx512dq"))) inline void hash_tokens_avx512(const HashPlan& plan, int64_t begin,
                                                                            int64_t end) {
-  dispatch_token_range<Avx512Reducer>(plan, begin, end);
+  if (plan.stream_output) {
+    dispatch_token_range<Avx512Reducer<true>>(plan, begin, end);
+    _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the caller joins
+  } else {
+    dispatch_token_range<Avx512Reducer<false>>(plan, begin, end);
+  }
 }
 #endif
 

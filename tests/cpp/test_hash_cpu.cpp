@@ -1,6 +1,8 @@
 // The CPU token loop: the AVX-512 and the scalar reductions give identical ids.
 #include <gtest/gtest.h>
 
+#include <climits>
+#include <cstdint>
 #include <random>
 #include <vector>
 
@@ -18,11 +20,15 @@ struct Case {
   uint64_t min_size;
 };
 
+// stream: write into a 64-byte aligned buffer with the non-temporal-store path.
 std::vector<int64_t> run(const Case& c, bool avx512, std::vector<int64_t>& x, std::vector<int64_t>& keys,
-                         std::vector<int64_t>& sizes, std::vector<int64_t>& offsets) {
+                         std::vector<int64_t>& sizes, std::vector<int64_t>& offsets, bool stream = false) {
   const int K = (c.N - 1) * c.H;
   HeadConstants heads(sizes.data(), static_cast<int64_t>(sizes.size()));
-  std::vector<int64_t> out(static_cast<size_t>(c.L) * c.B * c.T * K, -1);
+  const size_t count = static_cast<size_t>(c.L) * c.B * c.T * K;
+  std::vector<int64_t> out(count + 8, -1);
+  int64_t* dst = out.data();
+  while (reinterpret_cast<uintptr_t>(dst) % 64 != 0) ++dst;
   HashPlan plan;
   plan.canonical = x.data();
   plan.batch = c.B;
@@ -37,12 +43,13 @@ std::vector<int64_t> run(const Case& c, bool avx512, std::vector<int64_t>& x, st
   plan.seeds = reinterpret_cast<const uint64_t*>(keys.data());
   plan.offsets = offsets.data();
   heads.attach(plan);
-  plan.out = out.data();
+  plan.out = dst;
+  plan.stream_output = stream;
   // Two uneven ranges, as parallel_for hands them out.
   const int64_t tokens = static_cast<int64_t>(c.B) * c.T, cut = tokens / 3;
   engram::cpu::hash_tokens(plan, avx512, 0, cut);
   engram::cpu::hash_tokens(plan, avx512, cut, tokens);
-  return out;
+  return std::vector<int64_t>(dst, dst + count);
 }
 
 TEST(HashCpu, Avx512EqualsScalar) {
@@ -68,8 +75,35 @@ TEST(HashCpu, Avx512EqualsScalar) {
       }
     }
     ASSERT_EQ(static_cast<int>(sizes.size()), c.L * K);
-    EXPECT_EQ(run(c, true, x, keys, sizes, offsets), run(c, false, x, keys, sizes, offsets))
+    const auto scalar = run(c, false, x, keys, sizes, offsets);
+    EXPECT_EQ(run(c, true, x, keys, sizes, offsets), scalar)
         << "B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H << " xxh64=" << c.xxh64;
+    if (c.H % 8 == 0) {
+      EXPECT_EQ(run(c, true, x, keys, sizes, offsets, /*stream=*/true), scalar)
+          << "streamed: B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H << " xxh64=" << c.xxh64;
+    }
+  }
+}
+
+// Tiny and odd divisors (every quotient lands near a rounding boundary) and the
+// extreme 64-bit mixes, on both families.
+TEST(HashCpu, Avx512EqualsScalarOnTinyDivisorsAndExtremeMixes) {
+  if (!engram::cpu::cpu_has_avx512()) GTEST_SKIP() << "this machine's CPU (the test device) lacks AVX-512F/DQ";
+  std::mt19937_64 rng(11);
+  for (bool xxh64 : {false, true}) {
+    const Case c{1, 64, 1, 2, 8, xxh64, 0};
+    std::vector<int64_t> sizes = {1, 2, 3, 4, 5, 7, 8, (int64_t(1) << 26) - 5};
+    std::vector<int64_t> offsets(8, 0);
+    std::vector<int64_t> x(64);
+    for (auto& v : x) v = static_cast<int64_t>(rng() % 1000);
+    // Multipliers that make s0*m0 ^ s1*m1 hit 0, -1, INT64_MIN, INT64_MAX and
+    // everything between; a multiplier of 1 leaves small exact values.
+    for (int64_t m1 : {int64_t(1), int64_t(-1), INT64_MIN, INT64_MAX, int64_t(rng())}) {
+      std::vector<int64_t> keys = {static_cast<int64_t>(rng()), m1};
+      const auto scalar = run(c, false, x, keys, sizes, offsets);
+      EXPECT_EQ(run(c, true, x, keys, sizes, offsets), scalar) << "m1=" << m1 << " xxh64=" << xxh64;
+      EXPECT_EQ(run(c, true, x, keys, sizes, offsets, /*stream=*/true), scalar) << "m1=" << m1;
+    }
   }
 }
 
