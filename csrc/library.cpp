@@ -224,8 +224,20 @@ TORCH_LIBRARY(engram, m) {
       "Tensor conv_weight, int dilation, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-// engram._C is imported for its side effect of registering the library.
+namespace {
+PyObject* empty_cpu_cache(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyLong_FromSize_t(engram::release_cached_cpu_blocks());
+}
+
+PyMethodDef module_methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// engram._C is imported for its side effect of registering the library, and
+// for empty_cpu_cache.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "engram operator library", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "engram operator library", -1, module_methods};
   return PyModule_Create(&module_def);
 }

@@ -54,4 +54,8 @@ std::array<int64_t, 5> check_gated_short_conv_args(const char* op, const at::Ten
 void check_grad_like(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
                      at::IntArrayRef expected);
 
+// Frees the blocks the CPU kernels keep for reuse (hash outputs, table
+// gradients); returns how many bytes that was (cpu_ops.cpp).
+size_t release_cached_cpu_blocks();
+
 }  // namespace engram

@@ -12,9 +12,21 @@ import torch
 
 from . import _loader
 
-_loader.load("_C")
+_C = _loader.load("_C")
 
 _ops = torch.ops.engram
+
+
+def empty_cpu_cache() -> int:
+    """Frees the memory the CPU kernels keep for reuse and returns its size in bytes.
+
+    Freed hash outputs and dense table gradients of a megabyte or more are
+    kept (a few blocks) and handed to the next call that needs the same size:
+    the OS faulting in fresh pages costs several times the kernels themselves.
+    A kept gradient block is zeroed again before reuse. Call this to give the
+    memory back, e.g. after training, like torch.cuda.empty_cache().
+    """
+    return _C.empty_cpu_cache()
 
 
 # --------------------------------------------------------------------------
