@@ -4,7 +4,8 @@
 //  - ScalarReducer: Barrett reduction (FastMod), any divisor, any x86-64/ARM.
 //  - Avx512Reducer: the 8 heads of one order in one AVX-512 vector, in exact
 //    double arithmetic; picked at run time when the CPU has AVX-512F/DQ and
-//    every head size is below kF64MaxDivisor.
+//    every head size is below kF64MaxDivisor (one reduction step instead of
+//    two below kF64OneStepMaxDivisor).
 #pragma once
 
 #include <cstdint>
@@ -36,6 +37,7 @@ struct HashPlan {
   const double* reciprocal_f64 = nullptr;  // 1 / p
   const double* two32_mod_p_f64 = nullptr; // 2^32 mod p
   int64_t* out = nullptr;  // [L, B, T, K]
+  bool f64_one_step = false;  // AVX-512 path: every head size below kF64OneStepMaxDivisor
   // AVX-512 path only: write 8-head blocks with non-temporal stores. Requires
   // heads_per_order % 8 == 0 and `out` 64-byte aligned; see stream_output_ok().
   bool stream_output = false;
@@ -53,6 +55,9 @@ inline bool stream_output_ok(const HashPlan& plan) {
 // Head sizes below this use the double-precision path: with p < 2^26 every
 // intermediate stays below 2^53 and is exact in a double.
 constexpr uint64_t kF64MaxDivisor = uint64_t(1) << 26;
+// Below this (the reference's ~646k rows per head are), one reduction step
+// suffices: |hi| * (2^32 mod p) + lo < 2^32 * 2^20 + 2^32 < 2^53.
+constexpr uint64_t kF64OneStepMaxDivisor = uint64_t(1) << 20;
 
 // The reductions map one 64-bit value (the order's mix or XXH64) to each
 // head's id: floor modulo of the signed value (deepseek) or modulo of the
@@ -75,7 +80,9 @@ struct ScalarReducer {
 // kStream: store each 8-head block (one 64-byte line) with a non-temporal
 // store. Set only when the blocks are 64-byte aligned and the output is too
 // big to stay in cache: it skips reading every output line before writing it.
-template <bool kStream>
+// kOneStep: every head size is below kF64OneStepMaxDivisor, so `a` below is
+// hi itself (no first reduction).
+template <bool kStream, bool kOneStep>
 struct Avx512Reducer {
   // value = hi * 2^32 + lo with hi signed (deepseek) or unsigned (xxh64):
   //   a = hi - round(hi / p) * p    (|a| <= p/2 + 1, congruent to hi)
@@ -103,10 +110,13 @@ struct Avx512Reducer {
       const __m512d p = _mm512_maskz_loadu_pd(m, P + j);
       const __m512d inv = _mm512_maskz_loadu_pd(m, INV + j);
       const __m512d c = _mm512_maskz_loadu_pd(m, C + j);
-      __m512d q = _mm512_sub_pd(_mm512_fmadd_pd(vhi, inv, round_shift), round_shift);
-      const __m512d a = _mm512_fnmadd_pd(q, p, vhi);
+      __m512d a = vhi;
+      if (!kOneStep) {
+        const __m512d q_hi = _mm512_sub_pd(_mm512_fmadd_pd(vhi, inv, round_shift), round_shift);
+        a = _mm512_fnmadd_pd(q_hi, p, vhi);
+      }
       const __m512d x = _mm512_fmadd_pd(a, c, vlo);
-      q = _mm512_sub_pd(_mm512_fmadd_pd(x, inv, round_shift), round_shift);
+      const __m512d q = _mm512_sub_pd(_mm512_fmadd_pd(x, inv, round_shift), round_shift);
       __m512d r = _mm512_fnmadd_pd(q, p, x);
       r = _mm512_mask_add_pd(r, _mm512_cmp_pd_mask(r, zero, _CMP_LT_OQ), r, p);
       __m512i ids = _mm512_cvttpd_epi64(r);
@@ -190,10 +200,16 @@ inline void hash_tokens_scalar(const HashPlan& plan, int64_t begin, int64_t end)
 __attribute__((target("avx512f,avx512dq"))) inline void hash_tokens_avx512(const HashPlan& plan, int64_t begin,
                                                                            int64_t end) {
   if (plan.stream_output) {
-    dispatch_token_range<Avx512Reducer<true>>(plan, begin, end);
+    if (plan.f64_one_step) {
+      dispatch_token_range<Avx512Reducer<true, true>>(plan, begin, end);
+    } else {
+      dispatch_token_range<Avx512Reducer<true, false>>(plan, begin, end);
+    }
     _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the caller joins
+  } else if (plan.f64_one_step) {
+    dispatch_token_range<Avx512Reducer<false, true>>(plan, begin, end);
   } else {
-    dispatch_token_range<Avx512Reducer<false>>(plan, begin, end);
+    dispatch_token_range<Avx512Reducer<false, false>>(plan, begin, end);
   }
 }
 #endif
@@ -202,7 +218,8 @@ __attribute__((target("avx512f,avx512dq"))) inline void hash_tokens_avx512(const
 struct HeadConstants {
   std::vector<FastMod> mods;
   std::vector<double> divisor, reciprocal, two32_mod_p;
-  bool f64_exact = true;  // every divisor below kF64MaxDivisor
+  bool f64_exact = true;     // every divisor below kF64MaxDivisor
+  bool f64_one_step = true;  // every divisor below kF64OneStepMaxDivisor
 
   explicit HeadConstants(const int64_t* sizes, int64_t count) {
     mods.reserve(count);
@@ -213,6 +230,7 @@ struct HeadConstants {
       reciprocal.push_back(1.0 / static_cast<double>(p));
       two32_mod_p.push_back(static_cast<double>((uint64_t(1) << 32) % p));
       f64_exact = f64_exact && p < kF64MaxDivisor;
+      f64_one_step = f64_one_step && p < kF64OneStepMaxDivisor;
     }
   }
 
@@ -221,6 +239,7 @@ struct HeadConstants {
     plan.divisor_f64 = divisor.data();
     plan.reciprocal_f64 = reciprocal.data();
     plan.two32_mod_p_f64 = two32_mod_p.data();
+    plan.f64_one_step = f64_one_step;
   }
 };
 

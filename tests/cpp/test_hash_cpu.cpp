@@ -90,19 +90,24 @@ TEST(HashCpu, Avx512EqualsScalar) {
 TEST(HashCpu, Avx512EqualsScalarOnTinyDivisorsAndExtremeMixes) {
   if (!engram::cpu::cpu_has_avx512()) GTEST_SKIP() << "this machine's CPU (the test device) lacks AVX-512F/DQ";
   std::mt19937_64 rng(11);
-  for (bool xxh64 : {false, true}) {
-    const Case c{1, 64, 1, 2, 8, xxh64, 0};
-    std::vector<int64_t> sizes = {1, 2, 3, 4, 5, 7, 8, (int64_t(1) << 26) - 5};
-    std::vector<int64_t> offsets(8, 0);
-    std::vector<int64_t> x(64);
-    for (auto& v : x) v = static_cast<int64_t>(rng() % 1000);
-    // Multipliers that make s0*m0 ^ s1*m1 hit 0, -1, INT64_MIN, INT64_MAX and
-    // everything between; a multiplier of 1 leaves small exact values.
-    for (int64_t m1 : {int64_t(1), int64_t(-1), INT64_MIN, INT64_MAX, int64_t(rng())}) {
-      std::vector<int64_t> keys = {static_cast<int64_t>(rng()), m1};
-      const auto scalar = run(c, false, x, keys, sizes, offsets);
-      EXPECT_EQ(run(c, true, x, keys, sizes, offsets), scalar) << "m1=" << m1 << " xxh64=" << xxh64;
-      EXPECT_EQ(run(c, true, x, keys, sizes, offsets, /*stream=*/true), scalar) << "m1=" << m1;
+  // The largest size decides between the one-step and the two-step reduction.
+  for (int64_t largest : {(int64_t(1) << 20) - 3, (int64_t(1) << 26) - 5}) {
+    for (bool xxh64 : {false, true}) {
+      const Case c{1, 64, 1, 2, 8, xxh64, 0};
+      std::vector<int64_t> sizes = {1, 2, 3, 4, 5, 7, 8, largest};
+      std::vector<int64_t> offsets(8, 0);
+      std::vector<int64_t> x(64);
+      for (auto& v : x) v = static_cast<int64_t>(rng() % 1000);
+      // Multipliers that make s0*m0 ^ s1*m1 hit 0, -1, INT64_MIN, INT64_MAX and
+      // everything between; a multiplier of 1 leaves small exact values.
+      for (int64_t m1 : {int64_t(1), int64_t(-1), INT64_MIN, INT64_MAX, int64_t(rng())}) {
+        std::vector<int64_t> keys = {static_cast<int64_t>(rng()), m1};
+        const auto scalar = run(c, false, x, keys, sizes, offsets);
+        EXPECT_EQ(run(c, true, x, keys, sizes, offsets), scalar)
+            << "m1=" << m1 << " xxh64=" << xxh64 << " largest=" << largest;
+        EXPECT_EQ(run(c, true, x, keys, sizes, offsets, /*stream=*/true), scalar)
+            << "m1=" << m1 << " largest=" << largest;
+      }
     }
   }
 }
@@ -112,6 +117,11 @@ TEST(HashCpu, HeadConstantsPickTheExactPath) {
   const int64_t large[2] = {646403, int64_t(1) << 26};
   EXPECT_TRUE(HeadConstants(small, 2).f64_exact);
   EXPECT_FALSE(HeadConstants(large, 2).f64_exact);
+  const int64_t one_step[2] = {646403, (int64_t(1) << 20) - 3};
+  const int64_t two_step[2] = {646403, int64_t(1) << 20};
+  EXPECT_TRUE(HeadConstants(one_step, 2).f64_one_step);
+  EXPECT_FALSE(HeadConstants(two_step, 2).f64_one_step);
+  EXPECT_TRUE(HeadConstants(two_step, 2).f64_exact);
 }
 
 }  // namespace
