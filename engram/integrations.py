@@ -58,6 +58,9 @@ __all__ = [
 # Attribute names of the decoder-block list in common transformers models.
 _BLOCK_PATHS = ("layers", "h", "blocks", "decoder.layers", "transformer.h", "model.layers")
 _COMPRESSION_MODULE = "engram_compression"
+# Names a backbone's forward takes its KV cache under: transformers renamed
+# past_key_values to cache during 5.x (and keeps the old name as an alias).
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
 # --------------------------------------------------------------------------
@@ -136,6 +139,14 @@ class _Context:
         self.tails: Dict[int, torch.Tensor] = {}  # layer id -> [B, <=window, D] block inputs
         self.generate_ids: Optional[torch.Tensor] = None  # full ids stashed by generate()
         self.active = False
+        # The KV cache of an incremental call and the argument it came in,
+        # checked after the backbone ran (see _make_backbone_check).
+        self.cache = None
+        self.cache_argument = ""
+        # A cache given to the outer model (e.g. *ForCausalLM), which must
+        # reach the backbone.
+        self.outer_cache = None
+        self.outer_cache_argument = ""
 
 
 class _Handles:
@@ -236,8 +247,21 @@ def _make_backbone_hook(ctx: _Context, forward_sig: inspect.Signature):
                 "Engram layers need input_ids: the model was called with inputs_embeds only "
                 "(the n-gram hash reads token ids)"
             )
-        cache = bound.get("cache", bound.get("past_key_values", extra.get("cache", extra.get("past_key_values"))))
+        cache, ctx.cache_argument = None, ""
+        for name in _CACHE_ARGUMENTS:
+            found = bound.get(name, extra.get(name))
+            if found is not None:
+                cache, ctx.cache_argument = found, name
+                break
         past = _cache_length(cache)
+        outer, ctx.outer_cache = ctx.outer_cache, None
+        if cache is None and _cache_length(outer) > 0:
+            raise RuntimeError(
+                f"Engram: the KV cache passed to the model as {ctx.outer_cache_argument!r} never reached "
+                f"{type(module).__name__} (transformers {_transformers_version()} takes it under another name); "
+                "the model would decode without it, so Engram refuses the call"
+            )
+        ctx.cache = cache if past > 0 else None
         full, ctx.generate_ids = ctx.generate_ids, None
         if past == 0:
             ctx.ids, ctx.rows, ctx.tails = ids, None, {}
@@ -259,6 +283,58 @@ def _make_backbone_hook(ctx: _Context, forward_sig: inspect.Signature):
             ctx.ids, ctx.rows = torch.cat([ctx.ids[rows], ids], dim=1), rows
         ctx.past = past
         ctx.active = True
+
+    return hook
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:  # a backbone from elsewhere
+        return "not installed"
+    return transformers.__version__
+
+
+def _make_outer_hooks(ctx: _Context):
+    """Hooks on the outer model (the *ForCausalLM around the backbone) that
+    note a cache it was given, so that the backbone hook can tell when the
+    outer model dropped it (an argument name this version does not take)."""
+
+    def before(module, args, kwargs):
+        ctx.outer_cache, ctx.outer_cache_argument = None, ""
+        for name in _CACHE_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                ctx.outer_cache, ctx.outer_cache_argument = kwargs[name], name
+                break
+
+    def after(module, args, kwargs, output):
+        ctx.outer_cache = None
+
+    return before, after
+
+
+def _make_backbone_check(ctx: _Context, forward_sig: inspect.Signature):
+    """After an incremental call, the cache the Engram layers followed must
+    have grown by the new tokens. If it did not, the backbone ignored it (a
+    transformers version that takes the cache under another argument name):
+    its attention saw only the new tokens while the Engram layers saw the whole
+    history, so the output is neither the cached continuation nor a fresh
+    forward. Refuse it instead of returning wrong logits."""
+    declared = [name for name in _CACHE_ARGUMENTS if name in forward_sig.parameters]
+
+    def hook(module, args, kwargs, output):
+        cache, ctx.cache = ctx.cache, None
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            return None
+        if int(cache.get_seq_length()) == ctx.past:
+            expected = f"takes its KV cache as {declared[0]!r}" if declared else "declares no KV cache argument"
+            raise RuntimeError(
+                f"Engram: {type(module).__name__} ignored the KV cache passed as {ctx.cache_argument!r} "
+                f"(transformers {_transformers_version()}: its forward {expected}); its output would not be the cached "
+                "continuation, so Engram refuses it. Pass the cache under the argument the model takes, "
+                "or call the model on the whole sequence."
+            )
+        return None
 
     return hook
 
@@ -382,11 +458,13 @@ def add_engram_layers(
         layer.train(model.training)
         block_list[i].engram = layer
         handles.hooks.append(block_list[i].register_forward_pre_hook(_make_block_hook(ctx, layer), with_kwargs=True))
-    handles.hooks.append(
-        backbone.register_forward_pre_hook(
-            _make_backbone_hook(ctx, inspect.signature(backbone.forward)), with_kwargs=True
-        )
-    )
+    forward_sig = inspect.signature(backbone.forward)
+    handles.hooks.append(backbone.register_forward_pre_hook(_make_backbone_hook(ctx, forward_sig), with_kwargs=True))
+    handles.hooks.append(backbone.register_forward_hook(_make_backbone_check(ctx, forward_sig), with_kwargs=True))
+    if backbone is not model:
+        before, after = _make_outer_hooks(ctx)
+        handles.hooks.append(model.register_forward_pre_hook(before, with_kwargs=True))
+        handles.hooks.append(model.register_forward_hook(after, with_kwargs=True, always_call=True))
     lookup = _CompressionBuffer(compression.lookup)
     if ref is not None:
         lookup = lookup.to(ref.device)

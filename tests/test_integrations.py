@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -131,8 +133,16 @@ def test_engram_changes_the_outputs_and_remove_restores_them():
 # ---- incremental decoding ---------------------------------------------------
 
 
+def cache_argument(model):
+    """The argument the backbone's forward takes its KV cache under (transformers
+    renamed past_key_values to cache during 5.x)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def test_cached_steps_equal_the_full_forward(trained):
     kind, model = trained
+    name = cache_argument(model)
     ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(ids).logits
@@ -140,7 +150,7 @@ def test_cached_steps_equal_the_full_forward(trained):
         out = model(ids[:, :11], use_cache=True)
         pieces, cache, pos = [out.logits], out.cache if hasattr(out, "cache") else out.past_key_values, 11
         for step in (1, 3, 1, 1, 3, 10):
-            out = model(ids[:, pos : pos + step], cache=cache, use_cache=True)
+            out = model(ids[:, pos : pos + step], **{name: cache}, use_cache=True)
             pieces.append(out.logits)
             pos += step
     assert pos == ids.shape[1]
@@ -204,7 +214,29 @@ def test_a_cache_the_layers_did_not_see_is_an_error(trained):
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         model(ids[:, :4])  # a fresh sequence resets the Engram context
         with pytest.raises(RuntimeError, match="cache of 10 tokens"):
-            model(ids[:, -1:], cache=cache, use_cache=True)
+            model(ids[:, -1:], **{cache_argument(model): cache}, use_cache=True)
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_a_cache_under_either_name_decodes_right_or_fails_loudly(trained, argument):
+    # A transformers version may ignore a cache passed under the name it does
+    # not take (5.0-5.17 ignore `cache`). Then the call must raise, never
+    # return logits that differ from the full forward.
+    kind, model = trained
+    ids = torch.randint(3, VOCAB, (2, 14), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :10], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        try:
+            step = model(ids[:, 10:], **{argument: cache}, use_cache=True).logits
+        except RuntimeError as err:
+            assert argument != cache_argument(model), f"the declared argument {argument!r} was refused: {err}"
+            assert f"KV cache passed to the model as '{argument}'" in str(err) or (
+                f"ignored the KV cache passed as '{argument}'" in str(err)
+            ), str(err)
+            return
+    torch.testing.assert_close(step, full[:, 10:], rtol=1e-4, atol=1e-4)
 
 
 # ---- save / load ------------------------------------------------------------
