@@ -8,9 +8,10 @@ Tolerances (defined in tests/test_layer_ops.py):
                is itself accurate; only where float32 cannot resolve a value
                (a gate score near 0: the gate's gradient goes like 1/sqrt|s|)
                the reference's own error, twice, is allowed on top.
-  bf16, fp16   max |ours - float64| <= 2 * max |reference - float64| per
-               output and per gradient, the reference run in the same dtype
-               and float64 the reference on the same rounded weights and inputs.
+  bf16, fp16   per output and per gradient, the median over 16 draws of
+               max |ours - float64| (in ulps at the tensor's magnitude) is at most
+               2 x the reference's median + 1 ulp, the reference run in the same
+               dtype and float64 the reference on the same rounded weights and inputs.
 """
 
 import copy
@@ -18,7 +19,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from test_layer_ops import assert_float32_matches, assert_within_twice_reference_error
+from test_layer_ops import REDUCED_PRECISION_SEEDS, ReducedPrecisionErrors, assert_float32_matches
 
 from engram import CompressionTable, EngramConfig, EngramLayer, NgramHasher
 from engram.reference import EngramLayerReference
@@ -105,28 +106,36 @@ def test_forward_and_every_gradient_match_reference(g, n, b, t):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g", [1, 4])
 def test_reduced_precision_within_twice_the_reference_error(dtype, g):
-    ours, reference = make_layers(g=g)
-    ours, reference = ours.to(dtype), reference.to(dtype)
-    hidden, ids, grad_out = make_inputs(2, 16, g, 24, dtype)
-    got = run(ours, hidden, ids, grad_out)
-    want = run(reference, hidden, ids, grad_out)
-    truth = run(float64_truth(reference), hidden.double(), ids, grad_out.double())
-    for name in got:
-        assert got[name].dtype == dtype, name
-        assert_within_twice_reference_error(got[name], want[name], truth[name], name)
+    errors = ReducedPrecisionErrors()
+    for seed in REDUCED_PRECISION_SEEDS:
+        torch.manual_seed(seed)
+        ours, reference = make_layers(g=g)
+        ours, reference = ours.to(dtype), reference.to(dtype)
+        hidden, ids, grad_out = make_inputs(2, 16, g, 24, dtype)
+        got = run(ours, hidden, ids, grad_out)
+        want = run(reference, hidden, ids, grad_out)
+        truth = run(float64_truth(reference), hidden.double(), ids, grad_out.double())
+        for name in got:
+            assert got[name].dtype == dtype, name
+            errors.add(name, got[name], want[name], truth[name])
+    errors.check()
 
 
 def test_float32_table_with_bf16_activations():
-    ours, reference = make_layers(g=4)
-    for layer in (ours, reference):
-        layer.to(torch.bfloat16).multi_head_embedding.embedding.float()
-    hidden, ids, grad_out = make_inputs(1, 12, 4, 24, torch.bfloat16)
-    got = run(ours, hidden, ids, grad_out)
-    want = run(reference, hidden, ids, grad_out)
-    truth = run(float64_truth(reference), hidden.double(), ids, grad_out.double())
-    assert got["multi_head_embedding.embedding.weight"].dtype == torch.float32
-    for name in got:
-        assert_within_twice_reference_error(got[name], want[name], truth[name], name)
+    errors = ReducedPrecisionErrors()
+    for seed in REDUCED_PRECISION_SEEDS:
+        torch.manual_seed(seed)
+        ours, reference = make_layers(g=4)
+        for layer in (ours, reference):
+            layer.to(torch.bfloat16).multi_head_embedding.embedding.float()
+        hidden, ids, grad_out = make_inputs(1, 12, 4, 24, torch.bfloat16)
+        got = run(ours, hidden, ids, grad_out)
+        want = run(reference, hidden, ids, grad_out)
+        truth = run(float64_truth(reference), hidden.double(), ids, grad_out.double())
+        assert got["multi_head_embedding.embedding.weight"].dtype == torch.float32
+        for name in got:
+            errors.add(name, got[name], want[name], truth[name])
+    errors.check()
 
 
 def test_layer_gradcheck_float64():

@@ -1,6 +1,8 @@
 """context_gate and gated_short_conv: forward and backward against the plain
 PyTorch statements in engram.reference, gradcheck, opcheck, edge cases, errors."""
 
+import statistics
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -49,8 +51,18 @@ def grads(fn, inputs, grad_out):
 # where float32 itself cannot resolve the value (a gate score s near 0, whose
 # gradient scales like 1/sqrt|s|), and then by twice the reference's own error.
 #
-# bf16 / fp16: max |ours - truth| <= 2 * max |reference - truth| per tensor,
-# the reference run in the same dtype (FlashAttention's criterion).
+# bf16 / fp16: FlashAttention's criterion (error against the float64 truth at
+# most twice the reference's own error in the same dtype), made independent of
+# the CPU model. One draw's maximum error is a coin flip wherever a gate score
+# s is near 0: the gate gradient goes like 1/sqrt|s|, so the rounding of s
+# decides which of the two lands closer, and BLAS kernels that differ between
+# Intel and AMD change that rounding. So each tensor's error is measured in
+# units of its dtype's epsilon at its magnitude (max |truth|), over
+# REDUCED_PRECISION_SEEDS draws, and the medians are compared:
+#     median(ours) <= 2 * median(reference) + 1 ulp.
+# The fused ops compute in float32 and round once, so their tests also bound
+# every draw's error by 1 ulp. A real precision bug (a sum accumulated in bf16)
+# raises every draw's error several-fold.
 
 
 def assert_float32_matches(ours, reference, truth, atol=1e-5, rtol=1e-5):
@@ -63,10 +75,40 @@ def assert_float32_matches(ours, reference, truth, atol=1e-5, rtol=1e-5):
     )
 
 
-def assert_within_twice_reference_error(ours, reference, truth, name=""):
-    ours_err = (ours.double() - truth).abs().max().item()
-    reference_err = (reference.double() - truth).abs().max().item()
-    assert ours_err <= 2 * reference_err, f"{name}: error {ours_err:.3g} > 2 x reference's {reference_err:.3g}"
+REDUCED_PRECISION_SEEDS = range(16)
+
+
+def ulp_error(x, truth):
+    """max |x - truth| in units of x.dtype's epsilon at the magnitude of truth."""
+    scale = torch.finfo(x.dtype).eps * truth.abs().max().item()
+    return (x.double() - truth).abs().max().item() / max(scale, torch.finfo(torch.float64).tiny)
+
+
+class ReducedPrecisionErrors:
+    """Collects, per named tensor and draw, the ulp errors of ours and of the
+    reference against the float64 truth; check() applies the median criterion."""
+
+    def __init__(self):
+        self.errors = {}
+
+    def add(self, name, ours, reference, truth):
+        assert ours.dtype == reference.dtype, name
+        self.errors.setdefault(name, []).append((ulp_error(ours, truth), ulp_error(reference, truth)))
+
+    def check(self, max_ulp=None):
+        """max_ulp: also bound every draw's error, for kernels that compute in
+        float32 from the rounded inputs and round once at the end."""
+        assert self.errors
+        for name, pairs in self.errors.items():
+            ours = statistics.median(o for o, _ in pairs)
+            reference = statistics.median(r for _, r in pairs)
+            assert ours <= 2 * reference + 1, (
+                f"{name}: median error {ours:.3g} ulp over {len(pairs)} draws > 2 x the reference's "
+                f"{reference:.3g} ulp + 1"
+            )
+            if max_ulp is not None:
+                worst = max(o for o, _ in pairs)
+                assert worst <= max_ulp, f"{name}: error {worst:.3g} ulp in one of {len(pairs)} draws > {max_ulp}"
 
 
 # --------------------------------------------------------------------------
@@ -118,20 +160,26 @@ def test_short_conv_is_causal_and_per_sequence():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_within_twice_the_reference_error(dtype):
-    torch.manual_seed(1)
     eps = torch.finfo(dtype).eps  # what eps=None means in `dtype`; the float64 truth keeps it
-    for fn, ref_fn, inputs, grad_shape in [
-        (ops.context_gate, lambda *a: ref.context_gate(*a, eps), gate_inputs(t=16, d=64), (2, 16, 3)),
-        (lambda *a: ops.gated_short_conv(*a, 3), lambda *a: ref.gated_short_conv(*a, 3), conv_inputs(t=16, d=64),
-         (2, 16, 3, 64)),
-    ]:
-        low = [x.to(dtype) for x in inputs]
-        grad_out = torch.randn(grad_shape, dtype=F64).to(dtype)
-        truth_out, truth = grads(ref_fn, [x.double() for x in low], grad_out.double())
-        ours_out, ours = grads(fn, low, grad_out)
-        theirs_out, theirs = grads(ref_fn, low, grad_out)
-        for a, b, t in zip((ours_out, *ours), (theirs_out, *theirs), (truth_out, *truth)):
-            assert_within_twice_reference_error(a, b, t)
+    errors = ReducedPrecisionErrors()
+    for seed in REDUCED_PRECISION_SEEDS:
+        torch.manual_seed(seed)
+        for op, fn, ref_fn, inputs, grad_shape in [
+            ("context_gate", ops.context_gate, lambda *a: ref.context_gate(*a, eps), gate_inputs(t=64, d=64),
+             (2, 64, 3)),
+            ("gated_short_conv", lambda *a: ops.gated_short_conv(*a, 3), lambda *a: ref.gated_short_conv(*a, 3),
+             conv_inputs(t=64, d=64), (2, 64, 3, 64)),
+        ]:
+            low = [x.to(dtype) for x in inputs]
+            grad_out = torch.randn(grad_shape, dtype=F64).to(dtype)
+            truth_out, truth = grads(ref_fn, [x.double() for x in low], grad_out.double())
+            ours_out, ours = grads(fn, low, grad_out)
+            theirs_out, theirs = grads(ref_fn, low, grad_out)
+            for i, (a, b, t) in enumerate(zip((ours_out, *ours), (theirs_out, *theirs), (truth_out, *truth))):
+                errors.add(f"{op} {'output' if i == 0 else f'grad of input {i - 1}'}", a, b, t)
+    # The fused kernels compute in float32 and round once (<= 0.44 ulp measured);
+    # the reference rounds every intermediate (2-70 ulp on the gradients).
+    errors.check(max_ulp=1)
 
 
 # --------------------------------------------------------------------------
