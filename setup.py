@@ -24,6 +24,56 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("MAX_JOBS", "2")
 
 
+def links_libstdcxx_dynamically(compiler):
+    """Whether a shared library built by `compiler` loads libstdc++.so. A
+    toolchain that links libstdc++ statically into the extension gives it its
+    own copy of the C++ runtime: a c10::Error thrown by a TORCH_CHECK in engram
+    is then not caught by torch's handlers, and the process dies instead of
+    raising a Python exception. None: could not tell."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    readelf = shutil.which("readelf")
+    if readelf is None or shutil.which(compiler.split()[0]) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write('#include <stdexcept>\nvoid engram_probe() { throw std::runtime_error("probe"); }\n')
+        try:
+            subprocess.run([*compiler.split(), "-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True)
+            dynamic = subprocess.run([readelf, "-d", lib], check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    return "libstdc++.so" in dynamic
+
+
+def choose_compiler():
+    if not sys.platform.startswith("linux"):
+        return
+    compiler = os.environ.get("CXX", "c++")
+    if links_libstdcxx_dynamically(compiler) is not False:
+        return
+    for cxx, cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("g++", "gcc")):
+        if cxx != compiler and links_libstdcxx_dynamically(cxx):
+            print(
+                f"engram: {compiler!r} links libstdc++ statically into shared libraries, so C++ errors from engram "
+                f"would crash the process instead of raising; building with {cxx} instead",
+                file=sys.stderr,
+            )
+            os.environ["CXX"], os.environ["CC"] = cxx, cc
+            return
+    sys.exit(
+        f"engram: the C++ compiler {compiler!r} links libstdc++ statically into shared libraries. An extension "
+        "built that way crashes the process on any error instead of raising a Python exception. Point CXX and CC "
+        "at a compiler that links libstdc++ dynamically (e.g. the system g++, the one torch was built with)."
+    )
+
+
+choose_compiler()
+
+
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
