@@ -3,8 +3,8 @@
 // The extension is built for baseline x86-64. With GCC 11+ on x86-64 the hot
 // kernels are compiled three times, once per level:
 //   kScalar  baseline x86-64 (SSE2)
-//   kAvx2    x86-64-v3: AVX2, FMA, BMI2
-//   kAvx512  x86-64-v4: AVX-512 F/BW/CD/DQ/VL
+//   kAvx2    x86-64-v3: AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE
+//   kAvx512  x86-64-v4: x86-64-v3 and AVX-512 F/BW/CD/DQ/VL
 // and run_for_isa() calls the version of the level in use: the best one this
 // CPU has unless set_cpu_isa() asked for a lower one (engram reads the
 // ENGRAM_CPU_ISA environment variable at import and calls it). Unlike an
@@ -49,14 +49,34 @@ constexpr int cpu_isa_vector_bytes(CpuIsa isa) {
 template <CpuIsa kIsa>
 using IsaTag = std::integral_constant<CpuIsa, kIsa>;
 
+#if defined(ENGRAM_CPU_MULTIVERSION)
+// The features of x86-64-v3 and x86-64-v4 that code may use, spelled out:
+// GCC 11 knows neither `arch=x86-64-v3` targets in every release nor
+// __builtin_cpu_supports("x86-64-v3").
+#define ENGRAM_TARGET_AVX2 "avx,avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,popcnt"
+#define ENGRAM_TARGET_AVX512 ENGRAM_TARGET_AVX2 ",avx512f,avx512bw,avx512cd,avx512dq,avx512vl"
+
+// __builtin_cpu_supports checks the CPUID bits and that the OS saves the
+// AVX / AVX-512 registers (XCR0).
+inline bool cpu_has_avx2_level() {
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("lzcnt") && __builtin_cpu_supports("movbe") && __builtin_cpu_supports("popcnt");
+}
+
+inline bool cpu_has_avx512_level() {
+  return cpu_has_avx2_level() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+#endif
+
 // The best level this CPU runs and this build has.
 inline CpuIsa detect_cpu_isa() {
 #if defined(ENGRAM_CPU_MULTIVERSION)
   __builtin_cpu_init();
-  // The same checks as target_clones' resolver: CPUID features and the OS
-  // saving the vector registers (XCR0).
-  if (__builtin_cpu_supports("x86-64-v4")) return CpuIsa::kAvx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return CpuIsa::kAvx2;
+  if (cpu_has_avx512_level()) return CpuIsa::kAvx512;
+  if (cpu_has_avx2_level()) return CpuIsa::kAvx2;
 #endif
   return CpuIsa::kScalar;
 }
@@ -117,13 +137,13 @@ ENGRAM_FLATTEN void run_scalar(const Body& body) {
 
 #if defined(ENGRAM_CPU_MULTIVERSION)
 template <class Body>
-__attribute__((target("arch=x86-64-v3"))) ENGRAM_FLATTEN void run_avx2(const Body& body) {
+__attribute__((target(ENGRAM_TARGET_AVX2))) ENGRAM_FLATTEN void run_avx2(const Body& body) {
   note_cpu_isa_call(CpuIsa::kAvx2);
   body(IsaTag<CpuIsa::kAvx2>{});
 }
 
 template <class Body>
-__attribute__((target("arch=x86-64-v4"))) ENGRAM_FLATTEN void run_avx512(const Body& body) {
+__attribute__((target(ENGRAM_TARGET_AVX512))) ENGRAM_FLATTEN void run_avx512(const Body& body) {
   note_cpu_isa_call(CpuIsa::kAvx512);
   body(IsaTag<CpuIsa::kAvx512>{});
 }
