@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 
+import engram
 from engram import CompressionTable, EngramConfig, NgramHasher
 from engram import reference as ref
 
@@ -64,7 +65,8 @@ def main() -> None:
 
     print(f"engram n-gram hashing: B={args.batch} T={args.seq} layers={cfg.layer_ids} N={cfg.max_ngram_size} "
           f"H={cfg.n_head_per_ngram} family={args.family}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
+          f"engram CPU ISA level {engram.cpu_isa()} (ENGRAM_CPU_ISA)")
     if args.family == "deepseek":
         want = torch_hash()
         for l in cfg.layer_ids:

@@ -39,6 +39,7 @@ import sys
 import torch
 from torch.utils.benchmark import Timer
 
+import engram
 from engram import EngramConfig, EngramLayer
 from engram.reference import EngramLayerReference
 
@@ -136,7 +137,8 @@ def main() -> None:
         f"N={cfg.max_ngram_size} H={cfg.n_head_per_ngram} E={cfg.n_embed_per_ngram}, table {table.shape[0]:,} x "
         f"{table.shape[1]} ({table.numel() * table.element_size() / 2**20:.0f} MiB), float32"
     )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"engram CPU ISA level {engram.cpu_isa()} (ENGRAM_CPU_ISA)")
 
     # Rounds interleave the layers, so that a burst of load from elsewhere on a
     # shared machine hits all of them rather than one; every timed block of

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "csrc/ops.h"
+#include "kernels/cpu_isa.h"
 #include "kernels/layer_math.h"
 
 namespace engram {
@@ -155,15 +156,20 @@ struct GateArgs {
         G(key.size(2)), D(key.size(3)), eps(resolve_eps<scalar_t>(eps_opt)) {}
 };
 
+// The kernels below take the ISA level they are compiled for (run_for_isa)
+// as kIsa; it sets the vector width of the row reductions.
+template <cpu::CpuIsa kIsa>
+constexpr int kVectorBytes = cpu::cpu_isa_vector_bytes(kIsa);
+
 // gate[r] for the (token, branch) rows r in [begin, end).
-template <typename scalar_t>
-ENGRAM_CPU_CLONES void gate_forward_rows(const GateArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* gate) {
+template <cpu::CpuIsa kIsa, typename scalar_t>
+void gate_forward_rows(const GateArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* gate) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D;
   std::vector<acc_t> key_row(D), query_row(D);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t g = r % a.G;
-    const auto st = gate_row_state<acc_t>(widen(a.keys.row(r), D, key_row.data()),
+    const auto st = gate_row_state<acc_t, kVectorBytes<kIsa>>(widen(a.keys.row(r), D, key_row.data()),
                                           widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D,
                                           a.query_weight.data() + g * D, D, a.eps);
     gate[r] = static_cast<scalar_t>(gate_from_score(st.score));
@@ -172,8 +178,8 @@ ENGRAM_CPU_CLONES void gate_forward_rows(const GateArgs<scalar_t>& a, int64_t be
 
 // Gradients of rows [begin, end); the norm weight gradients are added to
 // grad_key_weight / grad_query_weight ([G, D] each, acc_t).
-template <typename scalar_t>
-ENGRAM_CPU_CLONES void gate_backward_rows(const GateArgs<scalar_t>& a, const scalar_t* grad_gate, int64_t begin,
+template <cpu::CpuIsa kIsa, typename scalar_t>
+void gate_backward_rows(const GateArgs<scalar_t>& a, const scalar_t* grad_gate, int64_t begin,
                                           int64_t end, scalar_t* grad_key, scalar_t* grad_query,
                                           at::opmath_type<scalar_t>* grad_key_weight,
                                           at::opmath_type<scalar_t>* grad_query_weight) {
@@ -184,7 +190,7 @@ ENGRAM_CPU_CLONES void gate_backward_rows(const GateArgs<scalar_t>& a, const sca
     const int64_t g = r % a.G;
     acc_t* dk = result_row(grad_key + r * D, grad_key_row.data());
     acc_t* dq = result_row(grad_query + r * D, grad_query_row.data());
-    gate_row_backward<acc_t>(static_cast<acc_t>(grad_gate[r]), widen(a.keys.row(r), D, key_row.data()),
+    gate_row_backward<acc_t, kVectorBytes<kIsa>>(static_cast<acc_t>(grad_gate[r]), widen(a.keys.row(r), D, key_row.data()),
                              widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D,
                              a.query_weight.data() + g * D, D, a.eps, dk, dq, grad_key_weight + g * D,
                              grad_query_weight + g * D);
@@ -203,8 +209,9 @@ at::Tensor context_gate_cpu(const at::Tensor& key_in, const at::Tensor& hidden_i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "context_gate", [&] {
     const GateArgs<scalar_t> args(key, hidden, key_norm_weight, hidden_norm_weight, eps);
     scalar_t* out = gate.data_ptr<scalar_t>();
+    const cpu::CpuIsa isa = cpu::current_cpu_isa();
     at::parallel_for(0, B * T * G, rows_per_chunk(2 * D), [&](int64_t begin, int64_t end) {
-      gate_forward_rows(args, begin, end, out);
+      cpu::run_for_isa(isa, [&](auto level) { gate_forward_rows<decltype(level)::value>(args, begin, end, out); });
     });
   });
   return gate;
@@ -232,11 +239,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
     const TokenBlocks blocks = token_blocks(B * T);
     at::Tensor partials = at::zeros({blocks.count, 2 * G * D}, key.options().dtype(acc_dtype<scalar_t>()));
     acc_t* partial_ptr = partials.data_ptr<acc_t>();
+    const cpu::CpuIsa isa = cpu::current_cpu_isa();
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
-      for (int64_t block = block_begin; block < block_end; ++block) {
-        acc_t* dwk = partial_ptr + block * 2 * G * D;
-        gate_backward_rows(args, gg, blocks.begin(block) * G, blocks.begin(block + 1) * G, dk, dq, dwk, dwk + G * D);
-      }
+      cpu::run_for_isa(isa, [&](auto level) {
+        for (int64_t block = block_begin; block < block_end; ++block) {
+          acc_t* dwk = partial_ptr + block * 2 * G * D;
+          gate_backward_rows<decltype(level)::value>(args, gg, blocks.begin(block) * G, blocks.begin(block + 1) * G, dk, dq, dwk,
+                             dwk + G * D);
+        }
+      });
     });
     const at::Tensor weight_grads = sum_block_partials<acc_t>(partials, key.scalar_type()).view({2, G, D});
     grad_key_weight = weight_grads[0].clone();
@@ -296,9 +307,10 @@ int64_t conv_reach(const ShortConvShape& s) {
 }
 
 // sigmoid of n values through ATen's vectorised kernel (a SIMD exp the
-// portable loops here do not get from the compiler).
+// portable loops here do not get from the compiler). Out of line: ATen picks
+// its own CPU kernel (ATEN_CPU_CAPABILITY), whatever engram's ISA level.
 template <typename acc_t>
-void sigmoid_block(const acc_t* x, int64_t n, acc_t* out) {
+ENGRAM_NOINLINE void sigmoid_block(const acc_t* x, int64_t n, acc_t* out) {
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor out_view = at::from_blob(out, {n}, options);
   at::sigmoid_out(out_view, at::from_blob(const_cast<acc_t*>(x), {n}, options));
@@ -306,15 +318,15 @@ void sigmoid_block(const acc_t* x, int64_t n, acc_t* out) {
 
 // u[tok - first] = RMSNorm_g(gate * value[tok]) * norm_weight for tok in
 // [first, last), all branches; scales[(tok - first) * G + g] = 1 / rms if asked.
-template <typename scalar_t>
-ENGRAM_CPU_CLONES void normalize_gated_tokens(const ShortConvArgs<scalar_t>& a, int64_t first, int64_t last,
+template <cpu::CpuIsa kIsa, typename scalar_t>
+void normalize_gated_tokens(const ShortConvArgs<scalar_t>& a, int64_t first, int64_t last,
                                               at::opmath_type<scalar_t>* u, at::opmath_type<scalar_t>* scales,
                                               at::opmath_type<scalar_t>* value_buffer) {
   using acc_t = at::opmath_type<scalar_t>;
   const ShortConvShape& s = a.s;
   for (int64_t tok = first; tok < last; ++tok) {
     const acc_t* v = widen(a.value_row(tok), s.D, value_buffer);
-    const acc_t sum_sq = sum_of_squares<acc_t>(v, s.D);
+    const acc_t sum_sq = sum_of_squares<acc_t, kVectorBytes<kIsa>>(v, s.D);
     for (int64_t g = 0; g < s.G; ++g) {
       const acc_t gate = static_cast<acc_t>(a.gate[tok * s.G + g]);
       const acc_t scale = gated_rms_scale(gate, sum_sq, s.D, a.eps);
@@ -330,7 +342,7 @@ ENGRAM_CPU_CLONES void normalize_gated_tokens(const ShortConvArgs<scalar_t>& a, 
 // y[tok - first] = sum_i taps[i] * u[tok - lag_i] for tok in [first, last)
 // (zero history before t = 0); u holds rows from token u_first on.
 template <typename acc_t>
-ENGRAM_CPU_CLONES void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t* u, int64_t u_first,
+void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t* u, int64_t u_first,
                                           int64_t first, int64_t last, acc_t* y) {
   for (int64_t tok = first; tok < last; ++tok) {
     const int64_t t = tok % s.T;
@@ -357,14 +369,14 @@ struct ShortConvScratch {
 };
 
 // out = gate * value + SiLU(conv(u)) for tokens [first, last).
-template <typename scalar_t>
-ENGRAM_CPU_CLONES void short_conv_forward_chunk(const ShortConvArgs<scalar_t>& a, int64_t first, int64_t last,
+template <cpu::CpuIsa kIsa, typename scalar_t>
+void short_conv_forward_chunk(const ShortConvArgs<scalar_t>& a, int64_t first, int64_t last,
                                                 ShortConvScratch<at::opmath_type<scalar_t>>& w, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const ShortConvShape& s = a.s;
   const int64_t C = s.C;
   const int64_t u_first = std::max<int64_t>(first - conv_reach(s), 0);
-  normalize_gated_tokens(a, u_first, last, w.u.data(), nullptr, w.value_row.data());
+  normalize_gated_tokens<kIsa>(a, u_first, last, w.u.data(), nullptr, w.value_row.data());
   causal_conv_tokens(s, a.taps.data(), w.u.data(), u_first, first, last, w.y.data());
   sigmoid_block(w.y.data(), (last - first) * C, w.sig.data());
   for (int64_t tok = first; tok < last; ++tok) {
@@ -385,8 +397,8 @@ ENGRAM_CPU_CLONES void short_conv_forward_chunk(const ShortConvArgs<scalar_t>& a
 // Backward of tokens [first, last): writes grad_value and grad_gate rows,
 // adds to the conv weight gradient (tap-major [kernel_size, C]) and the norm
 // weight gradient ([G, D]), both acc_t.
-template <typename scalar_t>
-ENGRAM_CPU_CLONES void short_conv_backward_chunk(const ShortConvArgs<scalar_t>& a, const scalar_t* grad_out,
+template <cpu::CpuIsa kIsa, typename scalar_t>
+void short_conv_backward_chunk(const ShortConvArgs<scalar_t>& a, const scalar_t* grad_out,
                                                  int64_t first, int64_t last,
                                                  ShortConvScratch<at::opmath_type<scalar_t>>& w,
                                                  scalar_t* grad_value, scalar_t* grad_gate,
@@ -399,7 +411,7 @@ ENGRAM_CPU_CLONES void short_conv_backward_chunk(const ShortConvArgs<scalar_t>& 
   // and d u at t reads dy up to t + reach.
   const int64_t u_first = std::max<int64_t>(first - reach, 0);
   const int64_t dy_last = std::min(last + reach, s.tokens());
-  normalize_gated_tokens(a, u_first, dy_last, w.u.data(), w.scales.data(), w.value_row.data());
+  normalize_gated_tokens<kIsa>(a, u_first, dy_last, w.u.data(), w.scales.data(), w.value_row.data());
 
   // dy = grad_out * SiLU'(y) for tokens [first, dy_last), in place of y.
   acc_t* dy = w.y.data();
@@ -436,7 +448,7 @@ ENGRAM_CPU_CLONES void short_conv_backward_chunk(const ShortConvArgs<scalar_t>& 
     std::fill(dv, dv + D, acc_t(0));
     for (int64_t g = 0; g < s.G; ++g) {
       const int64_t row = tok * s.G + g;
-      grad_gate[row] = static_cast<scalar_t>(gated_norm_row_backward<acc_t>(
+      grad_gate[row] = static_cast<scalar_t>(gated_norm_row_backward<acc_t, kVectorBytes<kIsa>>(
           static_cast<acc_t>(a.gate[row]), v, w.scales[(tok - u_first) * s.G + g], a.norm_weight.data() + g * D,
           du + g * D, go_row + g * D, D, dv, grad_norm_weight + g * D));
     }
@@ -463,11 +475,14 @@ at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& ga
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const int64_t chunk = chunk_tokens(s);
     const int64_t num_chunks = (s.tokens() + chunk - 1) / chunk;
+    const cpu::CpuIsa isa = cpu::current_cpu_isa();
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       ShortConvScratch<at::opmath_type<scalar_t>> scratch(s, chunk, conv_reach(s));
-      for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
-        short_conv_forward_chunk(args, ci * chunk, std::min((ci + 1) * chunk, s.tokens()), scratch, out_ptr);
-      }
+      cpu::run_for_isa(isa, [&](auto level) {
+        for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+          short_conv_forward_chunk<decltype(level)::value>(args, ci * chunk, std::min((ci + 1) * chunk, s.tokens()), scratch, out_ptr);
+        }
+      });
     });
   });
   return out;
@@ -495,16 +510,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
     const TokenBlocks blocks = token_blocks(s.tokens());
     at::Tensor partials = at::zeros({blocks.count, (K + 1) * C}, value.options().dtype(acc_dtype<scalar_t>()));
     acc_t* partial_ptr = partials.data_ptr<acc_t>();
+    const cpu::CpuIsa isa = cpu::current_cpu_isa();
     at::parallel_for(0, blocks.count, 1, [&](int64_t block_begin, int64_t block_end) {
       ShortConvScratch<acc_t> scratch(s, chunk, conv_reach(s));
-      for (int64_t block = block_begin; block < block_end; ++block) {
-        acc_t* grad_taps = partial_ptr + block * (K + 1) * C;
-        const int64_t block_last = blocks.begin(block + 1);
-        for (int64_t first = blocks.begin(block); first < block_last; first += chunk) {
-          short_conv_backward_chunk(args, go, first, std::min(first + chunk, block_last), scratch, dv, dgate,
-                                    grad_taps, grad_taps + K * C);
+      cpu::run_for_isa(isa, [&](auto level) {
+        for (int64_t block = block_begin; block < block_end; ++block) {
+          acc_t* grad_taps = partial_ptr + block * (K + 1) * C;
+          const int64_t block_last = blocks.begin(block + 1);
+          for (int64_t first = blocks.begin(block); first < block_last; first += chunk) {
+            short_conv_backward_chunk<decltype(level)::value>(args, go, first, std::min(first + chunk, block_last), scratch, dv, dgate,
+                                      grad_taps, grad_taps + K * C);
+          }
         }
-      }
+      });
     });
     const at::Tensor weight_grads = sum_block_partials<acc_t>(partials, value.scalar_type());
     // [K, C] tap-major -> [C, K], the layout of conv_weight.

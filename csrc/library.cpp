@@ -8,6 +8,7 @@
 
 #include "csrc/checks.h"
 #include "csrc/ops.h"
+#include "kernels/cpu_isa.h"
 #include "kernels/hash.h"
 
 namespace engram {
@@ -229,9 +230,32 @@ PyObject* empty_cpu_cache(PyObject* /*self*/, PyObject* /*unused*/) {
   return PyLong_FromSize_t(engram::release_cached_cpu_blocks());
 }
 
+// The CPU ISA level (kernels/cpu_isa.h), as ints; engram/_cpu_isa.py names
+// the levels, reads ENGRAM_CPU_ISA and words the errors.
+PyObject* py_cpu_isa_state(PyObject* /*self*/, PyObject* /*unused*/) {
+  using namespace engram::cpu;
+  auto calls = [](CpuIsa isa) { return static_cast<long long>(cpu_isa_calls[static_cast<int>(isa)].load()); };
+  return Py_BuildValue("(ii(LLL))", static_cast<int>(current_cpu_isa()), static_cast<int>(best_cpu_isa()),
+                       calls(CpuIsa::kScalar), calls(CpuIsa::kAvx2), calls(CpuIsa::kAvx512));
+}
+
+PyObject* py_set_cpu_isa(PyObject* /*self*/, PyObject* arg) {
+  using namespace engram::cpu;
+  const long level = PyLong_AsLong(arg);
+  if (level == -1 && PyErr_Occurred()) return nullptr;
+  if (level < 0 || level >= kNumCpuIsas || !engram::cpu::set_cpu_isa(static_cast<CpuIsa>(level))) {
+    return PyErr_Format(PyExc_ValueError, "_set_cpu_isa: level %ld is not available; this CPU and build go up to %d",
+                        level, static_cast<int>(best_cpu_isa()));
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
+    {"_cpu_isa_state", py_cpu_isa_state, METH_NOARGS,
+     "(level in use, best level, (kernel calls per compiled level)) with levels 0 scalar, 1 avx2, 2 avx512."},
+    {"_set_cpu_isa", py_set_cpu_isa, METH_O, "Sets the CPU ISA level (0 scalar, 1 avx2, 2 avx512) of later kernel calls."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -3,7 +3,7 @@
 from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
-from .ops import empty_cpu_cache
+from .ops import cpu_isa, empty_cpu_cache
 from . import _cuda_composite
 
 _cuda_composite.register()
@@ -18,6 +18,7 @@ __all__ = [
     "NgramHasher",
     "EngramLayer",
     "build_compression",
+    "cpu_isa",
     "empty_cpu_cache",
     "ops",
     "tokenizer",

@@ -14,6 +14,13 @@ from . import _loader
 
 _C = _loader.load("_C")
 
+# The CPU ISA level (scalar / avx2 / avx512) of the CPU kernels; ENGRAM_CPU_ISA
+# is applied here, once, so that a bad value fails `import engram`.
+from ._cpu_isa import cpu_isa, cpu_isa_calls, cpu_isa_levels, set_cpu_isa, use_cpu_isa  # noqa: E402
+from . import _cpu_isa  # noqa: E402
+
+_cpu_isa.apply_environment()
+
 _ops = torch.ops.engram
 
 

@@ -3,14 +3,15 @@
 // Two reductions produce bit-identical ids:
 //  - ScalarReducer: Barrett reduction (FastMod), any divisor, any x86-64/ARM.
 //  - Avx512Reducer: the 8 heads of one order in one AVX-512 vector, in exact
-//    double arithmetic; picked at run time when the CPU has AVX-512F/DQ and
-//    every head size is below kF64MaxDivisor (one reduction step instead of
+//    double arithmetic; picked at run time when the ISA level in use is
+//    avx512 (kernels/cpu_isa.h) and every head size is below kF64MaxDivisor (one reduction step instead of
 //    two below kF64OneStepMaxDivisor).
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "kernels/cpu_isa.h"
 #include "kernels/hash.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
@@ -243,12 +244,18 @@ struct HeadConstants {
   }
 };
 
-// Hashes [begin, end) with the fastest reduction this CPU and these sizes allow.
+// Hashes [begin, end) with the AVX-512 reduction if use_avx512 (the caller
+// checked the CPU, the ISA level and the head sizes), else the scalar one.
+// Counted in cpu_isa_calls, so tests can tell which one ran.
 inline void hash_tokens(const HashPlan& plan, bool use_avx512, int64_t begin, int64_t end) {
 #if defined(ENGRAM_X86_SIMD)
-  if (use_avx512) return hash_tokens_avx512(plan, begin, end);
+  if (use_avx512) {
+    note_cpu_isa_call(CpuIsa::kAvx512);
+    return hash_tokens_avx512(plan, begin, end);
+  }
 #endif
   (void)use_avx512;
+  note_cpu_isa_call(CpuIsa::kScalar);
   hash_tokens_scalar(plan, begin, end);
 }
 

@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels/hash.h"  // ENGRAM_HD
 
@@ -20,15 +22,12 @@
 #define ENGRAM_RESTRICT __restrict__
 #endif
 
-// CPU builds are for baseline x86-64. With GCC on x86-64 glibc, functions
-// marked ENGRAM_CPU_CLONES are compiled three times, for baseline, AVX2+FMA
-// (x86-64-v3) and AVX-512 (x86-64-v4), and the loader picks one for the CPU
-// (function multiversioning, an ifunc). Elsewhere they are compiled once.
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__GLIBC__)
-#define ENGRAM_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define ENGRAM_CPU_CLONES
+// Portable vector types for the row reductions below (GCC and clang vector
+// extensions): the compiler maps them onto the registers of the ISA level a
+// kernel is compiled for (kernels/cpu_isa.h), e.g. 8 floats onto one AVX
+// register or two SSE registers.
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define ENGRAM_VECTOR_LANES 1
 #endif
 
 namespace engram {
@@ -93,49 +92,95 @@ ENGRAM_HD acc_t signed_sqrt_grad(acc_t s) {
 // Row reductions
 // ---------------------------------------------------------------------------
 
-// Independent partial sums let the compiler vectorise a reduction without
-// -ffast-math (a single accumulator is a serial dependency chain). GCC's loop
-// vectoriser would vectorise across iterations of the lane loop instead and
-// drown it in shuffles; with it off for these functions, the SLP vectoriser
-// maps the lanes onto SIMD registers directly.
+// kReductionLanes independent partial sums, added in lane order at the end:
+// a single accumulator would be a serial dependency chain, and without
+// -ffast-math the compiler may not reorder the sum itself. The lanes are held
+// in explicit vectors of kVectorBytes, the SIMD register size of the ISA level
+// a kernel is compiled for (kernels/cpu_isa.h: 16 for SSE, 32 for AVX2, 64
+// for AVX-512), so each level computes the same partial sums (up to FMA
+// contraction) in as few registers as it has. A vector wider than the
+// target's registers would live on the stack instead.
 constexpr int kReductionLanes = 8;
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define ENGRAM_LANE_REDUCTION ENGRAM_CPU_CLONES __attribute__((optimize("no-tree-loop-vectorize")))
-#else
-#define ENGRAM_LANE_REDUCTION
-#endif
+constexpr int kDefaultVectorBytes = 16;
 
-template <typename acc_t, typename scalar_t>
-ENGRAM_LANE_REDUCTION ENGRAM_HD acc_t sum_of_squares(const scalar_t* x, int64_t n) {
-  acc_t lanes[kReductionLanes] = {};
-  int64_t i = 0;
-  for (; i + kReductionLanes <= n; i += kReductionLanes) {
-    for (int l = 0; l < kReductionLanes; ++l) {
-      const acc_t v = static_cast<acc_t>(x[i + l]);
-      lanes[l] += v * v;
+template <typename acc_t, int kVectorBytes>
+struct ReductionLanes {
+#if defined(ENGRAM_VECTOR_LANES)
+  static_assert(kVectorBytes >= static_cast<int>(sizeof(acc_t)), "a vector holds at least one value");
+  static constexpr int kWidth = kVectorBytes / static_cast<int>(sizeof(acc_t)) < kReductionLanes
+                                    ? kVectorBytes / static_cast<int>(sizeof(acc_t))
+                                    : kReductionLanes;
+  typedef acc_t vector_t __attribute__((vector_size(kWidth * sizeof(acc_t))));
+#else
+  static constexpr int kWidth = 1;
+  typedef acc_t vector_t;
+#endif
+  static constexpr int kCount = kReductionLanes / kWidth;
+  vector_t part[kCount];
+
+  // x[0..kReductionLanes) converted to acc_t (unaligned vector loads for acc_t).
+  template <typename T>
+  ENGRAM_HD void load(const T* x) {
+#if defined(ENGRAM_VECTOR_LANES)
+    if constexpr (std::is_same_v<T, acc_t>) {
+      for (int j = 0; j < kCount; ++j) std::memcpy(&part[j], x + j * kWidth, sizeof(vector_t));
+      return;
+    }
+#endif
+    for (int j = 0; j < kCount; ++j) {
+      if constexpr (kWidth == 1) {
+        part[j] = static_cast<acc_t>(x[j]);
+      } else {
+        for (int i = 0; i < kWidth; ++i) part[j][i] = static_cast<acc_t>(x[j * kWidth + i]);
+      }
     }
   }
-  acc_t total = 0;
-  for (int l = 0; l < kReductionLanes; ++l) total += lanes[l];
+
+  // lane 0 + lane 1 + ... in this order, whatever the vector width.
+  ENGRAM_HD acc_t sum() const {
+    acc_t total = 0;
+    for (int j = 0; j < kCount; ++j) {
+      const vector_t p = part[j];
+      if constexpr (kWidth == 1) {
+        total += p;
+      } else {
+        for (int i = 0; i < kWidth; ++i) total += p[i];
+      }
+    }
+    return total;
+  }
+};
+
+template <typename acc_t, int kVectorBytes = kDefaultVectorBytes, typename scalar_t>
+ENGRAM_HD acc_t sum_of_squares(const scalar_t* x, int64_t n) {
+  using Lanes = ReductionLanes<acc_t, kVectorBytes>;
+  Lanes lanes = {}, v;
+  int64_t i = 0;
+  for (; i + kReductionLanes <= n; i += kReductionLanes) {
+    v.load(x + i);
+    for (int j = 0; j < Lanes::kCount; ++j) lanes.part[j] += v.part[j] * v.part[j];
+  }
+  acc_t total = lanes.sum();
   for (; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i]);
-    total += v * v;
+    const acc_t value = static_cast<acc_t>(x[i]);
+    total += value * value;
   }
   return total;
 }
 
 // sum(a * b * c) over n values.
-template <typename acc_t, typename a_t, typename b_t, typename c_t>
-ENGRAM_LANE_REDUCTION ENGRAM_HD acc_t sum_of_triple_products(const a_t* a, const b_t* b, const c_t* c, int64_t n) {
-  acc_t lanes[kReductionLanes] = {};
+template <typename acc_t, int kVectorBytes = kDefaultVectorBytes, typename a_t, typename b_t, typename c_t>
+ENGRAM_HD acc_t sum_of_triple_products(const a_t* a, const b_t* b, const c_t* c, int64_t n) {
+  using Lanes = ReductionLanes<acc_t, kVectorBytes>;
+  Lanes lanes = {}, va, vb, vc;
   int64_t i = 0;
   for (; i + kReductionLanes <= n; i += kReductionLanes) {
-    for (int l = 0; l < kReductionLanes; ++l) {
-      lanes[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]) * static_cast<acc_t>(c[i + l]);
-    }
+    va.load(a + i);
+    vb.load(b + i);
+    vc.load(c + i);
+    for (int j = 0; j < Lanes::kCount; ++j) lanes.part[j] += va.part[j] * vb.part[j] * vc.part[j];
   }
-  acc_t total = 0;
-  for (int l = 0; l < kReductionLanes; ++l) total += lanes[l];
+  acc_t total = lanes.sum();
   for (; i < n; ++i) total += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]) * static_cast<acc_t>(c[i]);
   return total;
 }
@@ -160,25 +205,24 @@ struct GateRowState {
   acc_t score;        // s
 };
 
-template <typename acc_t, typename scalar_t, typename weight_t>
-ENGRAM_LANE_REDUCTION ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
+template <typename acc_t, int kVectorBytes = kDefaultVectorBytes, typename scalar_t, typename weight_t>
+ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
                                              const weight_t* query_weight, int64_t D, acc_t eps) {
-  acc_t kk[kReductionLanes] = {}, qq[kReductionLanes] = {}, kq[kReductionLanes] = {};
+  using Lanes = ReductionLanes<acc_t, kVectorBytes>;
+  Lanes kk = {}, qq = {}, kq = {}, k, q, wk, wq;
   int64_t c = 0;
   for (; c + kReductionLanes <= D; c += kReductionLanes) {
-    for (int l = 0; l < kReductionLanes; ++l) {
-      const acc_t k = static_cast<acc_t>(key[c + l]), q = static_cast<acc_t>(query[c + l]);
-      kk[l] += k * k;
-      qq[l] += q * q;
-      kq[l] += k * static_cast<acc_t>(key_weight[c + l]) * q * static_cast<acc_t>(query_weight[c + l]);
+    k.load(key + c);
+    q.load(query + c);
+    wk.load(key_weight + c);
+    wq.load(query_weight + c);
+    for (int j = 0; j < Lanes::kCount; ++j) {
+      kk.part[j] += k.part[j] * k.part[j];
+      qq.part[j] += q.part[j] * q.part[j];
+      kq.part[j] += k.part[j] * wk.part[j] * q.part[j] * wq.part[j];
     }
   }
-  acc_t sum_kk = 0, sum_qq = 0, sum_kq = 0;
-  for (int l = 0; l < kReductionLanes; ++l) {
-    sum_kk += kk[l];
-    sum_qq += qq[l];
-    sum_kq += kq[l];
-  }
+  acc_t sum_kk = kk.sum(), sum_qq = qq.sum(), sum_kq = kq.sum();
   for (; c < D; ++c) {
     const acc_t k = static_cast<acc_t>(key[c]), q = static_cast<acc_t>(query[c]);
     sum_kk += k * k;
@@ -204,12 +248,14 @@ ENGRAM_HD acc_t gate_from_score(acc_t score) {
 //   d query_c = r_q * g * (w_q,c * nk_c - query_c * r_q * dot / D)
 //   d w_k,c  += g * nq_c * key_c * r_k,   d w_q,c += g * nk_c * query_c * r_q
 // (the RMSNorm backward with the incoming gradient g * nq folded in).
-template <typename acc_t, typename scalar_t, typename weight_t, typename out_t>
+template <typename acc_t, int kVectorBytes = kDefaultVectorBytes, typename scalar_t, typename weight_t,
+          typename out_t>
 ENGRAM_HD void gate_row_backward(acc_t grad_gate, const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
                                  const weight_t* query_weight, int64_t D, acc_t eps,
                                  out_t* ENGRAM_RESTRICT grad_key, out_t* ENGRAM_RESTRICT grad_query,
                                  acc_t* ENGRAM_RESTRICT grad_key_weight, acc_t* ENGRAM_RESTRICT grad_query_weight) {
-  const GateRowState<acc_t> st = gate_row_state<acc_t>(key, query, key_weight, query_weight, D, eps);
+  const GateRowState<acc_t> st =
+      gate_row_state<acc_t, kVectorBytes>(key, query, key_weight, query_weight, D, eps);
   const acc_t gate = gate_from_score(st.score);
   const acc_t grad_score = grad_gate * gate * (acc_t(1) - gate) * signed_sqrt_grad(st.score);
   const acc_t grad_dot = grad_score / std::sqrt(static_cast<acc_t>(D));
@@ -246,13 +292,14 @@ ENGRAM_HD acc_t gated_rms_scale(acc_t gate, acc_t sum_sq_v, int64_t D, acc_t eps
 // d loss / d gate = sum(d value * v). The RMSNorm backward, with
 // x_hat = value * scale and dx_hat = grad_u * norm_weight:
 //   d value = scale * (dx_hat - x_hat * mean(dx_hat * x_hat)) + grad_residual
-template <typename acc_t, typename scalar_t, typename weight_t, typename grad_t>
+template <typename acc_t, int kVectorBytes = kDefaultVectorBytes, typename scalar_t, typename weight_t,
+          typename grad_t>
 ENGRAM_HD acc_t gated_norm_row_backward(acc_t gate, const scalar_t* v, acc_t scale, const weight_t* norm_weight,
                                         const acc_t* grad_u, const grad_t* grad_residual, int64_t D,
                                         acc_t* ENGRAM_RESTRICT grad_v, acc_t* ENGRAM_RESTRICT grad_norm_weight) {
   const acc_t value_to_x_hat = gate * scale;
   // mean(dx_hat * x_hat)
-  const acc_t projection = sum_of_triple_products<acc_t>(grad_u, norm_weight, v, D) * value_to_x_hat /
+  const acc_t projection = sum_of_triple_products<acc_t, kVectorBytes>(grad_u, norm_weight, v, D) * value_to_x_hat /
                            static_cast<acc_t>(D);
   acc_t grad_gate = 0;
   for (int64_t c = 0; c < D; ++c) {

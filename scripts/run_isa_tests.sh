@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The CPU op tests under each CPU ISA level of the kernels (ENGRAM_CPU_ISA =
+# scalar, avx2, avx512), one pytest process per level. A level this machine's
+# CPU lacks is skipped with a note. Extra arguments go to pytest.
+# Run from anywhere after building engram (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+TESTS=(tests/test_hash.py tests/test_embedding.py tests/test_layer_ops.py tests/test_compression.py tests/test_isa.py)
+
+# The levels this CPU runs, e.g. "scalar avx2 avx512" (ENGRAM_CPU_ISA unset).
+levels="$(env -u ENGRAM_CPU_ISA "$PYTHON" -c 'from engram import ops; print(" ".join(ops.cpu_isa_levels()))')"
+echo "CPU ISA levels of this machine: $levels"
+
+ran=0
+for level in scalar avx2 avx512; do
+  if [[ " $levels " != *" $level "* ]]; then
+    echo "== ENGRAM_CPU_ISA=$level: skipped, this machine's CPU lacks it"
+    continue
+  fi
+  echo "== ENGRAM_CPU_ISA=$level"
+  # test_isa.py checks in the same process that the level is the one in use.
+  ENGRAM_CPU_ISA="$level" "$PYTHON" -m pytest -q "${TESTS[@]}" "$@"
+  ran=$((ran + 1))
+done
+echo "ran the op tests under $ran CPU ISA level(s)"
