@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -167,13 +168,10 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   }
   at::Tensor sizes = head_sizes.contiguous();
   const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
-  for (int64_t i = 0; i < L * K; ++i) {
-    TORCH_CHECK_VALUE(sizes_ptr[i] >= 1, "ngram_hash: head_sizes holds ", sizes_ptr[i], " at flat index ", i,
-                      "; expected table sizes >= 1");
-  }
+  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  check_head_table("ngram_hash", sizes_ptr, offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, L * K);
   const cpu::HeadConstants heads(sizes_ptr, L * K);  // per call: L*K divisions, negligible
   at::Tensor key_table = keys.contiguous();
-  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
   at::Tensor out = empty_recycled_cpu({L, B, T, K}, ids.options());
 
   cpu::HashPlan plan;
@@ -202,9 +200,11 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   return out;
 }
 
-// Row index of (token, head) entry e, or -1 if out of range.
+// Row index of (token, head) entry e, or -1 if out of range (an id plus
+// offset that overflows included).
 inline int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t e, int64_t num_rows) {
-  const int64_t row = offsets ? ids[e] + offsets[e % K] : ids[e];
+  int64_t row = ids[e];
+  if (offsets && __builtin_add_overflow(row, offsets[e % K], &row)) return -1;
   return (row >= 0 && row < num_rows) ? row : -1;
 }
 
@@ -327,7 +327,9 @@ at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at:
       std::vector<std::pair<int64_t, int64_t>> hits;  // (row, entry)
       std::vector<acc_t> row_sum(Dh);
       for (int64_t part = part_begin; part < part_end; ++part) {
-        const int64_t row_begin = num_rows * part / parts, row_end = num_rows * (part + 1) / parts;
+        // Rows [row_begin, row_end) of an even split, without num_rows * part (which may overflow).
+        const int64_t row_begin = part * (num_rows / parts) + std::min(part, num_rows % parts);
+        const int64_t row_end = row_begin + num_rows / parts + (part < num_rows % parts ? 1 : 0);
         hits.clear();
         for (int64_t e = 0; e < entries; ++e) {
           const int64_t row = table_row(id_ptr, offset_ptr, K, e, num_rows);
