@@ -266,14 +266,27 @@ PyObject* empty_cpu_cache(PyObject* /*self*/, PyObject* /*unused*/) {
   return PyLong_FromSize_t(engram::release_cached_cpu_blocks());
 }
 
+PyObject* set_cpu_cache_enabled(PyObject* /*self*/, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  return PyLong_FromSize_t(engram::set_cpu_cache_enabled(enabled != 0));
+}
+
+PyObject* cpu_cache_enabled(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(engram::cpu_cache_enabled() ? 1 : 0);
+}
+
 PyMethodDef module_methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
+    {"set_cpu_cache_enabled", set_cpu_cache_enabled, METH_O,
+     "Turns keeping freed CPU blocks for reuse on or off; turning it off frees what is kept and returns its bytes."},
+    {"cpu_cache_enabled", cpu_cache_enabled, METH_NOARGS, "Whether the CPU kernels keep freed blocks for reuse."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
 // engram._C is imported for its side effect of registering the library, and
-// for empty_cpu_cache.
+// for the CPU block cache controls above.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "engram operator library", -1, module_methods};
   return PyModule_Create(&module_def);

@@ -30,6 +30,36 @@ def empty_cpu_cache() -> int:
     return _C.empty_cpu_cache()
 
 
+def set_cpu_cache_enabled(enabled: bool) -> None:
+    """Turns keeping freed CPU blocks for reuse (see empty_cpu_cache) on or off.
+
+    Off: every block is freed as soon as its tensor is, and what is kept now
+    is freed before this returns; results are the same, only allocation is
+    slower. The environment variable ENGRAM_CPU_CACHE=0 turns it off when
+    engram is imported. Safe to call while other threads run engram ops.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cpu_cache_enabled: enabled must be a bool, got {type(enabled).__name__}")
+    _C.set_cpu_cache_enabled(enabled)
+
+
+def cpu_cache_enabled() -> bool:
+    """Whether the CPU kernels keep freed blocks for reuse (default True)."""
+    return _C.cpu_cache_enabled()
+
+
+def _cache_setting_from_environment() -> None:
+    value = os.environ.get("ENGRAM_CPU_CACHE")
+    if value is None or value == "":
+        return
+    if value not in ("0", "1"):
+        raise ValueError(f"ENGRAM_CPU_CACHE={value!r}: expected 0 (keep no freed CPU blocks) or 1 (keep them, the default)")
+    set_cpu_cache_enabled(value == "1")
+
+
+_cache_setting_from_environment()
+
+
 # --------------------------------------------------------------------------
 # typed wrappers
 # --------------------------------------------------------------------------
