@@ -94,6 +94,16 @@ link_flags = []
 if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
+# ENGRAM_SANITIZE=address: an AddressSanitizer + UBSan build, for
+# scripts/sanitize.sh --python (python must then run with libasan preloaded).
+sanitize = os.environ.get("ENGRAM_SANITIZE", "")
+if sanitize not in ("", "address"):
+    sys.exit(f"ENGRAM_SANITIZE={sanitize!r}: expected 'address' or unset")
+san_flags = []
+if sanitize:
+    san_flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cxx_flags += san_flags
+    link_flags += san_flags
 op_sources = sources("csrc/*.cpp")
 define_macros = []
 Extension = cpp_extension.CppExtension
@@ -118,6 +128,7 @@ ext_modules = [
         sources("python/*.cpp"),
         include_dirs=[ROOT],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=san_flags,
     ),
 ]
 

@@ -20,6 +20,12 @@
   TORCH_CHECK((a).device() == (b).device(), op, ": ", name_b, " is on ", (b).device(), " but ", \
               name_a, " is on ", (a).device(), "; expected both on the same device")
 
-#define ENGRAM_CHECK_FLOATING(op, name, t)                                                        \
-  TORCH_CHECK_TYPE(at::isFloatingType((t).scalar_type()), op, ": ", name,                       \
-                   " must be a floating-point tensor, got ", (t).scalar_type())
+// The floating dtypes every kernel dispatches on (not the float8 types).
+inline bool engram_is_compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
+}
+
+#define ENGRAM_CHECK_FLOATING(op, name, t)                                                          \
+  TORCH_CHECK_TYPE(engram_is_compute_dtype((t).scalar_type()), op, ": ", name,                    \
+                   " must be a floating-point tensor, got ", (t).scalar_type(),                    \
+                   "; expected Half, BFloat16, Float or Double")

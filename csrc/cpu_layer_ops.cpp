@@ -302,8 +302,9 @@ int64_t chunk_tokens(const ShortConvShape& s) {
   return std::max<int64_t>(4, kChunkElements / s.C);
 }
 
+// Lags of T or more never reach a token of the same sequence.
 int64_t conv_reach(const ShortConvShape& s) {
-  return conv_tap_lag(0, s.kernel_size, s.dilation);
+  return std::min(conv_tap_lag(0, s.kernel_size, s.dilation), s.T);
 }
 
 // sigmoid of n values through ATen's vectorised kernel (a SIMD exp the
@@ -460,8 +461,11 @@ ShortConvShape short_conv_shape(const char* op, const at::Tensor& value, const a
                                 const at::Tensor& norm_weight, const at::Tensor& conv_weight, int64_t dilation,
                                 double eps) {
   const auto shape = check_gated_short_conv_args(op, value, gate, norm_weight, conv_weight, dilation, eps);
-  const int64_t G = shape[2], D = shape[3];
-  return {shape[0], shape[1], G, D, G * D, shape[4], dilation};
+  const int64_t G = shape[2], D = shape[3], T = shape[1];
+  // A tap whose lag reaches past the sequence start reads only zeros, so
+  // dilation T gives the same result as any larger one; clamping keeps the
+  // conv reach, and with it the scratch rows, within the sequence.
+  return {shape[0], T, G, D, G * D, shape[4], std::min(dilation, T)};
 }
 
 at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& gate_in, const at::Tensor& norm_weight,

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,13 +12,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
-#include <mutex>
 #include <utility>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__unix__)
+#include <pthread.h>
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -25,6 +27,7 @@
 
 #include "csrc/checks.h"
 #include "csrc/ops.h"
+#include "kernels/block_cache.h"
 #include "kernels/hash.h"
 #include "kernels/hash_cpu.h"
 
@@ -56,79 +59,39 @@ bool compress_into(const int64_t* ids, int64_t n, const int64_t* lookup, int64_t
   return ok.load();
 }
 
-// Freed blocks of megabytes, kept for the next request of the same size.
-// Fresh blocks of that size come from mmap, and the OS faulting in and
-// zeroing their pages costs more than the kernels that fill them (hash
-// outputs: as much as the hashing; a table gradient: ~5x its re-zeroing by
-// us). A block returns here only when its tensor is gone.
-class BlockCache {
- public:
-  explicit BlockCache(size_t max_kept) : max_kept_(max_kept) {}
-
-  // A kept block of exactly `bytes`, or nullptr.
-  void* take(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = kept_.begin(); it != kept_.end(); ++it) {
-      if (it->first == bytes) {
-        void* block = it->second;
-        kept_.erase(it);
-        return block;
-      }
-    }
-    return nullptr;
-  }
-
-  // Keeps a malloc-family block; frees the oldest beyond max_kept.
-  void keep(void* block, size_t bytes) {
-    void* evicted = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      kept_.emplace_back(bytes, block);
-      if (kept_.size() > max_kept_) {
-        evicted = kept_.front().second;
-        kept_.pop_front();
-      }
-    }
-    std::free(evicted);
-  }
-
-  // Frees every kept block; returns their bytes.
-  size_t release_all() {
-    std::deque<std::pair<size_t, void*>> kept;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      kept.swap(kept_);
-    }
-    size_t bytes = 0;
-    for (const auto& [size, block] : kept) {
-      bytes += size;
-      std::free(block);
-    }
-    return bytes;
-  }
-
- private:
-  const size_t max_kept_;
-  std::mutex mutex_;
-  std::deque<std::pair<size_t, void*>> kept_;
-};
+// Whether freed blocks are kept at all (engram.set_cpu_cache_enabled).
+std::atomic<bool> cache_enabled{true};
 
 // Never destroyed: tensors may be freed during interpreter shutdown.
 BlockCache& hash_output_cache() {
-  static BlockCache* cache = new BlockCache(2);
+  static BlockCache* cache = new BlockCache(2, cache_enabled);
   return *cache;
 }
 // Table gradients (one per Engram layer and backward): up to 4 layers' worth.
 BlockCache& table_gradient_cache() {
-  static BlockCache* cache = new BlockCache(4);
+  static BlockCache* cache = new BlockCache(4, cache_enabled);
   return *cache;
 }
+
+#if defined(__unix__)
+// A fork() (DataLoader workers) while another thread holds a cache's mutex
+// would leave the child's copy locked forever: hold both across the fork.
+void lock_caches_for_fork() {
+  hash_output_cache().lock();
+  table_gradient_cache().lock();
+}
+void unlock_caches_after_fork() {
+  table_gradient_cache().unlock();
+  hash_output_cache().unlock();
+}
+const int fork_handlers = pthread_atfork(lock_caches_for_fork, unlock_caches_after_fork, unlock_caches_after_fork);
+#endif
 
 constexpr size_t kCachedMinBytes = size_t(1) << 20;  // smaller blocks: malloc reuses them already
 
 at::Tensor empty_recycled_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  size_t bytes = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
+  // Throws on a byte count that overflows.
+  const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
   if (bytes < kCachedMinBytes) return at::empty(sizes, options);
   void* data = hash_output_cache().take(bytes);
   // 64-byte aligned like ATen's CPU allocator: the hash streams whole cache lines.
@@ -167,13 +130,10 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   }
   at::Tensor sizes = head_sizes.contiguous();
   const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
-  for (int64_t i = 0; i < L * K; ++i) {
-    TORCH_CHECK_VALUE(sizes_ptr[i] >= 1, "ngram_hash: head_sizes holds ", sizes_ptr[i], " at flat index ", i,
-                      "; expected table sizes >= 1");
-  }
+  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  check_head_table("ngram_hash", sizes_ptr, offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, L * K);
   const cpu::HeadConstants heads(sizes_ptr, L * K);  // per call: L*K divisions, negligible
   at::Tensor key_table = keys.contiguous();
-  at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
   at::Tensor out = empty_recycled_cpu({L, B, T, K}, ids.options());
 
   cpu::HashPlan plan;
@@ -203,9 +163,11 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   return out;
 }
 
-// Row index of (token, head) entry e, or -1 if out of range.
+// Row index of (token, head) entry e, or -1 if out of range (an id plus
+// offset that overflows included).
 inline int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t e, int64_t num_rows) {
-  const int64_t row = offsets ? ids[e] + offsets[e % K] : ids[e];
+  int64_t row = ids[e];
+  if (offsets && __builtin_add_overflow(row, offsets[e % K], &row)) return -1;
   return (row >= 0 && row < num_rows) ? row : -1;
 }
 
@@ -328,7 +290,9 @@ at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at:
       std::vector<std::pair<int64_t, int64_t>> hits;  // (row, entry)
       std::vector<acc_t> row_sum(Dh);
       for (int64_t part = part_begin; part < part_end; ++part) {
-        const int64_t row_begin = num_rows * part / parts, row_end = num_rows * (part + 1) / parts;
+        // Rows [row_begin, row_end) of an even split, without num_rows * part (which may overflow).
+        const int64_t row_begin = part * (num_rows / parts) + std::min(part, num_rows % parts);
+        const int64_t row_end = row_begin + num_rows / parts + (part < num_rows % parts ? 1 : 0);
         hits.clear();
         for (int64_t e = 0; e < entries; ++e) {
           const int64_t row = table_row(id_ptr, offset_ptr, K, e, num_rows);
@@ -363,6 +327,13 @@ at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at:
 size_t release_cached_cpu_blocks() {
   return hash_output_cache().release_all() + table_gradient_cache().release_all();
 }
+
+size_t set_cpu_cache_enabled(bool enabled) {
+  cache_enabled.store(enabled);
+  return enabled ? 0 : release_cached_cpu_blocks();
+}
+
+bool cpu_cache_enabled() { return cache_enabled.load(); }
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
   m.impl("compress_ids", &compress_ids_cpu);

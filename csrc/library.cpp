@@ -5,6 +5,9 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
+
+#include <c10/util/safe_numerics.h>
 
 #include "csrc/checks.h"
 #include "csrc/ops.h"
@@ -100,18 +103,52 @@ int64_t check_embedding_backward_args(const at::Tensor& grad, const at::Tensor& 
   TORCH_CHECK_VALUE(grad.dim() == ids.dim() + 1 && grad.sizes().slice(0, ids.dim()) == ids.sizes(), op,
                     ": grad has shape ", grad.sizes(), "; expected ids.shape + [Dh] with ids.shape ", ids.sizes());
   TORCH_CHECK_VALUE(num_rows >= 1, op, ": num_rows=", num_rows, "; expected >= 1");
+  // The kernels size the [num_rows, Dh] gradient in bytes: a product that
+  // wraps would allocate a small block and write far past it.
+  int64_t bytes = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(num_rows, grad.size(-1), &bytes) &&
+                        !c10::mul_overflows(bytes, static_cast<int64_t>(grad.element_size()), &bytes),
+                    op, ": num_rows=", num_rows, " with rows of Dh=", grad.size(-1), " ", grad.scalar_type(),
+                    " values needs more than 2^63 bytes");
   return num_heads;
+}
+
+void check_head_table(const char* op, const int64_t* sizes, const int64_t* offsets, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK_VALUE(sizes[i] >= 1, op, ": head_sizes holds ", sizes[i], " at flat index ", i,
+                      "; expected table sizes >= 1");
+    // The largest id of head i is offsets[i] + sizes[i] - 1.
+    TORCH_CHECK_VALUE(offsets == nullptr || offsets[i] <= std::numeric_limits<int64_t>::max() - (sizes[i] - 1), op,
+                      ": offsets holds ", offsets[i], " at flat index ", i, "; with head_sizes ", sizes[i],
+                      " its ids would overflow int64");
+  }
 }
 
 void report_id_out_of_range(const char* op, const char* name, const at::Tensor& ids,
                             const std::optional<at::Tensor>& offsets, int64_t limit, const char* limit_name,
                             bool negatives_allowed) {
-  at::Tensor rows = ids.to(at::kCPU);
-  if (offsets.has_value()) rows = rows.reshape({-1, ids.size(-1)}) + offsets->to(at::kCPU);
+  // Rows of K heads when offsets are added (ids may be 0-dim otherwise).
+  const int64_t K = offsets.has_value() ? ids.size(-1) : 1;
+  const at::Tensor cpu_ids = ids.to(at::kCPU).reshape({-1, K});
+  at::Tensor rows = cpu_ids;
+  at::Tensor overflow = at::zeros_like(cpu_ids, cpu_ids.options().dtype(at::kBool));
+  at::Tensor cpu_offsets;
+  if (offsets.has_value()) {
+    cpu_offsets = offsets->to(at::kCPU).expand_as(cpu_ids);
+    rows = cpu_ids + cpu_offsets;  // wraps, like the kernels' sums
+    // A signed sum overflowed iff its sign differs from the signs of both operands.
+    overflow = at::bitwise_xor(cpu_ids, rows).bitwise_and(at::bitwise_xor(cpu_offsets, rows)) < 0;
+  }
   rows = rows.reshape({-1});
-  at::Tensor bad = (negatives_allowed ? rows >= limit : (rows < 0) | (rows >= limit)).nonzero();
+  at::Tensor bad = (overflow.reshape({-1}) | (negatives_allowed ? rows >= limit : (rows < 0) | (rows >= limit))).nonzero();
   TORCH_CHECK(bad.numel() > 0, op, ": internal error: a kernel reported an out-of-range id but none was found");
   const int64_t index = bad[0].item<int64_t>();
+  if (overflow.reshape({-1})[index].item<bool>()) {
+    TORCH_CHECK_INDEX(false, op, ": ", name, " holds ", cpu_ids.reshape({-1})[index].item<int64_t>(),
+                      " at flat index ", index, "; adding offsets[", index % K, "]=",
+                      cpu_offsets.reshape({-1})[index].item<int64_t>(), " overflows int64; expected rows in [0, ",
+                      limit, ") for ", limit_name, "=", limit);
+  }
   TORCH_CHECK_INDEX(false, op, ": ", name, " holds ", rows[index].item<int64_t>(), " at flat index ", index,
                     (offsets.has_value() ? " (after adding offsets)" : ""), "; expected values ", (negatives_allowed ? "< " : "in [0, "), limit,
                     (negatives_allowed ? "" : ")"), " for ", limit_name, "=", limit);
@@ -250,17 +287,30 @@ PyObject* py_set_cpu_isa(PyObject* /*self*/, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* set_cpu_cache_enabled(PyObject* /*self*/, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  return PyLong_FromSize_t(engram::set_cpu_cache_enabled(enabled != 0));
+}
+
+PyObject* cpu_cache_enabled(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(engram::cpu_cache_enabled() ? 1 : 0);
+}
+
 PyMethodDef module_methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
     {"_cpu_isa_state", py_cpu_isa_state, METH_NOARGS,
      "(level in use, best level, (kernel calls per compiled level)) with levels 0 scalar, 1 avx2, 2 avx512."},
     {"_set_cpu_isa", py_set_cpu_isa, METH_O, "Sets the CPU ISA level (0 scalar, 1 avx2, 2 avx512) of later kernel calls."},
+    {"set_cpu_cache_enabled", set_cpu_cache_enabled, METH_O,
+     "Turns keeping freed CPU blocks for reuse on or off; turning it off frees what is kept and returns its bytes."},
+    {"cpu_cache_enabled", cpu_cache_enabled, METH_NOARGS, "Whether the CPU kernels keep freed blocks for reuse."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
 // engram._C is imported for its side effect of registering the library, and
-// for empty_cpu_cache.
+// for the CPU block cache controls above.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "engram operator library", -1, module_methods};
   return PyModule_Create(&module_def);

@@ -54,8 +54,18 @@ std::array<int64_t, 5> check_gated_short_conv_args(const char* op, const at::Ten
 void check_grad_like(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
                      at::IntArrayRef expected);
 
+// head_sizes >= 1 and, with offsets, offsets + head_sizes - 1 <= INT64_MAX
+// for `count` heads (host pointers; offsets may be null).
+void check_head_table(const char* op, const int64_t* sizes, const int64_t* offsets, int64_t count);
+
 // Frees the blocks the CPU kernels keep for reuse (hash outputs, table
 // gradients); returns how many bytes that was (cpu_ops.cpp).
 size_t release_cached_cpu_blocks();
+
+// Keeping freed blocks for reuse is on by default (engram/ops.py turns it
+// off at import under ENGRAM_CPU_CACHE=0). Turning it off frees what is kept
+// (returns its bytes) and keeps nothing more; thread-safe.
+size_t set_cpu_cache_enabled(bool enabled);
+bool cpu_cache_enabled();
 
 }  // namespace engram

@@ -3,7 +3,7 @@
 from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
-from .ops import cpu_isa, empty_cpu_cache
+from .ops import cpu_cache_enabled, cpu_isa, empty_cpu_cache, set_cpu_cache_enabled
 from . import _cuda_composite
 
 _cuda_composite.register()
@@ -18,8 +18,10 @@ __all__ = [
     "NgramHasher",
     "EngramLayer",
     "build_compression",
+    "cpu_cache_enabled",
     "cpu_isa",
     "empty_cpu_cache",
+    "set_cpu_cache_enabled",
     "ops",
     "tokenizer",
 ]

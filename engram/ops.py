@@ -6,11 +6,12 @@ Python-side pieces torch.compile and autograd need.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-from . import _loader
+from . import _checks, _loader
 
 _C = _loader.load("_C")
 
@@ -34,6 +35,36 @@ def empty_cpu_cache() -> int:
     memory back, e.g. after training, like torch.cuda.empty_cache().
     """
     return _C.empty_cpu_cache()
+
+
+def set_cpu_cache_enabled(enabled: bool) -> None:
+    """Turns keeping freed CPU blocks for reuse (see empty_cpu_cache) on or off.
+
+    Off: every block is freed as soon as its tensor is, and what is kept now
+    is freed before this returns; results are the same, only allocation is
+    slower. The environment variable ENGRAM_CPU_CACHE=0 turns it off when
+    engram is imported. Safe to call while other threads run engram ops.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cpu_cache_enabled: enabled must be a bool, got {type(enabled).__name__}")
+    _C.set_cpu_cache_enabled(enabled)
+
+
+def cpu_cache_enabled() -> bool:
+    """Whether the CPU kernels keep freed blocks for reuse (default True)."""
+    return _C.cpu_cache_enabled()
+
+
+def _cache_setting_from_environment() -> None:
+    value = os.environ.get("ENGRAM_CPU_CACHE")
+    if value is None or value == "":
+        return
+    if value not in ("0", "1"):
+        raise ValueError(f"ENGRAM_CPU_CACHE={value!r}: expected 0 (keep no freed CPU blocks) or 1 (keep them, the default)")
+    set_cpu_cache_enabled(value == "1")
+
+
+_cache_setting_from_environment()
 
 
 # --------------------------------------------------------------------------
@@ -67,42 +98,33 @@ def multihead_embedding(
 
 
 # --------------------------------------------------------------------------
-# fake kernels: shapes, dtypes and devices only
+# fake kernels: the C++ argument checks (engram/_checks.py), then shapes,
+# dtypes and devices. They also run for any call that mixes the meta device
+# with another one, so they must reject what the real kernels reject.
 # --------------------------------------------------------------------------
-
-
-def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise RuntimeError(
-                f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; expected both on the same device"
-            )
 
 
 @torch.library.register_fake("engram::compress_ids")
 def _compress_ids_fake(input_ids, lookup):
-    _same_device("compress_ids", "input_ids", input_ids, lookup=lookup)
+    _checks.compress_args(input_ids, lookup)
     return torch.empty_like(input_ids, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("engram::ngram_hash")
 def _ngram_hash_fake(input_ids, lookup, keys, head_sizes, offsets, pad_id, family):
-    _same_device("ngram_hash", "input_ids", input_ids, lookup=lookup, keys=keys, head_sizes=head_sizes, offsets=offsets)
-    if input_ids.dim() != 2:
-        raise ValueError(f"ngram_hash: input_ids must have 2 dims, got shape {list(input_ids.shape)}")
-    b, t = input_ids.shape
-    return input_ids.new_empty((head_sizes.shape[0], b, t, head_sizes.shape[1]))
+    shape = _checks.ngram_hash_args(input_ids, lookup, keys, head_sizes, offsets, pad_id, family)
+    return input_ids.new_empty(shape)
 
 
 @torch.library.register_fake("engram::multihead_embedding")
 def _multihead_embedding_fake(weight, ids, offsets=None, sparse=False):
-    _same_device("multihead_embedding", "weight", weight, ids=ids, offsets=offsets)
+    _checks.multihead_embedding_args(weight, ids, offsets)
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
 @torch.library.register_fake("engram::multihead_embedding_backward")
 def _multihead_embedding_backward_fake(grad, ids, offsets, num_rows):
-    _same_device("multihead_embedding_backward", "grad", grad, ids=ids, offsets=offsets)
+    _checks.multihead_embedding_backward_args(grad, ids, offsets, num_rows)
     return grad.new_empty((num_rows, grad.shape[-1]))
 
 
@@ -172,45 +194,33 @@ def gated_short_conv(
     return _ops.gated_short_conv(value, gate, norm_weight, conv_weight, dilation, eps)
 
 
-def _check_layer_shapes(op: str, **dims) -> None:
-    """Fake-kernel shape checks, so torch.compile reports bad shapes like eager."""
-    for name, (tensor, ndim) in dims.items():
-        if tensor.dim() != ndim:
-            raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {list(tensor.shape)}")
-
-
 @torch.library.register_fake("engram::context_gate")
 def _context_gate_fake(key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
-    _same_device("context_gate", "key", key, hidden=hidden, key_norm_weight=key_norm_weight,
-                 hidden_norm_weight=hidden_norm_weight)
-    _check_layer_shapes("context_gate", key=(key, 4), hidden=(hidden, 4), key_norm_weight=(key_norm_weight, 2),
-                        hidden_norm_weight=(hidden_norm_weight, 2))
-    torch._check(
-        hidden.shape == key.shape,
-        lambda: f"context_gate: hidden has shape {list(hidden.shape)}; expected the shape of key {list(key.shape)}",
-    )
-    return key.new_empty(key.shape[:3])
+    b, t, g, _ = _checks.context_gate_args("context_gate", key, hidden, key_norm_weight, hidden_norm_weight, eps)
+    return key.new_empty((b, t, g))
 
 
 @torch.library.register_fake("engram::context_gate_backward")
 def _context_gate_backward_fake(grad_gate, key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
-    _same_device("context_gate_backward", "key", key, grad_gate=grad_gate, hidden=hidden)
+    op = "context_gate_backward"
+    b, t, g, _ = _checks.context_gate_args(op, key, hidden, key_norm_weight, hidden_norm_weight, eps)
+    _checks.grad_like_args(op, "grad_gate", grad_gate, key, (b, t, g))
     return (key.new_empty(key.shape), key.new_empty(key.shape), key_norm_weight.new_empty(key_norm_weight.shape),
             hidden_norm_weight.new_empty(hidden_norm_weight.shape))
 
 
 @torch.library.register_fake("engram::gated_short_conv")
 def _gated_short_conv_fake(value, gate, norm_weight, conv_weight, dilation, eps):
-    _same_device("gated_short_conv", "value", value, gate=gate, norm_weight=norm_weight, conv_weight=conv_weight)
-    _check_layer_shapes("gated_short_conv", value=(value, 3), gate=(gate, 3), norm_weight=(norm_weight, 2),
-                        conv_weight=(conv_weight, 2))
-    b, t, d = value.shape
-    return value.new_empty((b, t, gate.shape[2], d))
+    b, t, g, d, _ = _checks.gated_short_conv_args("gated_short_conv", value, gate, norm_weight, conv_weight,
+                                                  dilation, eps)
+    return value.new_empty((b, t, g, d))
 
 
 @torch.library.register_fake("engram::gated_short_conv_backward")
 def _gated_short_conv_backward_fake(grad_out, value, gate, norm_weight, conv_weight, dilation, eps):
-    _same_device("gated_short_conv_backward", "value", value, grad_out=grad_out, gate=gate)
+    op = "gated_short_conv_backward"
+    b, t, g, d, _ = _checks.gated_short_conv_args(op, value, gate, norm_weight, conv_weight, dilation, eps)
+    _checks.grad_like_args(op, "grad_out", grad_out, value, (b, t, g, d))
     return (value.new_empty(value.shape), gate.new_empty(gate.shape), norm_weight.new_empty(norm_weight.shape),
             conv_weight.new_empty(conv_weight.shape))
 

@@ -65,8 +65,13 @@ __global__ void ngram_hash_kernel(HashArgs a) {
   }
 }
 
+// The row of entry e, or -1 (out of range) when id + offset overflows: two
+// negative values could otherwise wrap into a valid row.
 __device__ __forceinline__ int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t e) {
-  return offsets ? ids[e] + offsets[e % K] : ids[e];
+  if (!offsets) return ids[e];
+  const int64_t a = ids[e], b = offsets[e % K];
+  const int64_t sum = static_cast<int64_t>(static_cast<uint64_t>(a) + static_cast<uint64_t>(b));
+  return ((a ^ sum) & (b ^ sum)) < 0 ? -1 : sum;
 }
 
 // out[e, :] = weight[row(e), :]; one thread per element.

@@ -170,7 +170,7 @@ def test_backward_row_out_of_range():
         (lambda w, i, o: (w, i[..., :3], o), ValueError, r"offsets has 4 entries but ids has K=3"),
         (lambda w, i, o: (w, i[:0], o), ValueError, r"ids is empty \(shape \[0, 5, 4\]\)"),
         (lambda w, i, o: (w[0], i, o), ValueError, r"weight must have 2 dims, got shape \[8\]"),
-        (lambda w, i, o: (w, i, o.to("meta")), RuntimeError, r"offsets is on meta but weight is on cpu"),
+        (lambda w, i, o: (w, i, o.to("meta")), RuntimeError, r"offsets is on meta but ids is on cpu"),
     ],
 )
 def test_bad_arguments(args, error, pattern):

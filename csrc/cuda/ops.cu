@@ -56,12 +56,14 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
   // Reduction constants are built on the host (L*K values) and copied once.
   at::Tensor sizes = head_sizes.to(at::kCPU).contiguous();
   const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
-  std::vector<FastMod> mods(L * K);
-  for (int64_t i = 0; i < L * K; ++i) {
-    TORCH_CHECK_VALUE(sizes_ptr[i] >= 1, "ngram_hash: head_sizes holds ", sizes_ptr[i], " at flat index ", i,
-                      "; expected table sizes >= 1");
-    mods[i] = FastMod::make(static_cast<uint64_t>(sizes_ptr[i]));
+  if (offsets.has_value()) {
+    const at::Tensor host_offsets = offsets->to(at::kCPU).contiguous();
+    check_head_table("ngram_hash", sizes_ptr, host_offsets.data_ptr<int64_t>(), L * K);
+  } else {
+    check_head_table("ngram_hash", sizes_ptr, nullptr, L * K);
   }
+  std::vector<FastMod> mods(L * K);
+  for (int64_t i = 0; i < L * K; ++i) mods[i] = FastMod::make(static_cast<uint64_t>(sizes_ptr[i]));
   static_assert(sizeof(FastMod) % sizeof(int64_t) == 0, "FastMod is copied as int64 words");
   const int64_t words = L * K * static_cast<int64_t>(sizeof(FastMod) / sizeof(int64_t));
   at::Tensor mods_dev =
