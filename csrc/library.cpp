@@ -255,7 +255,8 @@ PyMethodDef module_methods[] = {
      "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
     {"_cpu_isa_state", py_cpu_isa_state, METH_NOARGS,
      "(level in use, best level, (kernel calls per compiled level)) with levels 0 scalar, 1 avx2, 2 avx512."},
-    {"_set_cpu_isa", py_set_cpu_isa, METH_O, "Sets the CPU ISA level (0 scalar, 1 avx2, 2 avx512) of later kernel calls."},
+    {"_set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Sets the CPU ISA level (0 scalar, 1 avx2, 2 avx512) of later kernel calls."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
