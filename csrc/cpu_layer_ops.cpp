@@ -1,7 +1,9 @@
 // CPU kernels of the Engram layer ops (spec §5-6): the context gate and the
 // gated short-convolution block, forward and backward. Validation,
 // allocation, dtype dispatch and threading here; the per-row math is in
-// kernels/layer_math.h.
+// kernels/layer_math.h. Each op reads the CPU ISA level once and runs its
+// row kernels through cpu::run_for_isa (kernels/cpu_isa.h), which calls the
+// version compiled for that level.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -169,9 +171,9 @@ void gate_forward_rows(const GateArgs<scalar_t>& a, int64_t begin, int64_t end, 
   std::vector<acc_t> key_row(D), query_row(D);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t g = r % a.G;
-    const auto st = gate_row_state<acc_t, kVectorBytes<kIsa>>(widen(a.keys.row(r), D, key_row.data()),
-                                          widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D,
-                                          a.query_weight.data() + g * D, D, a.eps);
+    const auto st = gate_row_state<acc_t, kVectorBytes<kIsa>>(
+        widen(a.keys.row(r), D, key_row.data()), widen(a.queries.row(r), D, query_row.data()),
+        a.key_weight.data() + g * D, a.query_weight.data() + g * D, D, a.eps);
     gate[r] = static_cast<scalar_t>(gate_from_score(st.score));
   }
 }
@@ -179,10 +181,9 @@ void gate_forward_rows(const GateArgs<scalar_t>& a, int64_t begin, int64_t end, 
 // Gradients of rows [begin, end); the norm weight gradients are added to
 // grad_key_weight / grad_query_weight ([G, D] each, acc_t).
 template <cpu::CpuIsa kIsa, typename scalar_t>
-void gate_backward_rows(const GateArgs<scalar_t>& a, const scalar_t* grad_gate, int64_t begin,
-                                          int64_t end, scalar_t* grad_key, scalar_t* grad_query,
-                                          at::opmath_type<scalar_t>* grad_key_weight,
-                                          at::opmath_type<scalar_t>* grad_query_weight) {
+void gate_backward_rows(const GateArgs<scalar_t>& a, const scalar_t* grad_gate, int64_t begin, int64_t end,
+                        scalar_t* grad_key, scalar_t* grad_query, at::opmath_type<scalar_t>* grad_key_weight,
+                        at::opmath_type<scalar_t>* grad_query_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = a.D;
   std::vector<acc_t> key_row(D), query_row(D), grad_key_row(D), grad_query_row(D);
@@ -190,10 +191,10 @@ void gate_backward_rows(const GateArgs<scalar_t>& a, const scalar_t* grad_gate, 
     const int64_t g = r % a.G;
     acc_t* dk = result_row(grad_key + r * D, grad_key_row.data());
     acc_t* dq = result_row(grad_query + r * D, grad_query_row.data());
-    gate_row_backward<acc_t, kVectorBytes<kIsa>>(static_cast<acc_t>(grad_gate[r]), widen(a.keys.row(r), D, key_row.data()),
-                             widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D,
-                             a.query_weight.data() + g * D, D, a.eps, dk, dq, grad_key_weight + g * D,
-                             grad_query_weight + g * D);
+    gate_row_backward<acc_t, kVectorBytes<kIsa>>(
+        static_cast<acc_t>(grad_gate[r]), widen(a.keys.row(r), D, key_row.data()),
+        widen(a.queries.row(r), D, query_row.data()), a.key_weight.data() + g * D, a.query_weight.data() + g * D, D,
+        a.eps, dk, dq, grad_key_weight + g * D, grad_query_weight + g * D);
     store_row(dk, D, grad_key + r * D);
     store_row(dq, D, grad_query + r * D);
   }
@@ -244,8 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
       cpu::run_for_isa(isa, [&](auto level) {
         for (int64_t block = block_begin; block < block_end; ++block) {
           acc_t* dwk = partial_ptr + block * 2 * G * D;
-          gate_backward_rows<decltype(level)::value>(args, gg, blocks.begin(block) * G, blocks.begin(block + 1) * G, dk, dq, dwk,
-                             dwk + G * D);
+          gate_backward_rows<decltype(level)::value>(args, gg, blocks.begin(block) * G, blocks.begin(block + 1) * G,
+                                                     dk, dq, dwk, dwk + G * D);
         }
       });
     });
@@ -484,7 +485,8 @@ at::Tensor gated_short_conv_cpu(const at::Tensor& value_in, const at::Tensor& ga
       ShortConvScratch<at::opmath_type<scalar_t>> scratch(s, chunk, conv_reach(s));
       cpu::run_for_isa(isa, [&](auto level) {
         for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
-          short_conv_forward_chunk<decltype(level)::value>(args, ci * chunk, std::min((ci + 1) * chunk, s.tokens()), scratch, out_ptr);
+          short_conv_forward_chunk<decltype(level)::value>(args, ci * chunk, std::min((ci + 1) * chunk, s.tokens()),
+                                                           scratch, out_ptr);
         }
       });
     });
@@ -522,8 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
           acc_t* grad_taps = partial_ptr + block * (K + 1) * C;
           const int64_t block_last = blocks.begin(block + 1);
           for (int64_t first = blocks.begin(block); first < block_last; first += chunk) {
-            short_conv_backward_chunk<decltype(level)::value>(args, go, first, std::min(first + chunk, block_last), scratch, dv, dgate,
-                                      grad_taps, grad_taps + K * C);
+            short_conv_backward_chunk<decltype(level)::value>(args, go, first, std::min(first + chunk, block_last),
+                                                              scratch, dv, dgate, grad_taps, grad_taps + K * C);
           }
         }
       });

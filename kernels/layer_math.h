@@ -299,8 +299,8 @@ ENGRAM_HD acc_t gated_norm_row_backward(acc_t gate, const scalar_t* v, acc_t sca
                                         acc_t* ENGRAM_RESTRICT grad_v, acc_t* ENGRAM_RESTRICT grad_norm_weight) {
   const acc_t value_to_x_hat = gate * scale;
   // mean(dx_hat * x_hat)
-  const acc_t projection = sum_of_triple_products<acc_t, kVectorBytes>(grad_u, norm_weight, v, D) * value_to_x_hat /
-                           static_cast<acc_t>(D);
+  const acc_t projection =
+      sum_of_triple_products<acc_t, kVectorBytes>(grad_u, norm_weight, v, D) * value_to_x_hat / static_cast<acc_t>(D);
   acc_t grad_gate = 0;
   for (int64_t c = 0; c < D; ++c) {
     const acc_t vc = static_cast<acc_t>(v[c]);

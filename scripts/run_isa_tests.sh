@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # The CPU op tests under each CPU ISA level of the kernels (ENGRAM_CPU_ISA =
 # scalar, avx2, avx512), one pytest process per level. A level this machine's
-# CPU lacks is skipped with a note. Extra arguments go to pytest.
+# CPU lacks is skipped with a note; scripts/check_isa_code.py checks the
+# machine code of every level first. Extra arguments go to pytest.
 # Run from anywhere after building engram (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TESTS=(tests/test_hash.py tests/test_embedding.py tests/test_layer_ops.py tests/test_compression.py tests/test_isa.py)
+
+# The machine code of every level, including those this CPU cannot run.
+if [[ "$(uname -m)" == x86_64 ]]; then
+  "$PYTHON" scripts/check_isa_code.py
+else
+  echo "not x86-64: one version of each kernel, no per-level code to check"
+fi
 
 # The levels this CPU runs, e.g. "scalar avx2 avx512" (ENGRAM_CPU_ISA unset).
 levels="$(env -u ENGRAM_CPU_ISA "$PYTHON" -c 'from engram import ops; print(" ".join(ops.cpu_isa_levels()))')"
