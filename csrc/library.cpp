@@ -81,6 +81,10 @@ NgramHashShape check_ngram_hash_args(const at::Tensor& ids, const at::Tensor& lo
 int64_t check_embedding_args(const char* op, const at::Tensor& rows_like, const char* rows_name,
                              const at::Tensor& ids, const std::optional<at::Tensor>& offsets) {
   ENGRAM_CHECK_FLOATING(op, rows_name, rows_like);
+  // Rows of no values would make every id check vacuous (the kernels visit
+  // entries * Dh elements).
+  TORCH_CHECK_VALUE(rows_like.dim() >= 1 && rows_like.size(-1) >= 1, op, ": ", rows_name, " has shape ",
+                    rows_like.sizes(), "; expected rows of Dh >= 1 values in its last dim");
   ENGRAM_CHECK_DTYPE(op, "ids", ids, at::kLong);
   TORCH_CHECK_VALUE(ids.dim() >= 1, op, ": ids must be [..., K], got a 0-dim tensor");
   ENGRAM_CHECK_NONEMPTY(op, "ids", ids);

@@ -130,6 +130,10 @@ def ngram_hash_args(input_ids, lookup, keys, head_sizes, offsets, pad_id: int, f
 
 def embedding_args(op: str, rows_like: torch.Tensor, rows_name: str, ids: torch.Tensor, offsets) -> None:
     check_floating(op, rows_name, rows_like)
+    torch._check_value(
+        rows_like.dim() >= 1 and rows_like.shape[-1] >= 1,
+        lambda: f"{op}: {rows_name} has shape {_shape(rows_like)}; expected rows of Dh >= 1 values in its last dim",
+    )
     check_dtype(op, "ids", ids, torch.int64)
     if ids.dim() < 1:
         raise ValueError(f"{op}: ids must be [..., K], got a 0-dim tensor")

@@ -9,9 +9,9 @@
 # Any report fails the run: UBSan does not recover, ASan aborts on its first
 # error. The --python mode builds engram._C and engram._engine with
 # ENGRAM_SANITIZE=address into build/asan-py (the in-place build is left
-# alone), preloads libasan into python (it must come before every other
-# library) and turns leak detection off there: the interpreter and torch
-# keep memory until exit on purpose, which LeakSanitizer would report.
+# alone), preloads libasan (and libstdc++) into python and turns leak
+# detection off there: the interpreter and torch keep memory until exit on
+# purpose, which LeakSanitizer would report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,11 +37,14 @@ if [ "${1:-}" = "--python" ]; then
   ENGRAM_SANITIZE=address python3 setup.py build_ext --build-lib build/asan-py --build-temp build/asan-py-tmp \
     > build/asan-py.log 2>&1 || { tail -30 build/asan-py.log; exit 1; }
   cp engram/*.py build/asan-py/engram/
-  LIBASAN=$(gcc -print-file-name=libasan.so)
-  # Run from build/asan-py so that `import engram` finds the sanitized build.
+  # libstdc++ too: python itself does not link it, and ASan must find
+  # __cxa_throw when it starts or it aborts on torch's first C++ exception.
+  PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+  # Run from build/asan-py so that `import engram` finds the sanitized build;
+  # --capture=sys leaves fd 2 alone, where the sanitizers write their reports.
   cd build/asan-py
-  LD_PRELOAD="$LIBASAN" ASAN_OPTIONS="abort_on_error=1:detect_leaks=0" \
-    python3 -m pytest -q -p no:cacheprovider "$ROOT/tests/test_hash.py" "$ROOT/tests/test_embedding.py" \
+  LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="abort_on_error=1:detect_leaks=0" \
+    python3 -m pytest -q -p no:cacheprovider --capture=sys "$ROOT/tests/test_hash.py" "$ROOT/tests/test_embedding.py" \
     "$ROOT/tests/test_layer_ops.py" "$ROOT/tests/test_properties.py" "$ROOT/tests/test_concurrency.py" \
     "$ROOT/tests/test_compression.py" "${@:2}"
 fi

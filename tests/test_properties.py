@@ -386,6 +386,7 @@ FORWARD_FAULTS = {
     "weight complex": Fault(TypeError, "weight"),
     "weight 1-d": Fault(ValueError, "weight"),
     "weight 3-d": Fault(ValueError, "weight"),
+    "weight rows of no values": Fault(ValueError, "weight"),
     "weight on meta": Fault(RuntimeError, "device"),
 }
 BACKWARD_FAULTS = {
@@ -393,6 +394,7 @@ BACKWARD_FAULTS = {
     "grad int64": Fault(TypeError, "grad"),
     "grad float8": Fault(TypeError, "grad"),
     "grad shape": Fault(ValueError, "grad"),
+    "grad rows of no values": Fault(ValueError, "grad"),
     "num_rows 0": Fault(ValueError, "num_rows"),
     "num_rows too big for memory": Fault(ValueError, "num_rows"),
     "num_rows below a row": Fault(IndexError, "ids", static=False),
@@ -407,7 +409,7 @@ def draw_embedding_case(data, faults, name):
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     k = data.draw(st.integers(1, 5), label="K")
     batch = data.draw(st.lists(st.integers(1, 4), min_size=0, max_size=3), label="batch")
-    dh = data.draw(st.integers(0, 9), label="Dh")
+    dh = data.draw(st.integers(1, 9), label="Dh")
     sizes = [py.randint(1, 12) for _ in range(k)]
     if data.draw(st.booleans(), label="offsets"):
         offsets = ref.head_offsets(sizes)
@@ -473,6 +475,8 @@ def check_multihead_embedding(data, name):
         weight = weight.reshape(-1)
     elif name == "weight 3-d":
         weight = weight[None]
+    elif name == "weight rows of no values":
+        weight = weight[:, :0]
     weight = relayout(data, weight, "weight", allow_expand=False)
     args = [weight, ids, offsets, data.draw(st.booleans(), label="sparse")]
     if name is not None and name.endswith("on meta"):
@@ -520,10 +524,10 @@ def check_multihead_embedding_backward(data, name):
         grad = grad[..., :1, :] if grad.dim() >= 2 and grad.shape[-2] > 1 else grad[None]
     elif name == "num_rows 0":
         num_rows = -py.randrange(2)
+    elif name == "grad rows of no values":
+        grad = grad[..., :0]
     elif name == "num_rows too big for memory":
         num_rows = 2**62
-        if dh == 0:
-            grad = torch.randn((*ids.shape, 1), generator=gen).to(dtype)
     elif name == "num_rows below a row":
         num_rows = int((ids if offsets is None else ids + offsets).max())
         if num_rows < 1:
