@@ -123,7 +123,7 @@ using optim::KeyLayout;
 
 // Work sizes below which a loop runs on one thread.
 constexpr int64_t kSortGrain = 16384;   // keys per radix-sort chunk
-constexpr int64_t kRowGrain = 64;       // table rows per update task
+constexpr int64_t kRowGrain = 256;      // table rows per update task
 constexpr int64_t kPrefetchAhead = 4;   // rows (or entries) prefetched ahead
 
 // Splits [0, n) into `chunks` near-equal ranges.

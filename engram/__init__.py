@@ -9,6 +9,7 @@ from . import _cuda_composite
 _cuda_composite.register()
 from .hashing import NgramHasher
 from .layer import EngramLayer
+from . import optim
 from . import tokenizer
 from .tokenizer import build_compression
 
@@ -20,6 +21,7 @@ __all__ = [
     "build_compression",
     "empty_cpu_cache",
     "ops",
+    "optim",
     "tokenizer",
 ]
 __version__ = "0.1.0"
