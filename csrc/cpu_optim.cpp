@@ -121,8 +121,11 @@ namespace {
 
 using optim::KeyLayout;
 
-// Work sizes below which a loop runs on one thread.
-constexpr int64_t kSortGrain = 16384;   // keys per radix-sort chunk
+// Work sizes below which a loop runs on one thread. Sorting, and scanning, a
+// step's 262k keys takes about a millisecond on one core, less than waking a
+// second thread costs on a busy machine; the segment sums and row updates move
+// the data (tens of MB) and are split over all threads.
+constexpr int64_t kSortGrain = int64_t(1) << 20;  // keys per radix-sort / scan chunk
 constexpr int64_t kRowGrain = 256;      // table rows per update task
 constexpr int64_t kPrefetchAhead = 4;   // rows (or entries) prefetched ahead
 
@@ -291,7 +294,7 @@ void check_update_rows(const char* op, const at::Tensor& rows, int64_t num_rows)
   const int64_t U = rows.numel();
   const int64_t* r = rows.const_data_ptr<int64_t>();
   std::atomic<bool> ok{true};
-  at::parallel_for(0, U, 1 << 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, U, kSortGrain, [&](int64_t begin, int64_t end) {
     bool good = true;
     for (int64_t u = begin; u < end; ++u) {
       good &= r[u] >= 0 && r[u] < num_rows && (u == 0 || r[u - 1] < r[u]);
