@@ -20,9 +20,9 @@ its own process, one after another.
 
 Peak extra memory: on the CPU, the growth of the resident set during one step
 (after the warm-up, so the optimizer state already exists), measured as in
-bench_layer.py: the peak RSS (VmHWM) is reset through /proc/self/clear_refs,
-and the process runs with MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks go
-back to the OS and the RSS follows live allocations. On CUDA,
+bench_layer.py, in a second process: the peak RSS (VmHWM) is reset through
+/proc/self/clear_refs, and the process runs with MALLOC_MMAP_THRESHOLD_=65536
+so that freed blocks go back to the OS and the RSS follows live allocations. On CUDA,
 max_memory_allocated() during the step minus the allocation before it.
 "Persistent" is what the method keeps between steps besides the table (the
 optimizer state). The dense methods need about 4-6 table sizes of memory
@@ -147,6 +147,9 @@ def run_method(args, method, dist):
         sync()
         times.append(time.perf_counter() - t0)
 
+    if not args.peak:
+        return {"times": times, "rows": num_rows, "unique_rows": unique_rows, "table_mib": num_rows * dim * 4 / 2**20}
+
     # Peak extra memory of one more step.
     out = forward()
     sync()
@@ -166,8 +169,7 @@ def run_method(args, method, dist):
         except OSError:
             peak = None
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return {"times": times, "peak_mib": peak, "state_mib": state / 2**20, "rows": num_rows,
-            "unique_rows": unique_rows, "table_mib": num_rows * dim * 4 / 2**20}
+    return {"peak_mib": peak, "state_mib": state / 2**20}
 
 
 def available_gib():
@@ -182,16 +184,24 @@ def available_gib():
 
 
 def in_subprocess(args, method, dist):
+    """Times the method in one fresh process, then measures its peak in another:
+    the malloc setting the RSS measurement needs (every freed block back to
+    the OS) makes every temporary fault its pages in again, which is no way to
+    time anything."""
     argv = [sys.executable, os.path.abspath(__file__), "--child", f"{method}:{dist}", "--device", args.device,
             "--tokens", str(args.tokens), "--dim", str(args.dim), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--zipf", str(args.zipf), "--threads", str(args.threads)]
     if args.rows is not None:
         argv += ["--rows", str(args.rows)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = {}
+    for extra, env in (([], dict(os.environ)), (["--peak"], dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))):
+        if extra and args.device == "cpu" and args.steps > 1:
+            extra += ["--steps", "1"]  # the peak run needs no timing
+        done = subprocess.run(argv + extra, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
+        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def main():
@@ -207,6 +217,7 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:

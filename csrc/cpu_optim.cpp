@@ -127,7 +127,7 @@ using optim::KeyLayout;
 // the data (tens of MB) and are split over all threads.
 constexpr int64_t kSortGrain = int64_t(1) << 20;  // keys per radix-sort / scan chunk
 constexpr int64_t kRowGrain = 256;      // table rows per update task
-constexpr int64_t kPrefetchAhead = 4;   // rows (or entries) prefetched ahead
+constexpr int64_t kPrefetchAhead = 8;   // rows (or entries) prefetched ahead
 
 // Splits [0, n) into `chunks` near-equal ranges.
 inline int64_t chunk_begin(int64_t n, int64_t chunks, int64_t c) { return n * c / chunks; }
@@ -156,11 +156,11 @@ uint64_t* parallel_radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int shif
   const optim::RadixPlan plan = optim::radix_plan(bits);
   const int64_t chunks = num_chunks(n, kSortGrain);
   if (chunks == 1) {
-    std::vector<int64_t> counts(int64_t(1) << std::max(plan.digit_bits, 1));
+    std::vector<int64_t> counts(std::max<int64_t>(plan.passes * plan.buckets(), 1));
     return optim::radix_sort(keys, tmp, n, shift, bits, counts.data());
   }
-  const int64_t buckets = int64_t(1) << plan.digit_bits;
-  const uint64_t mask = static_cast<uint64_t>(buckets - 1);
+  const int64_t buckets = plan.buckets();
+  const uint64_t mask = plan.mask();
   std::vector<int64_t> counts(chunks * buckets);
   for (int p = 0; p < plan.passes; ++p) {
     const int s = shift + p * plan.digit_bits;
@@ -205,19 +205,22 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cpu(const at::Tensor& grad_in
   TORCH_CHECK_VALUE(layout.fits, op, ": ", E, " entries of a ", num_rows,
                     "-row table need more than 64 key bits; split the batch");
 
-  // 1. Packed (row, entry) keys; out-of-range rows are reported after.
+  // 1. Packed (row, entry) keys, token by token (no per-entry modulo for the
+  // head's offset); out-of-range rows are reported after.
   std::vector<uint64_t> buffer_a(E), buffer_b(E);
   std::atomic<bool> ok{true};
-  at::parallel_for(0, E, kSortGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t row = optim::entry_row(id_ptr, offset_ptr, K, e, num_rows);
-      if (row < 0) {
-        ok.store(false, std::memory_order_relaxed);
-        buffer_a[e] = 0;
-        continue;
+  at::parallel_for(0, E / K, std::max<int64_t>(1, kSortGrain / K), [&](int64_t begin, int64_t end) {
+    bool good = true;
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t e = t * K + k;
+        const int64_t row = id_ptr[e] + (offset_ptr ? offset_ptr[k] : 0);
+        const bool in_range = row >= 0 && row < num_rows;
+        good &= in_range;
+        buffer_a[e] = in_range ? layout.pack(static_cast<uint64_t>(row), static_cast<uint64_t>(e)) : 0;
       }
-      buffer_a[e] = layout.pack(static_cast<uint64_t>(row), static_cast<uint64_t>(e));
     }
+    if (!good) ok.store(false, std::memory_order_relaxed);
   });
   if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
 

@@ -23,25 +23,29 @@ touched rows and their summed gradients, and only those rows are updated:
   table's ``.grad`` stays None. ``fused=False`` keeps the unfused path: the
   table gets a sparse gradient and ``optimizer.step()`` applies it.
 
-How the rules differ from their dense counterparts (the same holds for
-SparseAdam against Adam): a row that no token looks up in a step is left
-alone. Its moments do not decay, weight decay does not shrink it, and it does
-not keep moving on its old momentum. Adam's bias corrections use the
-optimizer's step count (one per update of the table), as SparseAdam's do, so a
-row first touched late in training takes a first step of about
-``lr * (1 - beta1) / sqrt(1 - beta2)`` (3.2 lr with the default betas) where
-dense Adam's first step is lr; and eps is added to ``sqrt(v)`` before the bias
-correction (SparseAdam's form), not after it (Adam's). In the fused path the
-table's update happens during ``backward()``: with the lr the optimizer holds
-then, before gradient clipping (the table has no ``.grad`` to clip), once per
-backward pass (gradient accumulation over micro-batches updates each time).
+How the rules differ from their dense counterparts (as SparseAdam differs from
+Adam): only the rows looked up in a step change. A row that no token looks up
+keeps its value and its state: its moments do not decay, weight decay does not
+shrink it, and it does not keep moving on its momentum (dense Adam still moves
+it by lr * m_hat / (sqrt(v_hat) + eps) while m decays). Adam's bias
+corrections use the optimizer's step count (updates of the table so far), as
+SparseAdam's do, the same for every row whatever its own history; and eps is
+added to sqrt(v) before the bias correction of the denominator (SparseAdam's
+``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)``), not after
+it (Adam's ``lr * m_hat / (sqrt(v_hat) + eps)``), i.e. Adam's eps scaled by
+1 / sqrt(1 - beta2^t): larger early in training.
+
+In the fused path the table is updated during ``backward()``: with the
+hyperparameters the optimizer holds at that moment, before gradient clipping
+(the table has no ``.grad`` to clip), once per backward pass (gradient
+accumulation over micro-batches updates the table each time).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,6 +66,7 @@ __all__ = [
     "rowwise_sgd_update",
     "rowwise_adagrad_update",
     "rowwise_adam_update",
+    "state_bytes",
 ]
 
 

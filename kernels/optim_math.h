@@ -276,14 +276,18 @@ ENGRAM_HD int64_t entry_row(const int64_t* ids, const int64_t* offsets, int64_t 
 }
 
 // Digit sizes of an LSD sort over `bits` key bits: as few passes as digits of
-// at most max_digit_bits allow, the bits spread evenly over them (24 row bits:
-// three 8-bit passes, whose 256 counters and write streams stay in L1).
+// at most max_digit_bits allow, the bits spread evenly over them (a 10.34 M-row
+// table's 24 row bits: two 12-bit passes, whose 4096 counters stay in L1).
 struct RadixPlan {
   int passes;
   int digit_bits;
+  int64_t buckets() const { return int64_t(1) << digit_bits; }
+  uint64_t mask() const { return (uint64_t(1) << digit_bits) - 1; }
 };
 
-inline RadixPlan radix_plan(int bits, int max_digit_bits = 8) {
+constexpr int kMaxDigitBits = 12;
+
+inline RadixPlan radix_plan(int bits, int max_digit_bits = kMaxDigitBits) {
   if (bits <= 0) return {0, 0};
   const int passes = (bits + max_digit_bits - 1) / max_digit_bits;
   return {passes, (bits + passes - 1) / passes};
@@ -293,6 +297,18 @@ inline RadixPlan radix_plan(int bits, int max_digit_bits = 8) {
 inline void radix_count(const uint64_t* keys, int64_t begin, int64_t end, int shift, uint64_t mask,
                         int64_t* counts) {
   for (int64_t i = begin; i < end; ++i) ++counts[(keys[i] >> shift) & mask];
+}
+
+// The digit counts of every pass in one read of the keys: counts[p * buckets
+// + digit] for pass p (a pass does not change how many keys have a digit).
+inline void radix_count_all(const uint64_t* keys, int64_t begin, int64_t end, int shift, const RadixPlan& plan,
+                            int64_t* counts) {
+  const uint64_t mask = plan.mask();
+  const int64_t buckets = plan.buckets();
+  for (int64_t i = begin; i < end; ++i) {
+    const uint64_t key = keys[i] >> shift;
+    for (int p = 0; p < plan.passes; ++p) ++counts[p * buckets + ((key >> (p * plan.digit_bits)) & mask)];
+  }
 }
 
 // Writes the keys of [begin, end) to out[next[digit]++], in input order.
@@ -305,24 +321,23 @@ inline void radix_scatter(const uint64_t* in, int64_t begin, int64_t end, int sh
 }
 
 // Single-threaded stable sort of n keys by bits [shift, shift + bits), using
-// tmp (n keys) as scratch; returns the buffer that holds the result (keys or
-// tmp). The CPU kernel runs the same passes over per-thread chunks.
+// tmp (n keys) as scratch and counts (plan.passes * plan.buckets() counters);
+// returns the buffer that holds the result (keys or tmp).
 inline uint64_t* radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int shift, int bits, int64_t* counts,
-                            int max_digit_bits = 8) {
+                            int max_digit_bits = kMaxDigitBits) {
   const RadixPlan plan = radix_plan(bits, max_digit_bits);
-  const uint64_t mask = (uint64_t(1) << plan.digit_bits) - 1;
-  const int64_t buckets = int64_t(1) << plan.digit_bits;
+  const int64_t buckets = plan.buckets();
+  for (int64_t b = 0; b < plan.passes * buckets; ++b) counts[b] = 0;
+  radix_count_all(keys, 0, n, shift, plan, counts);
   for (int p = 0; p < plan.passes; ++p) {
-    const int s = shift + p * plan.digit_bits;
-    for (int64_t b = 0; b < buckets; ++b) counts[b] = 0;
-    radix_count(keys, 0, n, s, mask, counts);
+    int64_t* next = counts + p * buckets;
     int64_t total = 0;
     for (int64_t b = 0; b < buckets; ++b) {
-      const int64_t c = counts[b];
-      counts[b] = total;
+      const int64_t c = next[b];
+      next[b] = total;
       total += c;
     }
-    radix_scatter(keys, 0, n, s, mask, counts, tmp);
+    radix_scatter(keys, 0, n, shift + p * plan.digit_bits, plan.mask(), next, tmp);
     uint64_t* t = keys;
     keys = tmp;
     tmp = t;

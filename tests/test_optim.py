@@ -23,7 +23,6 @@ Bit-exactness on the CPU:
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 
@@ -650,3 +649,17 @@ def test_hugging_face_integration():
         assert t.grad is None and not torch.equal(t, t0)
     assert set(model.state_dict()) == keys_with_engram and keys_before < keys_with_engram  # no optimizer state in it
     assert all(s["step"] == 1 for s in opt.state.values())
+
+
+def test_fused_path_under_torch_compile():
+    # The fused lookup is left to eager (a graph break): its backward updates
+    # the table in place, which a compiled graph does not own.
+    eager, compiled = small_layer(), small_layer()
+    eager_opt = optim.make_rowwise(eager, "adam", lr=0.01)
+    compiled_opt = optim.make_rowwise(compiled, "adam", lr=0.01)
+    run = torch.compile(compiled)
+    for x, ids in layer_batches(2):
+        eager(x, ids).square().mean().backward()
+        run(x, ids).square().mean().backward()
+    assert torch.equal(table_of(eager), table_of(compiled)) and table_of(compiled).grad is None
+    assert compiled_opt.state[table_of(compiled)]["step"] == eager_opt.state[table_of(eager)]["step"] == 2

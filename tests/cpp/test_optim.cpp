@@ -223,12 +223,41 @@ TEST(OptimMath, RadixSortIsAStableSortByRow) {
       std::stable_sort(expected.begin(), expected.end(),
                        [&](uint64_t a, uint64_t b) { return k.row(a) < k.row(b); });
       std::vector<uint64_t> tmp(n);
-      std::vector<int64_t> counts(256);
-      const uint64_t* out = radix_sort(keys.data(), tmp.data(), n, k.entry_bits, k.row_bits, counts.data());
-      EXPECT_TRUE(std::equal(expected.begin(), expected.end(), out)) << rows << " " << n;
-      // Stable by row with the entry in the low bits: the keys are fully sorted.
-      EXPECT_TRUE(std::is_sorted(out, out + n));
+      for (const int digit_bits : {8, kMaxDigitBits}) {
+        std::vector<uint64_t> work = keys;
+        const RadixPlan plan = radix_plan(k.row_bits, digit_bits);
+        std::vector<int64_t> counts(std::max<int64_t>(1, plan.passes * plan.buckets()));
+        const uint64_t* out =
+            radix_sort(work.data(), tmp.data(), n, k.entry_bits, k.row_bits, counts.data(), digit_bits);
+        EXPECT_TRUE(std::equal(expected.begin(), expected.end(), out)) << rows << " " << n << " " << digit_bits;
+        // Stable by row with the entry in the low bits: the keys are fully sorted.
+        EXPECT_TRUE(std::is_sorted(out, out + n));
+      }
     }
+  }
+}
+
+TEST(OptimMath, RadixPlanSpreadsBitsOverFewestPasses) {
+  EXPECT_EQ(radix_plan(0).passes, 0);
+  EXPECT_EQ(radix_plan(24).passes, 2);
+  EXPECT_EQ(radix_plan(24).digit_bits, 12);
+  EXPECT_EQ(radix_plan(25).passes, 3);
+  EXPECT_EQ(radix_plan(25).digit_bits, 9);
+  EXPECT_EQ(radix_plan(24, 8).passes, 3);
+  EXPECT_EQ(radix_plan(5).digit_bits, 5);
+}
+
+TEST(OptimMath, CountAllPassesEqualsCountPerPass) {
+  std::mt19937_64 rng(10);
+  const KeyLayout k = KeyLayout::make(3000, 1u << 22);
+  const std::vector<uint64_t> keys = random_keys(k, 3000, 1u << 22, rng);
+  const RadixPlan plan = radix_plan(k.row_bits);
+  std::vector<int64_t> all(plan.passes * plan.buckets(), 0);
+  radix_count_all(keys.data(), 0, 3000, k.entry_bits, plan, all.data());
+  for (int p = 0; p < plan.passes; ++p) {
+    std::vector<int64_t> one(plan.buckets(), 0);
+    radix_count(keys.data(), 0, 3000, k.entry_bits + p * plan.digit_bits, plan.mask(), one.data());
+    EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + p * plan.buckets())) << p;
   }
 }
 
