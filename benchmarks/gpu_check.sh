@@ -16,7 +16,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log"
 echo "built in $(( $(date +%s) - start )) s"
 
 echo "== CUDA tests, then the rest"
-python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -5
+python3 -m pytest -q -x tests/test_cuda.py tests/test_optim_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -5
 timeout 240 python3 -m pytest -q 2>&1 | tee "$OUT/test_all.log" | tail -5
 
 echo "== GPU benchmarks"
@@ -24,3 +24,4 @@ timeout 120 python3 benchmarks/bench_hash.py --device cuda --batch 64 --seq 4096
 if python3 benchmarks/bench_layer.py --help 2>/dev/null | grep -q -- "--device"; then
   timeout 180 python3 benchmarks/bench_layer.py --device cuda 2>&1 | tee "$OUT/bench_layer_cuda.log"
 fi
+timeout 240 python3 benchmarks/bench_table_optim.py --device cuda 2>&1 | tee "$OUT/bench_table_optim_cuda.log"

@@ -264,6 +264,30 @@ TORCH_LIBRARY(engram, m) {
   m.def(
       "gated_short_conv_backward(Tensor grad_out, Tensor value, Tensor gate, Tensor norm_weight, "
       "Tensor conv_weight, int dilation, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // --- engram.optim: row-wise sparse table optimizers (csrc/cpu_optim.cpp,
+  // csrc/cuda/optim.cu, kernels/optim_math.h) ---------------------------------
+  // Touched rows of a table and their summed gradients: grad [..., K, Dh],
+  // ids [..., K] (+ offsets [K]) -> (rows [U] int64, strictly increasing;
+  // row_grads [U, Dh], each row's entries summed in entry order in opmath).
+  m.def("dedup_row_grads(Tensor grad, Tensor ids, Tensor? offsets, SymInt num_rows) -> (Tensor, Tensor)");
+  // In-place updates of the rows `rows` (strictly increasing, as
+  // dedup_row_grads returns them) of weight [R, Dh] and its state, given their
+  // summed gradients row_grads [U, Dh]; rules in kernels/optim_math.h.
+  m.def(
+      "rowwise_sgd_update(Tensor(a!) weight, Tensor rows, Tensor row_grads, float lr, float weight_decay=0.0) "
+      "-> ()");
+  // sum_sq [R]: one accumulator per row (FBGEMM's row-wise Adagrad).
+  m.def(
+      "rowwise_adagrad_update(Tensor(a!) weight, Tensor(b!) sum_sq, Tensor rows, Tensor row_grads, float lr, "
+      "float eps, float weight_decay=0.0) -> ()");
+  // exp_avg, exp_avg_sq [R, Dh]; step = this update's number (1, 2, ...) for
+  // the bias corrections; decoupled_weight_decay: AdamW.
+  m.def(
+      "rowwise_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, "
+      "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled_weight_decay, int step) -> ()");
+  // --- end engram.optim ---------------------------------------------------------
 }
 
 namespace {

@@ -9,6 +9,7 @@ from . import _cuda_composite
 _cuda_composite.register()
 from .hashing import NgramHasher
 from .layer import EngramLayer
+from . import optim
 from . import tokenizer
 from .tokenizer import build_compression
 
@@ -23,6 +24,7 @@ __all__ = [
     "empty_cpu_cache",
     "set_cpu_cache_enabled",
     "ops",
+    "optim",
     "tokenizer",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,10 @@ DEFAULT_VOCAB_SIZE = 129280
 class MultiHeadEmbedding(nn.Module):
     """K hashed heads in one table of sum(sizes) rows (spec §4)."""
 
+    # Set on an instance by engram.optim.make_rowwise: fused_lookup(weight,
+    # hash_ids, offsets) looks the rows up and updates the table in backward.
+    fused_lookup = None
+
     def __init__(self, head_sizes, head_dim: int) -> None:
         super().__init__()
         sizes = torch.as_tensor(list(head_sizes), dtype=torch.int64)
@@ -28,6 +32,8 @@ class MultiHeadEmbedding(nn.Module):
         self.sparse = False
 
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        if self.fused_lookup is not None:
+            return self.fused_lookup(self.embedding.weight, hash_ids, self.offsets)
         return ops.multihead_embedding(self.embedding.weight, hash_ids, self.offsets, self.sparse)
 
 

@@ -356,3 +356,57 @@ class EngramLayerReference(torch.nn.Module):
         # §6
         out = value + self.short_conv(value)
         return out.squeeze(2) if squeeze else out
+
+
+# --------------------------------------------------------------------------
+# Row-wise table optimizers (engram.optim), in float64
+# --------------------------------------------------------------------------
+#
+# Each function returns new float64 tensors; only the rows `rows` change.
+# The rules are written in their textbook form, not in the kernels' order of
+# operations, so the two agree to rounding only.
+
+
+def dedup_row_grads(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor | None, num_rows: int):
+    """(touched rows, sorted ascending; the float64 sum of each row's gradients)."""
+    flat = (ids if offsets is None else ids + offsets).reshape(-1)
+    dh = grad.shape[-1]
+    sums = torch.zeros(num_rows, dh, dtype=torch.float64).index_add_(0, flat, grad.reshape(-1, dh).double())
+    rows = torch.unique(flat)
+    return rows, sums[rows]
+
+
+def rowwise_sgd(weight, rows, row_grads, lr: float, weight_decay: float = 0.0) -> torch.Tensor:
+    w = weight.double().clone()
+    g = row_grads.double() + weight_decay * w[rows]
+    w[rows] = w[rows] - lr * g
+    return w
+
+
+def rowwise_adagrad(weight, sum_sq, rows, row_grads, lr: float, eps: float, weight_decay: float = 0.0):
+    """FBGEMM's row-wise Adagrad: one accumulator per row, fed the mean of g^2."""
+    w, acc = weight.double().clone(), sum_sq.double().clone()
+    g = row_grads.double() + weight_decay * w[rows]
+    acc[rows] = acc[rows] + (g * g).mean(dim=1)
+    w[rows] = w[rows] - lr * g / (acc[rows].sqrt() + eps)[:, None]
+    return w, acc
+
+
+def rowwise_adam(weight, exp_avg, exp_avg_sq, rows, row_grads, lr: float, betas, eps: float, weight_decay: float,
+                 decoupled: bool, step: int):
+    """Adam on the touched rows only (torch.optim.SparseAdam's semantics, plus
+    weight decay): moments m, v of the rows; bias corrections from the global
+    step; eps added to sqrt(v) before the bias correction of the denominator.
+    Adam's L2 weight decay adds wd * w to g; AdamW scales w by 1 - lr * wd."""
+    beta1, beta2 = betas
+    w, m, v = weight.double().clone(), exp_avg.double().clone(), exp_avg_sq.double().clone()
+    g = row_grads.double()
+    if decoupled:
+        w[rows] = w[rows] * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * w[rows]
+    m[rows] = beta1 * m[rows] + (1 - beta1) * g
+    v[rows] = beta2 * v[rows] + (1 - beta2) * g * g
+    bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+    w[rows] = w[rows] - lr * math.sqrt(bias_correction2) / bias_correction1 * m[rows] / (v[rows].sqrt() + eps)
+    return w, m, v

@@ -217,11 +217,18 @@ def count_params(model: nn.Module) -> Dict[str, int]:
     return {"total": total, "engram_tables": table, "dense": total - table}
 
 
+TABLE_OPTIMS = {"dense": None, "rowwise-sgd": "sgd", "rowwise-adagrad": "adagrad", "rowwise-adam": "adam"}
+
+
 def make_optimizers(model: nn.Module, args) -> List[torch.optim.Optimizer]:
     """AdamW for the dense weights; the Engram tables get their own Adam with
     a higher rate and no weight decay (as the reference trains them): each row
     is touched by few tokens per step, so it needs bigger steps, and decay
-    would shrink the rows that are rarely looked up."""
+    would shrink the rows that are rarely looked up.
+
+    With --table-optim rowwise-*, the tables train row-wise instead
+    (engram.optim.make_rowwise): the update is fused into the backward pass,
+    touches only the rows the batch looked up, and no table gradient exists."""
     tables = engram_tables(model)
     table_ids = {id(p) for p in tables}
     decay, no_decay = [], []
@@ -236,12 +243,30 @@ def make_optimizers(model: nn.Module, args) -> List[torch.optim.Optimizer]:
             betas=(0.9, 0.95),
         )
     ]
-    if tables:
+    rule = TABLE_OPTIMS[getattr(args, "table_optim", "dense")]
+    if tables and rule is None:
         opts.append(torch.optim.Adam(tables, lr=args.lr * args.engram_lr_mult, betas=(0.9, 0.95)))
+    elif tables:
+        hyper = {"betas": (0.9, 0.95)} if rule == "adam" else {}
+        # Its step() has nothing to do (the tables were updated in backward);
+        # it stays in the list so that the lr schedule drives its rate.
+        opts.append(engram.optim.make_rowwise(model, rule, lr=args.lr * args.engram_lr_mult, **hyper))
     for opt in opts:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return opts
+
+
+def table_optim_memory(model: nn.Module, opts: Sequence[torch.optim.Optimizer]) -> Dict[str, int]:
+    """Bytes a row-wise table optimizer holds between steps, against the dense
+    table Adam: its gradient (one table size, kept from backward to the next
+    zero_grad) and its two moments (two table sizes)."""
+    table_bytes = sum(p.numel() * p.element_size() for p in engram_tables(model))
+    rowwise = [o for o in opts if isinstance(o, engram.optim.RowwiseOptimizer)]
+    state = sum(engram.optim.state_bytes(o) for o in rowwise)
+    dense = 3 * table_bytes
+    return {"table_bytes": table_bytes, "dense_grad_and_adam_state_bytes": dense, "rowwise_state_bytes": state,
+            "saved_bytes": dense - state}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -456,6 +481,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="scaled: table rows at the token embeddings' scale (std 0.02) and a zero short conv; "
                    "reference: the layer's own init (N(0, 1) rows)")
     p.add_argument("--engram-lr-mult", type=float, default=5.0, help="table learning rate / --lr")
+    p.add_argument("--table-optim", choices=tuple(TABLE_OPTIMS), default="dense",
+                   help="dense: Adam on the dense table gradient; rowwise-*: engram.optim's row-wise sparse "
+                   "optimizer, fused into the backward pass (no table gradient; SGD, row-wise Adagrad or Adam)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seq-len tokens")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of files held out")
@@ -531,6 +559,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     for name, p in params.items():
         print(f"{name}: {p['total']:,} params ({p['dense']:,} dense + {p['engram_tables']:,} in Engram tables)")
     optims = {name: make_optimizers(m, args) for name, m in models.items()}
+    table_memory = None
+    if args.table_optim != "dense":
+        table_memory = table_optim_memory(models["engram"], optims["engram"])
+        mib = {k: v / 2**20 for k, v in table_memory.items()}
+        print(
+            f"table optimizer: {args.table_optim}, fused into backward (tables have no .grad; gradient clipping "
+            f"covers the dense weights only). Held between steps: {mib['rowwise_state_bytes']:.1f} MiB of "
+            f"optimizer state, against {mib['dense_grad_and_adam_state_bytes']:.1f} MiB for the dense table "
+            f"gradient + Adam moments; saves {mib['saved_bytes']:.1f} MiB "
+            f"({mib['table_bytes']:.1f} MiB of tables)"
+        )
 
     # ---- training: identical batches, one step of each model per batch --
     gen = torch.Generator().manual_seed(args.seed)
@@ -617,6 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "optim": {"lr": args.lr, "engram_table_lr": args.lr * args.engram_lr_mult, "weight_decay": args.weight_decay,
                   "warmup": warmup, "schedule": "linear warm-up, cosine to 10%", "grad_clip": 1.0},
         "seed": args.seed,
+        **({"table_optim": args.table_optim, "table_optim_memory": table_memory} if table_memory else {}),
         "val_curves": {k: h["val"] for k, h in history.items()},
         "mean_gate_by_token_kind": gate_stats,
         "gate_snippet": {"tokens": pieces, "gates": {str(l): g.tolist() for l, g in gate_maps.items()}},

@@ -50,6 +50,20 @@ def test_tiny_run_writes_plots_and_metrics(example, tmp_path):
     assert sorted(gates) == ["0", "1"]
     assert all(len(g) == len(saved["gate_snippet"]["tokens"]) for g in gates.values())
     assert metrics["engram_val_loss"] == saved["engram_val_loss"]
+    assert "table_optim" not in saved  # the default run trains the tables with dense Adam
+
+
+def test_tiny_run_with_rowwise_table_optimizer(example, tmp_path):
+    metrics = example.main(["--out", str(tmp_path / "run"), *TINY, "--table-optim", "rowwise-adagrad"])
+    assert metrics["table_optim"] == "rowwise-adagrad"
+    memory = metrics["table_optim_memory"]
+    # Row-wise Adagrad keeps one float per row; the dense path a gradient and two moments.
+    cfg = metrics["engram_config"]
+    rows = metrics["engram_table_params"] // (cfg["n_embed_per_ngram"] // cfg["n_head_per_ngram"])
+    assert memory["table_bytes"] == 4 * metrics["engram_table_params"]
+    assert memory["rowwise_state_bytes"] == 4 * rows
+    assert memory["saved_bytes"] == 3 * memory["table_bytes"] - 4 * rows
+    assert math.isfinite(metrics["engram_val_loss"])
 
 
 def test_split_is_by_file(example):
@@ -89,6 +103,7 @@ def test_same_seed_same_backbone(example):
         (["--val-fraction", "1.5"], "val-fraction"),
         (["--steps", "0"], "steps"),
         (["--vocab-size", "100"], "vocab-size"),
+        (["--table-optim", "lamb"], "table-optim"),
     ],
 )
 def test_bad_arguments(example, bad, message, capsys):
