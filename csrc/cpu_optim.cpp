@@ -22,7 +22,8 @@
 #include "csrc/checks.h"
 #include "csrc/ops.h"
 #include "csrc/optim.h"
-#include "kernels/layer_math.h"  // ENGRAM_CPU_CLONES
+#include "kernels/cpu_isa.h"
+#include "kernels/layer_math.h"  // ENGRAM_RESTRICT
 #include "kernels/optim_math.h"
 
 namespace engram {
@@ -341,19 +342,23 @@ void for_each_row(const int64_t* rows, int64_t U, std::initializer_list<std::pai
                   const Update& update) {
   std::vector<std::pair<const char*, size_t>> bases;
   for (const auto& t : tables) bases.emplace_back(static_cast<const char*>(t.first), t.second);
+  // Compiled per CPU ISA level (engram.cpu_isa()), chosen once per chunk.
+  const cpu::CpuIsa isa = cpu::current_cpu_isa();
   at::parallel_for(0, U, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      if (u + kPrefetchAhead < end) {
-        const int64_t ahead = rows[u + kPrefetchAhead];
-        for (const auto& b : bases) prefetch_row(b.first + ahead * b.second, b.second);
+    cpu::run_for_isa(isa, [&](auto) {
+      for (int64_t u = begin; u < end; ++u) {
+        if (u + kPrefetchAhead < end) {
+          const int64_t ahead = rows[u + kPrefetchAhead];
+          for (const auto& b : bases) prefetch_row(b.first + ahead * b.second, b.second);
+        }
+        update(u, rows[u]);
       }
-      update(u, rows[u]);
-    }
+    });
   });
 }
 
 // Per-row kernels: the scalar rules of optim_math.h, and for float tables
-// the same rules on F32x4 (SGD: compiled per ISA level instead).
+// the same rules on F32x4 (SGD: plain loops, vectorised per ISA level).
 template <typename T>
 struct SgdRow {
   optim::SgdCoeffs<T> c;
@@ -361,9 +366,9 @@ struct SgdRow {
 };
 
 // SGD is fused multiply-adds only, which leave nothing to contract: compiled
-// per ISA level, GCC vectorises std::fma into vfmadd on CPUs that have it
-// (the baseline clone calls the C library's fma).
-ENGRAM_CPU_CLONES void sgd_row_float(float* ENGRAM_RESTRICT w, const float* ENGRAM_RESTRICT g, int64_t dim,
+// per ISA level (for_each_row), GCC vectorises std::fma into vfmadd on CPUs
+// that have it (the scalar level calls the C library's fma).
+inline void sgd_row_float(float* ENGRAM_RESTRICT w, const float* ENGRAM_RESTRICT g, int64_t dim,
                                      float neg_lr, float weight_decay, bool l2) {
   if (l2) {
     for (int64_t d = 0; d < dim; ++d) w[d] = std::fma(std::fma(w[d], weight_decay, g[d]), neg_lr, w[d]);

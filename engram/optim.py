@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import ops
+from . import _checks, ops
 
 _ops = torch.ops.engram
 
@@ -113,7 +113,8 @@ def rowwise_adam_update(
 
 @torch.library.register_fake("engram::dedup_row_grads")
 def _dedup_row_grads_fake(grad, ids, offsets, num_rows):
-    ops._same_device("dedup_row_grads", "grad", grad, ids=ids, offsets=offsets)
+    for name, t in (("ids", ids), ("offsets", offsets)):
+        _checks.check_same_device("dedup_row_grads", "grad", grad, name, t)
     if grad.dim() != ids.dim() + 1:
         raise ValueError(
             f"dedup_row_grads: grad has shape {list(grad.shape)}; expected ids.shape + [Dh] with ids.shape "
@@ -127,7 +128,8 @@ def _dedup_row_grads_fake(grad, ids, offsets, num_rows):
 def _update_fake(op: str, names: Sequence[str]):
     def fake(weight, *args):
         tensors = {name: t for name, t in zip(names, args) if isinstance(t, torch.Tensor)}
-        ops._same_device(op, "weight", weight, **tensors)
+        for name, t in tensors.items():
+            _checks.check_same_device(op, "weight", weight, name, t)
         return None
 
     return fake
