@@ -24,3 +24,8 @@ timeout 120 python3 benchmarks/bench_hash.py --device cuda --batch 64 --seq 4096
 if python3 benchmarks/bench_layer.py --help 2>/dev/null | grep -q -- "--device"; then
   timeout 180 python3 benchmarks/bench_layer.py --device cuda 2>&1 | tee "$OUT/bench_layer_cuda.log"
 fi
+if [ -f benchmarks/bench_offload.py ]; then
+  echo "== host-table offload (issue 11)"
+  timeout 240 python3 benchmarks/bench_offload.py --device cuda --placement host --workers 8 --steps 8 --rounds 2 \
+    2>&1 | tee "$OUT/bench_offload_cuda.log"
+fi
