@@ -25,3 +25,8 @@ if python3 benchmarks/bench_layer.py --help 2>/dev/null | grep -q -- "--device";
   timeout 180 python3 benchmarks/bench_layer.py --device cuda 2>&1 | tee "$OUT/bench_layer_cuda.log"
 fi
 timeout 240 python3 benchmarks/bench_table_optim.py --device cuda 2>&1 | tee "$OUT/bench_table_optim_cuda.log"
+if [ -f benchmarks/bench_offload.py ]; then
+  echo "== host-table offload (issue 11)"
+  timeout 240 python3 benchmarks/bench_offload.py --device cuda --placement host --workers 8 --steps 8 --rounds 2 \
+    2>&1 | tee "$OUT/bench_offload_cuda.log"
+fi

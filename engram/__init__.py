@@ -9,6 +9,7 @@ from . import _cuda_composite
 _cuda_composite.register()
 from .hashing import NgramHasher
 from .layer import EngramLayer
+from .prefetch import Prefetcher
 from . import optim
 from . import tokenizer
 from .tokenizer import build_compression
@@ -18,6 +19,7 @@ __all__ = [
     "CompressionTable",
     "NgramHasher",
     "EngramLayer",
+    "Prefetcher",
     "build_compression",
     "cpu_cache_enabled",
     "cpu_isa",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,24 +19,125 @@ from .hashing import NgramHasher
 DEFAULT_VOCAB_SIZE = 129280
 
 
+TABLE_PLACEMENTS = ("device", "host", "mmap")
+
+
+def _file_table(path: str, rows: int, dim: int, dtype: torch.dtype) -> Tuple[np.memmap, bool]:
+    """The [rows, dim] table stored at `path` as a .npy file, memory-mapped
+    read-write (changes go to the file): created if missing, else reopened
+    after checking its shape and dtype. Returns (memmap, created)."""
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    if not os.path.exists(path):
+        # .npy rather than raw bytes: the header records shape and dtype, so a
+        # reopen can tell a table of another layer or dtype from this one.
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(rows, dim)), True
+    try:
+        array = np.lib.format.open_memmap(path, mode="r+")
+    except Exception as err:  # not a .npy file, truncated header, ...
+        raise ValueError(
+            f"EngramLayer: table_path={path!r} exists but is not an .npy table file ({err}); expected a "
+            f"[{rows}, {dim}] {np_dtype} table or no file (then it is created)"
+        ) from err
+    if array.dtype != np_dtype or array.shape != (rows, dim) or not array.flags.c_contiguous:
+        raise ValueError(
+            f"EngramLayer: table_path={path!r} holds a {array.dtype} table of shape {list(array.shape)}"
+            f"{'' if array.flags.c_contiguous else ' (Fortran order)'}; expected a C-order {np_dtype} table of "
+            f"shape [{rows}, {dim}] (another layer's or model's file?)"
+        )
+    return array, False
+
+
 class MultiHeadEmbedding(nn.Module):
-    """K hashed heads in one table of sum(sizes) rows (spec §4)."""
+    """K hashed heads in one table of sum(sizes) rows (spec §4).
+
+    ``placement`` says where the table lives: "device" (an nn.Embedding
+    parameter that moves with the module), "host" (CPU memory, pinned when
+    CUDA is available) or "mmap" (a memory-mapped .npy file at ``path``). A
+    host or mmap table stays in CPU memory and keeps its dtype when the module
+    is moved or cast; lookups from another device copy the ids there and the
+    rows back. It is still ``embedding.weight``, a parameter, so state_dict,
+    load_state_dict and optimizers see it.
+    """
 
     # Set on an instance by engram.optim.make_rowwise: fused_lookup(weight,
     # hash_ids, offsets) looks the rows up and updates the table in backward.
     fused_lookup = None
+    # Set on an instance by engram.Prefetcher: prefetch_lookup(module, hash_ids)
+    # serves the lookup from rows gathered ahead of time.
+    prefetch_lookup = None
 
-    def __init__(self, head_sizes, head_dim: int) -> None:
+    def __init__(self, head_sizes, head_dim: int, placement: str = "device", path: Optional[str] = None) -> None:
         super().__init__()
+        if placement not in TABLE_PLACEMENTS:
+            raise ValueError(f"EngramLayer: table_placement={placement!r}; expected one of {list(TABLE_PLACEMENTS)}")
+        if placement == "mmap" and not path:
+            raise ValueError("EngramLayer: table_placement='mmap' needs table_path, the file that holds the table")
+        if placement != "mmap" and path is not None:
+            raise ValueError(
+                f"EngramLayer: table_path={path!r} is only used with table_placement='mmap', got "
+                f"table_placement={placement!r}"
+            )
         sizes = torch.as_tensor(list(head_sizes), dtype=torch.int64)
         self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes)
-        self.embedding = nn.Embedding(int(sizes.sum()), head_dim)
+        rows = int(sizes.sum())
+        self.placement, self.table_path = placement, (os.fspath(path) if path is not None else None)
+        if placement == "device":
+            self.embedding = nn.Embedding(rows, head_dim)
+        else:
+            dtype = torch.get_default_dtype()
+            if placement == "host":
+                table, created = torch.empty((rows, head_dim), dtype=dtype, pin_memory=_pin_memory()), True
+            else:
+                self._file_array, created = _file_table(self.table_path, rows, head_dim, dtype)
+                table = torch.from_numpy(self._file_array)
+            if created:
+                # nn.Embedding's own initialisation, drawn from the same
+                # generator in the same order: equal seeds give equal tables in
+                # every placement. A reopened file keeps its contents.
+                nn.init.normal_(table)
+            self.embedding = nn.Embedding(rows, head_dim, _weight=table)
         self.sparse = False
 
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn, recurse=True):
+        if self.placement == "device":
+            return super()._apply(fn, recurse)
+        # The host / file table stays where it is (moving or casting it would
+        # drop the pinned or file-backed memory); the offsets follow the module.
+        embedding = self._modules.pop("embedding")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["embedding"] = embedding
+        return self
+
+    def flush(self) -> None:
+        """Writes an mmap table's changed pages to its file (the OS does so
+        eventually anyway); a no-op for other placements."""
+        if self.placement == "mmap":
+            self._file_array.flush()
+
+    def lookup(self, weight: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The direct lookup (the same op, or the row-wise fused one, in every placement)."""
         if self.fused_lookup is not None:
-            return self.fused_lookup(self.embedding.weight, hash_ids, self.offsets)
-        return ops.multihead_embedding(self.embedding.weight, hash_ids, self.offsets, self.sparse)
+            return self.fused_lookup(weight, hash_ids, offsets)
+        return ops.multihead_embedding(weight, hash_ids, offsets, self.sparse)
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        if self.prefetch_lookup is not None:
+            return self.prefetch_lookup(self, hash_ids)
+        return self.direct_forward(hash_ids)
+
+    def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """forward without a prefetcher: the rows are read from the table now."""
+        weight = self.embedding.weight
+        if weight.device != hash_ids.device:  # host / mmap table, layer on an accelerator
+            out = self.lookup(weight, hash_ids.to(weight.device), self.offsets.to(weight.device))
+            return out.to(hash_ids.device, non_blocking=True)
+        return self.lookup(weight, hash_ids, self.offsets)
+
+
+def _pin_memory() -> bool:
+    return torch.cuda.is_available()
 
 
 class ShortConv(nn.Module):
@@ -65,6 +168,14 @@ class EngramLayer(nn.Module):
 
     forward(hidden_states [B, T, G, D] (or [B, T, D] when G = 1), input_ids [B, T])
     returns a tensor shaped like hidden_states; the caller adds it.
+
+    table_placement: "device" (default; the table is a parameter that moves
+    with the layer), "host" (host memory, pinned when CUDA is available, while
+    the rest of the layer may live on an accelerator) or "mmap" (a .npy file at
+    table_path, created and initialised on first use, reopened with its
+    contents later; for tables larger than RAM). Outputs and gradients are the
+    same in every placement; engram.Prefetcher gathers host / mmap rows ahead
+    of use.
     """
 
     def __init__(
@@ -74,6 +185,8 @@ class EngramLayer(nn.Module):
         hidden_size: int,
         hc_mult: int = 1,
         compression: Optional[CompressionTable] = None,
+        table_placement: str = "device",
+        table_path: Optional[str] = None,
     ) -> None:
         super().__init__()
         if layer_id not in config.layer_ids:
@@ -91,7 +204,9 @@ class EngramLayer(nn.Module):
 
         n = config.max_ngram_size
         engram_dim = (n - 1) * config.n_embed_per_ngram
-        self.multi_head_embedding = MultiHeadEmbedding(self.hasher.head_sizes(layer_id), config.head_dim)
+        self.multi_head_embedding = MultiHeadEmbedding(
+            self.hasher.head_sizes(layer_id), config.head_dim, table_placement, table_path
+        )
         self.short_conv = ShortConv(hidden_size, hc_mult, config.kernel_size, dilation=n)
         self.value_proj = nn.Linear(engram_dim, hidden_size)
         self.key_projs = nn.ModuleList([nn.Linear(engram_dim, hidden_size) for _ in range(hc_mult)])
@@ -181,4 +296,6 @@ class EngramLayer(nn.Module):
             f"layer_id={self.layer_id}, rows={w.shape[0]:,}, head_dim={w.shape[1]}, "
             f"table_bytes={w.numel() * w.element_size():,}, hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, "
             f"hash={self.config.hash!r}"
+            + (f", table_placement={self.multi_head_embedding.placement!r}"
+               if self.multi_head_embedding.placement != "device" else "")
         )

@@ -10,8 +10,13 @@
 
 namespace py = pybind11;
 
+namespace engram {
+void bind_prefetch(py::module_& m);  // python/prefetch.cpp
+}
+
 PYBIND11_MODULE(_engine, m) {
   m.doc() = "engram helpers that are not operators";
+  engram::bind_prefetch(m);
   m.def(
       "head_primes",
       [](const std::vector<uint64_t>& min_size_per_order, int heads_per_order, int num_layers) {

@@ -1,0 +1,71 @@
+// engram._engine bindings of the prefetch engine (csrc/prefetch.h). The only
+// translation unit of _engine that includes torch's Python headers.
+#include <torch/extension.h>
+
+#include "csrc/prefetch.h"
+
+namespace py = pybind11;
+using engram::prefetch::GatherPool;
+using engram::prefetch::Staged;
+using engram::prefetch::Ticket;
+
+namespace engram {
+namespace {
+
+// Joins the workers without the GIL when Python frees the pool: a worker may
+// be freeing a numpy-backed table, which takes the GIL.
+class PyGatherPool : public GatherPool {
+ public:
+  using GatherPool::GatherPool;
+  ~PyGatherPool() override {
+    if (Py_IsInitialized() && PyGILState_Check()) {
+      py::gil_scoped_release release;
+      close();
+    } else {
+      close();
+    }
+  }
+};
+
+}  // namespace
+
+void bind_prefetch(py::module_& m) {
+  py::class_<Ticket, std::shared_ptr<Ticket>>(m, "GatherTicket", "The future of one submitted gather.")
+      .def("ready", &Ticket::ready, "True once the gather finished (or failed).")
+      .def(
+          "wait",
+          [](Ticket& t) {
+            Staged s;
+            {
+              py::gil_scoped_release release;
+              s = t.wait();
+            }
+            return py::make_tuple(s.rows, s.staged, s.inverse);
+          },
+          "Blocks until done; returns (rows, staged, inverse) or raises the worker's error.");
+  py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
+      .def(py::init<int>(), py::arg("num_threads"))
+      .def_property_readonly("num_threads", &PyGatherPool::num_threads)
+      .def("submit", &PyGatherPool::submit, py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false,
+           py::arg("dedup") = true,
+           "Queues the gather of table rows `ids` (int64, already offset), deduplicated (-> rows, staged, "
+           "inverse) or expanded (-> None, table[ids], None); returns a GatherTicket.")
+      .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
+           "Cancels queued gathers, finishes running ones, joins the workers.");
+  m.def(
+      "gather",
+      [](const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup) {
+        engram::prefetch::check_gather_args(table, ids);
+        Staged s;
+        {
+          py::gil_scoped_release release;
+          s = dedup ? engram::prefetch::dedup_gather(table, ids, pin_memory)
+                    : engram::prefetch::expand_gather(table, ids, pin_memory);
+        }
+        return py::make_tuple(s.rows, s.staged, s.inverse);
+      },
+      py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
+      "The engine's work, synchronously: (rows, table[rows], inverse) or (None, table[ids], None).");
+}
+
+}  // namespace engram

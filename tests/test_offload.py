@@ -1,0 +1,434 @@
+"""Table placements (device / host / mmap), the prefetch engine and training
+with prefetched host tables: equal to the device placement bit for bit on the CPU."""
+
+import gc
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import engram
+from engram import CompressionTable, EngramConfig, EngramLayer
+
+VOCAB = 300
+D = 16
+
+
+def config(**changes):
+    return EngramConfig(engram_vocab_size=[997, 1009], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
+                        layer_ids=[1, 3], **changes)
+
+
+def make_layer(placement="device", path=None, layer_id=1, seed=0, g=1):
+    torch.manual_seed(seed)
+    return EngramLayer(config(), layer_id, D, hc_mult=g, compression=CompressionTable.identity(VOCAB),
+                       table_placement=placement, table_path=path)
+
+
+def inputs(b=2, t=12, seed=1, g=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, t), generator=gen)
+    shape = (b, t, D) if g == 1 else (b, t, g, D)
+    return torch.randn(shape, generator=gen), ids
+
+
+def forward_backward(layer, hidden, ids):
+    hidden = hidden.clone().requires_grad_(True)
+    out = layer(hidden, ids)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), hidden.grad, grads
+
+
+def assert_same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# placement
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement", ["host", "mmap"])
+@pytest.mark.parametrize("g", [1, 2])
+def test_placements_equal_device_forward_backward(tmp_path, placement, g):
+    path = str(tmp_path / "t.npy") if placement == "mmap" else None
+    device = make_layer(g=g)
+    other = make_layer(placement, path, g=g)
+    assert other.multi_head_embedding.placement == placement
+    # Same seed -> the same table and every other weight, without copying.
+    for (n1, p1), (n2, p2) in zip(device.state_dict().items(), other.state_dict().items()):
+        assert n1 == n2
+        assert_same(p1, p2)
+    hidden, ids = inputs(g=g)
+    out1, gh1, grads1 = forward_backward(device, hidden, ids)
+    out2, gh2, grads2 = forward_backward(other, hidden, ids)
+    assert_same(out1, out2)
+    assert_same(gh1, gh2)
+    assert grads1.keys() == grads2.keys()
+    for name in grads1:
+        assert_same(grads1[name], grads2[name])
+
+
+def test_mmap_created_then_reopened_with_contents(tmp_path):
+    path = str(tmp_path / "table.npy")
+    first = make_layer("mmap", path)
+    assert os.path.exists(path)
+    with torch.no_grad():
+        first.multi_head_embedding.embedding.weight[5].fill_(3.5)
+    first.multi_head_embedding.flush()
+    expected = first.multi_head_embedding.embedding.weight.detach().clone()
+    del first
+    gc.collect()
+    again = make_layer("mmap", path, seed=123)  # another seed: the file's contents win
+    assert_same(again.multi_head_embedding.embedding.weight.detach(), expected)
+    assert torch.all(expected[5] == 3.5)
+    # The file is a plain .npy table.
+    assert_same(torch.from_numpy(np.load(path)), expected)
+
+
+def test_host_and_mmap_tables_stay_on_host_when_the_layer_moves(tmp_path):
+    for placement, path in (("host", None), ("mmap", str(tmp_path / "m.npy"))):
+        layer = make_layer(placement, path)
+        table = layer.multi_head_embedding.embedding.weight
+        ptr = table.data_ptr()
+        layer.to(torch.float64)
+        assert layer.value_proj.weight.dtype == torch.float64
+        assert layer.multi_head_embedding.embedding.weight.dtype == torch.float32
+        assert layer.multi_head_embedding.embedding.weight.data_ptr() == ptr
+        hidden, ids = inputs()
+        device = make_layer().to(torch.float64)
+        assert_same(layer(hidden.double(), ids), device(hidden.double(), ids))
+
+
+def test_load_state_dict_writes_into_the_mmap_file(tmp_path):
+    path = str(tmp_path / "s.npy")
+    source = make_layer(seed=7)
+    target = make_layer("mmap", path)
+    target.load_state_dict(source.state_dict())
+    target.multi_head_embedding.flush()
+    assert_same(torch.from_numpy(np.load(path)), source.multi_head_embedding.embedding.weight.detach())
+
+
+def test_placement_errors(tmp_path):
+    with pytest.raises(ValueError, match="table_placement='cuda'"):
+        make_layer("cuda")
+    with pytest.raises(ValueError, match="needs table_path"):
+        make_layer("mmap")
+    with pytest.raises(ValueError, match="only used with table_placement='mmap'"):
+        make_layer("host", str(tmp_path / "x.npy"))
+    path = str(tmp_path / "other.npy")
+    make_layer("mmap", path, layer_id=1)
+    rows, dim = make_layer(layer_id=1).multi_head_embedding.embedding.weight.shape
+    with pytest.raises(ValueError, match=rf"float32 table of shape \[\d+, {dim}\]; expected a C-order float32 table "
+                                         rf"of shape \[\d+, {dim}\]"):
+        make_layer("mmap", path, layer_id=3)  # another layer's head sizes
+    wrong_dtype = str(tmp_path / "f64.npy")
+    np.save(wrong_dtype, np.zeros((rows, dim), dtype=np.float64))
+    with pytest.raises(ValueError, match="float64 table"):
+        make_layer("mmap", wrong_dtype)
+    garbage = str(tmp_path / "raw.bin")
+    with open(garbage, "wb") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(ValueError, match="not an .npy table file"):
+        make_layer("mmap", garbage)
+
+
+# --------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------
+
+_engine = engram._loader.load("_engine")
+
+
+def test_dedup_gather_matches_unique_and_index_select():
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        table = torch.randn(500, 7, generator=gen).to(dtype)
+        ids = torch.randint(0, 500, (4, 9, 3), generator=gen)
+        rows, staged, inverse = _engine.gather(table, ids)
+        expected_rows, expected_inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        assert_same(rows, expected_rows)
+        assert_same(inverse, expected_inverse)
+        assert_same(staged, table[expected_rows])
+        assert_same(staged[inverse], table[ids])
+    empty = _engine.gather(table, torch.empty(0, 3, dtype=torch.int64))
+    assert empty[0].numel() == 0 and empty[1].shape == (0, 7) and empty[2].shape == (0, 3)
+
+
+def test_engine_int64_rows_beyond_2_31_elements(tmp_path):
+    # A sparse file: 2^31 + 16 * 1000 float32 elements, only a few pages written.
+    rows, dim = 2**31 // 16 + 1000, 16
+    array = np.lib.format.open_memmap(str(tmp_path / "big.npy"), mode="w+", dtype=np.float32, shape=(rows, dim))
+    table = torch.from_numpy(array)
+    assert table.numel() > 2**31
+    far = torch.tensor([rows - 1, 3, rows - 500, rows - 1], dtype=torch.int64)
+    for r in far.tolist():
+        table[r] = torch.arange(dim, dtype=torch.float32) + r % 1000
+    pool = _engine.GatherPool(1)
+    got_rows, staged, inverse = pool.submit(table, far).wait()
+    assert got_rows.tolist() == sorted(set(far.tolist()))
+    assert_same(staged[inverse], table[far])
+
+
+def test_engine_errors_surface_in_the_caller():
+    table = torch.randn(10, 4)
+    pool = _engine.GatherPool(2)
+    ticket = pool.submit(table, torch.tensor([[1, 2], [3, 99]]))
+    with pytest.raises(IndexError, match=r"row 99 at position 3 is outside the table's 10 rows"):
+        ticket.wait()
+    assert ticket.ready()
+    with pytest.raises(IndexError, match="row -1"):
+        pool.submit(table, torch.tensor([-1])).wait()
+    with pytest.raises(ValueError, match="ids must be contiguous int64"):
+        pool.submit(table, torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="table must be a contiguous 2-D CPU tensor"):
+        pool.submit(table.t(), torch.tensor([1]))
+    with pytest.raises(ValueError, match="num_threads=0"):
+        _engine.GatherPool(0)
+    # The pool still works after errors.
+    assert_same(pool.submit(table, torch.tensor([4])).wait()[1], table[4:5])
+    pool.close()
+
+
+def test_engine_close_cancels_queued_gathers_without_hanging():
+    table = torch.randn(200_000, 32)
+    ids = torch.randint(0, 200_000, (50_000,))
+    pool = _engine.GatherPool(1)
+    tickets = [pool.submit(table, ids) for _ in range(20)]
+    pool.close()
+    pool.close()  # idempotent
+    done = cancelled = 0
+    for ticket in tickets:
+        assert ticket.ready()
+        try:
+            rows, staged, inverse = ticket.wait()
+            assert_same(staged[inverse], table[ids])
+            done += 1
+        except RuntimeError as err:
+            assert "closed before this gather ran" in str(err)
+            cancelled += 1
+    assert done + cancelled == 20 and cancelled >= 1
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(table, ids)
+
+
+# --------------------------------------------------------------------------
+# Prefetcher
+# --------------------------------------------------------------------------
+
+
+class Toy(nn.Module):
+    """Token embedding, an Engram layer at blocks 1 and 3, a mixing linear after each."""
+
+    def __init__(self, placement="device", directory=None, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.engrams = nn.ModuleList([
+            EngramLayer(config(), l, D, compression=CompressionTable.identity(VOCAB), table_placement=placement,
+                        table_path=os.path.join(directory, f"layer{l}.npy") if placement == "mmap" else None)
+            for l in (1, 3)
+        ])
+        self.mixes = nn.ModuleList([nn.Linear(D, D) for _ in range(2)])
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for engram_layer, mix in zip(self.engrams, self.mixes):
+            h = torch.tanh(mix(h + engram_layer(h, ids)))
+        return h
+
+
+def batches(n, b=2, t=16, seed=5, vocab=40):
+    # A small vocabulary: consecutive batches share many n-grams (rows).
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (b, t), generator=gen) for _ in range(n)]
+
+
+def loss_of(out):
+    return (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+
+
+@pytest.mark.parametrize("placement", ["device", "host", "mmap"])
+@pytest.mark.parametrize("dedup", [None, True])
+def test_prefetched_forward_backward_equal_direct(tmp_path, placement, dedup):
+    direct, model = Toy(), Toy(placement, str(tmp_path))
+    ids = batches(1)[0]
+    with engram.Prefetcher(model, dedup=dedup) as prefetcher:
+        assert len(prefetcher.layers) == 2 and len(prefetcher._groups) == 1  # one hash call for both layers
+        prefetcher.prefetch(ids)
+        out = model(ids)
+        assert prefetcher.stats.hits == 2 and prefetcher.stats.misses == 0
+        if dedup:
+            assert 0 < prefetcher.stats.rows_gathered < prefetcher.stats.rows_looked_up
+        else:  # on the CPU the lookup's output itself is gathered
+            assert prefetcher.stats.rows_gathered == prefetcher.stats.rows_looked_up == ids.numel() * 2 * 4
+        expected = direct(ids)
+        assert_same(out, expected)
+        loss_of(out).backward()
+        loss_of(expected).backward()
+        for (name, p1), p2 in zip(direct.named_parameters(), model.parameters()):
+            assert_same(p1.grad, p2.grad)
+        # Nothing prefetched any more: direct lookups, same output.
+        assert_same(model(ids), expected)
+        assert prefetcher.stats.misses == 2
+
+
+def test_prefetched_rows_used_only_for_their_ids(tmp_path):
+    model, direct = Toy("host"), Toy()
+    first, second = batches(2)
+    with engram.Prefetcher(model) as prefetcher:
+        prefetcher.prefetch(first)
+        assert_same(model(second), direct(second))  # other ids: looked up directly
+        assert prefetcher.stats.hits == 0 and prefetcher.stats.misses == 2
+        assert_same(model(first), direct(first))  # the prefetched rows are still there
+        assert prefetcher.stats.hits == 2
+        # Batch i+1 prefetched before batch i is used (max_pending=2).
+        prefetcher.prefetch(first)
+        prefetcher.prefetch(second)
+        assert_same(model(first), direct(first))
+        assert_same(model(second), direct(second))
+        assert prefetcher.stats.hits == 6
+        prefetcher.enabled = False
+        prefetcher.prefetch(first)
+        assert_same(model(first), direct(first))
+        assert prefetcher.stats.hits == 6
+
+
+def test_unused_prefetches_raising_forwards_and_shutdown():
+    model, direct = Toy("host"), Toy()
+    data = batches(6)
+    prefetcher = engram.Prefetcher(model, num_threads=1)
+    for ids in data:  # never used: each replaces the last
+        prefetcher.prefetch(ids)
+    prefetcher.prefetch(data[0])
+    with pytest.raises(ValueError, match="input_ids has shape"):
+        model.engrams[0](torch.zeros(2, 16, D), data[0][:, :3])  # a forward that raises
+    assert_same(model(data[0]), direct(data[0]))
+    prefetcher.prefetch(data[1])
+    prefetcher.close()
+    prefetcher.close()
+    assert all(l.multi_head_embedding.prefetch_lookup is None for l in model.engrams)
+    assert_same(model(data[1]), direct(data[1]))
+    with pytest.raises(RuntimeError, match="closed"):
+        prefetcher.prefetch(data[1])
+    # Garbage collection closes and detaches too.
+    prefetcher = engram.Prefetcher(model)
+    prefetcher.prefetch(data[2])
+    del prefetcher
+    gc.collect()
+    assert all(l.multi_head_embedding.prefetch_lookup is None for l in model.engrams)
+    assert_same(model(data[2]), direct(data[2]))
+
+
+def test_prefetcher_worker_error_surfaces_in_forward():
+    model = Toy("host")
+    ids = batches(1)[0]
+    with engram.Prefetcher(model) as prefetcher:
+        module = model.engrams[1].multi_head_embedding
+        good = module.offsets.clone()
+        module.offsets += 10**9  # rows beyond the table: the worker's bound check fails
+        prefetcher.prefetch(ids)
+        with pytest.raises(IndexError, match="is outside the table's"):
+            model(ids)
+        module.offsets.copy_(good)
+        prefetcher.prefetch(ids)
+        assert_same(model(ids), Toy()(ids))
+
+
+def test_prefetcher_errors():
+    with pytest.raises(ValueError, match="holds no EngramLayer"):
+        engram.Prefetcher(nn.Linear(2, 2))
+    model = Toy("host")
+    with pytest.raises(ValueError, match="num_threads=0"):
+        engram.Prefetcher(model, num_threads=0)
+    with pytest.raises(ValueError, match="max_pending=0"):
+        engram.Prefetcher(model, max_pending=0)
+    with pytest.raises(ValueError, match="dedup='yes'"):
+        engram.Prefetcher(model, dedup="yes")
+    with engram.Prefetcher(model):
+        with pytest.raises(ValueError, match="already has a Prefetcher"):
+            engram.Prefetcher(model)
+
+
+# --------------------------------------------------------------------------
+# training with host / mmap tables and prefetch
+# --------------------------------------------------------------------------
+
+
+def train(model, data, rule, prefetch, dedup=None, fused=True):
+    """Fused row-wise tables + Adam elsewhere; with prefetch, the next batch is
+    prefetched right after the forward, before the backward updates the tables."""
+    optimizer = engram.optim.make_rowwise(model, rule, lr=0.05, fused=fused)
+    tables = {id(p) for p in engram.optim.table_parameters(model)}
+    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], lr=0.01)
+    prefetcher = engram.Prefetcher(model, dedup=dedup) if prefetch else None
+    losses = []
+    if prefetcher:
+        prefetcher.prefetch(data[0])
+    for i, ids in enumerate(data):
+        loss = loss_of(model(ids))
+        if prefetcher and i + 1 < len(data):
+            prefetcher.prefetch(data[i + 1])  # rows read before this step's update lands
+        loss.backward()
+        optimizer.step()
+        dense.step()
+        dense.zero_grad()
+        losses.append(loss.detach())
+    stats = prefetcher.stats if prefetcher else None
+    if prefetcher:
+        prefetcher.close()
+    optimizer.remove()
+    return torch.stack(losses), stats
+
+
+@pytest.mark.parametrize("placement,rule,dedup,fused", [
+    ("host", "sgd", None, True), ("host", "adam", True, True), ("mmap", "adam", None, True),
+    ("mmap", "adagrad", True, True), ("host", "adam", None, False), ("mmap", "sgd", True, False),
+])
+def test_training_with_prefetch_equals_device_without(tmp_path, placement, rule, dedup, fused):
+    data = batches(6)
+    reference, model = Toy(), Toy(placement, str(tmp_path))
+    losses_ref, _ = train(reference, data, rule, prefetch=False, fused=fused)
+    losses, stats = train(model, data, rule, prefetch=True, dedup=dedup, fused=fused)
+    assert stats.hits == 2 * len(data)
+    # Consecutive batches share rows, so staged rows were updated after their
+    # gather and had to be read again: the ordering was exercised.
+    assert stats.patched_rows > 0
+    assert_same(losses, losses_ref)
+    for (name, p1), p2 in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert_same(p1, p2)
+
+
+def test_unfused_updates_are_caught_by_the_version_counter():
+    """A dense optimizer over the host table (changes the prefetcher does not
+    record): the staged rows are gathered again."""
+    data = batches(4)
+
+    def run(model, prefetch):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        prefetcher = engram.Prefetcher(model) if prefetch else None
+        if prefetcher:
+            prefetcher.prefetch(data[0])
+        for i, ids in enumerate(data):
+            loss = loss_of(model(ids))
+            if prefetcher and i + 1 < len(data):
+                prefetcher.prefetch(data[i + 1])
+            loss.backward()
+            if prefetcher:
+                prefetcher.wait()  # no gather runs while step() writes the table
+            optimizer.step()
+            optimizer.zero_grad()
+        if prefetcher:
+            prefetcher.close()
+            return prefetcher.stats
+
+    reference, model = Toy(), Toy("host")
+    run(reference, False)
+    stats = run(model, True)
+    assert stats.hits == 2 * len(data) and stats.regathers == 2 * (len(data) - 1)
+    for p1, p2 in zip(reference.state_dict().values(), model.state_dict().values()):
+        assert_same(p1, p2)
