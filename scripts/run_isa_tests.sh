@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-TESTS=(tests/test_hash.py tests/test_embedding.py tests/test_layer_ops.py tests/test_compression.py tests/test_isa.py)
+TESTS=(tests/test_hash.py tests/test_embedding.py tests/test_layer_ops.py tests/test_compression.py)
+# In the same process: the level asked for is the one in use.
+LEVEL_CHECKS=(tests/test_isa.py::test_levels_and_default tests/test_isa.py::test_environment_level_is_in_use)
 
 # The machine code of every level, including those this CPU cannot run.
 if [[ "$(uname -m)" == x86_64 ]]; then
@@ -28,8 +30,10 @@ for level in scalar avx2 avx512; do
     continue
   fi
   echo "== ENGRAM_CPU_ISA=$level"
-  # test_isa.py checks in the same process that the level is the one in use.
-  ENGRAM_CPU_ISA="$level" "$PYTHON" -m pytest -q "${TESTS[@]}" "$@"
+  ENGRAM_CPU_ISA="$level" "$PYTHON" -m pytest -q "${TESTS[@]}" "${LEVEL_CHECKS[@]}" "$@"
   ran=$((ran + 1))
 done
 echo "ran the op tests under $ran CPU ISA level(s)"
+# test_isa.py switches between all levels itself: once is enough.
+echo "== tests/test_isa.py: every op at every level, against the reference and each other"
+env -u ENGRAM_CPU_ISA "$PYTHON" -m pytest -q tests/test_isa.py "$@"
