@@ -22,7 +22,6 @@
 #include "csrc/checks.h"
 #include "csrc/ops.h"
 #include "csrc/optim.h"
-#include "kernels/cpu_isa.h"
 #include "kernels/layer_math.h"  // ENGRAM_RESTRICT
 #include "kernels/optim_math.h"
 
@@ -342,32 +341,29 @@ void for_each_row(const int64_t* rows, int64_t U, std::initializer_list<std::pai
                   const Update& update) {
   std::vector<std::pair<const char*, size_t>> bases;
   for (const auto& t : tables) bases.emplace_back(static_cast<const char*>(t.first), t.second);
-  // Compiled per CPU ISA level (engram.cpu_isa()), chosen once per chunk.
-  const cpu::CpuIsa isa = cpu::current_cpu_isa();
   at::parallel_for(0, U, kRowGrain, [&](int64_t begin, int64_t end) {
-    cpu::run_for_isa(isa, [&](auto) {
-      for (int64_t u = begin; u < end; ++u) {
-        if (u + kPrefetchAhead < end) {
-          const int64_t ahead = rows[u + kPrefetchAhead];
-          for (const auto& b : bases) prefetch_row(b.first + ahead * b.second, b.second);
-        }
-        update(u, rows[u]);
+    for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchAhead < end) {
+        const int64_t ahead = rows[u + kPrefetchAhead];
+        for (const auto& b : bases) prefetch_row(b.first + ahead * b.second, b.second);
       }
-    });
+      update(u, rows[u]);
+    }
   });
 }
 
 // Per-row kernels: the scalar rules of optim_math.h, and for float tables
-// the same rules on F32x4 (SGD: plain loops, vectorised per ISA level).
+// the same rules on F32x4 (SGD: fma loops).
 template <typename T>
 struct SgdRow {
   optim::SgdCoeffs<T> c;
   void operator()(T* w, const T* g, int64_t dim) const { optim::sgd_row(w, g, dim, c); }
 };
 
-// SGD is fused multiply-adds only, which leave nothing to contract: compiled
-// per ISA level (for_each_row), GCC vectorises std::fma into vfmadd on CPUs
-// that have it (the scalar level calls the C library's fma).
+// SGD is fused multiply-adds only (as torch.optim.SGD's add with alpha), so
+// the result is the same on every CPU; built for baseline x86-64, std::fma is
+// a call into the C library, which uses the FMA instruction where it exists.
+// (The optimizer's kernels are not multiversioned by ENGRAM_CPU_ISA.)
 inline void sgd_row_float(float* ENGRAM_RESTRICT w, const float* ENGRAM_RESTRICT g, int64_t dim,
                                      float neg_lr, float weight_decay, bool l2) {
   if (l2) {
