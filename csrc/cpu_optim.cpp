@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -121,10 +122,11 @@ namespace {
 
 using optim::KeyLayout;
 
-// Work sizes below which a loop runs on one thread. Sorting, and scanning, a
-// step's 262k keys takes about a millisecond on one core, less than waking a
-// second thread costs on a busy machine; the segment sums and row updates move
-// the data (tens of MB) and are split over all threads.
+// Work sizes below which a loop runs on one thread. Sorting and scanning a
+// step's 262k keys (2 MiB) takes a few milliseconds on one core, and each
+// parallel region costs a wake-up of every thread, which is slow on a busy
+// machine; the segment sums and row updates move the data (tens of MB) and
+// are split over all threads.
 constexpr int64_t kSortGrain = int64_t(1) << 20;  // keys per radix-sort / scan chunk
 constexpr int64_t kRowGrain = 256;      // table rows per update task
 constexpr int64_t kPrefetchAhead = 8;   // rows (or entries) prefetched ahead
@@ -207,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cpu(const at::Tensor& grad_in
 
   // 1. Packed (row, entry) keys, token by token (no per-entry modulo for the
   // head's offset); out-of-range rows are reported after.
-  std::vector<uint64_t> buffer_a(E), buffer_b(E);
+  // Left uninitialised: every key is written below, the scratch by the sort.
+  const std::unique_ptr<uint64_t[]> buffer_a(new uint64_t[E]), buffer_b(new uint64_t[E]);
   std::atomic<bool> ok{true};
   at::parallel_for(0, E / K, std::max<int64_t>(1, kSortGrain / K), [&](int64_t begin, int64_t end) {
     bool good = true;
@@ -226,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cpu(const at::Tensor& grad_in
 
   // 2. Sort by row, entries of a row in entry order.
   const uint64_t* sorted =
-      parallel_radix_sort(buffer_a.data(), buffer_b.data(), E, layout.entry_bits, layout.row_bits);
+      parallel_radix_sort(buffer_a.get(), buffer_b.get(), E, layout.entry_bits, layout.row_bits);
 
   // 3. Segments: one per distinct row.
   const int64_t chunks = num_chunks(E, kSortGrain);
