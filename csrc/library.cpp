@@ -4,7 +4,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
+#include <exception>
 #include <limits>
 
 #include <c10/util/safe_numerics.h>
@@ -227,6 +229,18 @@ void check_grad_like(const char* op, const char* name, const at::Tensor& grad, c
   check_shape(op, name, grad, expected, "the shape of the forward output");
 }
 
+namespace {
+std::atomic<bool> cuda_sync_checks_enabled{false};
+}  // namespace
+
+void set_cuda_sync_checks(bool enabled) { cuda_sync_checks_enabled.store(enabled); }
+
+bool cuda_sync_checks() { return cuda_sync_checks_enabled.load(); }
+
+#if !defined(ENGRAM_WITH_CUDA)
+std::pair<int, std::string> take_cuda_error() { return {0, std::string()}; }
+#endif
+
 }  // namespace engram
 
 TORCH_LIBRARY(engram, m) {
@@ -325,6 +339,36 @@ PyObject* cpu_cache_enabled(PyObject* /*self*/, PyObject* /*unused*/) {
   return PyBool_FromLong(engram::cpu_cache_enabled() ? 1 : 0);
 }
 
+PyObject* py_set_cuda_sync_checks(PyObject* /*self*/, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  engram::set_cuda_sync_checks(enabled != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_cuda_sync_checks(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(engram::cuda_sync_checks() ? 1 : 0);
+}
+
+PyObject* py_built_with_cuda(PyObject* /*self*/, PyObject* /*unused*/) {
+#if defined(ENGRAM_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+// None, or (1 for IndexError / 2 for ValueError, message); engram/ops.py raises it.
+PyObject* py_take_cuda_error(PyObject* /*self*/, PyObject* /*unused*/) {
+  try {
+    const auto error = engram::take_cuda_error();
+    if (error.first == 0) Py_RETURN_NONE;
+    return Py_BuildValue("(is)", error.first, error.second.c_str());
+  } catch (const std::exception& e) {
+    return PyErr_Format(PyExc_RuntimeError, "engram: reading the CUDA error reports failed: %s", e.what());
+  }
+}
+
 PyMethodDef module_methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
@@ -335,6 +379,12 @@ PyMethodDef module_methods[] = {
     {"set_cpu_cache_enabled", set_cpu_cache_enabled, METH_O,
      "Turns keeping freed CPU blocks for reuse on or off; turning it off frees what is kept and returns its bytes."},
     {"cpu_cache_enabled", cpu_cache_enabled, METH_NOARGS, "Whether the CPU kernels keep freed blocks for reuse."},
+    {"set_cuda_sync_checks", py_set_cuda_sync_checks, METH_O,
+     "On: CUDA launches that check ids synchronise and raise at the call (off by default)."},
+    {"cuda_sync_checks", py_cuda_sync_checks, METH_NOARGS, "Whether CUDA id checks synchronise at each call."},
+    {"_built_with_cuda", py_built_with_cuda, METH_NOARGS, "Whether this build compiled the CUDA kernels."},
+    {"_take_cuda_error", py_take_cuda_error, METH_NOARGS,
+     "Takes a CUDA kernel's pending bad-id report: None or (1 IndexError / 2 ValueError, message)."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

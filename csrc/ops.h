@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <string>
+#include <utility>
 #include <optional>
 #include <string_view>
 
@@ -43,6 +45,14 @@ int64_t check_embedding_backward_args(const at::Tensor& grad, const at::Tensor& 
 [[noreturn]] void report_id_out_of_range(const char* op, const char* name, const at::Tensor& ids,
                                          const std::optional<at::Tensor>& offsets, int64_t limit,
                                          const char* limit_name, bool negatives_allowed = false);
+
+// Deferred error reports of the CUDA kernels (csrc/cuda/device_errors.h).
+// The sync-check switch lives in library.cpp so that CPU builds have it too.
+void set_cuda_sync_checks(bool enabled);
+bool cuda_sync_checks();
+// Takes the pending report of any CUDA device, clearing it: {0, ""} when
+// there is none, else {1, message} for an IndexError, {2, message} for a ValueError.
+std::pair<int, std::string> take_cuda_error();
 
 // Layer ops (spec §5-6): shape checks shared by the CPU and CUDA kernels.
 std::array<int64_t, 4> check_context_gate_args(const char* op, const at::Tensor& key, const at::Tensor& hidden,

@@ -13,6 +13,7 @@ from .prefetch import Prefetcher
 from . import optim
 from . import tokenizer
 from .tokenizer import build_compression
+from .ops import check_cuda_errors, cuda_sync_checks, set_cuda_sync_checks
 
 __all__ = [
     "EngramConfig",
@@ -21,6 +22,9 @@ __all__ = [
     "EngramLayer",
     "Prefetcher",
     "build_compression",
+    "check_cuda_errors",
+    "cuda_sync_checks",
+    "set_cuda_sync_checks",
     "cpu_cache_enabled",
     "cpu_isa",
     "empty_cpu_cache",

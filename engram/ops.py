@@ -67,6 +67,57 @@ def _cache_setting_from_environment() -> None:
 _cache_setting_from_environment()
 
 
+def set_cuda_sync_checks(enabled: bool) -> None:
+    """Chooses when a bad id read by a CUDA kernel raises.
+
+    Off (the default): the CUDA ops never synchronise with the host, so a
+    training step stays asynchronous and CUDA graphs can capture it. A kernel
+    that meets an id outside its table reads that entry as zeros and leaves a
+    report; the next engram CUDA op on that device (or check_cuda_errors())
+    raises it as an IndexError naming the op, the id, its flat index and the
+    table size. On: every op that checks ids waits for its kernel and raises
+    at the call itself, like the CPU ops (slower; for debugging). The
+    environment variable ENGRAM_CUDA_SYNC_CHECKS=1 turns it on at import.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cuda_sync_checks: enabled must be a bool, got {type(enabled).__name__}")
+    _C.set_cuda_sync_checks(enabled)
+
+
+def cuda_sync_checks() -> bool:
+    """Whether CUDA ops synchronise to raise bad ids at the call (see set_cuda_sync_checks)."""
+    return _C.cuda_sync_checks()
+
+
+def check_cuda_errors(synchronize: bool = True) -> None:
+    """Raises the report a CUDA kernel left for a bad id, if any (see
+    set_cuda_sync_checks), and clears it. synchronize=True first waits for
+    all work on every initialised CUDA device, so nothing queued is missed;
+    call it e.g. once per logging interval or at the end of training."""
+    if synchronize and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
+    error = _C._take_cuda_error()
+    if error is not None:
+        kind, message = error
+        raise (ValueError if kind == 2 else IndexError)(message)
+
+
+def _cuda_sync_checks_from_environment() -> None:
+    value = os.environ.get("ENGRAM_CUDA_SYNC_CHECKS")
+    if value is None or value == "":
+        return
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"ENGRAM_CUDA_SYNC_CHECKS={value!r}: expected 0 (raise bad ids at the next call, the default) "
+            "or 1 (synchronise and raise at the call)"
+        )
+    set_cuda_sync_checks(value == "1")
+
+
+_cuda_sync_checks_from_environment()
+
+
 # --------------------------------------------------------------------------
 # typed wrappers
 # --------------------------------------------------------------------------

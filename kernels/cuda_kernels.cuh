@@ -19,13 +19,56 @@ inline unsigned blocks_for(int64_t work, int64_t max_blocks = 65535) {
 #define ENGRAM_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
-// ids >= vocab set *bad (reported by the launcher); negative ids pass through.
+// --- Deferred error reports -------------------------------------------------
+// A kernel that meets a bad id cannot throw, and reading a device flag after
+// every launch would cost a host sync. Instead the first thread that meets
+// one claims a device word and writes what it saw into page-locked host
+// memory mapped into the device's address space; the host reads that record
+// at the next engram call on the device without any CUDA call
+// (csrc/cuda/device_errors.h).
+enum DeviceErrorKind : int {
+  kIdOutOfRange = 1,       // value outside [0, limit) (or >= limit where negatives pass)
+  kIdOffsetOverflow = 2,   // value + extra (the head's offset) overflows int64
+  kHeadSizeInvalid = 3,    // head_sizes holds value < 1
+  kHeadOffsetOverflow = 4  // offsets holds value; with head size extra the ids overflow
+};
+
+struct DeviceErrorRecord {
+  int ready;  // written last, after a system-wide fence
+  int op;     // csrc/cuda/device_errors.h: DeviceErrorOp
+  int kind;   // DeviceErrorKind
+  int64_t index, value, extra, limit;
+  int64_t head;  // the head whose offset was added, or -1 without offsets
+};
+
+struct DeviceErrorSlot {
+  int* claimed;               // device memory, 0 until a kernel reports
+  DeviceErrorRecord* record;  // mapped host memory
+  int op;
+};
+
+__device__ __forceinline__ void report_device_error(const DeviceErrorSlot& slot, int kind, int64_t index,
+                                                    int64_t value, int64_t extra, int64_t limit, int64_t head) {
+  if (atomicCAS(slot.claimed, 0, 1) != 0) return;  // one report per device until the host takes it
+  volatile DeviceErrorRecord* r = slot.record;
+  r->op = slot.op;
+  r->kind = kind;
+  r->head = head;
+  r->index = index;
+  r->value = value;
+  r->extra = extra;
+  r->limit = limit;
+  __threadfence_system();
+  r->ready = 1;
+}
+
+// ids >= vocab are reported (and read as id 0); negative ids pass through.
 __global__ void compress_kernel(const int64_t* ids, int64_t n, const int64_t* lookup, int64_t vocab, int64_t* out,
-                                int* bad) {
+                                DeviceErrorSlot err) {
   ENGRAM_GRID_STRIDE(i, n) {
     const int64_t id = ids[i];
     if (id >= vocab) {
-      *bad = 1;
+      report_device_error(err, kIdOutOfRange, i, id, 0, vocab, -1);
       out[i] = 0;
     } else {
       out[i] = id >= 0 ? lookup[id] : id;
@@ -33,9 +76,27 @@ __global__ void compress_kernel(const int64_t* ids, int64_t n, const int64_t* lo
   }
 }
 
+// The L*K reduction constants of ngram_hash, built on the device so that the
+// launcher never reads head_sizes back to the host. A bad size is reported
+// and replaced by 1, which keeps the hash kernel free of a division by zero.
+__global__ void hash_mods_kernel(const int64_t* head_sizes, const int64_t* offsets, int64_t count, FastMod* mods,
+                                 DeviceErrorSlot err) {
+  ENGRAM_GRID_STRIDE(i, count) {
+    int64_t size = head_sizes[i];
+    if (size < 1) {
+      report_device_error(err, kHeadSizeInvalid, i, size, 0, 1, -1);
+      size = 1;
+    } else if (offsets && offsets[i] > INT64_MAX - (size - 1)) {
+      report_device_error(err, kHeadOffsetOverflow, i, offsets[i], size, 0, -1);
+    }
+    mods[i] = FastMod::make(static_cast<uint64_t>(size));
+  }
+}
+
 struct HashArgs {
   const int64_t* canonical;  // [B, T]
-  int64_t batch, seq_len, pad;
+  const int64_t* lookup;     // the pad id's canonical id is lookup[pad_id]
+  int64_t batch, seq_len, pad_id;
   int num_layers, max_ngram_size, heads_per_order, num_heads;
   bool xxh64;
   const int64_t* keys;     // [L, N] multipliers or [L, N-1] seeds
@@ -50,8 +111,9 @@ __global__ void ngram_hash_kernel(HashArgs a) {
   const int N = a.max_ngram_size, K = a.num_heads;
   ENGRAM_GRID_STRIDE(i, tokens) {
     const int64_t t = i % a.seq_len;
+    const int64_t pad = a.lookup[a.pad_id];
     int64_t window[kMaxNgramSize];
-    for (int k = 0; k < N; ++k) window[k] = t >= k ? a.canonical[i - k] : a.pad;
+    for (int k = 0; k < N; ++k) window[k] = t >= k ? a.canonical[i - k] : pad;
     for (int l = 0; l < a.num_layers; ++l) {
       int64_t* dst = a.out + (l * tokens + i) * K;
       const int64_t* offsets = a.offsets ? a.offsets + l * K : nullptr;
@@ -74,18 +136,38 @@ __device__ __forceinline__ int64_t table_row(const int64_t* ids, const int64_t* 
   return ((a ^ sum) & (b ^ sum)) < 0 ? -1 : sum;
 }
 
-// out[e, :] = weight[row(e), :]; one thread per element.
-template <typename scalar_t>
-__global__ void gather_rows_kernel(const scalar_t* weight, int64_t num_rows, int64_t dh, const int64_t* ids,
-                                   const int64_t* offsets, int64_t K, int64_t entries, scalar_t* out, int* bad) {
-  ENGRAM_GRID_STRIDE(idx, entries * dh) {
-    const int64_t e = idx / dh, d = idx - e * dh;
+// Entry e's id is outside the table (table_row gave a row outside [0, num_rows)).
+__device__ __forceinline__ void report_bad_row(const DeviceErrorSlot& err, const int64_t* ids, const int64_t* offsets,
+                                               int64_t K, int64_t e, int64_t num_rows) {
+  const int64_t id = ids[e];
+  if (!offsets) {
+    report_device_error(err, kIdOutOfRange, e, id, 0, num_rows, -1);
+    return;
+  }
+  const int64_t offset = offsets[e % K];
+  const int64_t sum = static_cast<int64_t>(static_cast<uint64_t>(id) + static_cast<uint64_t>(offset));
+  if (((id ^ sum) & (offset ^ sum)) < 0) {
+    report_device_error(err, kIdOffsetOverflow, e, id, offset, num_rows, e % K);
+  } else {
+    report_device_error(err, kIdOutOfRange, e, sum, 0, num_rows, e % K);
+  }
+}
+
+// out[e, :] = weight[row(e), :], one thread per chunk of a row. The copy is
+// of bytes, so chunk_t is a plain word of the element's size, or uint4 (16
+// bytes) when rows allow it: one 16-byte load and store instead of 4-8.
+template <typename chunk_t>
+__global__ void gather_rows_kernel(const chunk_t* weight, int64_t num_rows, int64_t chunks_per_row,
+                                   const int64_t* ids, const int64_t* offsets, int64_t K, int64_t entries,
+                                   chunk_t* out, DeviceErrorSlot err) {
+  ENGRAM_GRID_STRIDE(idx, entries * chunks_per_row) {
+    const int64_t e = idx / chunks_per_row, c = idx - e * chunks_per_row;
     const int64_t row = table_row(ids, offsets, K, e);
     if (row < 0 || row >= num_rows) {
-      *bad = 1;
-      out[idx] = scalar_t(0);
+      if (c == 0) report_bad_row(err, ids, offsets, K, e, num_rows);
+      out[idx] = chunk_t{};
     } else {
-      out[idx] = weight[row * dh + d];
+      out[idx] = weight[row * chunks_per_row + c];
     }
   }
 }
@@ -93,12 +175,13 @@ __global__ void gather_rows_kernel(const scalar_t* weight, int64_t num_rows, int
 // acc[row(e), :] += grad[e, :] in opmath precision (atomic: rows repeat).
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_add_rows_kernel(const scalar_t* grad, int64_t num_rows, int64_t dh, const int64_t* ids,
-                                        const int64_t* offsets, int64_t K, int64_t entries, acc_t* acc, int* bad) {
+                                        const int64_t* offsets, int64_t K, int64_t entries, acc_t* acc,
+                                        DeviceErrorSlot err) {
   ENGRAM_GRID_STRIDE(idx, entries * dh) {
     const int64_t e = idx / dh, d = idx - e * dh;
     const int64_t row = table_row(ids, offsets, K, e);
     if (row < 0 || row >= num_rows) {
-      *bad = 1;
+      if (d == 0) report_bad_row(err, ids, offsets, K, e, num_rows);
     } else {
       atomicAdd(acc + row * dh + d, static_cast<acc_t>(grad[idx]));
     }

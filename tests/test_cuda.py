@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from engram import CompressionTable, EngramConfig, NgramHasher, ops
+import engram
+from engram import CompressionTable, EngramConfig, EngramLayer, NgramHasher, ops
 from engram import reference as ref
 
 has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -29,12 +30,54 @@ def test_ngram_hash_matches_cpu(family, shape):
         assert torch.equal(gpu.cpu(), cpu)
 
 
-def test_ngram_hash_errors_on_cuda():
-    hasher = NgramHasher(EngramConfig(), CompressionTable.identity(100))
+@pytest.fixture
+def sync_checks():
+    """CUDA id checks that synchronise and raise at the call, restored after the test."""
+    engram.set_cuda_sync_checks(True)
+    yield
+    engram.set_cuda_sync_checks(False)
+
+
+def _bad_hash_ids():
     ids = torch.randint(0, 100, (2, 9), device="cuda")
     ids[1, 4] = 100
-    with pytest.raises(IndexError, match=r"input_ids holds 100 at flat index 13"):
-        hasher.hash(ids)
+    return ids
+
+
+def test_ngram_hash_errors_on_cuda_at_the_call(sync_checks):
+    hasher = NgramHasher(EngramConfig(), CompressionTable.identity(100))
+    with pytest.raises(IndexError, match=r"^ngram_hash: input_ids holds 100 at flat index 13; expected values < 100 for vocab_size=100$"):
+        hasher.hash(_bad_hash_ids())
+    hasher.hash(_bad_hash_ids().clamp_max(99))  # the report was taken: the next call runs
+
+
+def test_ngram_hash_errors_on_cuda_deferred():
+    hasher = NgramHasher(EngramConfig(), CompressionTable.identity(100))
+    hasher.hash(_bad_hash_ids())  # no sync: the kernel only leaves a report
+    with pytest.raises(IndexError, match=r"ngram_hash: input_ids holds 100 at flat index 13; .*earlier engram call on cuda:0"):
+        engram.check_cuda_errors()
+    engram.check_cuda_errors()  # taken once
+    # ... and the next op on the device raises it when it was not taken by hand
+    hasher.hash(_bad_hash_ids())
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"input_ids holds 100"):
+        hasher.hash(_bad_hash_ids().clamp_max(99))
+    engram.check_cuda_errors()
+
+
+def test_head_table_errors_on_cuda(sync_checks):
+    cfg = EngramConfig(engram_vocab_size=[101, 211])
+    hasher = NgramHasher(cfg, CompressionTable.identity(300))
+    lookup, keys, sizes, offsets = hasher._params(torch.device("cuda"), cfg.layer_ids)
+    ids = torch.randint(0, 300, (2, 11), device="cuda")
+    bad_sizes = sizes.clone()
+    bad_sizes[0, 3] = 0
+    with pytest.raises(ValueError, match=r"head_sizes holds 0 at flat index 3; expected table sizes >= 1"):
+        ops.ngram_hash(ids, lookup, keys, bad_sizes, offsets, cfg.pad_id)
+    bad_offsets = offsets.clone()
+    bad_offsets[1, 0] = 2**63 - 5
+    with pytest.raises(ValueError, match=r"offsets holds 9223372036854775803 at flat index \d+; with head_sizes"):
+        ops.ngram_hash(ids, lookup, keys, sizes, bad_offsets, cfg.pad_id)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -53,11 +96,37 @@ def test_embedding_forward_backward_match_reference(dtype):
     torch.testing.assert_close(weight.grad.double(), w64.grad, atol=tol, rtol=tol)
 
 
-def test_embedding_row_out_of_range_on_cuda():
+def test_embedding_row_out_of_range_on_cuda(sync_checks):
+    weight = torch.randn(10, 4, device="cuda", requires_grad=True)
+    ids = torch.tensor([[1, 10]], device="cuda")
+    with pytest.raises(IndexError, match=r"^multihead_embedding: ids holds 10 at flat index 1; expected values in \[0, 10\) for weight.size\(0\)=10$"):
+        ops.multihead_embedding(weight, ids, None)
+    offsets = torch.tensor([0, 2**63 - 1], device="cuda")
+    with pytest.raises(IndexError, match=r"ids holds 10 at flat index 1; adding offsets\[1\]=9223372036854775807 overflows int64"):
+        ops.multihead_embedding(weight, ids, offsets)
+    grad = torch.ones(1, 2, 4, device="cuda")
+    with pytest.raises(IndexError, match=r"^multihead_embedding_backward: ids holds 10 at flat index 1; expected values in \[0, 10\) for num_rows=10$"):
+        torch.ops.engram.multihead_embedding_backward(grad, ids, None, 10)
+
+
+def test_embedding_row_out_of_range_on_cuda_deferred():
     weight = torch.randn(10, 4, device="cuda")
     ids = torch.tensor([[1, 10]], device="cuda")
-    with pytest.raises(IndexError, match=r"ids holds 10 at flat index 1"):
-        ops.multihead_embedding(weight, ids, None)
+    out = ops.multihead_embedding(weight, ids, None)
+    with pytest.raises(IndexError, match=r"ids holds 10 at flat index 1; .*read that entry as zeros"):
+        engram.check_cuda_errors()
+    assert torch.equal(out[0, 1].cpu(), torch.zeros(4)) and torch.equal(out[0, 0], weight[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dh", [1, 3, 8, 64])
+def test_embedding_gather_every_row_width(dtype, dh):
+    # 16-byte chunks where a row allows them, element words otherwise.
+    weight = torch.randn(50, dh, device="cuda").to(dtype)
+    ids = torch.randint(0, 24, (7, 2), device="cuda")
+    offsets = torch.tensor([0, 25], device="cuda")
+    assert torch.equal(ops.multihead_embedding(weight, ids, offsets), weight[ids + offsets])
+    assert torch.equal(ops.multihead_embedding(weight[1:], ids, offsets), weight[1:][ids + offsets])  # unaligned
 
 
 def test_opcheck_cuda():
@@ -74,8 +143,6 @@ def test_opcheck_cuda():
 
 @pytest.mark.parametrize("hc_mult", [1, 4])
 def test_engram_layer_on_cuda_matches_cpu(hc_mult):
-    from engram import EngramLayer
-
     cfg = EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0])
     layer = EngramLayer(cfg, 0, hidden_size=32, hc_mult=hc_mult, compression=CompressionTable.identity(500)).double()
     hidden = torch.randn(2, 13, hc_mult, 32, dtype=torch.float64, requires_grad=True)

@@ -8,38 +8,176 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "csrc/checks.h"
+#include "csrc/cuda/device_errors.h"
 #include "csrc/ops.h"
 #include "kernels/cuda_kernels.cuh"
 
 namespace engram {
+
+// --- deferred error reports (csrc/cuda/device_errors.h) -----------------------
 namespace {
 
-// A device flag the kernels raise on an out-of-range id; reading it syncs,
-// which is the price of a clear error instead of a device-side assert.
-bool flag_raised(const at::Tensor& flag) { return flag.item<int>() != 0; }
+struct OpNames {
+  const char* op;
+  const char* arg;
+  const char* limit_name;
+  bool negatives_allowed;  // compress: negative ids pass through
+};
+constexpr OpNames kOpNames[kNumDeviceErrorOps] = {
+    {"compress_ids", "input_ids", "vocab_size", true},
+    {"ngram_hash", "input_ids", "vocab_size", true},
+    {"multihead_embedding", "ids", "weight.size(0)", false},
+    {"multihead_embedding_backward", "ids", "num_rows", false},
+};
 
-at::Tensor new_flag(const at::Tensor& like) { return at::zeros({1}, like.options().dtype(at::kInt)); }
+struct DeviceErrorState {
+  int* claimed = nullptr;
+  DeviceErrorRecord* record = nullptr;  // page-locked, mapped
+};
 
-at::Tensor compress_into(const at::Tensor& ids, const at::Tensor& lookup, const char* op) {
+constexpr int kMaxDevices = 64;
+std::mutex device_error_mutex;
+DeviceErrorState device_errors[kMaxDevices];
+
+// Allocated on a device's first checked launch and kept for the process.
+DeviceErrorState& device_error_state(int device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "engram: CUDA device index ", device, " is beyond the ",
+              kMaxDevices, " devices engram supports");
+  const std::lock_guard<std::mutex> lock(device_error_mutex);
+  DeviceErrorState& state = device_errors[device];
+  if (state.record == nullptr) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    void* host = nullptr;
+    C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(DeviceErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable));
+    std::memset(host, 0, sizeof(DeviceErrorRecord));
+    void* claimed = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&claimed, sizeof(int)));
+    C10_CUDA_CHECK(cudaMemset(claimed, 0, sizeof(int)));
+    state.claimed = static_cast<int*>(claimed);
+    state.record = static_cast<DeviceErrorRecord*>(host);
+  }
+  return state;
+}
+
+std::string format_device_error(const DeviceErrorRecord& r) {
+  const OpNames& names = kOpNames[r.op >= 0 && r.op < kNumDeviceErrorOps ? r.op : 0];
+  std::ostringstream message;
+  message << names.op << ": ";
+  switch (r.kind) {
+    case kHeadSizeInvalid:
+      message << "head_sizes holds " << r.value << " at flat index " << r.index << "; expected table sizes >= 1";
+      break;
+    case kHeadOffsetOverflow:
+      message << "offsets holds " << r.value << " at flat index " << r.index << "; with head_sizes " << r.extra
+              << " its ids would overflow int64";
+      break;
+    case kIdOffsetOverflow:
+      message << names.arg << " holds " << r.value << " at flat index " << r.index << "; adding offsets[" << r.head
+              << "]=" << r.extra << " overflows int64; expected rows in [0, " << r.limit << ") for "
+              << names.limit_name << "=" << r.limit;
+      break;
+    default:
+      message << names.arg << " holds " << r.value << " at flat index " << r.index
+              << (r.head >= 0 ? " (after adding offsets)" : "") << "; expected values "
+              << (names.negatives_allowed ? "< " : "in [0, ") << r.limit << (names.negatives_allowed ? "" : ")")
+              << " for " << names.limit_name << "=" << r.limit;
+  }
+  return message.str();
+}
+
+bool is_value_error(int kind) { return kind == kHeadSizeInvalid || kind == kHeadOffsetOverflow; }
+
+// The pending report of `device`, cleared for the next one; kind 0 if none.
+std::pair<int, std::string> take_device_error(int device, bool deferred) {
+  DeviceErrorState& state = device_error_state(device);
+  volatile DeviceErrorRecord* live = state.record;
+  if (live->ready == 0) return {0, std::string()};
+  DeviceErrorRecord r;
+  r.op = live->op;
+  r.kind = live->kind;
+  r.index = live->index;
+  r.value = live->value;
+  r.extra = live->extra;
+  r.limit = live->limit;
+  r.head = live->head;
+  live->ready = 0;
+  // Re-arm the device word behind any work already queued; no host sync.
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  C10_CUDA_CHECK(cudaMemsetAsync(state.claimed, 0, sizeof(int), at::cuda::getCurrentCUDAStream(device)));
+  std::string message = format_device_error(r);
+  if (deferred) {
+    message += " (found by a CUDA kernel of an earlier engram call on cuda:" + std::to_string(device) +
+               ", which read that entry as zeros; set ENGRAM_CUDA_SYNC_CHECKS=1 to raise at that call instead)";
+  }
+  return {is_value_error(r.kind) ? 2 : 1, message};
+}
+
+[[noreturn]] void raise_device_error(const std::pair<int, std::string>& error) {
+  if (error.first == 2) TORCH_CHECK_VALUE(false, error.second);
+  TORCH_CHECK_INDEX(false, error.second);
+}
+
+}  // namespace
+
+DeviceErrorSlot device_error_slot(const at::Device& device, DeviceErrorOp op) {
+  const auto pending = take_device_error(device.index(), /*deferred=*/true);
+  if (pending.first != 0) raise_device_error(pending);
+  const DeviceErrorState& state = device_error_state(device.index());
+  return DeviceErrorSlot{state.claimed, state.record, static_cast<int>(op)};
+}
+
+void finish_checked_launch(const at::Device& device, cudaStream_t stream) {
+  if (!cuda_sync_checks()) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;  // a sync would break the capture
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const auto error = take_device_error(device.index(), /*deferred=*/false);
+  if (error.first != 0) raise_device_error(error);
+}
+
+std::pair<int, std::string> take_cuda_error() {
+  const int devices = std::min(static_cast<int>(at::cuda::device_count()), kMaxDevices);
+  for (int device = 0; device < devices; ++device) {
+    bool allocated;
+    {
+      const std::lock_guard<std::mutex> lock(device_error_mutex);
+      allocated = device_errors[device].record != nullptr;
+    }
+    if (!allocated) continue;  // no checked launch ran there
+    auto error = take_device_error(device, /*deferred=*/true);
+    if (error.first != 0) return error;
+  }
+  return {0, std::string()};
+}
+
+namespace {
+
+at::Tensor compress_into(const at::Tensor& ids, const at::Tensor& lookup, DeviceErrorSlot err) {
   at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
-  at::Tensor bad = new_flag(ids);
   const int64_t n = ids.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   cuda::compress_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, stream>>>(
-      ids.data_ptr<int64_t>(), n, lookup.data_ptr<int64_t>(), lookup.numel(), out.data_ptr<int64_t>(),
-      bad.data_ptr<int>());
+      ids.data_ptr<int64_t>(), n, lookup.data_ptr<int64_t>(), lookup.numel(), out.data_ptr<int64_t>(), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (flag_raised(bad)) report_id_out_of_range(op, "input_ids", ids, std::nullopt, lookup.numel(), "vocab_size", true);
   return out;
 }
 
 at::Tensor compress_ids_cuda(const at::Tensor& input_ids, const at::Tensor& lookup) {
   check_compress_args(input_ids, lookup);
   const c10::cuda::OptionalCUDAGuard guard(input_ids.device());
-  return compress_into(input_ids.contiguous(), lookup.contiguous(), "compress_ids");
+  const DeviceErrorSlot err = device_error_slot(input_ids.device(), kOpCompressIds);
+  at::Tensor out = compress_into(input_ids.contiguous(), lookup.contiguous(), err);
+  finish_checked_launch(input_ids.device(), at::cuda::getCurrentCUDAStream());
+  return out;
 }
 
 at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup, const at::Tensor& keys,
@@ -51,45 +189,42 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   const int64_t L = shape.num_layers, K = shape.num_heads;
   at::Tensor table = lookup.contiguous();
-  at::Tensor canonical = compress_into(input_ids.contiguous(), table, "ngram_hash");
+  const DeviceErrorSlot err = device_error_slot(input_ids.device(), kOpNgramHash);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor canonical = compress_into(input_ids.contiguous(), table, err);
 
-  // Reduction constants are built on the host (L*K values) and copied once.
-  at::Tensor sizes = head_sizes.to(at::kCPU).contiguous();
-  const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
-  if (offsets.has_value()) {
-    const at::Tensor host_offsets = offsets->to(at::kCPU).contiguous();
-    check_head_table("ngram_hash", sizes_ptr, host_offsets.data_ptr<int64_t>(), L * K);
-  } else {
-    check_head_table("ngram_hash", sizes_ptr, nullptr, L * K);
-  }
-  std::vector<FastMod> mods(L * K);
-  for (int64_t i = 0; i < L * K; ++i) mods[i] = FastMod::make(static_cast<uint64_t>(sizes_ptr[i]));
-  static_assert(sizeof(FastMod) % sizeof(int64_t) == 0, "FastMod is copied as int64 words");
+  // Reduction constants of the L*K heads, built on the device: reading
+  // head_sizes back to the host would synchronise.
+  static_assert(sizeof(FastMod) % sizeof(int64_t) == 0, "FastMod is stored as int64 words");
   const int64_t words = L * K * static_cast<int64_t>(sizeof(FastMod) / sizeof(int64_t));
-  at::Tensor mods_dev =
-      at::from_blob(mods.data(), {words}, at::TensorOptions().dtype(at::kLong)).to(input_ids.device());
-  at::Tensor pad = table.index({pad_id}).to(at::kCPU);
-  at::Tensor key_table = keys.contiguous();
+  at::Tensor mods = at::empty({words}, input_ids.options());
+  at::Tensor size_table = head_sizes.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  cuda::hash_mods_kernel<<<cuda::blocks_for(L * K), cuda::kThreads, 0, stream>>>(
+      size_table.const_data_ptr<int64_t>(), offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr,
+      L * K, reinterpret_cast<FastMod*>(mods.data_ptr<int64_t>()), err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor key_table = keys.contiguous();
   at::Tensor out = at::empty({L, B, T, K}, input_ids.options());
 
   cuda::HashArgs args;
   args.canonical = canonical.data_ptr<int64_t>();
+  args.lookup = table.const_data_ptr<int64_t>();
   args.batch = B;
   args.seq_len = T;
-  args.pad = pad.item<int64_t>();
+  args.pad_id = pad_id;
   args.num_layers = static_cast<int>(L);
   args.max_ngram_size = static_cast<int>(shape.max_ngram_size);
   args.heads_per_order = static_cast<int>(shape.heads_per_order);
   args.num_heads = static_cast<int>(K);
   args.xxh64 = shape.family == HashFamily::XXH64;
   args.keys = key_table.data_ptr<int64_t>();
-  args.mods = reinterpret_cast<const FastMod*>(mods_dev.data_ptr<int64_t>());
+  args.mods = reinterpret_cast<const FastMod*>(mods.const_data_ptr<int64_t>());
   args.offsets = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
   args.out = out.data_ptr<int64_t>();
-  auto stream = at::cuda::getCurrentCUDAStream();
   cuda::ngram_hash_kernel<<<cuda::blocks_for(B * T), cuda::kThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finish_checked_launch(input_ids.device(), stream);
   return out;
 }
 
@@ -106,29 +241,41 @@ at::Tensor multihead_embedding_cuda(const at::Tensor& weight, const at::Tensor& 
   std::vector<int64_t> out_shape(ids.sizes().begin(), ids.sizes().end());
   out_shape.push_back(Dh);
   at::Tensor out = at::empty(out_shape, table.options());
-  at::Tensor bad = new_flag(ids);
+  const DeviceErrorSlot err = device_error_slot(weight.device(), kOpEmbedding);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "multihead_embedding_cuda", [&] {
-    cuda::gather_rows_kernel<scalar_t><<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
-        table.const_data_ptr<scalar_t>(), R, Dh, ids.data_ptr<int64_t>(),
-        offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, K, entries, out.data_ptr<scalar_t>(),
-        bad.data_ptr<int>());
+  const int64_t row_bytes = Dh * table.element_size();
+  auto gather = [&](auto chunk) {
+    using chunk_t = decltype(chunk);
+    const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
+    cuda::gather_rows_kernel<chunk_t><<<cuda::blocks_for(entries * chunks_per_row), cuda::kThreads, 0, stream>>>(
+        static_cast<const chunk_t*>(table.const_data_ptr()), R, chunks_per_row, ids.const_data_ptr<int64_t>(),
+        offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr, K, entries,
+        static_cast<chunk_t*>(out.data_ptr()), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (flag_raised(bad)) report_id_out_of_range(op, "ids", ids, offsets, R, "weight.size(0)");
+  };
+  const auto address = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
+  if (row_bytes % 16 == 0 && address(table.const_data_ptr()) % 16 == 0 && address(out.data_ptr()) % 16 == 0) {
+    gather(uint4{});
+  } else if (table.element_size() == 2) {
+    gather(uint16_t{});
+  } else if (table.element_size() == 4) {
+    gather(uint32_t{});
+  } else {
+    gather(uint64_t{});
+  }
+  finish_checked_launch(weight.device(), stream);
   return out;
 }
 
 at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at::Tensor& ids_in,
                                              const std::optional<at::Tensor>& offsets, int64_t num_rows) {
-  constexpr const char* op = "multihead_embedding_backward";
   const int64_t K = check_embedding_backward_args(grad_in, ids_in, offsets, num_rows);
   const c10::cuda::OptionalCUDAGuard guard(grad_in.device());
   at::Tensor grad = grad_in.contiguous();
   at::Tensor ids = ids_in.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
   const int64_t Dh = grad.size(-1), entries = ids.numel();
-  at::Tensor bad = new_flag(ids);
+  const DeviceErrorSlot err = device_error_slot(grad_in.device(), kOpEmbeddingBackward);
   at::Tensor result;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multihead_embedding_backward_cuda",
@@ -137,12 +284,11 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     at::Tensor acc = at::zeros({num_rows, Dh}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     cuda::scatter_add_rows_kernel<scalar_t, acc_t><<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), num_rows, Dh, ids.data_ptr<int64_t>(),
-        offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, K, entries, acc.data_ptr<acc_t>(),
-        bad.data_ptr<int>());
+        offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, K, entries, acc.data_ptr<acc_t>(), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
   });
-  if (flag_raised(bad)) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  finish_checked_launch(grad_in.device(), stream);
   return result;
 }
 

@@ -1,0 +1,150 @@
+"""EngramLayer on CUDA without host syncs: a default-mode training step runs
+under torch.cuda.set_sync_debug_mode("error"), is captured as a CUDA graph by
+hand and by torch.compile(mode="reduce-overhead"), and compiles with
+fullgraph=True. Replays must equal eager.
+
+Every test needs a GPU and a CUDA build of engram; without one they skip.
+"""
+
+import pytest
+import torch
+
+import engram
+from engram import CompressionTable, EngramConfig, EngramLayer
+
+has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "engram::context_gate", "CUDA"
+)
+pytestmark = pytest.mark.skipif(not has_cuda_kernels, reason="needs a CUDA GPU and a CUDA build of engram")
+
+B, T, D, G = 2, 33, 64, 2
+
+
+def make_layer(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0])
+    return EngramLayer(cfg, 0, hidden_size=D, hc_mult=G, compression=CompressionTable.identity(500)).to(
+        device="cuda", dtype=dtype
+    )
+
+
+def make_inputs(dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, G, D, generator=gen).to(device="cuda", dtype=dtype)
+    ids = torch.randint(0, 500, (B, T), generator=gen).cuda()
+    return hidden, ids
+
+
+def grads_of(layer, hidden, ids):
+    hidden = hidden.detach().requires_grad_()
+    layer.zero_grad(set_to_none=False)
+    out = layer(hidden, ids)
+    out.float().square().mean().backward()
+    return out.detach().clone(), hidden.grad.clone(), [p.grad.clone() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_mode_training_step_has_no_host_sync(dtype):
+    layer = make_layer(dtype)
+    hidden, ids = make_inputs(dtype)
+    grads_of(layer, hidden, ids)  # first call: allocations, error slots, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            hidden_in = hidden.detach().requires_grad_()
+            out = layer(hidden_in, ids)
+            out.float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engram.check_cuda_errors()
+
+
+def test_inference_forward_captured_by_hand():
+    layer = make_layer()
+    hidden, ids = make_inputs()
+    static_hidden, static_ids = hidden.clone(), ids.clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static_hidden, static_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_hidden, static_ids)
+        for seed in (2, 3):
+            new_hidden, new_ids = make_inputs(seed=seed)
+            static_hidden.copy_(new_hidden)
+            static_ids.copy_(new_ids)
+            graph.replay()
+            torch.testing.assert_close(static_out, layer(new_hidden, new_ids), rtol=0, atol=0)
+
+
+def test_training_step_captured_by_hand():
+    layer = make_layer()
+    hidden, ids = make_inputs()
+    static_hidden = hidden.clone().requires_grad_()
+    static_ids = ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer.zero_grad(set_to_none=False)
+            layer(static_hidden, static_ids).square().mean().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    layer.zero_grad(set_to_none=False)
+    static_hidden.grad = None
+    with torch.cuda.graph(graph):
+        static_out = layer(static_hidden, static_ids)
+        static_out.square().mean().backward()
+    for seed in (2, 3):
+        new_hidden, new_ids = make_inputs(seed=seed)
+        with torch.no_grad():
+            static_hidden.copy_(new_hidden)
+        static_ids.copy_(new_ids)
+        for p in layer.parameters():
+            p.grad.zero_()
+        static_hidden.grad.zero_()
+        graph.replay()
+        replay = (static_out.clone(), static_hidden.grad.clone(), [p.grad.clone() for p in layer.parameters()])
+        eager = grads_of(layer, new_hidden, new_ids)
+        torch.testing.assert_close(replay[0], eager[0], rtol=0, atol=0)
+        torch.testing.assert_close(replay[1], eager[1], rtol=0, atol=0)
+        for got, want in zip(replay[2], eager[2]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    layer = make_layer()
+    hidden, ids = make_inputs()
+    compiled = torch.compile(layer, fullgraph=True)
+    want = grads_of(layer, hidden, ids)
+    got = grads_of(compiled, hidden, ids)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_reduce_overhead_replays_equal_eager(train):
+    torch._dynamo.reset()
+    layer = make_layer()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for seed in range(1, 5):  # warm-up runs, then graph replays
+        hidden, ids = make_inputs(seed=seed)
+        if train:
+            got = grads_of(compiled, hidden, ids)
+            want = grads_of(layer, hidden, ids)
+            torch.testing.assert_close(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1])
+            for g, w in zip(got[2], want[2]):
+                torch.testing.assert_close(g, w)
+        else:
+            with torch.no_grad():
+                got = compiled(hidden, ids).clone()
+                torch.testing.assert_close(got, layer(hidden, ids))
