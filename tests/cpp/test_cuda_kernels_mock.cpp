@@ -1,0 +1,201 @@
+// The hash, compress and embedding CUDA kernels (kernels/cuda_kernels.cuh) run
+// on the host through tests/cpp/cuda_mock.h, against the host hash functions
+// and plain loops: what each kernel writes, and the error record it leaves.
+#include "tests/cpp/cuda_mock.h"
+// clang-format off: the mock must come first
+#include "kernels/cuda_kernels.cuh"
+// clang-format on
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace {
+
+using namespace engram;
+using namespace engram::cuda;
+
+struct ErrorSlot {
+  int claimed = 0;
+  DeviceErrorRecord record{};
+  DeviceErrorSlot slot(int op = 7) { return DeviceErrorSlot{&claimed, &record, op}; }
+};
+
+TEST(CudaKernelsMock, CompressPassesNegativesAndReportsTheFirstIdPastTheVocabulary) {
+  const std::vector<int64_t> lookup = {3, 1, 4, 1, 5};
+  const std::vector<int64_t> ids = {0, -2, 4, 9, 2, 5};
+  std::vector<int64_t> out(ids.size(), -100);
+  ErrorSlot err;
+  compress_kernel(ids.data(), static_cast<int64_t>(ids.size()), lookup.data(), 5, out.data(), err.slot(1));
+  EXPECT_EQ(out, (std::vector<int64_t>{3, -2, 5, 0, 4, 0}));
+  ASSERT_EQ(err.record.ready, 1);
+  EXPECT_EQ(err.claimed, 1);
+  EXPECT_EQ(err.record.op, 1);
+  EXPECT_EQ(err.record.kind, kIdOutOfRange);
+  EXPECT_EQ(err.record.index, 3);  // the first report wins; index 5 came later
+  EXPECT_EQ(err.record.value, 9);
+  EXPECT_EQ(err.record.limit, 5);
+  EXPECT_EQ(err.record.head, -1);
+}
+
+TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
+  const int L = 2, N = 3, H = 2, K = (N - 1) * H, B = 2, T = 5;
+  const int64_t vocab = 50, pad_id = 7;
+  std::vector<int64_t> lookup(vocab);
+  for (int64_t i = 0; i < vocab; ++i) lookup[i] = (i * 7) % 31;
+  std::mt19937_64 rng(3);
+  std::vector<int64_t> ids(B * T);
+  for (auto& id : ids) id = static_cast<int64_t>(rng() % vocab);
+  ids[3] = -4;  // negative ids pass through compression
+  const std::vector<int64_t> sizes = {101, 103, 107, 109, 113, 127, 131, 137};
+  std::vector<int64_t> offsets(L * K);
+  for (int l = 0; l < L; ++l) {
+    int64_t base = 0;
+    for (int k = 0; k < K; ++k) offsets[l * K + k] = base, base += sizes[l * K + k];
+  }
+  const std::vector<int64_t> multipliers = {76632096046245LL, 4839876093313LL, 35959672319349LL,
+                                            1234567LL,        98765431LL,      5555555LL};
+  for (bool with_offsets : {false, true}) {
+    ErrorSlot err;
+    std::vector<int64_t> canonical(B * T);
+    compress_kernel(ids.data(), B * T, lookup.data(), vocab, canonical.data(), err.slot());
+    std::vector<FastMod> mods(L * K);
+    hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot());
+    std::vector<int64_t> out(static_cast<size_t>(L) * B * T * K, -1);
+    HashArgs a{};
+    a.canonical = canonical.data();
+    a.lookup = lookup.data();
+    a.batch = B;
+    a.seq_len = T;
+    a.pad_id = pad_id;
+    a.num_layers = L;
+    a.max_ngram_size = N;
+    a.heads_per_order = H;
+    a.num_heads = K;
+    a.xxh64 = false;
+    a.keys = multipliers.data();
+    a.mods = mods.data();
+    a.offsets = with_offsets ? offsets.data() : nullptr;
+    a.out = out.data();
+    ngram_hash_kernel(a);
+    EXPECT_EQ(err.record.ready, 0);
+    for (int l = 0; l < L; ++l) {
+      for (int b = 0; b < B; ++b) {
+        for (int t = 0; t < T; ++t) {
+          int64_t window[kMaxNgramSize];
+          for (int k = 0; k < N; ++k) window[k] = t >= k ? canonical[b * T + t - k] : lookup[pad_id];
+          FastMod host_mods[K];
+          for (int k = 0; k < K; ++k) host_mods[k] = FastMod::make(static_cast<uint64_t>(sizes[l * K + k]));
+          int64_t want[K];
+          deepseek_hash_token(window, N, H, multipliers.data() + l * N, host_mods,
+                              with_offsets ? offsets.data() + l * K : nullptr, want);
+          for (int k = 0; k < K; ++k) {
+            ASSERT_EQ(out[((static_cast<size_t>(l) * B + b) * T + t) * K + k], want[k])
+                << "layer " << l << " token " << b << "," << t << " head " << k << " offsets " << with_offsets;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
+  const std::vector<int64_t> sizes = {5, 0, 7};
+  std::vector<FastMod> mods(3);
+  ErrorSlot err;
+  hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot());
+  EXPECT_EQ(err.record.kind, kHeadSizeInvalid);
+  EXPECT_EQ(err.record.index, 1);
+  EXPECT_EQ(err.record.value, 0);
+  EXPECT_EQ(mods[1].divisor, 1u);  // no division by zero in the hash kernel
+  EXPECT_EQ(mods[2].divisor, 7u);
+
+  const std::vector<int64_t> offsets = {0, 5, INT64_MAX - 3};
+  const std::vector<int64_t> good_sizes = {5, 6, 7};
+  ErrorSlot overflow;
+  hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot());
+  EXPECT_EQ(overflow.record.kind, kHeadOffsetOverflow);
+  EXPECT_EQ(overflow.record.index, 2);
+  EXPECT_EQ(overflow.record.value, INT64_MAX - 3);
+  EXPECT_EQ(overflow.record.extra, 7);
+}
+
+struct Chunk16 {  // stands in for uint4
+  uint64_t lo, hi;
+};
+
+template <typename chunk_t, typename scalar_t>
+void check_gather(int64_t dh) {
+  const int64_t R = 9, K = 2, entries = 6;
+  std::vector<scalar_t> weight(R * dh);
+  for (size_t i = 0; i < weight.size(); ++i) weight[i] = static_cast<scalar_t>(0.5 * static_cast<double>(i) + 1);
+  const std::vector<int64_t> ids = {0, 1, 3, 0, 2, 3};
+  const std::vector<int64_t> offsets = {0, 5};
+  const int64_t chunks = dh * static_cast<int64_t>(sizeof(scalar_t)) / static_cast<int64_t>(sizeof(chunk_t));
+  std::vector<scalar_t> out(entries * dh, scalar_t(-1));
+  ErrorSlot err;
+  gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, ids.data(), offsets.data(),
+                              K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
+  EXPECT_EQ(err.record.ready, 0);
+  for (int64_t e = 0; e < entries; ++e) {
+    const int64_t row = ids[e] + offsets[e % K];
+    for (int64_t d = 0; d < dh; ++d) ASSERT_EQ(out[e * dh + d], weight[row * dh + d]) << "entry " << e << " d " << d;
+  }
+  // Row 4 + 5 = 9 is past the table: zeros, and a report of the row.
+  const std::vector<int64_t> bad = {0, 1, 3, 4, 2, 3};
+  gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, bad.data(), offsets.data(),
+                              K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
+  for (int64_t d = 0; d < dh; ++d) EXPECT_EQ(out[3 * dh + d], scalar_t(0));
+  EXPECT_EQ(err.record.kind, kIdOutOfRange);
+  EXPECT_EQ(err.record.index, 3);
+  EXPECT_EQ(err.record.value, 9);
+  EXPECT_EQ(err.record.head, 1);
+  EXPECT_EQ(err.record.limit, R);
+}
+
+TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
+  check_gather<uint32_t, float>(3);
+  check_gather<uint64_t, double>(5);
+  check_gather<Chunk16, float>(8);   // 32-byte rows: two 16-byte chunks
+  check_gather<Chunk16, double>(2);  // one chunk per row
+  check_gather<uint16_t, uint16_t>(7);
+}
+
+TEST(CudaKernelsMock, GatherReportsAnOffsetOverflowWithItsHead) {
+  const std::vector<float> weight(4 * 2, 1.f);
+  const std::vector<int64_t> ids = {1, 2, 0, 3};
+  const std::vector<int64_t> offsets = {0, INT64_MAX};
+  std::vector<float> out(4 * 2);
+  ErrorSlot err;
+  gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 4, 2, ids.data(), offsets.data(), 2,
+                               4, reinterpret_cast<uint32_t*>(out.data()), err.slot());
+  EXPECT_EQ(err.record.kind, kIdOffsetOverflow);
+  EXPECT_EQ(err.record.index, 1);
+  EXPECT_EQ(err.record.value, 2);
+  EXPECT_EQ(err.record.extra, INT64_MAX);
+  EXPECT_EQ(err.record.head, 1);
+}
+
+TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
+  const int64_t R = 4, dh = 3;
+  const std::vector<int64_t> ids = {1, 3, 1, 7, 0};  // 7 is past the table
+  std::vector<float> grad(ids.size() * dh);
+  for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i + 1);
+  std::vector<float> acc(R * dh, 0.f);
+  ErrorSlot err;
+  scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
+                                        static_cast<int64_t>(ids.size()), acc.data(), err.slot());
+  std::vector<float> want(R * dh, 0.f);
+  for (size_t e = 0; e < ids.size(); ++e) {
+    if (ids[e] >= R) continue;
+    for (int64_t d = 0; d < dh; ++d) want[ids[e] * dh + d] += grad[e * dh + d];
+  }
+  EXPECT_EQ(acc, want);
+  EXPECT_EQ(err.record.kind, kIdOutOfRange);
+  EXPECT_EQ(err.record.index, 3);
+  EXPECT_EQ(err.record.value, 7);
+}
+
+}  // namespace
