@@ -105,25 +105,40 @@ struct HashArgs {
   int64_t* out;            // [L, B, T, K]
 };
 
-// One thread per token, all layers: the window is loaded once.
+// One thread per output id (layer l, token i, head k), in the output's order
+// [L, B, T, K]: adjacent threads write adjacent ids, so every warp's stores
+// are contiguous. An order's few multiply-xor steps (or its XXH64) are
+// recomputed by each of its H heads instead of shared; the hash is bound by
+// the stores, not by that arithmetic. index_t is uint32_t when L*B*T*K fits:
+// its divisions are several times cheaper than 64-bit ones.
+template <typename index_t>
 __global__ void ngram_hash_kernel(HashArgs a) {
-  const int64_t tokens = a.batch * a.seq_len;
-  const int N = a.max_ngram_size, K = a.num_heads;
-  ENGRAM_GRID_STRIDE(i, tokens) {
-    const int64_t t = i % a.seq_len;
+  const index_t tokens = static_cast<index_t>(a.batch * a.seq_len);
+  const index_t K = static_cast<index_t>(a.num_heads), H = static_cast<index_t>(a.heads_per_order);
+  const index_t seq_len = static_cast<index_t>(a.seq_len);
+  const int N = a.max_ngram_size;
+  const int64_t total = static_cast<int64_t>(a.num_layers) * a.batch * a.seq_len * a.num_heads;
+  ENGRAM_GRID_STRIDE(idx64, total) {
+    const index_t idx = static_cast<index_t>(idx64);
+    const index_t k = idx % K, layer_token = idx / K;
+    const index_t i = layer_token % tokens, l = layer_token / tokens;
+    const index_t t = i % seq_len;
+    const int n = 2 + static_cast<int>(k / H);  // this head's n-gram order
     const int64_t pad = a.lookup[a.pad_id];
     int64_t window[kMaxNgramSize];
-    for (int k = 0; k < N; ++k) window[k] = t >= k ? a.canonical[i - k] : pad;
-    for (int l = 0; l < a.num_layers; ++l) {
-      int64_t* dst = a.out + (l * tokens + i) * K;
-      const int64_t* offsets = a.offsets ? a.offsets + l * K : nullptr;
-      if (a.xxh64) {
-        xxh64_hash_token(window, N, a.heads_per_order, reinterpret_cast<const uint64_t*>(a.keys) + l * (N - 1),
-                         a.mods + l * K, offsets, dst);
-      } else {
-        deepseek_hash_token(window, N, a.heads_per_order, a.keys + l * N, a.mods + l * K, offsets, dst);
-      }
+    for (int j = 0; j < n; ++j) window[j] = t >= static_cast<index_t>(j) ? a.canonical[i - j] : pad;
+    const FastMod& mod = a.mods[l * K + k];
+    int64_t h;
+    if (a.xxh64) {
+      const uint64_t* seeds = reinterpret_cast<const uint64_t*>(a.keys) + l * (N - 1);
+      h = static_cast<int64_t>(mod.mod_u64(xxh64_words(window, n, seeds[n - 2])));
+    } else {
+      const int64_t* multipliers = a.keys + l * N;
+      uint64_t mix = deepseek_mix_step(0, window[0], multipliers[0]);
+      for (int j = 1; j < n; ++j) mix = deepseek_mix_step(mix, window[j], multipliers[j]);
+      h = static_cast<int64_t>(mod.floor_mod_i64(static_cast<int64_t>(mix)));
     }
+    a.out[idx64] = a.offsets ? h + a.offsets[l * K + k] : h;
   }
 }
 

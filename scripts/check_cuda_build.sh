@@ -17,6 +17,17 @@ if ! command -v nvcc > /dev/null; then
   done
 fi
 command -v nvcc > /dev/null || { echo "check_cuda_build: nvcc not found; the CUDA build needs a CUDA toolkit" >&2; exit 1; }
+# torch finds the toolkit through CUDA_HOME, else two levels above `nvcc`. Here
+# nvcc is a wrapper script in /usr/local/bin, and /usr/local has no libcudart.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for home in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+    if [ -x "$home/bin/nvcc" ] && ls "$home"/lib*/libcudart.so > /dev/null 2>&1; then
+      export CUDA_HOME=$home
+      break
+    fi
+  done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset, torch guesses}"
 
 # The venv sees the system site-packages (numpy, pytest, ninja, setuptools);
 # its own torch shadows the system's CPU torch.

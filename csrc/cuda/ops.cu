@@ -222,7 +222,12 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
   args.mods = reinterpret_cast<const FastMod*>(mods.const_data_ptr<int64_t>());
   args.offsets = offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr;
   args.out = out.data_ptr<int64_t>();
-  cuda::ngram_hash_kernel<<<cuda::blocks_for(B * T), cuda::kThreads, 0, stream>>>(args);
+  const int64_t ids_out = L * B * T * K;
+  if (ids_out <= static_cast<int64_t>(UINT32_MAX)) {
+    cuda::ngram_hash_kernel<uint32_t><<<cuda::blocks_for(ids_out), cuda::kThreads, 0, stream>>>(args);
+  } else {
+    cuda::ngram_hash_kernel<uint64_t><<<cuda::blocks_for(ids_out), cuda::kThreads, 0, stream>>>(args);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finish_checked_launch(input_ids.device(), stream);
   return out;

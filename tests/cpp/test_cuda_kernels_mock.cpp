@@ -57,7 +57,10 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
   }
   const std::vector<int64_t> multipliers = {76632096046245LL, 4839876093313LL, 35959672319349LL,
                                             1234567LL,        98765431LL,      5555555LL};
-  for (bool with_offsets : {false, true}) {
+  const std::vector<uint64_t> seeds = {xxh64_ngram_seed(0, 1, 2), xxh64_ngram_seed(0, 1, 3),
+                                       xxh64_ngram_seed(0, 5, 2), xxh64_ngram_seed(0, 5, 3)};
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool with_offsets = variant & 1, xxh64 = variant & 2;
     ErrorSlot err;
     std::vector<int64_t> canonical(B * T);
     compress_kernel(ids.data(), B * T, lookup.data(), vocab, canonical.data(), err.slot());
@@ -74,12 +77,12 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
     a.max_ngram_size = N;
     a.heads_per_order = H;
     a.num_heads = K;
-    a.xxh64 = false;
-    a.keys = multipliers.data();
+    a.xxh64 = xxh64;
+    a.keys = xxh64 ? reinterpret_cast<const int64_t*>(seeds.data()) : multipliers.data();
     a.mods = mods.data();
     a.offsets = with_offsets ? offsets.data() : nullptr;
     a.out = out.data();
-    ngram_hash_kernel(a);
+    ngram_hash_kernel<uint32_t>(a);
     EXPECT_EQ(err.record.ready, 0);
     for (int l = 0; l < L; ++l) {
       for (int b = 0; b < B; ++b) {
@@ -89,11 +92,16 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
           FastMod host_mods[K];
           for (int k = 0; k < K; ++k) host_mods[k] = FastMod::make(static_cast<uint64_t>(sizes[l * K + k]));
           int64_t want[K];
-          deepseek_hash_token(window, N, H, multipliers.data() + l * N, host_mods,
-                              with_offsets ? offsets.data() + l * K : nullptr, want);
+          if (xxh64) {
+            xxh64_hash_token(window, N, H, seeds.data() + l * (N - 1), host_mods,
+                             with_offsets ? offsets.data() + l * K : nullptr, want);
+          } else {
+            deepseek_hash_token(window, N, H, multipliers.data() + l * N, host_mods,
+                                with_offsets ? offsets.data() + l * K : nullptr, want);
+          }
           for (int k = 0; k < K; ++k) {
             ASSERT_EQ(out[((static_cast<size_t>(l) * B + b) * T + t) * K + k], want[k])
-                << "layer " << l << " token " << b << "," << t << " head " << k << " offsets " << with_offsets;
+                << "layer " << l << " token " << b << "," << t << " head " << k << " variant " << variant;
           }
         }
       }
