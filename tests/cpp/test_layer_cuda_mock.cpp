@@ -3,13 +3,15 @@
 // (threadIdx 0 of one block of one thread) walks every grid-stride loop, with
 // one lane per row (lane_sum is the identity). It checks each kernel's math,
 // indexing and chunked reductions against a plain double-precision statement
-// of spec §5-6 and its finite-difference gradients; the warp shuffles, half
-// and bfloat16 storage are left to tests/test_layer_cuda.py on a GPU.
+// of spec §5-6 and its finite-difference gradients, for float, double and a
+// bfloat16 stand-in (16-bit storage, float math). The warp shuffles and the
+// real c10::Half / c10::BFloat16 are left to tests/test_layer_cuda.py on a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <vector>
@@ -36,6 +38,35 @@ using namespace engram;
 using namespace engram::cuda_layer;
 
 static_assert(kRowLanes == 1, "plain C++ runs one lane per row");
+
+// A bfloat16 stand-in (round to nearest even, no NaN handling): storage that
+// is not the accumulation type, as c10::BFloat16 and c10::Half are on the GPU.
+struct MockBFloat16 {
+  uint16_t bits;
+  MockBFloat16() = default;
+  MockBFloat16(float f) {  // NOLINT: implicit, like c10::BFloat16
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  MockBFloat16(double d) : MockBFloat16(static_cast<float>(d)) {}  // NOLINT
+  operator float() const {  // NOLINT
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+};
+
+// at::opmath_type: float for 16-bit storage, the type itself otherwise.
+template <typename T>
+struct AccOf {
+  using type = T;
+};
+template <>
+struct AccOf<MockBFloat16> {
+  using type = float;
+};
 
 std::vector<double> random_values(size_t n, double lo, double hi, std::mt19937_64& rng) {
   std::uniform_real_distribution<double> dist(lo, hi);
@@ -95,6 +126,10 @@ struct Tolerance<float> {
   static constexpr double atol = 2e-4, rtol = 2e-3;
 };
 template <>
+struct Tolerance<MockBFloat16> {  // outputs rounded once to 8 significant bits
+  static constexpr double atol = 4e-3, rtol = 8e-3;
+};
+template <>
 struct Tolerance<double> {
   static constexpr double atol = 1e-7, rtol = 1e-6;  // finite differences, not the kernel, limit this
 };
@@ -144,7 +179,7 @@ GateResults run_gate_kernels(const GateShape& s, const std::vector<double>& key,
                              const std::vector<double>& wk, const std::vector<double>& wq,
                              const std::vector<double>& grad_gate, int64_t tokens_per_chunk) {
   const int64_t rows = s.B * s.T * s.G, pitch = s.D + 3, tokens = s.B * s.T;
-  std::vector<T> key_buf(rows * pitch, T(-7)), hidden_buf(rows * pitch, T(-7));
+  std::vector<T> key_buf(rows * pitch, T(-7.0)), hidden_buf(rows * pitch, T(-7.0));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t d = 0; d < s.D; ++d) {
       key_buf[r * pitch + d] = static_cast<T>(key[r * s.D + d]);
@@ -160,15 +195,18 @@ GateResults run_gate_kernels(const GateShape& s, const std::vector<double>& key,
   a.rows = rows;
   a.G = s.G;
   a.D = s.D;
-  const T eps = static_cast<T>(s.eps);
+  using A = typename AccOf<T>::type;
+  const A eps = static_cast<A>(s.eps);
 
-  std::vector<T> gate(rows, T(-1)), dk(rows * s.D, T(-1)), dq(rows * s.D, T(-1)), stats(rows * kGateStats);
-  context_gate_kernel<T, T>(a, eps, gate.data());
-  context_gate_backward_rows_kernel<T, T>(a, gg.data(), eps, dk.data(), dq.data(), stats.data());
+  std::vector<T> gate(rows, T(-1.0)), dk(rows * s.D, T(-1.0)), dq(rows * s.D, T(-1.0));
+  std::vector<A> stats(rows * kGateStats, A(-1));
+  context_gate_kernel<T, A>(a, eps, gate.data());
+  context_gate_backward_rows_kernel<T, A>(a, gg.data(), eps, dk.data(), dq.data(), stats.data());
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = 2 * s.G * s.D;
-  std::vector<T> partial(chunks * n, T(-1)), total(n, T(-1));
-  context_gate_weight_partials_kernel<T, T>(a, stats.data(), tokens, tokens_per_chunk, chunks, partial.data());
-  sum_chunks_kernel<T, T>(partial.data(), chunks, n, total.data());
+  std::vector<A> partial(chunks * n, A(-1));
+  std::vector<T> total(n, T(-1.0));
+  context_gate_weight_partials_kernel<T, A>(a, stats.data(), tokens, tokens_per_chunk, chunks, partial.data());
+  sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data());
 
   GateResults out;
   out.gate = widen(gate);
@@ -230,6 +268,15 @@ TEST(LayerCudaMock, ContextGateDouble) {
     check_gate<double>(s, 2, seed++);
     check_gate<double>(s, kTokensPerChunk, seed++);
   }
+}
+
+// 16-bit storage: inputs read through static_cast<acc_t>, float math, every
+// output rounded once.
+TEST(LayerCudaMock, ContextGateBFloat16Storage) {
+  uint64_t seed = 300;
+  for (const GateShape& s : kGateShapes) check_gate<MockBFloat16>(s, 2, seed++);
+  // Sums over many tokens: bf16 partial sums would be off by several ulps.
+  check_gate<MockBFloat16>({2, 64, 2, 16, 1e-5}, kTokensPerChunk, seed++);
 }
 
 // The kernels and the CPU row function (gate_row_backward of layer_math.h)
@@ -322,7 +369,7 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
                              const std::vector<double>& nw, const std::vector<double>& cw,
                              const std::vector<double>& grad_out, int64_t tokens_per_chunk) {
   const int64_t tokens = s.B * s.T, C = s.G * s.D, pitch = s.D + 2;
-  std::vector<T> value_buf(tokens * pitch, T(-7));
+  std::vector<T> value_buf(tokens * pitch, T(-7.0));
   for (int64_t tok = 0; tok < tokens; ++tok) {
     for (int64_t d = 0; d < s.D; ++d) value_buf[tok * pitch + d] = static_cast<T>(value[tok * s.D + d]);
   }
@@ -341,23 +388,26 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
   a.C = C;
   a.kernel_size = s.K;
   a.dilation = std::min(s.dilation, s.T);  // as the launcher clamps it
-  const T eps = static_cast<T>(s.eps);
+  using A = typename AccOf<T>::type;
+  const A eps = static_cast<A>(s.eps);
 
-  std::vector<T> scales(tokens * s.G, T(-1)), out(tokens * C, T(-1));
-  gated_rms_scales_kernel<T, T>(a, eps, scales.data());
-  gated_short_conv_kernel<T, T>(a, scales.data(), out.data());
+  std::vector<A> scales(tokens * s.G, A(-1));
+  std::vector<T> out(tokens * C, T(-1.0));
+  gated_rms_scales_kernel<T, A>(a, eps, scales.data());
+  gated_short_conv_kernel<T, A>(a, scales.data(), out.data());
 
-  std::vector<T> dy(tokens * C, T(-1)), du(tokens * C, T(-1)), projection(tokens * s.G, T(-1));
-  std::vector<T> grad_gate(tokens * s.G, T(-1)), grad_value(tokens * s.D, T(-1));
-  short_conv_grad_y_kernel<T, T>(a, scales.data(), go.data(), dy.data());
-  short_conv_grad_u_kernel<T, T>(a, dy.data(), du.data());
-  short_conv_norm_rows_kernel<T, T>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
-  short_conv_grad_value_kernel<T, T>(a, scales.data(), du.data(), go.data(), projection.data(), grad_value.data());
+  std::vector<A> dy(tokens * C, A(-1)), du(tokens * C, A(-1)), projection(tokens * s.G, A(-1));
+  std::vector<T> grad_gate(tokens * s.G, T(-1.0)), grad_value(tokens * s.D, T(-1.0));
+  short_conv_grad_y_kernel<T, A>(a, scales.data(), go.data(), dy.data());
+  short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data());
+  short_conv_norm_rows_kernel<T, A>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
+  short_conv_grad_value_kernel<T, A>(a, scales.data(), du.data(), go.data(), projection.data(), grad_value.data());
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = (s.K + 1) * C;
-  std::vector<T> partial(chunks * n, T(-1)), total(n, T(-1));
-  short_conv_weight_partials_kernel<T, T>(a, scales.data(), dy.data(), du.data(), tokens_per_chunk, chunks,
+  std::vector<A> partial(chunks * n, A(-1));
+  std::vector<T> total(n, T(-1.0));
+  short_conv_weight_partials_kernel<T, A>(a, scales.data(), dy.data(), du.data(), tokens_per_chunk, chunks,
                                           partial.data());
-  sum_chunks_kernel<T, T>(partial.data(), chunks, n, total.data());
+  sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data());
 
   ConvResults r;
   r.out = widen(out);
@@ -423,6 +473,12 @@ TEST(LayerCudaMock, GatedShortConvDouble) {
     check_conv<double>(s, 4, seed++);
     check_conv<double>(s, kTokensPerChunk, seed++);
   }
+}
+
+TEST(LayerCudaMock, GatedShortConvBFloat16Storage) {
+  uint64_t seed = 3000;
+  for (const ConvShape& s : kConvShapes) check_conv<MockBFloat16>(s, 2, seed++);
+  check_conv<MockBFloat16>({2, 64, 2, 16, 4, 2, 1e-5}, kTokensPerChunk, seed++);
 }
 
 }  // namespace
