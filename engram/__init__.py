@@ -4,9 +4,6 @@ from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
 from .ops import cpu_cache_enabled, cpu_isa, empty_cpu_cache, set_cpu_cache_enabled
-from . import _cuda_composite
-
-_cuda_composite.register()
 from .hashing import NgramHasher
 from .layer import EngramLayer
 from .prefetch import Prefetcher

@@ -1,6 +1,6 @@
 """The argument checks of csrc/library.cpp, in Python, for the kernels that run
 without them: the fake kernels (meta tensors, torch.compile tracing, and any
-call that mixes the meta device with another one) and the CUDA composites.
+call that mixes the meta device with another one).
 
 Same order, same exception types, same messages as the C++ checks, so a bad
 argument reads the same whichever kernel runs. Checks that need the values

@@ -1,5 +1,5 @@
 // Torch-free per-row math of the Engram layer (spec §5-6), shared by the CPU
-// kernels and (later) the CUDA kernels.
+// kernels and the CUDA kernels (kernels/layer_cuda.cuh).
 //
 // Every function works on one row of D values through raw pointers. `acc_t`
 // is the accumulation type (float for float/bf16/fp16 storage, double for
@@ -205,6 +205,18 @@ struct GateRowState {
   acc_t score;        // s
 };
 
+// The row state from sum(key^2), sum(query^2) and sum(key * w_k * query * w_q),
+// however those sums were reduced (lanes here, a warp on the GPU).
+template <typename acc_t>
+ENGRAM_HD GateRowState<acc_t> gate_row_state_from_sums(acc_t sum_kk, acc_t sum_qq, acc_t sum_kq, int64_t D, acc_t eps) {
+  GateRowState<acc_t> st;
+  st.key_scale = rms_scale_from_sum_of_squares(sum_kk, D, eps);
+  st.query_scale = rms_scale_from_sum_of_squares(sum_qq, D, eps);
+  st.dot = sum_kq * st.key_scale * st.query_scale;
+  st.score = st.dot / std::sqrt(static_cast<acc_t>(D));
+  return st;
+}
+
 template <typename acc_t, int kVectorBytes = kDefaultVectorBytes, typename scalar_t, typename weight_t>
 ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t* query, const weight_t* key_weight,
                                              const weight_t* query_weight, int64_t D, acc_t eps) {
@@ -229,17 +241,20 @@ ENGRAM_HD GateRowState<acc_t> gate_row_state(const scalar_t* key, const scalar_t
     sum_qq += q * q;
     sum_kq += k * static_cast<acc_t>(key_weight[c]) * q * static_cast<acc_t>(query_weight[c]);
   }
-  GateRowState<acc_t> st;
-  st.key_scale = rms_scale_from_sum_of_squares(sum_kk, D, eps);
-  st.query_scale = rms_scale_from_sum_of_squares(sum_qq, D, eps);
-  st.dot = sum_kq * st.key_scale * st.query_scale;
-  st.score = st.dot / std::sqrt(static_cast<acc_t>(D));
-  return st;
+  return gate_row_state_from_sums(sum_kk, sum_qq, sum_kq, D, eps);
 }
 
 template <typename acc_t>
 ENGRAM_HD acc_t gate_from_score(acc_t score) {
   return sigmoid(signed_sqrt(score));
+}
+
+// d loss / d dot (the dot before the 1/sqrt(D)) given d loss / d gate.
+template <typename acc_t>
+ENGRAM_HD acc_t gate_grad_dot(acc_t grad_gate, acc_t score, int64_t D) {
+  const acc_t gate = gate_from_score(score);
+  const acc_t grad_score = grad_gate * gate * (acc_t(1) - gate) * signed_sqrt_grad(score);
+  return grad_score / std::sqrt(static_cast<acc_t>(D));
 }
 
 // Backward of one gate row given d loss / d gate. With r_k, r_q the scales,
@@ -256,9 +271,7 @@ ENGRAM_HD void gate_row_backward(acc_t grad_gate, const scalar_t* key, const sca
                                  acc_t* ENGRAM_RESTRICT grad_key_weight, acc_t* ENGRAM_RESTRICT grad_query_weight) {
   const GateRowState<acc_t> st =
       gate_row_state<acc_t, kVectorBytes>(key, query, key_weight, query_weight, D, eps);
-  const acc_t gate = gate_from_score(st.score);
-  const acc_t grad_score = grad_gate * gate * (acc_t(1) - gate) * signed_sqrt_grad(st.score);
-  const acc_t grad_dot = grad_score / std::sqrt(static_cast<acc_t>(D));
+  const acc_t grad_dot = gate_grad_dot(grad_gate, st.score, D);
   const acc_t dot_over_d = st.dot / static_cast<acc_t>(D);
   const acc_t rk = st.key_scale, rq = st.query_scale;
   for (int64_t c = 0; c < D; ++c) {
@@ -286,6 +299,20 @@ ENGRAM_HD acc_t gated_rms_scale(acc_t gate, acc_t sum_sq_v, int64_t D, acc_t eps
   return rms_scale_from_sum_of_squares(gate * gate * sum_sq_v, D, eps);
 }
 
+// mean(dx_hat * x_hat) of the RMSNorm backward below, from
+// sum(grad_u * norm_weight * v) (x_hat = v * gate * scale).
+template <typename acc_t>
+ENGRAM_HD acc_t gated_norm_projection(acc_t sum_grad_u_weight_v, acc_t gate, acc_t scale, int64_t D) {
+  return sum_grad_u_weight_v * (gate * scale) / static_cast<acc_t>(D);
+}
+
+// d loss / d value of one element (see gated_norm_row_backward).
+template <typename acc_t>
+ENGRAM_HD acc_t gated_norm_grad_value(acc_t scale, acc_t grad_u, acc_t norm_weight, acc_t x_hat, acc_t projection,
+                                      acc_t grad_residual) {
+  return scale * (grad_u * norm_weight - x_hat * projection) + grad_residual;
+}
+
 // Backward of one branch row given grad_u = d loss / d u (through the conv)
 // and grad_residual = d loss / d out (the residual path). Adds gate * d value
 // to grad_v and grad_u * value * scale to grad_norm_weight; returns
@@ -298,16 +325,14 @@ ENGRAM_HD acc_t gated_norm_row_backward(acc_t gate, const scalar_t* v, acc_t sca
                                         const acc_t* grad_u, const grad_t* grad_residual, int64_t D,
                                         acc_t* ENGRAM_RESTRICT grad_v, acc_t* ENGRAM_RESTRICT grad_norm_weight) {
   const acc_t value_to_x_hat = gate * scale;
-  // mean(dx_hat * x_hat)
-  const acc_t projection =
-      sum_of_triple_products<acc_t, kVectorBytes>(grad_u, norm_weight, v, D) * value_to_x_hat / static_cast<acc_t>(D);
+  const acc_t projection = gated_norm_projection(
+      sum_of_triple_products<acc_t, kVectorBytes>(grad_u, norm_weight, v, D), gate, scale, D);
   acc_t grad_gate = 0;
   for (int64_t c = 0; c < D; ++c) {
     const acc_t vc = static_cast<acc_t>(v[c]);
     const acc_t x_hat = vc * value_to_x_hat;
-    const acc_t grad_value =
-        scale * (grad_u[c] * static_cast<acc_t>(norm_weight[c]) - x_hat * projection) +
-        static_cast<acc_t>(grad_residual[c]);
+    const acc_t grad_value = gated_norm_grad_value(scale, grad_u[c], static_cast<acc_t>(norm_weight[c]), x_hat,
+                                                   projection, static_cast<acc_t>(grad_residual[c]));
     grad_gate += grad_value * vc;
     grad_v[c] += gate * grad_value;
     grad_norm_weight[c] += grad_u[c] * x_hat;

@@ -16,8 +16,9 @@ every machine has). Then:
 - the same call with every tensor on "meta" (the fake kernel, which
   torch.compile traces with) returns the same shapes and dtypes, or raises
   the same error, except for faults only the values reveal;
-- layer ops: the CUDA composites (engram/_cuda_composite.py), run on the CPU,
-  raise the same errors and compute the same float64 values.
+- layer ops: the Python argument checks (engram/_checks.py, those of the
+  fake kernels) raise the same errors, and float64 values match the float64
+  statement of engram.reference (and its autograd gradients) to 1e-9.
 
 Ids must be int64 in every op: int32 (or float) ids are a TypeError naming
 the argument and "Long", never a silent conversion.
@@ -39,7 +40,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram import _cuda_composite as composite
+from engram import _checks
 from engram import reference as ref
 
 OPS = torch.ops.engram
@@ -586,6 +587,26 @@ def float64_grads(fn, inputs, grad_out, *rest):
     return out.detach(), torch.autograd.grad(out, inputs, grad_out.double())
 
 
+def python_layer_checks(op, args):
+    """The argument checks of a layer op as engram/_checks.py states them."""
+    backward = op.endswith("_backward")
+    grad, rest = (args[0], args[1:]) if backward else (None, args)
+    if op.startswith("context_gate"):
+        b, t, g, _ = _checks.context_gate_args(op, *rest)
+        if backward:
+            _checks.grad_like_args(op, "grad_gate", grad, rest[0], (b, t, g))
+    else:
+        b, t, g, d, _ = _checks.gated_short_conv_args(op, *rest)
+        if backward:
+            _checks.grad_like_args(op, "grad_out", grad, rest[0], (b, t, g, d))
+
+
+def assert_float64_equal(out, truth_out, truth_grads, backward):
+    """float64 kernels against the float64 reference, to 1e-9."""
+    for got, want in zip(as_tuple(out), truth_grads if backward else (truth_out,), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def float_layout(data, t, label):
     return relayout(data, t, label, allow_expand=True)
 
@@ -706,15 +727,13 @@ def check_context_gate(data, name, backward):
             assert_backward_close(out, truth_grads, dtype)
         else:
             assert_forward_close(out, truth_out, dtype)
-        if dtype == torch.float64:  # the CUDA composite, on the CPU
-            got = as_tuple(getattr(composite, op)(*args))
-            for c, o in zip(got, as_tuple(out), strict=True):
-                torch.testing.assert_close(c, o, rtol=1e-9, atol=1e-12)
+        if dtype == torch.float64:
+            assert_float64_equal(out, truth_out, truth_grads, backward)
 
     check_case(op, getattr(OPS, op), tuple(args), fault, compare)
     if fault is not None and fault.arg != "device":
         with pytest.raises(fault.error, match=f"^{op}: .*{fault.arg}"):
-            getattr(composite, op)(*args)
+            python_layer_checks(op, args)
 
 
 test_context_gate, test_context_gate_fault = valid_and_faulty(
@@ -829,14 +848,12 @@ def check_gated_short_conv(data, name, backward):
         else:
             assert_forward_close(out, truth_out, dtype)
         if dtype == torch.float64:
-            got = as_tuple(getattr(composite, op)(*args))
-            for c, o in zip(got, as_tuple(out), strict=True):
-                torch.testing.assert_close(c, o, rtol=1e-9, atol=1e-12)
+            assert_float64_equal(out, truth_out, truth_grads, backward)
 
     check_case(op, getattr(OPS, op), tuple(args), fault, compare)
     if fault is not None and fault.arg != "device":
         with pytest.raises(fault.error, match=f"^{op}: .*{fault.arg}"):
-            getattr(composite, op)(*args)
+            python_layer_checks(op, args)
 
 
 test_gated_short_conv, test_gated_short_conv_fault = valid_and_faulty(
