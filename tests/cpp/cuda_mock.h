@@ -31,3 +31,9 @@ inline T atomicAdd(T* address, T value) {
 }
 
 inline void __threadfence_system() {}
+
+// One lane per warp: a shuffle returns the lane's own value.
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int) {
+  return v;
+}

@@ -16,21 +16,10 @@
 #include <random>
 #include <vector>
 
-// --- mocked CUDA built-ins --------------------------------------------------
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-struct MockDim3 {
-  unsigned x, y, z;
-};
-static const MockDim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
-template <typename T>
-T __shfl_xor_sync(unsigned, T v, int) {
-  return v;
-}
-
+#include "tests/cpp/cuda_mock.h"
+// clang-format off: the mock must come first
 #include "kernels/layer_cuda.cuh"
+// clang-format on
 
 namespace {
 
