@@ -43,6 +43,15 @@ def grads_of(layer, hidden, ids):
     return out.detach().clone(), hidden.grad.clone(), [p.grad.clone() for p in layer.parameters()]
 
 
+def assert_same_step(got, want, exact=False):
+    """(output, hidden grad, parameter grads) of two runs of one step."""
+    tolerance = {"rtol": 0, "atol": 0} if exact else {}
+    torch.testing.assert_close(got[0], want[0], **tolerance)
+    torch.testing.assert_close(got[1], want[1], **tolerance)
+    for g, w in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g, w, **tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_mode_training_step_has_no_host_sync(dtype):
     layer = make_layer(dtype)
@@ -110,11 +119,7 @@ def test_training_step_captured_by_hand():
         static_hidden.grad.zero_()
         graph.replay()
         replay = (static_out.clone(), static_hidden.grad.clone(), [p.grad.clone() for p in layer.parameters()])
-        eager = grads_of(layer, new_hidden, new_ids)
-        torch.testing.assert_close(replay[0], eager[0], rtol=0, atol=0)
-        torch.testing.assert_close(replay[1], eager[1], rtol=0, atol=0)
-        for got, want in zip(replay[2], eager[2]):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert_same_step(replay, grads_of(layer, new_hidden, new_ids), exact=True)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -123,11 +128,7 @@ def test_compile_fullgraph_matches_eager():
     hidden, ids = make_inputs()
     compiled = torch.compile(layer, fullgraph=True)
     want = grads_of(layer, hidden, ids)
-    got = grads_of(compiled, hidden, ids)
-    torch.testing.assert_close(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1])
-    for g, w in zip(got[2], want[2]):
-        torch.testing.assert_close(g, w)
+    assert_same_step(grads_of(compiled, hidden, ids), want)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -138,12 +139,7 @@ def test_compile_reduce_overhead_replays_equal_eager(train):
     for seed in range(1, 5):  # warm-up runs, then graph replays
         hidden, ids = make_inputs(seed=seed)
         if train:
-            got = grads_of(compiled, hidden, ids)
-            want = grads_of(layer, hidden, ids)
-            torch.testing.assert_close(got[0], want[0])
-            torch.testing.assert_close(got[1], want[1])
-            for g, w in zip(got[2], want[2]):
-                torch.testing.assert_close(g, w)
+            assert_same_step(grads_of(compiled, hidden, ids), grads_of(layer, hidden, ids))
         else:
             with torch.no_grad():
                 got = compiled(hidden, ids).clone()
