@@ -3,14 +3,14 @@
 from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
-from .ops import cpu_cache_enabled, cpu_isa, empty_cpu_cache, set_cpu_cache_enabled
+from .ops import check_cuda_errors, cpu_cache_enabled, cpu_isa, cuda_sync_checks, empty_cpu_cache
+from .ops import set_cpu_cache_enabled, set_cuda_sync_checks
 from .hashing import NgramHasher
 from .layer import EngramLayer
 from .prefetch import Prefetcher
 from . import optim
 from . import tokenizer
 from .tokenizer import build_compression
-from .ops import check_cuda_errors, cuda_sync_checks, set_cuda_sync_checks
 
 __all__ = [
     "EngramConfig",
