@@ -203,5 +203,39 @@ __global__ void scatter_add_rows_kernel(const scalar_t* grad, int64_t num_rows, 
   }
 }
 
+// Dense gradient of a 16-bit table without a float32 copy of the table (which
+// costs more memory traffic than the gradient itself): rows[e] = row(e), or
+// -1 for an entry outside the table (reported); the launcher then sorts rows
+// (stable) and sum_sorted_runs_kernel writes each row once.
+__global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t entries,
+                                  int64_t num_rows, int64_t* rows, DeviceErrorSlot err) {
+  ENGRAM_GRID_STRIDE(e, entries) {
+    const int64_t row = table_row(ids, offsets, K, e);
+    if (row < 0 || row >= num_rows) {
+      report_bad_row(err, ids, offsets, K, e, num_rows);
+      rows[e] = -1;
+    } else {
+      rows[e] = row;
+    }
+  }
+}
+
+// out[row, d] = sum of grad[order[q], d] over the run of q with
+// sorted_rows[q] == row, in acc_t, summed in entry order (the sort is stable)
+// by the thread of the run's first position; out starts zeroed. One thread per
+// (position, d): a warp reads and writes one row's contiguous values.
+template <typename scalar_t, typename acc_t>
+__global__ void sum_sorted_runs_kernel(const scalar_t* grad, int64_t dh, const int64_t* sorted_rows,
+                                       const int64_t* order, int64_t entries, scalar_t* out) {
+  ENGRAM_GRID_STRIDE(idx, entries * dh) {
+    const int64_t p = idx / dh, d = idx - p * dh;
+    const int64_t row = sorted_rows[p];
+    if (row < 0 || (p > 0 && sorted_rows[p - 1] == row)) continue;  // a bad entry, or not a run's first
+    acc_t sum = 0;
+    for (int64_t q = p; q < entries && sorted_rows[q] == row; ++q) sum += static_cast<acc_t>(grad[order[q] * dh + d]);
+    out[row * dh + d] = static_cast<scalar_t>(sum);
+  }
+}
+
 }  // namespace cuda
 }  // namespace engram

@@ -283,16 +283,33 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
   const DeviceErrorSlot err = device_error_slot(grad_in.device(), kOpEmbeddingBackward);
   at::Tensor result;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multihead_embedding_backward_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor acc = at::zeros({num_rows, Dh}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    cuda::scatter_add_rows_kernel<scalar_t, acc_t><<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), num_rows, Dh, ids.data_ptr<int64_t>(),
-        offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, K, entries, acc.data_ptr<acc_t>(), err);
+  const int64_t* offset_ptr = offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr;
+  if (grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16) {
+    // 16-bit tables: sort the entries by row and sum each row's run once,
+    // instead of atomics into a float32 table that is then converted.
+    at::Tensor rows = at::empty({entries}, ids.options());
+    cuda::entry_rows_kernel<<<cuda::blocks_for(entries), cuda::kThreads, 0, stream>>>(
+        ids.const_data_ptr<int64_t>(), offset_ptr, K, entries, num_rows, rows.data_ptr<int64_t>(), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
-  });
+    const auto [sorted_rows, order] = rows.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+    result = at::zeros({num_rows, Dh}, grad.options());
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
+      cuda::sum_sorted_runs_kernel<scalar_t, at::opmath_type<scalar_t>>
+          <<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(),
+              order.const_data_ptr<int64_t>(), entries, result.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    result = at::zeros({num_rows, Dh}, grad.options());
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
+      cuda::scatter_add_rows_kernel<scalar_t, scalar_t>
+          <<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), num_rows, Dh, ids.const_data_ptr<int64_t>(), offset_ptr, K, entries,
+              result.data_ptr<scalar_t>(), err);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   finish_checked_launch(grad_in.device(), stream);
   return result;
 }

@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -204,6 +205,38 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   EXPECT_EQ(err.record.kind, kIdOutOfRange);
   EXPECT_EQ(err.record.index, 3);
   EXPECT_EQ(err.record.value, 7);
+}
+
+TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
+  // The 16-bit dense gradient: rows per entry (bad ones -1 and reported), a
+  // stable sort by row (std::stable_sort standing in for the device sort),
+  // then one write per row.
+  const int64_t R = 6, dh = 3, K = 2;
+  const std::vector<int64_t> ids = {1, 0, 2, 1, 1, 0, 9, 2};  // entry 6 (row 9 + 3) is past the table
+  const std::vector<int64_t> offsets = {0, 3};
+  const int64_t entries = static_cast<int64_t>(ids.size());
+  std::vector<int64_t> rows(entries);
+  ErrorSlot err;
+  entry_rows_kernel(ids.data(), offsets.data(), K, entries, R, rows.data(), err.slot());
+  EXPECT_EQ(rows, (std::vector<int64_t>{1, 3, 2, 4, 1, 3, -1, 5}));
+  EXPECT_EQ(err.record.kind, kIdOutOfRange);
+  EXPECT_EQ(err.record.index, 6);
+  EXPECT_EQ(err.record.value, 9);
+  std::vector<int64_t> order(entries);
+  for (int64_t e = 0; e < entries; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows[a] < rows[b]; });
+  std::vector<int64_t> sorted_rows(entries);
+  for (int64_t q = 0; q < entries; ++q) sorted_rows[q] = rows[order[q]];
+  std::vector<float> grad(entries * dh);
+  for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 7) - 2.5f;
+  std::vector<float> out(R * dh, 0.f);
+  sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
+  std::vector<float> want(R * dh, 0.f);
+  for (int64_t e = 0; e < entries; ++e) {
+    if (rows[e] < 0) continue;
+    for (int64_t d = 0; d < dh; ++d) want[rows[e] * dh + d] += grad[e * dh + d];
+  }
+  EXPECT_EQ(out, want);
 }
 
 }  // namespace
