@@ -41,6 +41,22 @@ The order with updates is defined so that no staged row is used stale:
 So a batch prefetched before the previous step's update lands sees the
 updated rows.
 
+The hot-row cache (``hot_rows``) keeps a copy of each table's most used rows:
+where the layer computes for deduplicated gathers (cached rows are not
+gathered; the use takes them from the copy), as a compact CPU tensor for
+expanded ones (the worker copies them from it). Its order with updates:
+
+* a recorded update (fused row-wise, or a sparse gradient's step) marks its
+  rows dirty; the next ``prefetch`` copies them from the table into the
+  cache before submitting any gather (none of that table runs then: the
+  update waited for them, and none was submitted since);
+* a change the prefetcher does not record (version counter) makes the next
+  ``prefetch`` read the whole cache again;
+* choosing the hot rows again (every ``hot_refresh`` batches) builds new
+  tensors: a gather still running keeps reading its own snapshot;
+* staged rows built from a snapshot are then brought up to date at use
+  exactly like any staged row (above), so the cache never changes a result.
+
 Only tables in CPU memory are prefetched (every placement on a CPU-only
 machine; "host" and "mmap" on an accelerator, where the staged rows are then
 copied to the device). Layers whose table is on an accelerator look up
@@ -71,10 +87,12 @@ __all__ = ["Prefetcher"]
 class _Pending:
     ticket: object  # _engine.GatherTicket
     dedup: bool  # staged holds the distinct rows (else table[ids] itself)
-    key: torch.Tensor  # the layer's lookup rows [B, T, K], on the ids' device
+    key: torch.Tensor  # the layer's hash ids [B, T, K] (no head offsets), on the ids' device
+    offsets: torch.Tensor  # the layer's head offsets, on the CPU
     version: int  # table._version at submission
     epoch: int  # the prefetcher's update count of the table at submission
     own_bumps: int  # version bumps of those updates
+    cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
 
 
 @dataclass
@@ -85,6 +103,28 @@ class _TableLog:
 
 
 @dataclass
+class _HotRows:
+    """One snapshot of a table's hot-row cache: rows [H] sorted (CPU), data =
+    table[rows] on the cache's device, as of table version `version`."""
+
+    rows: torch.Tensor
+    data: torch.Tensor
+    version: int
+    own_bumps: int
+
+
+@dataclass
+class _HotState:
+    """A table's cache and its LFU window."""
+
+    size: int  # rows to keep
+    device: torch.device
+    current: Optional[_HotRows] = None
+    window: List[torch.Tensor] = field(default_factory=list)  # rows looked up since the last refresh
+    dirty: List[torch.Tensor] = field(default_factory=list)  # rows updated since data was last synced
+
+
+@dataclass
 class PrefetchStats:
     hits: int = 0  # lookups served from staged rows
     misses: int = 0  # lookups done directly (nothing prefetched, other ids, table elsewhere)
@@ -92,6 +132,9 @@ class PrefetchStats:
     regathers: int = 0  # staged buffers gathered again after a change of unknown rows
     rows_looked_up: int = 0  # (token, head) lookups served from staged rows
     rows_gathered: int = 0  # distinct rows gathered for them
+    cache_lookups: int = 0  # (token, head) lookups of prefetches that had a hot-row cache
+    cache_hits: int = 0  # of those, the ones whose row the cache held
+    cache_refreshes: int = 0  # hot-row sets chosen again from the window's counts
 
 
 def _fused_optimizer(module: MultiHeadEmbedding):
@@ -155,11 +198,22 @@ class Prefetcher:
     how many prefetched batches each layer keeps (a prefetch beyond drops the
     oldest unused one), so batch i+1 can be prefetched before batch i is used.
 
-    ``stats`` counts hits, misses and the rows moved. ``enabled = False``
-    makes every lookup direct (the prefetched rows are then ignored)."""
+    ``hot_rows``: size of an optional hot-row cache per table, in rows (an
+    int) or as a share of the table's rows (a float in (0, 1]); 0 (default)
+    turns it off. The cache holds a copy of the table's most looked-up rows
+    (LFU over the last ``hot_refresh`` prefetched batches, chosen again every
+    ``hot_refresh`` batches) where the layer computes for deduplicated
+    gathers (the accelerator: cached rows do not cross the link), or as a
+    compact CPU tensor for expanded ones (hot rows read from it rather than
+    from a large or file-backed table). It never changes a result: see the
+    module docstring for its order with updates.
+
+    ``stats`` counts hits, misses, the rows moved and the cache's hits.
+    ``enabled = False`` makes every lookup direct (the prefetched rows are
+    then ignored)."""
 
     def __init__(self, model: nn.Module, num_threads: Optional[int] = None, dedup: Optional[bool] = None,
-                 max_pending: int = 2) -> None:
+                 max_pending: int = 2, hot_rows=0, hot_refresh: int = 16) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Prefetcher: model must be an nn.Module, got {type(model).__name__}")
         self.layers: List[EngramLayer] = [m for m in model.modules() if isinstance(m, EngramLayer)]
@@ -176,7 +230,18 @@ class Prefetcher:
             raise ValueError(f"Prefetcher: max_pending={max_pending!r}, expected a positive int")
         if dedup not in (None, True, False):
             raise ValueError(f"Prefetcher: dedup={dedup!r}, expected None, True or False")
+        if isinstance(hot_rows, bool) or not (
+            (isinstance(hot_rows, int) and hot_rows >= 0) or (isinstance(hot_rows, float) and 0 < hot_rows <= 1)
+        ):
+            raise ValueError(
+                f"Prefetcher: hot_rows={hot_rows!r}, expected a row count >= 0 or a share of the table in (0, 1]"
+            )
+        if not isinstance(hot_refresh, int) or isinstance(hot_refresh, bool) or hot_refresh < 1:
+            raise ValueError(f"Prefetcher: hot_refresh={hot_refresh!r}, expected a positive int (batches)")
         self.dedup, self.max_pending = dedup, max_pending
+        self.hot_rows, self.hot_refresh = hot_rows, hot_refresh
+        self._hot: Dict[int, _HotState] = {}  # id(table) -> its cache
+        self._offsets: Dict[MultiHeadEmbedding, torch.Tensor] = {}
         self._pool = _engine.GatherPool(num_threads)
         self._pending: Dict[MultiHeadEmbedding, List[_Pending]] = {}
         self._logs: Dict[int, _TableLog] = {}
@@ -234,7 +299,6 @@ class Prefetcher:
                 group[0].hash_lookup.to(device),
                 torch.cat([l.hash_keys for l in group]).to(device),
                 torch.cat([l.hash_sizes for l in group]).to(device),
-                torch.stack([l.multi_head_embedding.offsets for l in group]).to(device),
             )
         return self._stacked[key]
 
@@ -247,10 +311,12 @@ class Prefetcher:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"Prefetcher.prefetch: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         for index, group in enumerate(self._groups):
-            lookup, keys, sizes, offsets = self._stacked_params(index, input_ids.device)
-            rows = ops.ngram_hash(input_ids, lookup, keys, sizes, offsets, group[0].config.pad_id,
-                                  group[0].config.hash)  # [L, B, T, K], table rows
-            rows_cpu = rows.cpu()
+            lookup, keys, sizes = self._stacked_params(index, input_ids.device)
+            # Hash ids without the head offsets: they are what the layer's own
+            # lookup receives (compared as is), and the worker adds the offsets.
+            hashed = ops.ngram_hash(input_ids, lookup, keys, sizes, None, group[0].config.pad_id,
+                                    group[0].config.hash)  # [L, B, T, K]
+            hashed_cpu = hashed.cpu()
             for i, layer in enumerate(group):
                 module = layer.multi_head_embedding
                 table = module.embedding.weight
@@ -258,9 +324,18 @@ class Prefetcher:
                     continue  # on an accelerator: looked up directly
                 log = self._log(table)
                 dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
-                ticket = self._pool.submit(table.detach(), rows_cpu[i], table.is_pinned(), dedup)
+                offsets = self._offsets.get(module)
+                if offsets is None:
+                    offsets = self._offsets[module] = module.offsets.detach().cpu().contiguous()
+                cache = self._hot_snapshot(table, hashed_cpu[i], offsets, dedup, input_ids.device)
+                ticket = self._pool.submit(
+                    table.detach(), hashed_cpu[i], table.is_pinned(), dedup, offsets,
+                    None if cache is None else cache.rows,
+                    None if cache is None or dedup else cache.data,
+                )
                 queue = self._pending.setdefault(module, [])
-                queue.append(_Pending(ticket, dedup, rows[i], table._version, log.epoch, log.own_bumps))
+                queue.append(_Pending(ticket, dedup, hashed[i], offsets, table._version, log.epoch,
+                                      log.own_bumps, cache))
                 del queue[: -self.max_pending]
 
     def wait(self) -> None:
@@ -314,6 +389,71 @@ class Prefetcher:
         log.own_bumps += table._version - before
         if self._pending_of(table):
             log.updates.append((log.epoch, rows))
+        hot = self._hot.get(id(table))
+        if hot is not None and hot.current is not None:
+            # Copied into the cache before the next gather can read it (in
+            # prefetch, see _hot_snapshot): no gather of this table runs now.
+            hot.dirty.append(rows.detach().to("cpu"))
+
+    # ---- hot-row cache -----------------------------------------------------------
+    def _hot_size(self, table: torch.Tensor) -> int:
+        if isinstance(self.hot_rows, float):
+            return max(1, int(self.hot_rows * table.shape[0]))
+        return min(self.hot_rows, table.shape[0])
+
+    def _hot_snapshot(self, table, hashed: torch.Tensor, offsets: torch.Tensor, dedup: bool,
+                      device: torch.device) -> Optional[_HotRows]:
+        """The cache the gather of these ids may use, brought up to date with
+        the table first; counts the ids and chooses the hot rows again every
+        hot_refresh batches."""
+        if not self.hot_rows:
+            return None
+        # Deduplicated gathers leave the cached rows to the consumer's device;
+        # expanded ones copy them on the worker, so the cache is on the CPU.
+        where = device if dedup else torch.device("cpu")
+        hot = self._hot.get(id(table))
+        if hot is None or hot.device != where:
+            hot = self._hot[id(table)] = _HotState(self._hot_size(table), where)
+        hot.window.append((hashed + offsets).reshape(-1))
+        log = self._log(table)
+        if len(hot.window) >= self.hot_refresh:
+            # LFU over the window: the most looked-up rows, ties to the lower row.
+            rows, counts = torch.unique(torch.cat(hot.window), sorted=True, return_counts=True)
+            hot.window.clear()
+            if counts.numel() > hot.size:
+                keep = torch.sort(counts, descending=True, stable=True).indices[: hot.size]
+                rows = torch.sort(rows[keep]).values
+            # New tensors, never written in place: a gather still running may
+            # read the old snapshot.
+            hot.current = _HotRows(rows, self._read_rows(table, rows, where), table._version, log.own_bumps)
+            hot.dirty.clear()
+            self.stats.cache_refreshes += 1
+        current = hot.current
+        if current is None:
+            return None
+        if (table._version - current.version) != (log.own_bumps - current.own_bumps):
+            # Changed by something other than a recorded update: read it all again.
+            current = hot.current = _HotRows(current.rows, self._read_rows(table, current.rows, where),
+                                             table._version, log.own_bumps)
+            hot.dirty.clear()
+        elif hot.dirty:
+            # No gather of this table is running (the updates waited for them
+            # and none was submitted since), so the data may change in place.
+            changed = torch.cat(hot.dirty)
+            hot.dirty.clear()
+            pos = torch.searchsorted(current.rows, changed).clamp_(max=max(current.rows.numel() - 1, 0))
+            found = current.rows.numel() > 0 and current.rows[pos] == changed
+            if current.rows.numel() and bool(found.any()):
+                pos, changed = pos[found], changed[found]
+                current.data[pos.to(current.data.device)] = self._read_rows(table, changed, where)
+            current.version, current.own_bumps = table._version, log.own_bumps
+        else:
+            current.version, current.own_bumps = table._version, log.own_bumps
+        return current
+
+    @staticmethod
+    def _read_rows(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return table.detach().index_select(0, rows).to(device)
 
     def _before_step(self, optimizer) -> None:
         """An optimizer is about to step: no gather of its tables may run
@@ -334,60 +474,95 @@ class Prefetcher:
 
     def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> torch.Tensor:
         weight = module.embedding.weight
-        fused = module.fused_lookup is not None
-        if (fused and _fused_optimizer(module) is None) or weight.device.type != "cpu":
+        if weight.device.type != "cpu" or (module.fused_lookup is not None and _fused_optimizer(module) is None):
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
-        offsets = module.offsets.to(weight.device)
-        ids = hash_ids.to(weight.device)
-        staged = None
-        queue = self._pending.get(module, []) if self.enabled else []
-        key = None
-        for index, pending in enumerate(queue):
-            if pending.key.shape == hash_ids.shape:
-                key = hash_ids + module.offsets if key is None else key
-                if torch.equal(pending.key, key):
-                    del queue[index]
-                    rows, data, inverse = pending.ticket.wait()  # raises a worker's error here
-                    data = self._refresh(weight, pending, rows, data)
-                    staged = [data, inverse] if pending.dedup else [data]
-                    self.stats.hits += 1
-                    self.stats.rows_looked_up += hash_ids.numel()
-                    self.stats.rows_gathered += rows.numel() if pending.dedup else hash_ids.numel()
-                    self._trim(weight)
-                    break
-        if staged is None:
+        pending = self._take(module, hash_ids) if self.enabled else None
+        grad = torch.is_grad_enabled() and weight.requires_grad
+        if pending is None:
             self.stats.misses += 1
-        if staged is None and not (torch.is_grad_enabled() and weight.requires_grad):
-            out = ops.multihead_embedding(weight, ids, offsets)
-        else:
-            if staged is not None and hash_ids.device != weight.device:  # host table, layer on an accelerator
-                staged = [t.to(hash_ids.device, non_blocking=True) for t in staged]
-            out = _TableLookup.apply(weight, ids, offsets, staged, module, self)
-        return out.to(hash_ids.device, non_blocking=True)
+            ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
+            if grad:
+                out = _TableLookup.apply(weight, ids, offsets, None, module, self)
+            else:
+                out = ops.multihead_embedding(weight, ids, offsets)
+            return out.to(hash_ids.device, non_blocking=True)
+        staged = self._use(weight, pending, hash_ids.device)
+        if not grad:  # no graph to record: the staged rows are the output
+            if len(staged) == 1:
+                return staged[0].view(*hash_ids.shape, weight.shape[1])
+            return ops.multihead_embedding(*staged)
+        return _TableLookup.apply(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged,
+                                  module, self)
+
+    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> Optional[_Pending]:
+        """Removes and returns the pending gather of these hash ids, if any."""
+        queue = self._pending.get(module)
+        if not queue:
+            return None
+        for index, pending in enumerate(queue):
+            if pending.key.shape == hash_ids.shape and torch.equal(pending.key, hash_ids):
+                del queue[index]
+                return pending
+        return None
+
+    def _use(self, weight, pending: _Pending, device: torch.device) -> list:
+        """The staged rows of a pending gather, current and on `device`:
+        [table[ids]] or [rows, inverse] (see _TableLookup)."""
+        rows, data, inverse = pending.ticket.wait()  # raises a worker's error here
+        stats = self.stats
+        stats.hits += 1
+        stats.rows_looked_up += pending.key.numel()
+        stats.rows_gathered += rows.numel() if pending.dedup else pending.key.numel()
+        if pending.cache is not None:
+            stats.cache_lookups += pending.key.numel()
+            stats.cache_hits += pending.ticket.cache_hits()
+        if pending.dedup:
+            slots = pending.ticket.slots()
+            if slots is not None:  # cached rows were not gathered: take them from the cache
+                data = self._assemble(rows, data, slots, pending.cache.data, device)
+            else:
+                data = data.to(device, non_blocking=True)
+        data = self._refresh(weight, pending, rows, data)
+        if self._log(weight).updates:
+            self._trim(weight)
+        if pending.dedup:
+            return [data, inverse.to(device, non_blocking=True)]
+        return [data.to(device, non_blocking=True)]
+
+    @staticmethod
+    def _assemble(rows, misses, slots, cache_data, device) -> torch.Tensor:
+        """[U, Dh] on `device`: the cache's rows where slots >= 0, else the gathered ones in order."""
+        data = torch.empty((rows.numel(), misses.shape[1]), dtype=misses.dtype, device=device)
+        hit = slots >= 0
+        hit_pos, miss_pos = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)  # on the CPU: no sync
+        data[miss_pos.to(device, non_blocking=True)] = misses.to(device, non_blocking=True)
+        data[hit_pos.to(device, non_blocking=True)] = cache_data[slots[hit].to(cache_data.device, non_blocking=True)]
+        return data
 
     def _refresh(self, weight, pending: _Pending, rows, staged):
-        """Staged rows as the table holds them now (see the module docstring)."""
+        """Staged rows as the table holds them now (see the module docstring).
+        staged may be on another device than the table."""
         log = self._log(weight)
         foreign = (weight._version - pending.version) - (log.own_bumps - pending.own_bumps)
+        changed = [r for epoch, r in log.updates if epoch > pending.epoch]
+        if foreign == 0 and not changed:
+            return staged
         table = weight.detach()
-        ids = rows if pending.dedup else pending.key.to(table.device)
+        ids = rows if pending.dedup else (pending.key.to(table.device) + pending.offsets)
         if foreign != 0:
             self.stats.regathers += 1
-            return table[ids]
-        changed = [r for epoch, r in log.updates if epoch > pending.epoch]
-        if not changed:
-            return staged
+            return table[ids].to(staged.device)
         changed = torch.cat(changed).to(table.device)
         if pending.dedup:  # rows sorted: find the changed ones
             pos = torch.searchsorted(rows, changed)
             hit = pos < rows.numel()
             hit[hit.clone()] = rows[pos[hit]] == changed[hit]
             pos = pos[hit]
-            staged[pos] = table[rows[pos]]
+            staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
         else:
             pos = torch.isin(ids, changed)
-            staged[pos] = table[ids[pos]]
+            staged[pos.to(staged.device)] = table[ids[pos]].to(staged.device)
             pos = ids[pos]
         self.stats.patched_rows += int(torch.unique(pos).numel())
         return staged

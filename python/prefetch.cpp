@@ -5,6 +5,7 @@
 #include "csrc/prefetch.h"
 
 namespace py = pybind11;
+using engram::prefetch::Cache;
 using engram::prefetch::GatherPool;
 using engram::prefetch::Staged;
 using engram::prefetch::Ticket;
@@ -42,14 +43,35 @@ void bind_prefetch(py::module_& m) {
             }
             return py::make_tuple(s.rows, s.staged, s.inverse);
           },
-          "Blocks until done; returns (rows, staged, inverse) or raises the worker's error.");
+          "Blocks until done; returns (rows, staged, inverse) or raises the worker's error.")
+      .def(
+          "slots",
+          [](Ticket& t) -> std::optional<at::Tensor> {
+            at::Tensor s = t.slots();
+            return s.defined() ? std::optional<at::Tensor>(s) : std::nullopt;
+          },
+          "After wait(): a deduplicated gather's cache slot per row (-1: gathered into staged), or None.")
+      .def("cache_hits", &Ticket::cache_hits, "After wait(): how many lookups (ids) the hot-row cache served.");
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
       .def(py::init<int>(), py::arg("num_threads"))
       .def_property_readonly("num_threads", &PyGatherPool::num_threads)
-      .def("submit", &PyGatherPool::submit, py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false,
-           py::arg("dedup") = true,
-           "Queues the gather of table rows `ids` (int64, already offset), deduplicated (-> rows, staged, "
-           "inverse) or expanded (-> None, table[ids], None); returns a GatherTicket.")
+      .def(
+          "submit",
+          [](PyGatherPool& pool, const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
+             const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cache_rows,
+             const std::optional<at::Tensor>& cache_data) {
+            TORCH_CHECK_VALUE(cache_rows.has_value() || !cache_data.has_value(),
+                              "engram.Prefetcher: cache_data given without cache_rows");
+            Cache cache{cache_rows.value_or(at::Tensor()), cache_data.value_or(at::Tensor())};
+            return pool.submit(table, ids, pin_memory, dedup, offsets.value_or(at::Tensor()), cache);
+          },
+          py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
+          py::arg("offsets") = py::none(), py::arg("cache_rows") = py::none(), py::arg("cache_data") = py::none(),
+          "Queues the gather of table rows `ids` (int64; `offsets` [K], if given, is added to the ids of "
+          "each head first), deduplicated (-> rows, staged, inverse) or expanded (-> None, table[ids], None); "
+          "with a hot-row cache (sorted `cache_rows`, and `cache_data` = table[cache_rows] for expanded "
+          "gathers) cached rows are skipped (deduplicated: see slots()) or copied from cache_data. Returns a "
+          "GatherTicket.")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
   m.def(

@@ -359,13 +359,13 @@ def test_prefetcher_errors():
 # --------------------------------------------------------------------------
 
 
-def train(model, data, rule, prefetch, dedup=None, fused=True):
+def train(model, data, rule, prefetch, dedup=None, fused=True, **options):
     """Fused row-wise tables + Adam elsewhere; with prefetch, the next batch is
     prefetched right after the forward, before the backward updates the tables."""
     optimizer = engram.optim.make_rowwise(model, rule, lr=0.05, fused=fused)
     tables = {id(p) for p in engram.optim.table_parameters(model)}
     dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], lr=0.01)
-    prefetcher = engram.Prefetcher(model, dedup=dedup) if prefetch else None
+    prefetcher = engram.Prefetcher(model, dedup=dedup, **options) if prefetch else None
     losses = []
     if prefetcher:
         prefetcher.prefetch(data[0])
@@ -401,6 +401,101 @@ def test_training_with_prefetch_equals_device_without(tmp_path, placement, rule,
     assert_same(losses, losses_ref)
     for (name, p1), p2 in zip(reference.state_dict().items(), model.state_dict().values()):
         assert_same(p1, p2)
+
+
+@pytest.mark.parametrize("placement,rule,dedup,fused", [
+    ("host", "sgd", None, True), ("mmap", "adam", True, True), ("host", "adagrad", True, False),
+    ("mmap", "sgd", None, False),
+])
+def test_hot_row_cache_changes_no_output_in_training(tmp_path, placement, rule, dedup, fused):
+    """The same training with and without the cache: bit-identical losses,
+    tables and weights, while the hot set is chosen again every 2 batches and
+    the cached rows are updated between a gather and its use."""
+    data = batches(8)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    without, model = Toy(placement, str(tmp_path / "a")), Toy(placement, str(tmp_path / "b"))
+    losses_ref, stats_ref = train(without, data, rule, prefetch=True, dedup=dedup, fused=fused)
+    losses, stats = train(model, data, rule, prefetch=True, dedup=dedup, fused=fused, hot_rows=48,
+                          hot_refresh=2)
+    assert stats_ref.cache_lookups == 0
+    assert stats.cache_refreshes >= 2 * 3 and stats.cache_lookups > 0
+    assert 0 < stats.cache_hits < stats.cache_lookups
+    assert_same(losses, losses_ref)
+    for p1, p2 in zip(without.state_dict().values(), model.state_dict().values()):
+        assert_same(p1, p2)
+
+
+def test_hot_row_cache_engine_serves_cached_rows_from_the_cache():
+    table = torch.arange(40.0).reshape(20, 2)
+    ids = torch.tensor([[3, 5], [7, 5], [3, 11]])
+    offsets = torch.tensor([0, 1])  # head 1 reads rows id + 1
+    rows = ids + offsets
+    cache_rows = torch.tensor([4, 6, 12])
+    cache_data = -table[cache_rows]  # marked: where a row came from is visible
+    pool = _engine.GatherPool(1)
+    ticket = pool.submit(table, ids, False, False, offsets, cache_rows, cache_data)
+    _, staged, _ = ticket.wait()
+    cached = torch.isin(rows, cache_rows)
+    assert ticket.cache_hits() == int(cached.sum()) == 3
+    assert_same(staged[~cached], table[rows[~cached]])
+    assert_same(staged[cached], -table[rows[cached]])
+    # Deduplicated: the cached rows are not gathered, slots say where they are.
+    ticket = pool.submit(table, ids, False, True, offsets, cache_rows)
+    unique, staged, inverse = ticket.wait()
+    slots = ticket.slots()
+    assert_same(unique, torch.unique(rows))
+    assert_same(unique[inverse], rows)
+    assert slots.tolist() == [-1, 1, -1, 2]  # rows 3, 6, 7, 12; the cache holds 4, 6, 12
+    assert_same(staged, table[unique[slots < 0]])
+    assert ticket.cache_hits() == 3
+    plain = pool.submit(table, rows)  # no cache: every distinct row gathered
+    assert plain.wait()[1].shape == (4, 2) and plain.slots() is None and plain.cache_hits() == 0
+    with pytest.raises(ValueError, match="cache_data must be a contiguous CPU \\[3, 2\\]"):
+        pool.submit(table, ids, False, False, offsets, cache_rows, cache_data[:2])
+    with pytest.raises(ValueError, match="expanded gather with a cache needs cache_data"):
+        pool.submit(table, ids, False, False, offsets, cache_rows)
+    with pytest.raises(ValueError, match="one entry per head \\(2\\)"):
+        pool.submit(table, ids, False, False, torch.tensor([0, 1, 2]))
+    pool.close()
+
+
+def test_hot_row_cache_follows_changes_it_does_not_record():
+    """A dense optimizer writes the table behind the prefetcher's back: the
+    cache is read again before the next gather uses it. The next batch is
+    prefetched after the step here, so its staged rows are not gathered again
+    (the table did not change since): only the cache could be stale."""
+    data = batches(7)
+
+    def run(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        prefetcher = engram.Prefetcher(model, **options)
+        prefetcher.prefetch(data[0])
+        losses = []
+        for i, ids in enumerate(data):
+            loss = loss_of(model(ids))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if i + 1 < len(data):
+                prefetcher.prefetch(data[i + 1])
+            losses.append(loss.detach())
+        prefetcher.close()
+        return torch.stack(losses), prefetcher.stats
+
+    losses_ref, _ = run(Toy("host"))
+    losses, stats = run(Toy("host"), hot_rows=0.02, hot_refresh=3)
+    assert stats.regathers == 0
+    assert stats.cache_hits > 0
+    assert_same(losses, losses_ref)
+
+
+def test_hot_row_options_are_checked():
+    model = Toy("host")
+    for bad in (-1, 1.5, 0.0, True, "10"):
+        with pytest.raises(ValueError, match="hot_rows="):
+            engram.Prefetcher(model, hot_rows=bad)
+    with pytest.raises(ValueError, match="hot_refresh=0"):
+        engram.Prefetcher(model, hot_rows=10, hot_refresh=0)
 
 
 def test_unfused_updates_are_caught_by_the_version_counter():
