@@ -137,6 +137,29 @@ class PrefetchStats:
     cache_refreshes: int = 0  # hot-row sets chosen again from the window's counts
 
 
+class _DeviceGather:
+    """The future of a zero-copy gather: engram::gather_rows launched on the
+    prefetcher's side stream, and the event recorded after it. Same interface
+    as the engine's tickets; wait() blocks the host (used only before the
+    table is written), the lookup instead makes its stream wait on the event."""
+
+    def __init__(self, out: torch.Tensor, event) -> None:
+        self.out, self.event = out, event
+
+    def wait(self):
+        self.event.synchronize()
+        return None, self.out, None
+
+    def ready(self) -> bool:
+        return self.event.query()
+
+    def slots(self):
+        return None
+
+    def cache_hits(self) -> int:
+        return 0
+
+
 def _fused_optimizer(module: MultiHeadEmbedding):
     """The row-wise optimizer of make_rowwise's fused lookup, if that is what is attached."""
     from .optim import RowwiseOptimizer
@@ -208,12 +231,21 @@ class Prefetcher:
     from a large or file-backed table). It never changes a result: see the
     module docstring for its order with updates.
 
+    ``transfer`` (CUDA only): how rows of a pinned host table reach the GPU.
+    "staged" (default): worker threads gather them into pinned staging
+    buffers, copied to the device at use. "zero-copy": a CUDA kernel
+    (engram::gather_rows) reads them straight from host memory over UVA, on a
+    side stream, with one event per layer and batch: the layer's stream waits
+    on its own event only. Zero-copy needs a pinned table ("host"), gathers
+    the lookup's rows as they are (no dedup) and uses no hot-row cache; other
+    tables stay staged.
+
     ``stats`` counts hits, misses, the rows moved and the cache's hits.
     ``enabled = False`` makes every lookup direct (the prefetched rows are
     then ignored)."""
 
     def __init__(self, model: nn.Module, num_threads: Optional[int] = None, dedup: Optional[bool] = None,
-                 max_pending: int = 2, hot_rows=0, hot_refresh: int = 16) -> None:
+                 max_pending: int = 2, hot_rows=0, hot_refresh: int = 16, transfer: str = "staged") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Prefetcher: model must be an nn.Module, got {type(model).__name__}")
         self.layers: List[EngramLayer] = [m for m in model.modules() if isinstance(m, EngramLayer)]
@@ -238,7 +270,10 @@ class Prefetcher:
             )
         if not isinstance(hot_refresh, int) or isinstance(hot_refresh, bool) or hot_refresh < 1:
             raise ValueError(f"Prefetcher: hot_refresh={hot_refresh!r}, expected a positive int (batches)")
-        self.dedup, self.max_pending = dedup, max_pending
+        if transfer not in ("staged", "zero-copy"):
+            raise ValueError(f"Prefetcher: transfer={transfer!r}, expected 'staged' or 'zero-copy'")
+        self.dedup, self.max_pending, self.transfer = dedup, max_pending, transfer
+        self._streams: Dict[torch.device, object] = {}
         self.hot_rows, self.hot_refresh = hot_rows, hot_refresh
         self._hot: Dict[int, _HotState] = {}  # id(table) -> its cache
         self._offsets: Dict[MultiHeadEmbedding, torch.Tensor] = {}
@@ -327,6 +362,13 @@ class Prefetcher:
                 offsets = self._offsets.get(module)
                 if offsets is None:
                     offsets = self._offsets[module] = module.offsets.detach().cpu().contiguous()
+                if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
+                    ticket = self._zero_copy(table, hashed[i], module.offsets)
+                    queue = self._pending.setdefault(module, [])
+                    queue.append(_Pending(ticket, False, hashed[i], offsets, table._version, log.epoch,
+                                          log.own_bumps))
+                    del queue[: -self.max_pending]
+                    continue
                 cache = self._hot_snapshot(table, hashed_cpu[i], offsets, dedup, input_ids.device)
                 ticket = self._pool.submit(
                     table.detach(), hashed_cpu[i], table.is_pinned(), dedup, offsets,
@@ -337,6 +379,23 @@ class Prefetcher:
                 queue.append(_Pending(ticket, dedup, hashed[i], offsets, table._version, log.epoch,
                                       log.own_bumps, cache))
                 del queue[: -self.max_pending]
+
+    def _zero_copy(self, table, hashed: torch.Tensor, offsets: torch.Tensor) -> _DeviceGather:
+        """Launches the zero-copy gather of one layer on the side stream; no host sync."""
+        device = hashed.device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the hash ids are computed there
+        with torch.cuda.stream(stream):
+            # Rows are in range by construction (hash mod each head's prime,
+            # plus that head's offset), so the kernel's range check (a host
+            # sync) is skipped.
+            out = _ops.gather_rows(table.detach(), hashed + offsets, False)
+            event = torch.cuda.Event()
+            event.record(stream)
+        hashed.record_stream(stream)  # allocated on the compute stream, read on the side stream
+        return _DeviceGather(out, event)
 
     def wait(self) -> None:
         """Blocks until every queued gather finished (errors are raised when
@@ -414,8 +473,8 @@ class Prefetcher:
         hot = self._hot.get(id(table))
         if hot is None or hot.device != where:
             hot = self._hot[id(table)] = _HotState(self._hot_size(table), where)
-        hot.window.append((hashed + offsets).reshape(-1))
         log = self._log(table)
+        # Chosen from the batches before this one only: no look at the rows it serves.
         if len(hot.window) >= self.hot_refresh:
             # LFU over the window: the most looked-up rows, ties to the lower row.
             rows, counts = torch.unique(torch.cat(hot.window), sorted=True, return_counts=True)
@@ -428,6 +487,7 @@ class Prefetcher:
             hot.current = _HotRows(rows, self._read_rows(table, rows, where), table._version, log.own_bumps)
             hot.dirty.clear()
             self.stats.cache_refreshes += 1
+        hot.window.append((hashed + offsets).reshape(-1))
         current = hot.current
         if current is None:
             return None
@@ -509,7 +569,14 @@ class Prefetcher:
     def _use(self, weight, pending: _Pending, device: torch.device) -> list:
         """The staged rows of a pending gather, current and on `device`:
         [table[ids]] or [rows, inverse] (see _TableLookup)."""
-        rows, data, inverse = pending.ticket.wait()  # raises a worker's error here
+        if isinstance(pending.ticket, _DeviceGather):
+            # The layer's stream waits on this layer's gather only; the host does not.
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(pending.ticket.event)
+            pending.ticket.out.record_stream(stream)  # allocated on the side stream
+            rows, data, inverse = None, pending.ticket.out, None
+        else:
+            rows, data, inverse = pending.ticket.wait()  # raises a worker's error here
         stats = self.stats
         stats.hits += 1
         stats.rows_looked_up += pending.key.numel()

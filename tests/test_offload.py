@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import engram
-from engram import CompressionTable, EngramConfig, EngramLayer
+from engram import CompressionTable, EngramConfig, EngramLayer, ops
+from engram import reference as ref
 
 VOCAB = 300
 D = 16
@@ -249,7 +250,7 @@ def batches(n, b=2, t=16, seed=5, vocab=40):
 
 
 def loss_of(out):
-    return (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+    return (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum()
 
 
 @pytest.mark.parametrize("placement", ["device", "host", "mmap"])
@@ -527,3 +528,89 @@ def test_unfused_updates_are_caught_by_the_version_counter():
     assert stats.hits == 2 * len(data) and stats.regathers == 2 * (len(data) - 1)
     for p1, p2 in zip(reference.state_dict().values(), model.state_dict().values()):
         assert_same(p1, p2)
+
+
+# --------------------------------------------------------------------------
+# engram::gather_rows (the zero-copy gather's op) and the CUDA paths
+# --------------------------------------------------------------------------
+
+has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "engram::gather_rows", "CUDA"
+)
+needs_cuda = pytest.mark.skipif(not has_cuda_kernels, reason="needs a CUDA GPU and a CUDA build of engram")
+
+
+def test_gather_rows_cpu_matches_reference():
+    from torch.library import opcheck
+
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        table = torch.randn(300, 5, generator=gen).to(dtype)
+        rows = torch.randint(0, 300, (4, 3, 2), generator=gen)
+        assert_same(ops.gather_rows(table, rows), ref.gather_rows(table, rows))
+    assert ops.gather_rows(table, torch.empty(0, dtype=torch.int64)).shape == (0, 5)
+    opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
+    with pytest.raises(IndexError, match=r"gather_rows: rows holds 300 at flat index 3; expected a row in \[0, 300\)"):
+        ops.gather_rows(table, torch.tensor([1, 2, 0, 300]))
+    with pytest.raises(TypeError, match="gather_rows: rows must be .*, got .*Int"):
+        ops.gather_rows(table, rows.int())
+    with pytest.raises(ValueError, match="table must have 2 dims"):
+        ops.gather_rows(table[0], rows)
+    with pytest.raises(ValueError, match="table must be contiguous"):
+        ops.gather_rows(table.t(), rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,dh", [(torch.float32, 32), (torch.bfloat16, 64), (torch.float16, 3),
+                                      (torch.float32, 5)])
+def test_gather_rows_zero_copy_reads_pinned_host_rows(dtype, dh):
+    from torch.library import opcheck
+
+    table = torch.randn(5000, dh).to(dtype).pin_memory()
+    rows = torch.randint(0, 5000, (7, 33), device="cuda")
+    got = ops.gather_rows(table, rows)
+    assert got.device == rows.device
+    assert_same(got.cpu(), table[rows.cpu()])
+    assert_same(ops.gather_rows(table, rows, False).cpu(), table[rows.cpu()])
+    assert_same(ops.gather_rows(table.cuda(), rows).cpu(), table[rows.cpu()])  # a device table too
+    opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
+    bad = rows.clone()
+    bad[2, 5] = 5000
+    with pytest.raises(IndexError, match="rows holds 5000 at flat index 71"):
+        ops.gather_rows(table, bad)
+    unchecked = ops.gather_rows(table, bad, False).cpu()  # no sync, not read: zeros
+    assert torch.all(unchecked[2, 5] == 0)
+    with pytest.raises(ValueError, match="pageable host memory"):
+        ops.gather_rows(torch.randn(10, dh).to(dtype), rows % 10)
+
+
+@needs_cuda
+@pytest.mark.parametrize("transfer,hot_rows", [("staged", 0), ("staged", 0.05), ("zero-copy", 0)])
+def test_cuda_prefetch_training_matches_device_placement(transfer, hot_rows):
+    data = [ids.cuda() for ids in batches(6)]
+    reference, model = Toy().cuda(), Toy("host").cuda()
+    assert model.engrams[0].multi_head_embedding.embedding.weight.is_pinned()
+    losses_ref, _ = train(reference, data, "sgd", prefetch=False)
+    losses, stats = train(model, data, "sgd", prefetch=True, transfer=transfer, hot_rows=hot_rows, hot_refresh=2)
+    assert stats.hits == 2 * len(data)
+    if hot_rows:
+        assert stats.cache_hits > 0
+    torch.testing.assert_close(losses.cpu(), losses_ref.cpu())
+    for p1, p2 in zip(reference.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(p1.cpu(), p2.cpu())
+
+
+@needs_cuda
+def test_cuda_zero_copy_forward_waits_only_on_its_own_event():
+    model = Toy("host").cuda()
+    ids = batches(1)[0].cuda()
+    with torch.no_grad():
+        expected = model(ids)
+        with engram.Prefetcher(model, transfer="zero-copy") as prefetcher:
+            prefetcher.prefetch(ids)
+            pending = [q[0] for q in prefetcher._pending.values()]
+            assert all(isinstance(p.ticket, engram.prefetch._DeviceGather) for p in pending)
+            assert len({id(p.ticket.event) for p in pending}) == 2  # one event per layer
+            got = model(ids)
+        assert prefetcher.stats.hits == 2
+    torch.testing.assert_close(got, expected)
