@@ -115,12 +115,14 @@ class _HotRows:
 
 @dataclass
 class _HotState:
-    """A table's cache and its LFU window."""
+    """A table's cache and its (aged) LFU counts."""
 
     size: int  # rows to keep
     device: torch.device
     current: Optional[_HotRows] = None
     window: List[torch.Tensor] = field(default_factory=list)  # rows looked up since the last refresh
+    seen_rows: Optional[torch.Tensor] = None  # rows counted before the window (sorted), and
+    seen_counts: Optional[torch.Tensor] = None  # their counts, halved at every refresh
     dirty: List[torch.Tensor] = field(default_factory=list)  # rows updated since data was last synced
 
 
@@ -134,7 +136,7 @@ class PrefetchStats:
     rows_gathered: int = 0  # distinct rows gathered for them
     cache_lookups: int = 0  # (token, head) lookups of prefetches that had a hot-row cache
     cache_hits: int = 0  # of those, the ones whose row the cache held
-    cache_refreshes: int = 0  # hot-row sets chosen again from the window's counts
+    cache_refreshes: int = 0  # hot-row sets chosen again from the counts
 
 
 class _DeviceGather:
@@ -224,8 +226,9 @@ class Prefetcher:
     ``hot_rows``: size of an optional hot-row cache per table, in rows (an
     int) or as a share of the table's rows (a float in (0, 1]); 0 (default)
     turns it off. The cache holds a copy of the table's most looked-up rows
-    (LFU over the last ``hot_refresh`` prefetched batches, chosen again every
-    ``hot_refresh`` batches) where the layer computes for deduplicated
+    (LFU with aging: lookups are counted per row, the counts halve every
+    ``hot_refresh`` prefetched batches, when the hot set is chosen again from
+    the batches before) where the layer computes for deduplicated
     gathers (the accelerator: cached rows do not cross the link), or as a
     compact CPU tensor for expanded ones (hot rows read from it rather than
     from a large or file-backed table). It never changes a result: see the
@@ -476,12 +479,20 @@ class Prefetcher:
         log = self._log(table)
         # Chosen from the batches before this one only: no look at the rows it serves.
         if len(hot.window) >= self.hot_refresh:
-            # LFU over the window: the most looked-up rows, ties to the lower row.
+            # LFU with aging: the window's counts plus half the older ones; the
+            # most looked-up rows win, ties to the lower row.
             rows, counts = torch.unique(torch.cat(hot.window), sorted=True, return_counts=True)
+            counts = counts.double()
             hot.window.clear()
-            if counts.numel() > hot.size:
-                keep = torch.sort(counts, descending=True, stable=True).indices[: hot.size]
-                rows = torch.sort(rows[keep]).values
+            if hot.seen_rows is not None:
+                rows, inverse = torch.unique(torch.cat([hot.seen_rows, rows]), sorted=True, return_inverse=True)
+                counts = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(
+                    0, inverse, torch.cat([hot.seen_counts * 0.5, counts]))
+            order = torch.sort(counts, descending=True, stable=True).indices
+            # Counts kept for 4x the cache's rows: room for rows on their way up.
+            history = torch.sort(order[: 4 * hot.size]).values
+            hot.seen_rows, hot.seen_counts = rows[history], counts[history]
+            rows = torch.sort(rows[order[: hot.size]]).values
             # New tensors, never written in place: a gather still running may
             # read the old snapshot.
             hot.current = _HotRows(rows, self._read_rows(table, rows, where), table._version, log.own_bumps)
