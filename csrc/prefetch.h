@@ -10,8 +10,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -23,7 +29,37 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace engram::prefetch {
+
+// Makes the calling worker thread a background thread (Linux): SCHED_BATCH,
+// so that waking it up (a submit) does not preempt the thread that submitted,
+// i.e. the model's compute, and a nice value above the caller's, so that on a
+// machine whose cores the compute keeps busy the gathers take the idle time
+// first. Without this, on a small machine every submit could hand the
+// caller's core to the worker for the whole gather: the very time the
+// prefetch is meant to hide. Best effort: failures leave the defaults.
+inline void lower_worker_priority(int nice_increment) {
+#ifdef __linux__
+  sched_param param{};
+  param.sched_priority = 0;
+  (void)sched_setscheduler(0, SCHED_BATCH, &param);  // 0: this thread
+  if (nice_increment > 0) {
+    const pid_t tid = static_cast<pid_t>(syscall(SYS_gettid));
+    errno = 0;
+    const int current = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+    if (errno == 0) (void)setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, current + nice_increment));
+  }
+#else
+  (void)nice_increment;
+#endif
+}
 
 // What a gather produces. Deduplicated: rows [U] int64 strictly increasing,
 // staged [U, Dh] = table[rows], inverse shaped like the ids with
@@ -38,7 +74,29 @@ namespace engram::prefetch {
 struct Staged {
   at::Tensor rows, staged, inverse, slots;
   int64_t cache_hits = 0;
+  at::Tensor hashed;  // the hash ids [B, T, K] when the worker hashed them (HashSpec)
 };
+
+// The hashing of one layer's ids, done by the worker rather than by the
+// caller (the engram::ngram_hash op, called through the dispatcher: the
+// engine does not link the op library): input_ids [B, T], the layer's lookup,
+// keys [1, *], head_sizes [1, K], no offsets.
+struct HashSpec {
+  at::Tensor input_ids, lookup, keys, head_sizes;
+  int64_t pad_id = 0;
+  std::string family;
+  bool defined() const { return input_ids.defined(); }
+};
+
+inline at::Tensor hash_layer(const HashSpec& spec) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("engram::ngram_hash", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
+  return op.call(spec.input_ids, spec.lookup, spec.keys, spec.head_sizes, std::nullopt, spec.pad_id,
+                 c10::string_view(spec.family))[0];
+}
 
 // A snapshot of the hot-row cache a gather may use: rows [H] int64 strictly
 // increasing (table rows), data [H, Dh] = table[rows] on the CPU (expanded
@@ -206,6 +264,10 @@ class Ticket {
     std::lock_guard<std::mutex> lock(mutex_);
     return result_.cache_hits;
   }
+  at::Tensor hashed() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return result_.hashed;
+  }
   void finish(Staged result) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -233,10 +295,28 @@ class Ticket {
 
 class GatherPool {
  public:
-  explicit GatherPool(int num_threads) {
+  // background_nice: the workers run as background threads (SCHED_BATCH,
+  // nice raised by this much, see lower_worker_priority); -1 leaves them as
+  // ordinary threads.
+  explicit GatherPool(int num_threads, int background_nice = 5) {
     TORCH_CHECK_VALUE(num_threads >= 1 && num_threads <= 256, "engram.Prefetcher: num_threads=", num_threads,
                       ", expected 1..256");
-    for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { run(); });
+    TORCH_CHECK_VALUE(background_nice >= -1 && background_nice <= 19, "engram.Prefetcher: background_nice=",
+                      background_nice, ", expected -1 (ordinary threads) or 0..19");
+    for (int i = 0; i < num_threads; ++i) {
+      workers_.emplace_back([this, background_nice] {
+        if (background_nice >= 0) lower_worker_priority(background_nice);
+        // The op a worker may call (ngram_hash) runs on this thread alone:
+        // after ATen's own per-thread init (which would set the intra-op
+        // count), an OpenMP team of one, so it never adds threads to the
+        // compute's.
+        at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+        omp_set_num_threads(1);
+#endif
+        run();
+      });
+    }
   }
   GatherPool(const GatherPool&) = delete;
   GatherPool& operator=(const GatherPool&) = delete;
@@ -246,8 +326,23 @@ class GatherPool {
 
   // offsets (optional, int64 [K]) are added to the ids of each head by the
   // worker; cache (optional) is the hot-row cache snapshot the gather uses.
-  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
-                                 const at::Tensor& offsets = {}, const Cache& cache = {}) {
+  // hash (optional): the worker computes the ids from input_ids first (ids
+  // is then ignored and may be undefined; the ticket's hashed() returns them).
+  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids_in, bool pin_memory, bool dedup,
+                                 const at::Tensor& offsets = {}, const Cache& cache = {},
+                                 const HashSpec& hash = {}) {
+    at::Tensor ids = ids_in;
+    if (hash.defined()) {
+      TORCH_CHECK_VALUE(hash.input_ids.device().is_cpu() && hash.input_ids.dim() == 2 &&
+                            hash.head_sizes.dim() == 2 && hash.head_sizes.size(0) == 1,
+                        "engram.Prefetcher: hashing on a worker needs CPU input_ids [B, T] and one layer's "
+                        "head_sizes [1, K], got input_ids of shape ",
+                        hash.input_ids.sizes(), " on ", hash.input_ids.device(), " and head_sizes of shape ",
+                        hash.head_sizes.sizes());
+      // Stands for the ids to come in the checks below: shape [B, T, K], int64.
+      ids = at::empty({hash.input_ids.size(0), hash.input_ids.size(1), hash.head_sizes.size(1)},
+                      hash.input_ids.options().dtype(at::kLong));
+    }
     check_gather_args(table, ids);
     check_cache_args(table, cache);
     TORCH_CHECK_VALUE(dedup || !cache.defined() || cache.data.defined(),
@@ -263,7 +358,8 @@ class GatherPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
-      tasks_.push_back(Task{ticket, table, ids, offsets, cache, pin_memory, dedup});
+      tasks_.push_back(Task{ticket, table, hash.defined() ? at::Tensor() : ids, offsets, cache, hash, pin_memory,
+                            dedup});
     }
     cv_.notify_one();
     return ticket;
@@ -294,6 +390,7 @@ class GatherPool {
     std::shared_ptr<Ticket> ticket;
     at::Tensor table, ids, offsets;
     Cache cache;
+    HashSpec hash;
     bool pin_memory, dedup;
   };
 
@@ -310,9 +407,11 @@ class GatherPool {
       Staged result;
       std::exception_ptr error;
       try {
-        const at::Tensor rows = add_offsets(task.ids, task.offsets);
+        at::Tensor hashed = task.hash.defined() ? hash_layer(task.hash).contiguous() : task.ids;
+        const at::Tensor rows = add_offsets(hashed, task.offsets);
         result = task.dedup ? dedup_gather(task.table, rows, task.pin_memory, task.cache)
                             : expand_gather(task.table, rows, task.pin_memory, task.cache);
+        if (task.hash.defined()) result.hashed = hashed;
       } catch (...) {
         error = std::current_exception();
       }
@@ -323,6 +422,7 @@ class GatherPool {
       task.ids.reset();
       task.offsets.reset();
       task.cache = Cache{};
+      task.hash = HashSpec{};
       if (error) {
         task.ticket->fail(error);
       } else {

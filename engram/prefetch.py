@@ -87,12 +87,14 @@ __all__ = ["Prefetcher"]
 class _Pending:
     ticket: object  # _engine.GatherTicket
     dedup: bool  # staged holds the distinct rows (else table[ids] itself)
-    key: torch.Tensor  # the layer's hash ids [B, T, K] (no head offsets), on the ids' device
+    key: Optional[torch.Tensor]  # the layer's hash ids [B, T, K] (no offsets), on the ids' device; None
+    # while a worker hashes them (then input_shape is [B, T])
     offsets: torch.Tensor  # the layer's head offsets, on the CPU
     version: int  # table._version at submission
     epoch: int  # the prefetcher's update count of the table at submission
     own_bumps: int  # version bumps of those updates
     cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
+    input_shape: tuple = ()
 
 
 @dataclass
@@ -243,12 +245,18 @@ class Prefetcher:
     the lookup's rows as they are (no dedup) and uses no hot-row cache; other
     tables stay staged.
 
+    ``worker_nice`` (Linux): the workers run as background threads
+    (SCHED_BATCH, nice raised by this much; default 5), so that queuing a
+    gather never preempts the model's compute and gathers take idle CPU time
+    first; -1 keeps them ordinary threads.
+
     ``stats`` counts hits, misses, the rows moved and the cache's hits.
     ``enabled = False`` makes every lookup direct (the prefetched rows are
     then ignored)."""
 
     def __init__(self, model: nn.Module, num_threads: Optional[int] = None, dedup: Optional[bool] = None,
-                 max_pending: int = 2, hot_rows=0, hot_refresh: int = 16, transfer: str = "staged") -> None:
+                 max_pending: int = 2, hot_rows=0, hot_refresh: int = 16, transfer: str = "staged",
+                 worker_nice: int = 5) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Prefetcher: model must be an nn.Module, got {type(model).__name__}")
         self.layers: List[EngramLayer] = [m for m in model.modules() if isinstance(m, EngramLayer)]
@@ -280,7 +288,9 @@ class Prefetcher:
         self.hot_rows, self.hot_refresh = hot_rows, hot_refresh
         self._hot: Dict[int, _HotState] = {}  # id(table) -> its cache
         self._offsets: Dict[MultiHeadEmbedding, torch.Tensor] = {}
-        self._pool = _engine.GatherPool(num_threads)
+        if not isinstance(worker_nice, int) or isinstance(worker_nice, bool) or not -1 <= worker_nice <= 19:
+            raise ValueError(f"Prefetcher: worker_nice={worker_nice!r}, expected -1 (ordinary threads) or 0..19")
+        self._pool = _engine.GatherPool(num_threads, worker_nice)
         self._pending: Dict[MultiHeadEmbedding, List[_Pending]] = {}
         self._logs: Dict[int, _TableLog] = {}
         self._groups = self._group_layers()
@@ -329,6 +339,22 @@ class Prefetcher:
                 groups.append([layer])
         return groups
 
+    def _layer_params(self, layer: EngramLayer):
+        """A layer's hash parameters on the CPU, for hashing on a worker."""
+        key = ("layer", id(layer))
+        if key not in self._stacked:
+            self._stacked[key] = (layer.hash_lookup.cpu().contiguous(), layer.hash_keys.cpu().contiguous(),
+                                  layer.hash_sizes.cpu().contiguous(), layer.config.pad_id, layer.config.hash)
+        return self._stacked[key]
+
+    def _cpu_offsets(self, module: MultiHeadEmbedding) -> torch.Tensor:
+        """The module's head offsets on the CPU (copied again if changed in place)."""
+        cached = self._offsets.get(module)
+        version = module.offsets._version
+        if cached is None or cached[0] != version or cached[2] is not module.offsets:
+            cached = self._offsets[module] = (version, module.offsets.detach().cpu().contiguous(), module.offsets)
+        return cached[1]
+
     def _stacked_params(self, index: int, device: torch.device):
         key = (index, device)
         if key not in self._stacked:
@@ -348,6 +374,9 @@ class Prefetcher:
         self._check_open()
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"Prefetcher.prefetch: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.device.type == "cpu" and not self.hot_rows and input_ids.dim() == 2:
+            self._prefetch_hashing_on_workers(input_ids)
+            return
         for index, group in enumerate(self._groups):
             lookup, keys, sizes = self._stacked_params(index, input_ids.device)
             # Hash ids without the head offsets: they are what the layer's own
@@ -362,9 +391,7 @@ class Prefetcher:
                     continue  # on an accelerator: looked up directly
                 log = self._log(table)
                 dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
-                offsets = self._offsets.get(module)
-                if offsets is None:
-                    offsets = self._offsets[module] = module.offsets.detach().cpu().contiguous()
+                offsets = self._cpu_offsets(module)
                 if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
                     ticket = self._zero_copy(table, hashed[i], module.offsets)
                     queue = self._pending.setdefault(module, [])
@@ -382,6 +409,28 @@ class Prefetcher:
                 queue.append(_Pending(ticket, dedup, hashed[i], offsets, table._version, log.epoch,
                                       log.own_bumps, cache))
                 del queue[: -self.max_pending]
+
+    def _prefetch_hashing_on_workers(self, input_ids: torch.Tensor) -> None:
+        """The CPU path: each layer's hashing, as well as its gather, is queued
+        on a worker, so prefetch() only queues (the hash would otherwise be on
+        the caller's critical path). The hash ids to compare a lookup with are
+        known once the gather is done (see _take)."""
+        ids = input_ids.clone(memory_format=torch.contiguous_format)  # the caller may reuse its buffer
+        for layer in self.layers:
+            module = layer.multi_head_embedding
+            table = module.embedding.weight
+            if table.device.type != "cpu":
+                continue
+            log = self._log(table)
+            dedup = bool(self.dedup)
+            offsets = self._cpu_offsets(module)
+            lookup, keys, sizes, pad_id, family = self._layer_params(layer)
+            ticket = self._pool.submit_hashed(table.detach(), ids, lookup, keys, sizes, pad_id, family, offsets,
+                                              table.is_pinned(), dedup)
+            queue = self._pending.setdefault(module, [])
+            queue.append(_Pending(ticket, dedup, None, offsets, table._version, log.epoch, log.own_bumps,
+                                  input_shape=tuple(ids.shape)))
+            del queue[: -self.max_pending]
 
     def _zero_copy(self, table, hashed: torch.Tensor, offsets: torch.Tensor) -> _DeviceGather:
         """Launches the zero-copy gather of one layer on the side stream; no host sync."""
@@ -572,6 +621,15 @@ class Prefetcher:
         if not queue:
             return None
         for index, pending in enumerate(queue):
+            if pending.key is None:  # hashed on the worker: its ids are known once it is done
+                if tuple(hash_ids.shape[:2]) != pending.input_shape:
+                    continue
+                try:
+                    pending.ticket.wait()
+                except Exception:  # the error is raised at use, if these are the ids
+                    del queue[index]
+                    pending.ticket.wait()
+                pending.key = pending.ticket.hashed()
             if pending.key.shape == hash_ids.shape and torch.equal(pending.key, hash_ids):
                 del queue[index]
                 return pending

@@ -7,6 +7,7 @@
 namespace py = pybind11;
 using engram::prefetch::Cache;
 using engram::prefetch::GatherPool;
+using engram::prefetch::HashSpec;
 using engram::prefetch::Staged;
 using engram::prefetch::Ticket;
 
@@ -51,9 +52,18 @@ void bind_prefetch(py::module_& m) {
             return s.defined() ? std::optional<at::Tensor>(s) : std::nullopt;
           },
           "After wait(): a deduplicated gather's cache slot per row (-1: gathered into staged), or None.")
-      .def("cache_hits", &Ticket::cache_hits, "After wait(): how many lookups (ids) the hot-row cache served.");
+      .def("cache_hits", &Ticket::cache_hits, "After wait(): how many lookups (ids) the hot-row cache served.")
+      .def(
+          "hashed",
+          [](Ticket& t) -> std::optional<at::Tensor> {
+            at::Tensor h = t.hashed();
+            return h.defined() ? std::optional<at::Tensor>(h) : std::nullopt;
+          },
+          "After wait(): the hash ids [B, T, K] the worker computed (submit_hashed), or None.");
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
-      .def(py::init<int>(), py::arg("num_threads"))
+      .def(py::init<int, int>(), py::arg("num_threads"), py::arg("background_nice") = 5,
+           "background_nice: workers run as SCHED_BATCH threads with nice raised by this much (Linux), so "
+           "they do not preempt the model's compute; -1: ordinary threads.")
       .def_property_readonly("num_threads", &PyGatherPool::num_threads)
       .def(
           "submit",
@@ -72,6 +82,20 @@ void bind_prefetch(py::module_& m) {
           "with a hot-row cache (sorted `cache_rows`, and `cache_data` = table[cache_rows] for expanded "
           "gathers) cached rows are skipped (deduplicated: see slots()) or copied from cache_data. Returns a "
           "GatherTicket.")
+      .def(
+          "submit_hashed",
+          [](PyGatherPool& pool, const at::Tensor& table, const at::Tensor& input_ids, const at::Tensor& lookup,
+             const at::Tensor& keys, const at::Tensor& head_sizes, int64_t pad_id, const std::string& family,
+             const at::Tensor& offsets, bool pin_memory, bool dedup) {
+            HashSpec hash{input_ids, lookup, keys, head_sizes, pad_id, family};
+            return pool.submit(table, at::Tensor(), pin_memory, dedup, offsets, {}, hash);
+          },
+          py::arg("table"), py::arg("input_ids"), py::arg("lookup"), py::arg("keys"), py::arg("head_sizes"),
+          py::arg("pad_id"), py::arg("family"), py::arg("offsets"), py::arg("pin_memory") = false,
+          py::arg("dedup") = false,
+          "Like submit, but the worker first hashes input_ids [B, T] for one layer (engram::ngram_hash with "
+          "keys [1, *] and head_sizes [1, K], no offsets): the caller does not wait for the hash. The "
+          "ticket's hashed() returns the hash ids.")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
   m.def(

@@ -195,6 +195,38 @@ def test_engine_errors_surface_in_the_caller():
     pool.close()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux thread ids")
+def test_engine_workers_are_background_threads():
+    """SCHED_BATCH and a raised nice: a submit does not preempt the caller."""
+    import time
+
+    def tids():
+        return set(os.listdir("/proc/self/task"))
+
+    before = tids()
+    pool = _engine.GatherPool(2)
+    for _ in range(100):  # the workers set their policy when they start
+        new = tids() - before
+        if len(new) == 2 and all(os.sched_getscheduler(int(t)) == os.SCHED_BATCH for t in new):
+            break
+        time.sleep(0.01)
+    assert len(new) == 2
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for t in new:
+        assert os.sched_getscheduler(int(t)) == os.SCHED_BATCH
+        assert os.getpriority(os.PRIO_PROCESS, int(t)) == min(19, base + 5)
+    pool.close()
+    before = tids()
+    ordinary = _engine.GatherPool(1, -1)
+    time.sleep(0.05)
+    assert all(os.sched_getscheduler(int(t)) == os.SCHED_OTHER for t in tids() - before)
+    ordinary.close()
+    with pytest.raises(ValueError, match="background_nice=20"):
+        _engine.GatherPool(1, 20)
+    with pytest.raises(ValueError, match="worker_nice=-2"):
+        engram.Prefetcher(Toy("host"), worker_nice=-2)
+
+
 def test_engine_close_cancels_queued_gathers_without_hanging():
     table = torch.randn(200_000, 32)
     ids = torch.randint(0, 200_000, (50_000,))
