@@ -95,6 +95,7 @@ class _Pending:
     own_bumps: int  # version bumps of those updates
     cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
     input_shape: tuple = ()
+    result: Optional[tuple] = None  # the ticket's (rows, staged, inverse), once waited for
 
 
 @dataclass
@@ -416,21 +417,25 @@ class Prefetcher:
         the caller's critical path). The hash ids to compare a lookup with are
         known once the gather is done (see _take)."""
         ids = input_ids.clone(memory_format=torch.contiguous_format)  # the caller may reuse its buffer
+        shape = tuple(ids.shape)
+        dedup = bool(self.dedup)
+        submit = self._pool.submit_hashed
         for layer in self.layers:
             module = layer.multi_head_embedding
             table = module.embedding.weight
             if table.device.type != "cpu":
                 continue
             log = self._log(table)
-            dedup = bool(self.dedup)
             offsets = self._cpu_offsets(module)
             lookup, keys, sizes, pad_id, family = self._layer_params(layer)
-            ticket = self._pool.submit_hashed(table.detach(), ids, lookup, keys, sizes, pad_id, family, offsets,
-                                              table.is_pinned(), dedup)
-            queue = self._pending.setdefault(module, [])
+            ticket = submit(table.detach(), ids, lookup, keys, sizes, pad_id, family, offsets, False, dedup)
+            queue = self._pending.get(module)
+            if queue is None:
+                queue = self._pending[module] = []
             queue.append(_Pending(ticket, dedup, None, offsets, table._version, log.epoch, log.own_bumps,
-                                  input_shape=tuple(ids.shape)))
-            del queue[: -self.max_pending]
+                                  input_shape=shape))
+            if len(queue) > self.max_pending:
+                del queue[0]
 
     def _zero_copy(self, table, hashed: torch.Tensor, offsets: torch.Tensor) -> _DeviceGather:
         """Launches the zero-copy gather of one layer on the side stream; no host sync."""
@@ -487,7 +492,10 @@ class Prefetcher:
             raise RuntimeError("Prefetcher: closed")
 
     def _log(self, table: torch.Tensor) -> _TableLog:
-        return self._logs.setdefault(id(table), _TableLog())
+        log = self._logs.get(id(table))
+        if log is None:
+            log = self._logs[id(table)] = _TableLog()
+        return log
 
     def _update_table(self, table: torch.Tensor, update, rows: torch.Tensor) -> None:
         """Runs a row-wise update of `table` after its gathers in flight and records the rows it changed."""
@@ -625,10 +633,10 @@ class Prefetcher:
                 if tuple(hash_ids.shape[:2]) != pending.input_shape:
                     continue
                 try:
-                    pending.ticket.wait()
+                    pending.result = pending.ticket.wait()
                 except Exception:  # the error is raised at use, if these are the ids
                     del queue[index]
-                    pending.ticket.wait()
+                    raise
                 pending.key = pending.ticket.hashed()
             if pending.key.shape == hash_ids.shape and torch.equal(pending.key, hash_ids):
                 del queue[index]
@@ -645,7 +653,8 @@ class Prefetcher:
             pending.ticket.out.record_stream(stream)  # allocated on the side stream
             rows, data, inverse = None, pending.ticket.out, None
         else:
-            rows, data, inverse = pending.ticket.wait()  # raises a worker's error here
+            # Raises a worker's error here.
+            rows, data, inverse = pending.result if pending.result is not None else pending.ticket.wait()
         stats = self.stats
         stats.hits += 1
         stats.rows_looked_up += pending.key.numel()
@@ -659,9 +668,11 @@ class Prefetcher:
                 data = self._assemble(rows, data, slots, pending.cache.data, device)
             else:
                 data = data.to(device, non_blocking=True)
-        data = self._refresh(weight, pending, rows, data)
-        if self._log(weight).updates:
-            self._trim(weight)
+        log = self._log(weight)
+        if log.updates or weight._version != pending.version:
+            data = self._refresh(weight, pending, rows, data)
+            if log.updates:
+                self._trim(weight)
         if pending.dedup:
             return [data, inverse.to(device, non_blocking=True)]
         return [data.to(device, non_blocking=True)]
