@@ -96,6 +96,8 @@ class _Pending:
     cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
     input_shape: tuple = ()
     result: Optional[tuple] = None  # the ticket's (rows, staged, inverse), once waited for
+    input_ids: Optional[torch.Tensor] = None  # hashed on a worker: the token ids, and
+    params: tuple = ()  # the layer's hash parameters (tensor, version) it used
 
 
 @dataclass
@@ -163,6 +165,12 @@ class _DeviceGather:
 
     def cache_hits(self) -> int:
         return 0
+
+
+def _hash_state(layer: EngramLayer) -> tuple:
+    """Identity and version of a layer's hash parameters: equal states hash equal ids alike."""
+    return tuple((id(t), t._version) for t in (layer.hash_lookup, layer.hash_keys, layer.hash_sizes)) + (
+        layer.config.pad_id, layer.config.hash)
 
 
 def _fused_optimizer(module: MultiHeadEmbedding):
@@ -301,11 +309,11 @@ class Prefetcher:
         self._closed = False
         ref = weakref.ref(self)
 
-        def lookup(module, hash_ids):
+        def lookup(module, hash_ids, input_ids=None):
             prefetcher = ref()
             if prefetcher is None or prefetcher._closed:
                 return module.direct_forward(hash_ids)
-            return prefetcher._lookup(module, hash_ids)
+            return prefetcher._lookup(module, hash_ids, input_ids)
 
         self._hook = lookup
         for layer in self.layers:
@@ -341,12 +349,21 @@ class Prefetcher:
         return groups
 
     def _layer_params(self, layer: EngramLayer):
-        """A layer's hash parameters on the CPU, for hashing on a worker."""
+        """A layer's hash parameters on the CPU, for hashing on a worker, and
+        their identities and versions (copied again after any change)."""
         key = ("layer", id(layer))
-        if key not in self._stacked:
-            self._stacked[key] = (layer.hash_lookup.cpu().contiguous(), layer.hash_keys.cpu().contiguous(),
-                                  layer.hash_sizes.cpu().contiguous(), layer.config.pad_id, layer.config.hash)
-        return self._stacked[key]
+        state = _hash_state(layer)
+        cached = self._stacked.get(key)
+        if cached is None or cached[1] != state:
+            cached = self._stacked[key] = (
+                # Copies (.cpu() of a CPU tensor is the tensor itself): a worker
+                # must not read a buffer the caller may change meanwhile.
+                (layer.hash_lookup.detach().to("cpu", copy=True).contiguous(),
+                 layer.hash_keys.detach().to("cpu", copy=True).contiguous(),
+                 layer.hash_sizes.detach().to("cpu", copy=True).contiguous(), layer.config.pad_id, layer.config.hash),
+                state,
+            )
+        return cached
 
     def _cpu_offsets(self, module: MultiHeadEmbedding) -> torch.Tensor:
         """The module's head offsets on the CPU (copied again if changed in place)."""
@@ -427,13 +444,13 @@ class Prefetcher:
                 continue
             log = self._log(table)
             offsets = self._cpu_offsets(module)
-            lookup, keys, sizes, pad_id, family = self._layer_params(layer)
+            (lookup, keys, sizes, pad_id, family), state = self._layer_params(layer)
             ticket = submit(table.detach(), ids, lookup, keys, sizes, pad_id, family, offsets, False, dedup)
             queue = self._pending.get(module)
             if queue is None:
                 queue = self._pending[module] = []
             queue.append(_Pending(ticket, dedup, None, offsets, table._version, log.epoch, log.own_bumps,
-                                  input_shape=shape))
+                                  input_shape=shape, input_ids=ids, params=(layer, state)))
             if len(queue) > self.max_pending:
                 del queue[0]
 
@@ -600,12 +617,13 @@ class Prefetcher:
     def _pending_of(self, table) -> List[_Pending]:
         return [p for m, queue in self._pending.items() if m.embedding.weight is table for p in queue]
 
-    def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
+                input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = module.embedding.weight
         if weight.device.type != "cpu" or (module.fused_lookup is not None and _fused_optimizer(module) is None):
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
-        pending = self._take(module, hash_ids) if self.enabled else None
+        pending = self._take(module, hash_ids, input_ids) if self.enabled else None
         grad = torch.is_grad_enabled() and weight.requires_grad
         if pending is None:
             self.stats.misses += 1
@@ -623,7 +641,8 @@ class Prefetcher:
         return _TableLookup.apply(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged,
                                   module, self)
 
-    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> Optional[_Pending]:
+    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
+              input_ids: Optional[torch.Tensor] = None) -> Optional[_Pending]:
         """Removes and returns the pending gather of these hash ids, if any."""
         queue = self._pending.get(module)
         if not queue:
@@ -632,6 +651,19 @@ class Prefetcher:
             if pending.key is None:  # hashed on the worker: its ids are known once it is done
                 if tuple(hash_ids.shape[:2]) != pending.input_shape:
                     continue
+                layer, state = pending.params
+                if (input_ids is not None and input_ids.device.type == "cpu" and input_ids.dtype == torch.int64
+                        and _hash_state(layer) == state):
+                    # The same tokens through the same, unchanged hash give the
+                    # same hash ids: compare the token ids (a few KB, written
+                    # by this thread) rather than the worker's hash ids (K
+                    # times larger, in another core's cache).
+                    if not torch.equal(pending.input_ids, input_ids):
+                        continue
+                    del queue[index]
+                    pending.key = hash_ids
+                    pending.result = pending.ticket.wait()  # raises a worker's error here
+                    return pending
                 try:
                     pending.result = pending.ticket.wait()
                 except Exception:  # the error is raised at use, if these are the ids
