@@ -302,6 +302,13 @@ TORCH_LIBRARY(engram, m) {
       "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, int step) -> ()");
   // --- end engram.optim ---------------------------------------------------------
+
+  // --- engram.Prefetcher (csrc/cpu_offload.cpp, csrc/cuda/offload.cu) ----------
+  // table [R, Dh] (on the CPU: pinned for the CUDA kernel, which reads it over
+  // UVA) and rows [...] int64 -> table[rows] [..., Dh] on the rows' device.
+  // check=False lets the CUDA kernel skip the host sync of its range check
+  // (an out-of-range row then reads as zeros).
+  m.def("gather_rows(Tensor table, Tensor rows, bool check=True) -> Tensor");
 }
 
 namespace {

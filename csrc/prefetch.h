@@ -10,8 +10,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -23,15 +29,107 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace engram::prefetch {
+
+// Makes the calling worker thread a background thread (Linux): SCHED_BATCH,
+// so that waking it up (a submit) does not preempt the thread that submitted,
+// i.e. the model's compute, and a nice value above the caller's, so that on a
+// machine whose cores the compute keeps busy the gathers take the idle time
+// first. Without this, on a small machine every submit could hand the
+// caller's core to the worker for the whole gather: the very time the
+// prefetch is meant to hide. Best effort: failures leave the defaults.
+inline void lower_worker_priority(int nice_increment) {
+#ifdef __linux__
+  sched_param param{};
+  param.sched_priority = 0;
+  (void)sched_setscheduler(0, SCHED_BATCH, &param);  // 0: this thread
+  if (nice_increment > 0) {
+    const pid_t tid = static_cast<pid_t>(syscall(SYS_gettid));
+    errno = 0;
+    const int current = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+    if (errno == 0) (void)setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, current + nice_increment));
+  }
+#else
+  (void)nice_increment;
+#endif
+}
 
 // What a gather produces. Deduplicated: rows [U] int64 strictly increasing,
 // staged [U, Dh] = table[rows], inverse shaped like the ids with
 // rows[inverse] == ids. Expanded: staged = table[ids], shaped ids.shape + [Dh]
 // (rows and inverse undefined).
+//
+// With a hot-row cache (Cache below), deduplicated: slots [U] holds each
+// row's cache slot or -1, and staged holds only the rows not cached (slot
+// -1), in order: the cached ones never cross the link. Expanded: the cached
+// rows are copied from the cache's data (a compact tensor, not the table).
+// cache_hits counts the lookups (ids) whose row is cached.
 struct Staged {
-  at::Tensor rows, staged, inverse;
+  at::Tensor rows, staged, inverse, slots;
+  int64_t cache_hits = 0;
+  at::Tensor hashed;  // the hash ids [B, T, K] when the worker hashed them (HashSpec)
 };
+
+// The hashing of one layer's ids, done by the worker rather than by the
+// caller (the engram::ngram_hash op, called through the dispatcher: the
+// engine does not link the op library): input_ids [B, T], the layer's lookup,
+// keys [1, *], head_sizes [1, K], no offsets.
+struct HashSpec {
+  at::Tensor input_ids, lookup, keys, head_sizes;
+  int64_t pad_id = 0;
+  std::string family;
+  bool defined() const { return input_ids.defined(); }
+};
+
+inline at::Tensor hash_layer(const HashSpec& spec) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("engram::ngram_hash", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
+  return op.call(spec.input_ids, spec.lookup, spec.keys, spec.head_sizes, std::nullopt, spec.pad_id,
+                 c10::string_view(spec.family))[0];
+}
+
+// A snapshot of the hot-row cache a gather may use: rows [H] int64 strictly
+// increasing (table rows), data [H, Dh] = table[rows] on the CPU (expanded
+// gathers read it) or undefined (deduplicated gathers only skip those rows).
+// The caller must not write data while a gather using it runs.
+struct Cache {
+  at::Tensor rows, data;
+  bool defined() const { return rows.defined(); }
+  // The slot of `row`, or -1.
+  int64_t slot(int64_t row) const {
+    const int64_t* begin = rows.const_data_ptr<int64_t>();
+    const int64_t* end = begin + rows.numel();
+    const int64_t* it = std::lower_bound(begin, end, row);
+    return (it != end && *it == row) ? it - begin : -1;
+  }
+};
+
+// ids, with offsets[k] added to the ids of head k (the last dim) when offsets
+// is defined: the hash ids of a layer become table rows here, on the worker,
+// rather than on the caller's critical path.
+inline at::Tensor add_offsets(const at::Tensor& ids, const at::Tensor& offsets) {
+  if (!offsets.defined()) return ids;
+  const int64_t k = offsets.numel();
+  TORCH_CHECK_VALUE(ids.dim() >= 1 && ids.size(-1) == k, "engram.Prefetcher: offsets has ", k,
+                    " entries but ids has shape ", ids.sizes(), "; expected one offset per head (last dim)");
+  at::Tensor out = at::empty_like(ids);
+  const int64_t* in = ids.const_data_ptr<int64_t>();
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  int64_t* o = out.mutable_data_ptr<int64_t>();
+  const int64_t n = ids.numel();
+  for (int64_t i = 0; i < n; ++i) o[i] = in[i] + off[i % k];
+  return out;
+}
 
 inline void check_row(int64_t row, int64_t position, int64_t num_rows) {
   TORCH_CHECK_INDEX(row >= 0 && row < num_rows, "engram.Prefetcher: row ", row, " at position ", position,
@@ -40,7 +138,8 @@ inline void check_row(int64_t row, int64_t position, int64_t num_rows) {
 
 // staged = table[ids]: the lookup's output itself, for a consumer on the CPU
 // (nothing crosses a link there, so deduplicating would only add the sort).
-inline Staged expand_gather(const at::Tensor& table, const at::Tensor& ids, bool pin_memory) {
+inline Staged expand_gather(const at::Tensor& table, const at::Tensor& ids, bool pin_memory,
+                            const Cache& cache = {}) {
   const int64_t num_rows = table.size(0);
   const int64_t n = ids.numel();
   const int64_t* id = ids.const_data_ptr<int64_t>();
@@ -52,15 +151,22 @@ inline Staged expand_gather(const at::Tensor& table, const at::Tensor& ids, bool
   const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
   const char* src = static_cast<const char*>(table.const_data_ptr());
   char* dst = static_cast<char*>(out.staged.mutable_data_ptr());
+  const bool cached = cache.defined() && cache.rows.numel() > 0;
+  const char* hot = cached ? static_cast<const char*>(cache.data.const_data_ptr()) : nullptr;
   for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(dst + static_cast<size_t>(i) * row_bytes, src + static_cast<size_t>(id[i]) * row_bytes, row_bytes);
+    const int64_t slot = cached ? cache.slot(id[i]) : -1;
+    const char* from = slot >= 0 ? hot + static_cast<size_t>(slot) * row_bytes
+                                 : src + static_cast<size_t>(id[i]) * row_bytes;
+    out.cache_hits += slot >= 0;
+    std::memcpy(dst + static_cast<size_t>(i) * row_bytes, from, row_bytes);
   }
   return out;
 }
 
 // rows = unique(ids), inverse, staged = table[rows]; ids must be row numbers in
 // [0, table.size(0)) (int64, CPU, contiguous); table a contiguous CPU [R, Dh].
-inline Staged dedup_gather(const at::Tensor& table, const at::Tensor& ids, bool pin_memory) {
+inline Staged dedup_gather(const at::Tensor& table, const at::Tensor& ids, bool pin_memory,
+                           const Cache& cache = {}) {
   const int64_t num_rows = table.size(0);
   const int64_t n = ids.numel();
   const int64_t* id = ids.const_data_ptr<int64_t>();
@@ -78,16 +184,52 @@ inline Staged dedup_gather(const at::Tensor& table, const at::Tensor& ids, bool 
   for (int64_t i = 0; i < n; ++i) {
     inv[i] = std::lower_bound(sorted.begin(), sorted.end(), id[i]) - sorted.begin();
   }
+  // Rows the cache holds are not gathered: the consumer takes them from its
+  // own copy (on the device), so only the others cross the link.
+  std::vector<int64_t> fetch;
+  const std::vector<int64_t>* gathered = &sorted;
+  if (cache.defined()) {
+    out.slots = at::empty({unique}, ids.options());
+    int64_t* slot = out.slots.mutable_data_ptr<int64_t>();
+    std::vector<int64_t> uses(static_cast<size_t>(unique), 0);
+    for (int64_t i = 0; i < n; ++i) ++uses[static_cast<size_t>(inv[i])];
+    for (int64_t u = 0; u < unique; ++u) {
+      slot[u] = cache.slot(sorted[u]);
+      if (slot[u] < 0) {
+        fetch.push_back(sorted[u]);
+      } else {
+        out.cache_hits += uses[static_cast<size_t>(u)];
+      }
+    }
+    gathered = &fetch;
+  }
+  const int64_t count = static_cast<int64_t>(gathered->size());
   // 64-bit byte offsets: a table may hold more than 2^31 elements.
   const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
-  out.staged = at::empty({unique, table.size(1)}, table.options().pinned_memory(pin_memory));
+  out.staged = at::empty({count, table.size(1)}, table.options().pinned_memory(pin_memory));
   const char* src = static_cast<const char*>(table.const_data_ptr());
   char* dst = static_cast<char*>(out.staged.mutable_data_ptr());
-  for (int64_t u = 0; u < unique; ++u) {
-    std::memcpy(dst + static_cast<size_t>(u) * row_bytes, src + static_cast<size_t>(sorted[u]) * row_bytes,
-                row_bytes);
+  for (int64_t u = 0; u < count; ++u) {
+    std::memcpy(dst + static_cast<size_t>(u) * row_bytes,
+                src + static_cast<size_t>((*gathered)[u]) * row_bytes, row_bytes);
   }
   return out;
+}
+
+inline void check_cache_args(const at::Tensor& table, const Cache& cache) {
+  if (!cache.defined()) return;
+  TORCH_CHECK_VALUE(cache.rows.device().is_cpu() && cache.rows.scalar_type() == at::kLong &&
+                        cache.rows.dim() == 1 && cache.rows.is_contiguous(),
+                    "engram.Prefetcher: cache_rows must be a contiguous 1-D int64 CPU tensor, got ",
+                    cache.rows.scalar_type(), " of shape ", cache.rows.sizes(), " on ", cache.rows.device());
+  if (cache.data.defined()) {
+    TORCH_CHECK_VALUE(cache.data.device().is_cpu() && cache.data.is_contiguous() &&
+                          cache.data.scalar_type() == table.scalar_type() && cache.data.dim() == 2 &&
+                          cache.data.size(0) == cache.rows.numel() && cache.data.size(1) == table.size(1),
+                      "engram.Prefetcher: cache_data must be a contiguous CPU [", cache.rows.numel(), ", ",
+                      table.size(1), "] ", table.scalar_type(), " tensor (one row per cache row), got ",
+                      cache.data.scalar_type(), " of shape ", cache.data.sizes(), " on ", cache.data.device());
+  }
 }
 
 inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids) {
@@ -112,6 +254,19 @@ class Ticket {
     cv_.wait(lock, [this] { return done_; });
     if (error_) std::rethrow_exception(error_);
     return result_;
+  }
+  // Whether a (finished) gather used the cache, its slots and its hits: wait() first.
+  at::Tensor slots() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return result_.slots;
+  }
+  int64_t cache_hits() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return result_.cache_hits;
+  }
+  at::Tensor hashed() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return result_.hashed;
   }
   void finish(Staged result) {
     {
@@ -140,10 +295,28 @@ class Ticket {
 
 class GatherPool {
  public:
-  explicit GatherPool(int num_threads) {
+  // background_nice: the workers run as background threads (SCHED_BATCH,
+  // nice raised by this much, see lower_worker_priority); -1 leaves them as
+  // ordinary threads.
+  explicit GatherPool(int num_threads, int background_nice = 5) {
     TORCH_CHECK_VALUE(num_threads >= 1 && num_threads <= 256, "engram.Prefetcher: num_threads=", num_threads,
                       ", expected 1..256");
-    for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { run(); });
+    TORCH_CHECK_VALUE(background_nice >= -1 && background_nice <= 19, "engram.Prefetcher: background_nice=",
+                      background_nice, ", expected -1 (ordinary threads) or 0..19");
+    for (int i = 0; i < num_threads; ++i) {
+      workers_.emplace_back([this, background_nice] {
+        if (background_nice >= 0) lower_worker_priority(background_nice);
+        // The op a worker may call (ngram_hash) runs on this thread alone:
+        // after ATen's own per-thread init (which would set the intra-op
+        // count), an OpenMP team of one, so it never adds threads to the
+        // compute's.
+        at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+        omp_set_num_threads(1);
+#endif
+        run();
+      });
+    }
   }
   GatherPool(const GatherPool&) = delete;
   GatherPool& operator=(const GatherPool&) = delete;
@@ -151,13 +324,42 @@ class GatherPool {
 
   int num_threads() const { return static_cast<int>(workers_.size()); }
 
-  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup) {
+  // offsets (optional, int64 [K]) are added to the ids of each head by the
+  // worker; cache (optional) is the hot-row cache snapshot the gather uses.
+  // hash (optional): the worker computes the ids from input_ids first (ids
+  // is then ignored and may be undefined; the ticket's hashed() returns them).
+  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids_in, bool pin_memory, bool dedup,
+                                 const at::Tensor& offsets = {}, const Cache& cache = {},
+                                 const HashSpec& hash = {}) {
+    at::Tensor ids = ids_in;
+    if (hash.defined()) {
+      TORCH_CHECK_VALUE(hash.input_ids.device().is_cpu() && hash.input_ids.dim() == 2 &&
+                            hash.head_sizes.dim() == 2 && hash.head_sizes.size(0) == 1,
+                        "engram.Prefetcher: hashing on a worker needs CPU input_ids [B, T] and one layer's "
+                        "head_sizes [1, K], got input_ids of shape ",
+                        hash.input_ids.sizes(), " on ", hash.input_ids.device(), " and head_sizes of shape ",
+                        hash.head_sizes.sizes());
+      // Stands for the ids to come in the checks below: shape [B, T, K], int64.
+      ids = at::empty({hash.input_ids.size(0), hash.input_ids.size(1), hash.head_sizes.size(1)},
+                      hash.input_ids.options().dtype(at::kLong));
+    }
     check_gather_args(table, ids);
+    check_cache_args(table, cache);
+    TORCH_CHECK_VALUE(dedup || !cache.defined() || cache.data.defined(),
+                      "engram.Prefetcher: an expanded gather with a cache needs cache_data (the rows it copies)");
+    if (offsets.defined()) {
+      TORCH_CHECK_VALUE(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                            offsets.is_contiguous() && ids.dim() >= 1 && ids.size(-1) == offsets.numel(),
+                        "engram.Prefetcher: offsets must be contiguous int64 on the CPU with one entry per head (",
+                        ids.dim() >= 1 ? ids.size(-1) : 0, "), got ", offsets.scalar_type(), " of shape ",
+                        offsets.sizes(), " on ", offsets.device());
+    }
     auto ticket = std::make_shared<Ticket>();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
-      tasks_.push_back(Task{ticket, table, ids, pin_memory, dedup});
+      tasks_.push_back(Task{ticket, table, hash.defined() ? at::Tensor() : ids, offsets, cache, hash, pin_memory,
+                            dedup});
     }
     cv_.notify_one();
     return ticket;
@@ -186,7 +388,9 @@ class GatherPool {
  private:
   struct Task {
     std::shared_ptr<Ticket> ticket;
-    at::Tensor table, ids;
+    at::Tensor table, ids, offsets;
+    Cache cache;
+    HashSpec hash;
     bool pin_memory, dedup;
   };
 
@@ -203,8 +407,11 @@ class GatherPool {
       Staged result;
       std::exception_ptr error;
       try {
-        result = task.dedup ? dedup_gather(task.table, task.ids, task.pin_memory)
-                            : expand_gather(task.table, task.ids, task.pin_memory);
+        at::Tensor hashed = task.hash.defined() ? hash_layer(task.hash).contiguous() : task.ids;
+        const at::Tensor rows = add_offsets(hashed, task.offsets);
+        result = task.dedup ? dedup_gather(task.table, rows, task.pin_memory, task.cache)
+                            : expand_gather(task.table, rows, task.pin_memory, task.cache);
+        if (task.hash.defined()) result.hashed = hashed;
       } catch (...) {
         error = std::current_exception();
       }
@@ -213,6 +420,9 @@ class GatherPool {
       // would need the GIL the caller may hold while it joins the workers.
       task.table.reset();
       task.ids.reset();
+      task.offsets.reset();
+      task.cache = Cache{};
+      task.hash = HashSpec{};
       if (error) {
         task.ticket->fail(error);
       } else {

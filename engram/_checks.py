@@ -171,6 +171,16 @@ def multihead_embedding_backward_args(grad, ids, offsets, num_rows) -> None:
     )
 
 
+def gather_rows_args(table, rows) -> None:
+    op = "gather_rows"
+    check_dim(op, "table", table, 2)
+    torch._check_value(
+        table.is_contiguous(),
+        lambda: f"{op}: table must be contiguous (row-major [R, Dh]), got strides {list(table.stride())}",
+    )
+    check_dtype(op, "rows", rows, torch.int64)
+
+
 # --------------------------------------------------------------------------
 # layer ops
 # --------------------------------------------------------------------------

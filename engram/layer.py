@@ -62,8 +62,8 @@ class MultiHeadEmbedding(nn.Module):
     # Set on an instance by engram.optim.make_rowwise: fused_lookup(weight,
     # hash_ids, offsets) looks the rows up and updates the table in backward.
     fused_lookup = None
-    # Set on an instance by engram.Prefetcher: prefetch_lookup(module, hash_ids)
-    # serves the lookup from rows gathered ahead of time.
+    # Set on an instance by engram.Prefetcher: prefetch_lookup(module, hash_ids,
+    # input_ids) serves the lookup from rows gathered ahead of time.
     prefetch_lookup = None
 
     def __init__(self, head_sizes, head_dim: int, placement: str = "device", path: Optional[str] = None) -> None:
@@ -122,9 +122,12 @@ class MultiHeadEmbedding(nn.Module):
             return self.fused_lookup(weight, hash_ids, offsets)
         return ops.multihead_embedding(weight, hash_ids, offsets, self.sparse)
 
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hash_ids: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (optional): the token ids hash_ids were computed from, by
+        the owning EngramLayer; a prefetcher may match them (a few KB) instead
+        of the hash ids."""
         if self.prefetch_lookup is not None:
-            return self.prefetch_lookup(self, hash_ids)
+            return self.prefetch_lookup(self, hash_ids, input_ids)
         return self.direct_forward(hash_ids)
 
     def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
@@ -265,7 +268,7 @@ class EngramLayer(nn.Module):
         """Spec §4-5 on [B, T, G, D] hidden states: the shared value [B, T, D] and the gate [B, T, G]."""
         b, t = input_ids.shape
         d, g = self.hidden_size, self.hc_mult
-        e = self.multi_head_embedding(self.hash(input_ids)).reshape(b, t, -1).to(hidden_states.dtype)
+        e = self.multi_head_embedding(self.hash(input_ids), input_ids).reshape(b, t, -1).to(hidden_states.dtype)
         weight, bias = self.fused_projection_weights()
         value, keys = nn.functional.linear(e, weight, bias).split([d, g * d], dim=-1)
         gate = ops.context_gate(

@@ -148,6 +148,13 @@ def multihead_embedding(
     return _ops.multihead_embedding(weight, ids, offsets, sparse)
 
 
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """table [R, Dh], rows [...] int64 -> table[rows] [..., Dh] on the rows' device. On CUDA with
+    a pinned host table the GPU reads the rows over UVA (zero copy); ``check=False`` skips the
+    host sync of the range check there (an out-of-range row then reads as zeros)."""
+    return _ops.gather_rows(table, rows, check)
+
+
 # --------------------------------------------------------------------------
 # fake kernels: the C++ argument checks (engram/_checks.py), then shapes,
 # dtypes and devices. They also run for any call that mixes the meta device
@@ -171,6 +178,12 @@ def _ngram_hash_fake(input_ids, lookup, keys, head_sizes, offsets, pad_id, famil
 def _multihead_embedding_fake(weight, ids, offsets=None, sparse=False):
     _checks.multihead_embedding_args(weight, ids, offsets)
     return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+@torch.library.register_fake("engram::gather_rows")
+def _gather_rows_fake(table, rows, check=True):
+    _checks.gather_rows_args(table, rows)
+    return table.new_empty((*rows.shape, table.shape[1]), device=rows.device)
 
 
 @torch.library.register_fake("engram::multihead_embedding_backward")

@@ -41,6 +41,22 @@ The order with updates is defined so that no staged row is used stale:
 So a batch prefetched before the previous step's update lands sees the
 updated rows.
 
+The hot-row cache (``hot_rows``) keeps a copy of each table's most used rows:
+where the layer computes for deduplicated gathers (cached rows are not
+gathered; the use takes them from the copy), as a compact CPU tensor for
+expanded ones (the worker copies them from it). Its order with updates:
+
+* a recorded update (fused row-wise, or a sparse gradient's step) marks its
+  rows dirty; the next ``prefetch`` copies them from the table into the
+  cache before submitting any gather (none of that table runs then: the
+  update waited for them, and none was submitted since);
+* a change the prefetcher does not record (version counter) makes the next
+  ``prefetch`` read the whole cache again;
+* choosing the hot rows again (every ``hot_refresh`` batches) builds new
+  tensors: a gather still running keeps reading its own snapshot;
+* staged rows built from a snapshot are then brought up to date at use
+  exactly like any staged row (above), so the cache never changes a result.
+
 Only tables in CPU memory are prefetched (every placement on a CPU-only
 machine; "host" and "mmap" on an accelerator, where the staged rows are then
 copied to the device). Layers whose table is on an accelerator look up
@@ -71,10 +87,17 @@ __all__ = ["Prefetcher"]
 class _Pending:
     ticket: object  # _engine.GatherTicket
     dedup: bool  # staged holds the distinct rows (else table[ids] itself)
-    key: torch.Tensor  # the layer's lookup rows [B, T, K], on the ids' device
+    key: Optional[torch.Tensor]  # the layer's hash ids [B, T, K] (no offsets), on the ids' device; None
+    # while a worker hashes them (then input_shape is [B, T])
+    offsets: torch.Tensor  # the layer's head offsets, on the CPU
     version: int  # table._version at submission
     epoch: int  # the prefetcher's update count of the table at submission
     own_bumps: int  # version bumps of those updates
+    cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
+    input_shape: tuple = ()
+    result: Optional[tuple] = None  # the ticket's (rows, staged, inverse), once waited for
+    input_ids: Optional[torch.Tensor] = None  # hashed on a worker: the token ids, and
+    params: tuple = ()  # the layer's hash parameters (tensor, version) it used
 
 
 @dataclass
@@ -85,6 +108,30 @@ class _TableLog:
 
 
 @dataclass
+class _HotRows:
+    """One snapshot of a table's hot-row cache: rows [H] sorted (CPU), data =
+    table[rows] on the cache's device, as of table version `version`."""
+
+    rows: torch.Tensor
+    data: torch.Tensor
+    version: int
+    own_bumps: int
+
+
+@dataclass
+class _HotState:
+    """A table's cache and its (aged) LFU counts."""
+
+    size: int  # rows to keep
+    device: torch.device
+    current: Optional[_HotRows] = None
+    window: List[torch.Tensor] = field(default_factory=list)  # rows looked up since the last refresh
+    seen_rows: Optional[torch.Tensor] = None  # rows counted before the window (sorted), and
+    seen_counts: Optional[torch.Tensor] = None  # their counts, halved at every refresh
+    dirty: List[torch.Tensor] = field(default_factory=list)  # rows updated since data was last synced
+
+
+@dataclass
 class PrefetchStats:
     hits: int = 0  # lookups served from staged rows
     misses: int = 0  # lookups done directly (nothing prefetched, other ids, table elsewhere)
@@ -92,6 +139,38 @@ class PrefetchStats:
     regathers: int = 0  # staged buffers gathered again after a change of unknown rows
     rows_looked_up: int = 0  # (token, head) lookups served from staged rows
     rows_gathered: int = 0  # distinct rows gathered for them
+    cache_lookups: int = 0  # (token, head) lookups of prefetches that had a hot-row cache
+    cache_hits: int = 0  # of those, the ones whose row the cache held
+    cache_refreshes: int = 0  # hot-row sets chosen again from the counts
+
+
+class _DeviceGather:
+    """The future of a zero-copy gather: engram::gather_rows launched on the
+    prefetcher's side stream, and the event recorded after it. Same interface
+    as the engine's tickets; wait() blocks the host (used only before the
+    table is written), the lookup instead makes its stream wait on the event."""
+
+    def __init__(self, out: torch.Tensor, event) -> None:
+        self.out, self.event = out, event
+
+    def wait(self):
+        self.event.synchronize()
+        return None, self.out, None
+
+    def ready(self) -> bool:
+        return self.event.query()
+
+    def slots(self):
+        return None
+
+    def cache_hits(self) -> int:
+        return 0
+
+
+def _hash_state(layer: EngramLayer) -> tuple:
+    """Identity and version of a layer's hash parameters: equal states hash equal ids alike."""
+    return tuple((id(t), t._version) for t in (layer.hash_lookup, layer.hash_keys, layer.hash_sizes)) + (
+        layer.config.pad_id, layer.config.hash)
 
 
 def _fused_optimizer(module: MultiHeadEmbedding):
@@ -155,11 +234,38 @@ class Prefetcher:
     how many prefetched batches each layer keeps (a prefetch beyond drops the
     oldest unused one), so batch i+1 can be prefetched before batch i is used.
 
-    ``stats`` counts hits, misses and the rows moved. ``enabled = False``
-    makes every lookup direct (the prefetched rows are then ignored)."""
+    ``hot_rows``: size of an optional hot-row cache per table, in rows (an
+    int) or as a share of the table's rows (a float in (0, 1]); 0 (default)
+    turns it off. The cache holds a copy of the table's most looked-up rows
+    (LFU with aging: lookups are counted per row, the counts halve every
+    ``hot_refresh`` prefetched batches, when the hot set is chosen again from
+    the batches before) where the layer computes for deduplicated
+    gathers (the accelerator: cached rows do not cross the link), or as a
+    compact CPU tensor for expanded ones (hot rows read from it rather than
+    from a large or file-backed table). It never changes a result: see the
+    module docstring for its order with updates.
+
+    ``transfer`` (CUDA only): how rows of a pinned host table reach the GPU.
+    "staged" (default): worker threads gather them into pinned staging
+    buffers, copied to the device at use. "zero-copy": a CUDA kernel
+    (engram::gather_rows) reads them straight from host memory over UVA, on a
+    side stream, with one event per layer and batch: the layer's stream waits
+    on its own event only. Zero-copy needs a pinned table ("host"), gathers
+    the lookup's rows as they are (no dedup) and uses no hot-row cache; other
+    tables stay staged.
+
+    ``worker_nice`` (Linux): the workers run as background threads
+    (SCHED_BATCH, nice raised by this much; default 5), so that queuing a
+    gather never preempts the model's compute and gathers take idle CPU time
+    first; -1 keeps them ordinary threads.
+
+    ``stats`` counts hits, misses, the rows moved and the cache's hits.
+    ``enabled = False`` makes every lookup direct (the prefetched rows are
+    then ignored)."""
 
     def __init__(self, model: nn.Module, num_threads: Optional[int] = None, dedup: Optional[bool] = None,
-                 max_pending: int = 2) -> None:
+                 max_pending: int = 2, hot_rows=0, hot_refresh: int = 16, transfer: str = "staged",
+                 worker_nice: int = 5) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Prefetcher: model must be an nn.Module, got {type(model).__name__}")
         self.layers: List[EngramLayer] = [m for m in model.modules() if isinstance(m, EngramLayer)]
@@ -176,8 +282,24 @@ class Prefetcher:
             raise ValueError(f"Prefetcher: max_pending={max_pending!r}, expected a positive int")
         if dedup not in (None, True, False):
             raise ValueError(f"Prefetcher: dedup={dedup!r}, expected None, True or False")
-        self.dedup, self.max_pending = dedup, max_pending
-        self._pool = _engine.GatherPool(num_threads)
+        if isinstance(hot_rows, bool) or not (
+            (isinstance(hot_rows, int) and hot_rows >= 0) or (isinstance(hot_rows, float) and 0 < hot_rows <= 1)
+        ):
+            raise ValueError(
+                f"Prefetcher: hot_rows={hot_rows!r}, expected a row count >= 0 or a share of the table in (0, 1]"
+            )
+        if not isinstance(hot_refresh, int) or isinstance(hot_refresh, bool) or hot_refresh < 1:
+            raise ValueError(f"Prefetcher: hot_refresh={hot_refresh!r}, expected a positive int (batches)")
+        if transfer not in ("staged", "zero-copy"):
+            raise ValueError(f"Prefetcher: transfer={transfer!r}, expected 'staged' or 'zero-copy'")
+        self.dedup, self.max_pending, self.transfer = dedup, max_pending, transfer
+        self._streams: Dict[torch.device, object] = {}
+        self.hot_rows, self.hot_refresh = hot_rows, hot_refresh
+        self._hot: Dict[int, _HotState] = {}  # id(table) -> its cache
+        self._offsets: Dict[MultiHeadEmbedding, torch.Tensor] = {}
+        if not isinstance(worker_nice, int) or isinstance(worker_nice, bool) or not -1 <= worker_nice <= 19:
+            raise ValueError(f"Prefetcher: worker_nice={worker_nice!r}, expected -1 (ordinary threads) or 0..19")
+        self._pool = _engine.GatherPool(num_threads, worker_nice)
         self._pending: Dict[MultiHeadEmbedding, List[_Pending]] = {}
         self._logs: Dict[int, _TableLog] = {}
         self._groups = self._group_layers()
@@ -187,11 +309,11 @@ class Prefetcher:
         self._closed = False
         ref = weakref.ref(self)
 
-        def lookup(module, hash_ids):
+        def lookup(module, hash_ids, input_ids=None):
             prefetcher = ref()
             if prefetcher is None or prefetcher._closed:
                 return module.direct_forward(hash_ids)
-            return prefetcher._lookup(module, hash_ids)
+            return prefetcher._lookup(module, hash_ids, input_ids)
 
         self._hook = lookup
         for layer in self.layers:
@@ -226,6 +348,31 @@ class Prefetcher:
                 groups.append([layer])
         return groups
 
+    def _layer_params(self, layer: EngramLayer):
+        """A layer's hash parameters on the CPU, for hashing on a worker, and
+        their identities and versions (copied again after any change)."""
+        key = ("layer", id(layer))
+        state = _hash_state(layer)
+        cached = self._stacked.get(key)
+        if cached is None or cached[1] != state:
+            cached = self._stacked[key] = (
+                # Copies (.cpu() of a CPU tensor is the tensor itself): a worker
+                # must not read a buffer the caller may change meanwhile.
+                (layer.hash_lookup.detach().to("cpu", copy=True).contiguous(),
+                 layer.hash_keys.detach().to("cpu", copy=True).contiguous(),
+                 layer.hash_sizes.detach().to("cpu", copy=True).contiguous(), layer.config.pad_id, layer.config.hash),
+                state,
+            )
+        return cached
+
+    def _cpu_offsets(self, module: MultiHeadEmbedding) -> torch.Tensor:
+        """The module's head offsets on the CPU (copied again if changed in place)."""
+        cached = self._offsets.get(module)
+        version = module.offsets._version
+        if cached is None or cached[0] != version or cached[2] is not module.offsets:
+            cached = self._offsets[module] = (version, module.offsets.detach().cpu().contiguous(), module.offsets)
+        return cached[1]
+
     def _stacked_params(self, index: int, device: torch.device):
         key = (index, device)
         if key not in self._stacked:
@@ -234,7 +381,6 @@ class Prefetcher:
                 group[0].hash_lookup.to(device),
                 torch.cat([l.hash_keys for l in group]).to(device),
                 torch.cat([l.hash_sizes for l in group]).to(device),
-                torch.stack([l.multi_head_embedding.offsets for l in group]).to(device),
             )
         return self._stacked[key]
 
@@ -246,11 +392,16 @@ class Prefetcher:
         self._check_open()
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"Prefetcher.prefetch: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.device.type == "cpu" and not self.hot_rows and input_ids.dim() == 2:
+            self._prefetch_hashing_on_workers(input_ids)
+            return
         for index, group in enumerate(self._groups):
-            lookup, keys, sizes, offsets = self._stacked_params(index, input_ids.device)
-            rows = ops.ngram_hash(input_ids, lookup, keys, sizes, offsets, group[0].config.pad_id,
-                                  group[0].config.hash)  # [L, B, T, K], table rows
-            rows_cpu = rows.cpu()
+            lookup, keys, sizes = self._stacked_params(index, input_ids.device)
+            # Hash ids without the head offsets: they are what the layer's own
+            # lookup receives (compared as is), and the worker adds the offsets.
+            hashed = ops.ngram_hash(input_ids, lookup, keys, sizes, None, group[0].config.pad_id,
+                                    group[0].config.hash)  # [L, B, T, K]
+            hashed_cpu = hashed.cpu()
             for i, layer in enumerate(group):
                 module = layer.multi_head_embedding
                 table = module.embedding.weight
@@ -258,10 +409,67 @@ class Prefetcher:
                     continue  # on an accelerator: looked up directly
                 log = self._log(table)
                 dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
-                ticket = self._pool.submit(table.detach(), rows_cpu[i], table.is_pinned(), dedup)
+                offsets = self._cpu_offsets(module)
+                if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
+                    ticket = self._zero_copy(table, hashed[i], module.offsets)
+                    queue = self._pending.setdefault(module, [])
+                    queue.append(_Pending(ticket, False, hashed[i], offsets, table._version, log.epoch,
+                                          log.own_bumps))
+                    del queue[: -self.max_pending]
+                    continue
+                cache = self._hot_snapshot(table, hashed_cpu[i], offsets, dedup, input_ids.device)
+                ticket = self._pool.submit(
+                    table.detach(), hashed_cpu[i], table.is_pinned(), dedup, offsets,
+                    None if cache is None else cache.rows,
+                    None if cache is None or dedup else cache.data,
+                )
                 queue = self._pending.setdefault(module, [])
-                queue.append(_Pending(ticket, dedup, rows[i], table._version, log.epoch, log.own_bumps))
+                queue.append(_Pending(ticket, dedup, hashed[i], offsets, table._version, log.epoch,
+                                      log.own_bumps, cache))
                 del queue[: -self.max_pending]
+
+    def _prefetch_hashing_on_workers(self, input_ids: torch.Tensor) -> None:
+        """The CPU path: each layer's hashing, as well as its gather, is queued
+        on a worker, so prefetch() only queues (the hash would otherwise be on
+        the caller's critical path). The hash ids to compare a lookup with are
+        known once the gather is done (see _take)."""
+        ids = input_ids.clone(memory_format=torch.contiguous_format)  # the caller may reuse its buffer
+        shape = tuple(ids.shape)
+        dedup = bool(self.dedup)
+        submit = self._pool.submit_hashed
+        for layer in self.layers:
+            module = layer.multi_head_embedding
+            table = module.embedding.weight
+            if table.device.type != "cpu":
+                continue
+            log = self._log(table)
+            offsets = self._cpu_offsets(module)
+            (lookup, keys, sizes, pad_id, family), state = self._layer_params(layer)
+            ticket = submit(table.detach(), ids, lookup, keys, sizes, pad_id, family, offsets, False, dedup)
+            queue = self._pending.get(module)
+            if queue is None:
+                queue = self._pending[module] = []
+            queue.append(_Pending(ticket, dedup, None, offsets, table._version, log.epoch, log.own_bumps,
+                                  input_shape=shape, input_ids=ids, params=(layer, state)))
+            if len(queue) > self.max_pending:
+                del queue[0]
+
+    def _zero_copy(self, table, hashed: torch.Tensor, offsets: torch.Tensor) -> _DeviceGather:
+        """Launches the zero-copy gather of one layer on the side stream; no host sync."""
+        device = hashed.device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the hash ids are computed there
+        with torch.cuda.stream(stream):
+            # Rows are in range by construction (hash mod each head's prime,
+            # plus that head's offset), so the kernel's range check (a host
+            # sync) is skipped.
+            out = _ops.gather_rows(table.detach(), hashed + offsets, False)
+            event = torch.cuda.Event()
+            event.record(stream)
+        hashed.record_stream(stream)  # allocated on the compute stream, read on the side stream
+        return _DeviceGather(out, event)
 
     def wait(self) -> None:
         """Blocks until every queued gather finished (errors are raised when
@@ -301,7 +509,10 @@ class Prefetcher:
             raise RuntimeError("Prefetcher: closed")
 
     def _log(self, table: torch.Tensor) -> _TableLog:
-        return self._logs.setdefault(id(table), _TableLog())
+        log = self._logs.get(id(table))
+        if log is None:
+            log = self._logs[id(table)] = _TableLog()
+        return log
 
     def _update_table(self, table: torch.Tensor, update, rows: torch.Tensor) -> None:
         """Runs a row-wise update of `table` after its gathers in flight and records the rows it changed."""
@@ -314,6 +525,80 @@ class Prefetcher:
         log.own_bumps += table._version - before
         if self._pending_of(table):
             log.updates.append((log.epoch, rows))
+        hot = self._hot.get(id(table))
+        if hot is not None and hot.current is not None:
+            # Copied into the cache before the next gather can read it (in
+            # prefetch, see _hot_snapshot): no gather of this table runs now.
+            hot.dirty.append(rows.detach().to("cpu"))
+
+    # ---- hot-row cache -----------------------------------------------------------
+    def _hot_size(self, table: torch.Tensor) -> int:
+        if isinstance(self.hot_rows, float):
+            return max(1, int(self.hot_rows * table.shape[0]))
+        return min(self.hot_rows, table.shape[0])
+
+    def _hot_snapshot(self, table, hashed: torch.Tensor, offsets: torch.Tensor, dedup: bool,
+                      device: torch.device) -> Optional[_HotRows]:
+        """The cache the gather of these ids may use, brought up to date with
+        the table first; counts the ids and chooses the hot rows again every
+        hot_refresh batches."""
+        if not self.hot_rows:
+            return None
+        # Deduplicated gathers leave the cached rows to the consumer's device;
+        # expanded ones copy them on the worker, so the cache is on the CPU.
+        where = device if dedup else torch.device("cpu")
+        hot = self._hot.get(id(table))
+        if hot is None or hot.device != where:
+            hot = self._hot[id(table)] = _HotState(self._hot_size(table), where)
+        log = self._log(table)
+        # Chosen from the batches before this one only: no look at the rows it serves.
+        if len(hot.window) >= self.hot_refresh:
+            # LFU with aging: the window's counts plus half the older ones; the
+            # most looked-up rows win, ties to the lower row.
+            rows, counts = torch.unique(torch.cat(hot.window), sorted=True, return_counts=True)
+            counts = counts.double()
+            hot.window.clear()
+            if hot.seen_rows is not None:
+                rows, inverse = torch.unique(torch.cat([hot.seen_rows, rows]), sorted=True, return_inverse=True)
+                counts = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(
+                    0, inverse, torch.cat([hot.seen_counts * 0.5, counts]))
+            order = torch.sort(counts, descending=True, stable=True).indices
+            # Counts kept for 4x the cache's rows: room for rows on their way up.
+            history = torch.sort(order[: 4 * hot.size]).values
+            hot.seen_rows, hot.seen_counts = rows[history], counts[history]
+            rows = torch.sort(rows[order[: hot.size]]).values
+            # New tensors, never written in place: a gather still running may
+            # read the old snapshot.
+            hot.current = _HotRows(rows, self._read_rows(table, rows, where), table._version, log.own_bumps)
+            hot.dirty.clear()
+            self.stats.cache_refreshes += 1
+        hot.window.append((hashed + offsets).reshape(-1))
+        current = hot.current
+        if current is None:
+            return None
+        if (table._version - current.version) != (log.own_bumps - current.own_bumps):
+            # Changed by something other than a recorded update: read it all again.
+            current = hot.current = _HotRows(current.rows, self._read_rows(table, current.rows, where),
+                                             table._version, log.own_bumps)
+            hot.dirty.clear()
+        elif hot.dirty:
+            # No gather of this table is running (the updates waited for them
+            # and none was submitted since), so the data may change in place.
+            changed = torch.cat(hot.dirty)
+            hot.dirty.clear()
+            pos = torch.searchsorted(current.rows, changed).clamp_(max=max(current.rows.numel() - 1, 0))
+            found = current.rows.numel() > 0 and current.rows[pos] == changed
+            if current.rows.numel() and bool(found.any()):
+                pos, changed = pos[found], changed[found]
+                current.data[pos.to(current.data.device)] = self._read_rows(table, changed, where)
+            current.version, current.own_bumps = table._version, log.own_bumps
+        else:
+            current.version, current.own_bumps = table._version, log.own_bumps
+        return current
+
+    @staticmethod
+    def _read_rows(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return table.detach().index_select(0, rows).to(device)
 
     def _before_step(self, optimizer) -> None:
         """An optimizer is about to step: no gather of its tables may run
@@ -332,62 +617,131 @@ class Prefetcher:
     def _pending_of(self, table) -> List[_Pending]:
         return [p for m, queue in self._pending.items() if m.embedding.weight is table for p in queue]
 
-    def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
+                input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = module.embedding.weight
-        fused = module.fused_lookup is not None
-        if (fused and _fused_optimizer(module) is None) or weight.device.type != "cpu":
+        if weight.device.type != "cpu" or (module.fused_lookup is not None and _fused_optimizer(module) is None):
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
-        offsets = module.offsets.to(weight.device)
-        ids = hash_ids.to(weight.device)
-        staged = None
-        queue = self._pending.get(module, []) if self.enabled else []
-        key = None
-        for index, pending in enumerate(queue):
-            if pending.key.shape == hash_ids.shape:
-                key = hash_ids + module.offsets if key is None else key
-                if torch.equal(pending.key, key):
-                    del queue[index]
-                    rows, data, inverse = pending.ticket.wait()  # raises a worker's error here
-                    data = self._refresh(weight, pending, rows, data)
-                    staged = [data, inverse] if pending.dedup else [data]
-                    self.stats.hits += 1
-                    self.stats.rows_looked_up += hash_ids.numel()
-                    self.stats.rows_gathered += rows.numel() if pending.dedup else hash_ids.numel()
-                    self._trim(weight)
-                    break
-        if staged is None:
+        pending = self._take(module, hash_ids, input_ids) if self.enabled else None
+        grad = torch.is_grad_enabled() and weight.requires_grad
+        if pending is None:
             self.stats.misses += 1
-        if staged is None and not (torch.is_grad_enabled() and weight.requires_grad):
-            out = ops.multihead_embedding(weight, ids, offsets)
+            ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
+            if grad:
+                out = _TableLookup.apply(weight, ids, offsets, None, module, self)
+            else:
+                out = ops.multihead_embedding(weight, ids, offsets)
+            return out.to(hash_ids.device, non_blocking=True)
+        staged = self._use(weight, pending, hash_ids.device)
+        if not grad:  # no graph to record: the staged rows are the output
+            if len(staged) == 1:
+                return staged[0].view(*hash_ids.shape, weight.shape[1])
+            return ops.multihead_embedding(*staged)
+        return _TableLookup.apply(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged,
+                                  module, self)
+
+    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
+              input_ids: Optional[torch.Tensor] = None) -> Optional[_Pending]:
+        """Removes and returns the pending gather of these hash ids, if any."""
+        queue = self._pending.get(module)
+        if not queue:
+            return None
+        for index, pending in enumerate(queue):
+            if pending.key is None:  # hashed on the worker: its ids are known once it is done
+                if tuple(hash_ids.shape[:2]) != pending.input_shape:
+                    continue
+                layer, state = pending.params
+                if (input_ids is not None and input_ids.device.type == "cpu" and input_ids.dtype == torch.int64
+                        and _hash_state(layer) == state):
+                    # The same tokens through the same, unchanged hash give the
+                    # same hash ids: compare the token ids (a few KB, written
+                    # by this thread) rather than the worker's hash ids (K
+                    # times larger, in another core's cache).
+                    if not torch.equal(pending.input_ids, input_ids):
+                        continue
+                    del queue[index]
+                    pending.key = hash_ids
+                    pending.result = pending.ticket.wait()  # raises a worker's error here
+                    return pending
+                try:
+                    pending.result = pending.ticket.wait()
+                except Exception:  # the error is raised at use, if these are the ids
+                    del queue[index]
+                    raise
+                pending.key = pending.ticket.hashed()
+            if pending.key.shape == hash_ids.shape and torch.equal(pending.key, hash_ids):
+                del queue[index]
+                return pending
+        return None
+
+    def _use(self, weight, pending: _Pending, device: torch.device) -> list:
+        """The staged rows of a pending gather, current and on `device`:
+        [table[ids]] or [rows, inverse] (see _TableLookup)."""
+        if isinstance(pending.ticket, _DeviceGather):
+            # The layer's stream waits on this layer's gather only; the host does not.
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(pending.ticket.event)
+            pending.ticket.out.record_stream(stream)  # allocated on the side stream
+            rows, data, inverse = None, pending.ticket.out, None
         else:
-            if staged is not None and hash_ids.device != weight.device:  # host table, layer on an accelerator
-                staged = [t.to(hash_ids.device, non_blocking=True) for t in staged]
-            out = _TableLookup.apply(weight, ids, offsets, staged, module, self)
-        return out.to(hash_ids.device, non_blocking=True)
+            # Raises a worker's error here.
+            rows, data, inverse = pending.result if pending.result is not None else pending.ticket.wait()
+        stats = self.stats
+        stats.hits += 1
+        stats.rows_looked_up += pending.key.numel()
+        stats.rows_gathered += rows.numel() if pending.dedup else pending.key.numel()
+        if pending.cache is not None:
+            stats.cache_lookups += pending.key.numel()
+            stats.cache_hits += pending.ticket.cache_hits()
+        if pending.dedup:
+            slots = pending.ticket.slots()
+            if slots is not None:  # cached rows were not gathered: take them from the cache
+                data = self._assemble(rows, data, slots, pending.cache.data, device)
+            else:
+                data = data.to(device, non_blocking=True)
+        log = self._log(weight)
+        if log.updates or weight._version != pending.version:
+            data = self._refresh(weight, pending, rows, data)
+            if log.updates:
+                self._trim(weight)
+        if pending.dedup:
+            return [data, inverse.to(device, non_blocking=True)]
+        return [data.to(device, non_blocking=True)]
+
+    @staticmethod
+    def _assemble(rows, misses, slots, cache_data, device) -> torch.Tensor:
+        """[U, Dh] on `device`: the cache's rows where slots >= 0, else the gathered ones in order."""
+        data = torch.empty((rows.numel(), misses.shape[1]), dtype=misses.dtype, device=device)
+        hit = slots >= 0
+        hit_pos, miss_pos = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)  # on the CPU: no sync
+        data[miss_pos.to(device, non_blocking=True)] = misses.to(device, non_blocking=True)
+        data[hit_pos.to(device, non_blocking=True)] = cache_data[slots[hit].to(cache_data.device, non_blocking=True)]
+        return data
 
     def _refresh(self, weight, pending: _Pending, rows, staged):
-        """Staged rows as the table holds them now (see the module docstring)."""
+        """Staged rows as the table holds them now (see the module docstring).
+        staged may be on another device than the table."""
         log = self._log(weight)
         foreign = (weight._version - pending.version) - (log.own_bumps - pending.own_bumps)
+        changed = [r for epoch, r in log.updates if epoch > pending.epoch]
+        if foreign == 0 and not changed:
+            return staged
         table = weight.detach()
-        ids = rows if pending.dedup else pending.key.to(table.device)
+        ids = rows if pending.dedup else (pending.key.to(table.device) + pending.offsets)
         if foreign != 0:
             self.stats.regathers += 1
-            return table[ids]
-        changed = [r for epoch, r in log.updates if epoch > pending.epoch]
-        if not changed:
-            return staged
+            return table[ids].to(staged.device)
         changed = torch.cat(changed).to(table.device)
         if pending.dedup:  # rows sorted: find the changed ones
             pos = torch.searchsorted(rows, changed)
             hit = pos < rows.numel()
             hit[hit.clone()] = rows[pos[hit]] == changed[hit]
             pos = pos[hit]
-            staged[pos] = table[rows[pos]]
+            staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
         else:
             pos = torch.isin(ids, changed)
-            staged[pos] = table[ids[pos]]
+            staged[pos.to(staged.device)] = table[ids[pos]].to(staged.device)
             pos = ids[pos]
         self.stats.patched_rows += int(torch.unique(pos).numel())
         return staged

@@ -207,6 +207,11 @@ def multihead_embedding(weight: torch.Tensor, ids: torch.Tensor, offsets: torch.
     return torch.nn.functional.embedding(rows, weight)
 
 
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table[rows], delivered on the rows' device (engram::gather_rows)."""
+    return table[rows.to(table.device)].to(rows.device)
+
+
 # --------------------------------------------------------------------------
 # §3-6 the whole layer in plain PyTorch modules: the test oracle of
 # engram.EngramLayer and the peer of its benchmark. Parameter names and

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import engram
-from engram import CompressionTable, EngramConfig, EngramLayer
+from engram import CompressionTable, EngramConfig, EngramLayer, ops
+from engram import reference as ref
 
 VOCAB = 300
 D = 16
@@ -194,6 +195,38 @@ def test_engine_errors_surface_in_the_caller():
     pool.close()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux thread ids")
+def test_engine_workers_are_background_threads():
+    """SCHED_BATCH and a raised nice: a submit does not preempt the caller."""
+    import time
+
+    def tids():
+        return set(os.listdir("/proc/self/task"))
+
+    before = tids()
+    pool = _engine.GatherPool(2)
+    for _ in range(100):  # the workers set their policy when they start
+        new = tids() - before
+        if len(new) == 2 and all(os.sched_getscheduler(int(t)) == os.SCHED_BATCH for t in new):
+            break
+        time.sleep(0.01)
+    assert len(new) == 2
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for t in new:
+        assert os.sched_getscheduler(int(t)) == os.SCHED_BATCH
+        assert os.getpriority(os.PRIO_PROCESS, int(t)) == min(19, base + 5)
+    pool.close()
+    before = tids()
+    ordinary = _engine.GatherPool(1, -1)
+    time.sleep(0.05)
+    assert all(os.sched_getscheduler(int(t)) == os.SCHED_OTHER for t in tids() - before)
+    ordinary.close()
+    with pytest.raises(ValueError, match="background_nice=20"):
+        _engine.GatherPool(1, 20)
+    with pytest.raises(ValueError, match="worker_nice=-2"):
+        engram.Prefetcher(Toy("host"), worker_nice=-2)
+
+
 def test_engine_close_cancels_queued_gathers_without_hanging():
     table = torch.randn(200_000, 32)
     ids = torch.randint(0, 200_000, (50_000,))
@@ -249,7 +282,7 @@ def batches(n, b=2, t=16, seed=5, vocab=40):
 
 
 def loss_of(out):
-    return (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+    return (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum()
 
 
 @pytest.mark.parametrize("placement", ["device", "host", "mmap"])
@@ -339,6 +372,26 @@ def test_prefetcher_worker_error_surfaces_in_forward():
         assert_same(model(ids), Toy()(ids))
 
 
+def test_prefetched_rows_matched_by_token_ids_only_while_the_hash_is_unchanged():
+    """A layer's lookup is matched to a prefetched batch by its token ids;
+    after its hash parameters change, only the hash ids can match (here they
+    do not: the layer looks up directly, with the new hash)."""
+    model, reference = Toy("host"), Toy("host")
+    ids = batches(1)[0]
+    with torch.no_grad():
+        for m in (model, reference):
+            m.engrams[0].hash_keys[0, 1] += 2  # another odd multiplier for order 2
+        with engram.Prefetcher(model) as prefetcher:
+            prefetcher.prefetch(ids)
+            assert_same(model(ids), reference(ids))
+            assert prefetcher.stats.hits == 2
+            prefetcher.prefetch(ids)
+            model.engrams[0].hash_keys[0, 1] += 2  # after the prefetch: its rows are stale
+            reference.engrams[0].hash_keys[0, 1] += 2
+            assert_same(model(ids), reference(ids))
+            assert prefetcher.stats.hits == 3 and prefetcher.stats.misses == 1
+
+
 def test_prefetcher_errors():
     with pytest.raises(ValueError, match="holds no EngramLayer"):
         engram.Prefetcher(nn.Linear(2, 2))
@@ -359,13 +412,13 @@ def test_prefetcher_errors():
 # --------------------------------------------------------------------------
 
 
-def train(model, data, rule, prefetch, dedup=None, fused=True):
+def train(model, data, rule, prefetch, dedup=None, fused=True, **options):
     """Fused row-wise tables + Adam elsewhere; with prefetch, the next batch is
     prefetched right after the forward, before the backward updates the tables."""
     optimizer = engram.optim.make_rowwise(model, rule, lr=0.05, fused=fused)
     tables = {id(p) for p in engram.optim.table_parameters(model)}
     dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], lr=0.01)
-    prefetcher = engram.Prefetcher(model, dedup=dedup) if prefetch else None
+    prefetcher = engram.Prefetcher(model, dedup=dedup, **options) if prefetch else None
     losses = []
     if prefetcher:
         prefetcher.prefetch(data[0])
@@ -403,6 +456,101 @@ def test_training_with_prefetch_equals_device_without(tmp_path, placement, rule,
         assert_same(p1, p2)
 
 
+@pytest.mark.parametrize("placement,rule,dedup,fused", [
+    ("host", "sgd", None, True), ("mmap", "adam", True, True), ("host", "adagrad", True, False),
+    ("mmap", "sgd", None, False),
+])
+def test_hot_row_cache_changes_no_output_in_training(tmp_path, placement, rule, dedup, fused):
+    """The same training with and without the cache: bit-identical losses,
+    tables and weights, while the hot set is chosen again every 2 batches and
+    the cached rows are updated between a gather and its use."""
+    data = batches(8)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    without, model = Toy(placement, str(tmp_path / "a")), Toy(placement, str(tmp_path / "b"))
+    losses_ref, stats_ref = train(without, data, rule, prefetch=True, dedup=dedup, fused=fused)
+    losses, stats = train(model, data, rule, prefetch=True, dedup=dedup, fused=fused, hot_rows=48,
+                          hot_refresh=2)
+    assert stats_ref.cache_lookups == 0
+    assert stats.cache_refreshes >= 2 * 3 and stats.cache_lookups > 0
+    assert 0 < stats.cache_hits < stats.cache_lookups
+    assert_same(losses, losses_ref)
+    for p1, p2 in zip(without.state_dict().values(), model.state_dict().values()):
+        assert_same(p1, p2)
+
+
+def test_hot_row_cache_engine_serves_cached_rows_from_the_cache():
+    table = torch.arange(40.0).reshape(20, 2)
+    ids = torch.tensor([[3, 5], [7, 5], [3, 11]])
+    offsets = torch.tensor([0, 1])  # head 1 reads rows id + 1
+    rows = ids + offsets
+    cache_rows = torch.tensor([4, 6, 12])
+    cache_data = -table[cache_rows]  # marked: where a row came from is visible
+    pool = _engine.GatherPool(1)
+    ticket = pool.submit(table, ids, False, False, offsets, cache_rows, cache_data)
+    _, staged, _ = ticket.wait()
+    cached = torch.isin(rows, cache_rows)
+    assert ticket.cache_hits() == int(cached.sum()) == 3
+    assert_same(staged[~cached], table[rows[~cached]])
+    assert_same(staged[cached], -table[rows[cached]])
+    # Deduplicated: the cached rows are not gathered, slots say where they are.
+    ticket = pool.submit(table, ids, False, True, offsets, cache_rows)
+    unique, staged, inverse = ticket.wait()
+    slots = ticket.slots()
+    assert_same(unique, torch.unique(rows))
+    assert_same(unique[inverse], rows)
+    assert slots.tolist() == [-1, 1, -1, 2]  # rows 3, 6, 7, 12; the cache holds 4, 6, 12
+    assert_same(staged, table[unique[slots < 0]])
+    assert ticket.cache_hits() == 3
+    plain = pool.submit(table, rows)  # no cache: every distinct row gathered
+    assert plain.wait()[1].shape == (4, 2) and plain.slots() is None and plain.cache_hits() == 0
+    with pytest.raises(ValueError, match="cache_data must be a contiguous CPU \\[3, 2\\]"):
+        pool.submit(table, ids, False, False, offsets, cache_rows, cache_data[:2])
+    with pytest.raises(ValueError, match="expanded gather with a cache needs cache_data"):
+        pool.submit(table, ids, False, False, offsets, cache_rows)
+    with pytest.raises(ValueError, match="one entry per head \\(2\\)"):
+        pool.submit(table, ids, False, False, torch.tensor([0, 1, 2]))
+    pool.close()
+
+
+def test_hot_row_cache_follows_changes_it_does_not_record():
+    """A dense optimizer writes the table behind the prefetcher's back: the
+    cache is read again before the next gather uses it. The next batch is
+    prefetched after the step here, so its staged rows are not gathered again
+    (the table did not change since): only the cache could be stale."""
+    data = batches(7)
+
+    def run(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        prefetcher = engram.Prefetcher(model, **options)
+        prefetcher.prefetch(data[0])
+        losses = []
+        for i, ids in enumerate(data):
+            loss = loss_of(model(ids))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if i + 1 < len(data):
+                prefetcher.prefetch(data[i + 1])
+            losses.append(loss.detach())
+        prefetcher.close()
+        return torch.stack(losses), prefetcher.stats
+
+    losses_ref, _ = run(Toy("host"))
+    losses, stats = run(Toy("host"), hot_rows=0.02, hot_refresh=3)
+    assert stats.regathers == 0
+    assert stats.cache_hits > 0
+    assert_same(losses, losses_ref)
+
+
+def test_hot_row_options_are_checked():
+    model = Toy("host")
+    for bad in (-1, 1.5, 0.0, True, "10"):
+        with pytest.raises(ValueError, match="hot_rows="):
+            engram.Prefetcher(model, hot_rows=bad)
+    with pytest.raises(ValueError, match="hot_refresh=0"):
+        engram.Prefetcher(model, hot_rows=10, hot_refresh=0)
+
+
 def test_unfused_updates_are_caught_by_the_version_counter():
     """A dense optimizer over the host table (changes the prefetcher does not
     record): the staged rows are gathered again."""
@@ -432,3 +580,90 @@ def test_unfused_updates_are_caught_by_the_version_counter():
     assert stats.hits == 2 * len(data) and stats.regathers == 2 * (len(data) - 1)
     for p1, p2 in zip(reference.state_dict().values(), model.state_dict().values()):
         assert_same(p1, p2)
+
+
+# --------------------------------------------------------------------------
+# engram::gather_rows (the zero-copy gather's op) and the CUDA paths
+# --------------------------------------------------------------------------
+
+has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "engram::gather_rows", "CUDA"
+)
+needs_cuda = pytest.mark.skipif(not has_cuda_kernels, reason="needs a CUDA GPU and a CUDA build of engram")
+
+
+def test_gather_rows_cpu_matches_reference():
+    from torch.library import opcheck
+
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        table = torch.randn(300, 5, generator=gen).to(dtype)
+        rows = torch.randint(0, 300, (4, 3, 2), generator=gen)
+        assert_same(ops.gather_rows(table, rows), ref.gather_rows(table, rows))
+    assert ops.gather_rows(table, torch.empty(0, dtype=torch.int64)).shape == (0, 5)
+    opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
+    with pytest.raises(IndexError, match=r"gather_rows: rows holds 300 at flat index 3; expected a row in \[0, 300\)"):
+        ops.gather_rows(table, torch.tensor([1, 2, 0, 300]))
+    with pytest.raises(TypeError, match="gather_rows: rows must be .*, got .*Int"):
+        ops.gather_rows(table, rows.int())
+    with pytest.raises(ValueError, match="table must have 2 dims"):
+        ops.gather_rows(table[0], rows)
+    with pytest.raises(ValueError, match="table must be contiguous"):
+        ops.gather_rows(table.t(), rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,dh", [(torch.float32, 32), (torch.bfloat16, 64), (torch.float16, 3),
+                                      (torch.float32, 5)])
+def test_gather_rows_zero_copy_reads_pinned_host_rows(dtype, dh):
+    from torch.library import opcheck
+
+    table = torch.randn(5000, dh).to(dtype).pin_memory()
+    rows = torch.randint(0, 5000, (7, 33), device="cuda")
+    got = ops.gather_rows(table, rows)
+    assert got.device == rows.device
+    assert_same(got.cpu(), table[rows.cpu()])
+    assert_same(ops.gather_rows(table, rows, False).cpu(), table[rows.cpu()])
+    assert_same(ops.gather_rows(table.cuda(), rows).cpu(), table[rows.cpu()])  # a device table too
+    opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
+    bad = rows.clone()
+    bad[2, 5] = 5000
+    with pytest.raises(IndexError, match="rows holds 5000 at flat index 71"):
+        ops.gather_rows(table, bad)
+    unchecked = ops.gather_rows(table, bad, False).cpu()  # no sync, not read: zeros
+    assert torch.all(unchecked[2, 5] == 0)
+    with pytest.raises(ValueError, match="pageable host memory"):
+        ops.gather_rows(torch.randn(10, dh).to(dtype), rows % 10)
+
+
+@needs_cuda
+@pytest.mark.parametrize("transfer,hot_rows", [("staged", 0), ("staged", 0.05), ("zero-copy", 0)])
+def test_cuda_prefetch_training_matches_device_placement(transfer, hot_rows):
+    data = [ids.cuda() for ids in batches(6)]
+    reference, model = Toy().cuda(), Toy("host").cuda()
+    assert model.engrams[0].multi_head_embedding.embedding.weight.is_pinned()
+    losses_ref, _ = train(reference, data, "sgd", prefetch=False)
+    losses, stats = train(model, data, "sgd", prefetch=True, transfer=transfer, hot_rows=hot_rows, hot_refresh=2)
+    assert stats.hits == 2 * len(data)
+    if hot_rows:
+        assert stats.cache_hits > 0
+    # Within tolerance, not bit for bit: the CUDA and CPU kernels sum row gradients in different orders.
+    torch.testing.assert_close(losses.cpu(), losses_ref.cpu(), rtol=1e-4, atol=1e-5)
+    for p1, p2 in zip(reference.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(p1.cpu(), p2.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_zero_copy_forward_waits_only_on_its_own_event():
+    model = Toy("host").cuda()
+    ids = batches(1)[0].cuda()
+    with torch.no_grad():
+        expected = model(ids)
+        with engram.Prefetcher(model, transfer="zero-copy") as prefetcher:
+            prefetcher.prefetch(ids)
+            pending = [q[0] for q in prefetcher._pending.values()]
+            assert all(isinstance(p.ticket, engram.prefetch._DeviceGather) for p in pending)
+            assert len({id(p.ticket.event) for p in pending}) == 2  # one event per layer
+            got = model(ids)
+        assert prefetcher.stats.hits == 2
+    torch.testing.assert_close(got, expected)
