@@ -1,7 +1,7 @@
 // CPU kernel of engram::gather_rows (schema in csrc/library.cpp): out = table[rows],
 // row by row with memcpy over 64-bit offsets (tables beyond 2^31 elements).
 // The op exists for its CUDA kernel (zero-copy reads of pinned host rows,
-// csrc/cuda/offload.cu); on the CPU it is the same gather the engine does.
+// csrc/cuda/ops.cu); on the CPU it is the same gather the engine does.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,7 +23,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows_in, b
   const int64_t* row = rows.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_INDEX(row[i] >= 0 && row[i] < num_rows, "gather_rows: rows holds ", row[i], " at flat index ", i,
-                      "; expected a row in [0, ", num_rows, ")");
+                      "; expected values in [0, ", num_rows,
+                      ") for table.size(0)=", num_rows);
   }
   const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
   const char* src = static_cast<const char*>(table.const_data_ptr());

@@ -303,11 +303,11 @@ TORCH_LIBRARY(engram, m) {
       "bool decoupled_weight_decay, int step) -> ()");
   // --- end engram.optim ---------------------------------------------------------
 
-  // --- engram.Prefetcher (csrc/cpu_offload.cpp, csrc/cuda/offload.cu) ----------
+  // --- engram.Prefetcher (csrc/cpu_offload.cpp, csrc/cuda/ops.cu) ---------------
   // table [R, Dh] (on the CPU: pinned for the CUDA kernel, which reads it over
   // UVA) and rows [...] int64 -> table[rows] [..., Dh] on the rows' device.
-  // check=False lets the CUDA kernel skip the host sync of its range check
-  // (an out-of-range row then reads as zeros).
+  // check=False: the CUDA kernel neither reports nor reads an out-of-range
+  // row (zeros); check=True reports it like every CUDA id error.
   m.def("gather_rows(Tensor table, Tensor rows, bool check=True) -> Tensor");
 }
 

@@ -150,8 +150,9 @@ def multihead_embedding(
 
 def gather_rows(table: torch.Tensor, rows: torch.Tensor, check: bool = True) -> torch.Tensor:
     """table [R, Dh], rows [...] int64 -> table[rows] [..., Dh] on the rows' device. On CUDA with
-    a pinned host table the GPU reads the rows over UVA (zero copy); ``check=False`` skips the
-    host sync of the range check there (an out-of-range row then reads as zeros)."""
+    a pinned host table the GPU reads the rows over UVA (zero copy); ``check=False`` neither
+    reports nor reads an out-of-range row there (it reads as zeros); with check=True it is
+    reported like any bad id on CUDA (see set_cuda_sync_checks)."""
     return _ops.gather_rows(table, rows, check)
 
 

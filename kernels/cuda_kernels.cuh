@@ -49,6 +49,7 @@ struct DeviceErrorSlot {
 
 __device__ __forceinline__ void report_device_error(const DeviceErrorSlot& slot, int kind, int64_t index,
                                                     int64_t value, int64_t extra, int64_t limit, int64_t head) {
+  if (slot.claimed == nullptr) return;  // an unchecked launch
   if (atomicCAS(slot.claimed, 0, 1) != 0) return;  // one report per device until the host takes it
   volatile DeviceErrorRecord* r = slot.record;
   r->op = slot.op;

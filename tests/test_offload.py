@@ -602,7 +602,7 @@ def test_gather_rows_cpu_matches_reference():
         assert_same(ops.gather_rows(table, rows), ref.gather_rows(table, rows))
     assert ops.gather_rows(table, torch.empty(0, dtype=torch.int64)).shape == (0, 5)
     opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
-    with pytest.raises(IndexError, match=r"gather_rows: rows holds 300 at flat index 3; expected a row in \[0, 300\)"):
+    with pytest.raises(IndexError, match=r"gather_rows: rows holds 300 at flat index 3; expected values in \[0, 300\) for table.size\(0\)=300"):
         ops.gather_rows(table, torch.tensor([1, 2, 0, 300]))
     with pytest.raises(TypeError, match="gather_rows: rows must be .*, got .*Int"):
         ops.gather_rows(table, rows.int())
@@ -628,8 +628,15 @@ def test_gather_rows_zero_copy_reads_pinned_host_rows(dtype, dh):
     opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
     bad = rows.clone()
     bad[2, 5] = 5000
+    engram.set_cuda_sync_checks(True)
+    try:
+        with pytest.raises(IndexError, match="rows holds 5000 at flat index 71"):
+            ops.gather_rows(table, bad)
+    finally:
+        engram.set_cuda_sync_checks(False)
+    ops.gather_rows(table, bad)  # default: reported, raised by the next check
     with pytest.raises(IndexError, match="rows holds 5000 at flat index 71"):
-        ops.gather_rows(table, bad)
+        engram.check_cuda_errors()
     unchecked = ops.gather_rows(table, bad, False).cpu()  # no sync, not read: zeros
     assert torch.all(unchecked[2, 5] == 0)
     with pytest.raises(ValueError, match="pageable host memory"):

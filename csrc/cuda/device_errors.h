@@ -22,7 +22,14 @@ using cuda::kIdOffsetOverflow;
 using cuda::kIdOutOfRange;
 
 // The ops that report through a DeviceErrorSlot (their names: csrc/cuda/ops.cu).
-enum DeviceErrorOp : int { kOpCompressIds = 0, kOpNgramHash, kOpEmbedding, kOpEmbeddingBackward, kNumDeviceErrorOps };
+enum DeviceErrorOp : int {
+  kOpCompressIds = 0,
+  kOpNgramHash,
+  kOpEmbedding,
+  kOpEmbeddingBackward,
+  kOpGatherRows,
+  kNumDeviceErrorOps
+};
 
 // Raises an earlier kernel's report on `device`, if there is one, then hands
 // out the device's slot for a launch of `op`.

@@ -17,6 +17,7 @@
 
 #include "csrc/checks.h"
 #include "csrc/cuda/device_errors.h"
+#include "csrc/offload.h"
 #include "csrc/ops.h"
 #include "kernels/cuda_kernels.cuh"
 
@@ -36,6 +37,7 @@ constexpr OpNames kOpNames[kNumDeviceErrorOps] = {
     {"ngram_hash", "input_ids", "vocab_size", true},
     {"multihead_embedding", "ids", "weight.size(0)", false},
     {"multihead_embedding_backward", "ids", "num_rows", false},
+    {"gather_rows", "rows", "table.size(0)", false},
 };
 
 struct DeviceErrorState {
@@ -161,6 +163,35 @@ std::pair<int, std::string> take_cuda_error() {
 
 namespace {
 
+// out[e] = table[row(e)] for rows of row_bytes bytes (the copy is of bytes,
+// whatever the dtype), in the widest chunk that divides the rows and both
+// addresses: 16 bytes (one load and store) where it can.
+void launch_row_gather(const void* table, int64_t num_rows, int64_t row_bytes, const int64_t* ids,
+                       const int64_t* offsets, int64_t K, int64_t entries, void* out, DeviceErrorSlot err,
+                       cudaStream_t stream) {
+  auto gather = [&](auto chunk) {
+    using chunk_t = decltype(chunk);
+    const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
+    cuda::gather_rows_kernel<chunk_t><<<cuda::blocks_for(entries * chunks_per_row), cuda::kThreads, 0, stream>>>(
+        static_cast<const chunk_t*>(table), num_rows, chunks_per_row, ids, offsets, K, entries,
+        static_cast<chunk_t*>(out), err);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const uintptr_t addresses = reinterpret_cast<uintptr_t>(table) | reinterpret_cast<uintptr_t>(out);
+  const auto fits = [&](int64_t width) { return row_bytes % width == 0 && addresses % width == 0; };
+  if (fits(16)) {
+    gather(uint4{});
+  } else if (fits(8)) {
+    gather(uint64_t{});
+  } else if (fits(4)) {
+    gather(uint32_t{});
+  } else if (fits(2)) {
+    gather(uint16_t{});
+  } else {
+    gather(uint8_t{});
+  }
+}
+
 at::Tensor compress_into(const at::Tensor& ids, const at::Tensor& lookup, DeviceErrorSlot err) {
   at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
   const int64_t n = ids.numel();
@@ -248,26 +279,9 @@ at::Tensor multihead_embedding_cuda(const at::Tensor& weight, const at::Tensor& 
   at::Tensor out = at::empty(out_shape, table.options());
   const DeviceErrorSlot err = device_error_slot(weight.device(), kOpEmbedding);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t row_bytes = Dh * table.element_size();
-  auto gather = [&](auto chunk) {
-    using chunk_t = decltype(chunk);
-    const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
-    cuda::gather_rows_kernel<chunk_t><<<cuda::blocks_for(entries * chunks_per_row), cuda::kThreads, 0, stream>>>(
-        static_cast<const chunk_t*>(table.const_data_ptr()), R, chunks_per_row, ids.const_data_ptr<int64_t>(),
-        offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr, K, entries,
-        static_cast<chunk_t*>(out.data_ptr()), err);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  const auto address = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
-  if (row_bytes % 16 == 0 && address(table.const_data_ptr()) % 16 == 0 && address(out.data_ptr()) % 16 == 0) {
-    gather(uint4{});
-  } else if (table.element_size() == 2) {
-    gather(uint16_t{});
-  } else if (table.element_size() == 4) {
-    gather(uint32_t{});
-  } else {
-    gather(uint64_t{});
-  }
+  launch_row_gather(table.const_data_ptr(), R, Dh * table.element_size(), ids.const_data_ptr<int64_t>(),
+                    offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr, K, entries, out.data_ptr(),
+                    err, stream);
   finish_checked_launch(weight.device(), stream);
   return out;
 }
@@ -314,6 +328,39 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
   return result;
 }
 
+// The address the device reads a table through: a device table as is; a
+// pinned host table through its mapped device pointer (zero copy over UVA:
+// only the rows asked for cross the link, with no CPU thread or staging).
+const void* device_address(const at::Tensor& table, at::Device device) {
+  if (table.device() == device) return table.const_data_ptr();
+  TORCH_CHECK_VALUE(table.device().is_cpu() && table.is_pinned(), "gather_rows: table is ",
+                    table.device().is_cpu() ? "in pageable host memory" : "on " + table.device().str(),
+                    "; expected pinned host memory (table_placement='host' pins it when CUDA is available) or a "
+                    "table on ", device);
+  void* mapped = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, const_cast<void*>(table.const_data_ptr()), 0));
+  return mapped;
+}
+
+// check=false: a row out of range is not read (zeros) and not reported; the
+// prefetcher's rows come from ngram_hash, in range by construction.
+at::Tensor gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows_in, bool check) {
+  check_gather_rows_args(table, rows_in);
+  TORCH_CHECK(rows_in.is_cuda(), "gather_rows: rows is on ", rows_in.device(), "; expected a CUDA tensor here");
+  const c10::cuda::OptionalCUDAGuard guard(rows_in.device());
+  const at::Tensor rows = rows_in.contiguous();
+  at::Tensor out = new_gather_rows_output(table, rows, rows.device());
+  if (rows.numel() == 0 || table.size(1) == 0) return out;
+  const void* src = device_address(table, rows.device());
+  const DeviceErrorSlot err =
+      check ? device_error_slot(rows.device(), kOpGatherRows) : DeviceErrorSlot{nullptr, nullptr, kOpGatherRows};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  launch_row_gather(src, table.size(0), table.size(1) * table.element_size(), rows.const_data_ptr<int64_t>(),
+                    nullptr, 1, rows.numel(), out.data_ptr(), err, stream);
+  if (check) finish_checked_launch(rows.device(), stream);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engram, CUDA, m) {
@@ -321,6 +368,7 @@ TORCH_LIBRARY_IMPL(engram, CUDA, m) {
   m.impl("ngram_hash", &ngram_hash_cuda);
   m.impl("multihead_embedding", &multihead_embedding_cuda);
   m.impl("multihead_embedding_backward", &multihead_embedding_backward_cuda);
+  m.impl("gather_rows", &gather_rows_cuda);
 }
 
 }  // namespace engram

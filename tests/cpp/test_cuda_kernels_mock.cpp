@@ -172,6 +172,15 @@ TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
   check_gather<uint16_t, uint16_t>(7);
 }
 
+TEST(CudaKernelsMock, AnUncheckedGatherReadsBadRowsAsZerosAndReportsNothing) {
+  const std::vector<float> weight = {1, 2, 3, 4, 5, 6};
+  const std::vector<int64_t> rows = {2, 3, -1, 0};
+  std::vector<float> out(8, -1.f);
+  gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 3, 2, rows.data(), nullptr, 1, 4,
+                               reinterpret_cast<uint32_t*>(out.data()), DeviceErrorSlot{nullptr, nullptr, 0});
+  EXPECT_EQ(out, (std::vector<float>{5, 6, 0, 0, 0, 0, 1, 2}));
+}
+
 TEST(CudaKernelsMock, GatherReportsAnOffsetOverflowWithItsHead) {
   const std::vector<float> weight(4 * 2, 1.f);
   const std::vector<int64_t> ids = {1, 2, 0, 3};
