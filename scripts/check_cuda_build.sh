@@ -64,4 +64,4 @@ grep -E "warning" build/cuda-build.log | grep -E "csrc/|kernels/" && { echo "che
 # From inside $lib, so that `import engram` is the CUDA build, not the CPU one in ./engram.
 tests=$PWD/tests
 (cd "$lib" && ENGRAM_EXPECT_CUDA=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  "$tests/test_build.py" -k "cuda_kernel or cpp_error or libstdcxx")
+  "$tests/test_build.py" -k "cuda_kernel or cpp_error or libstdcxx or cuda_sync")
