@@ -657,6 +657,25 @@ def away_from_zero_scores(key, hidden, wk, wq, eps, gen):
     return key
 
 
+def run_layer_case(op, args, fault, dtype, backward, truth):
+    """A layer-op case: the op against truth() = (float64 output, float64 grads),
+    and, for a faulty argument, the same error from the Python checks."""
+
+    def compare(out):
+        truth_out, truth_grads = truth()
+        if backward:
+            assert_backward_close(out, truth_grads, dtype)
+        else:
+            assert_forward_close(out, truth_out, dtype)
+        if dtype == torch.float64:
+            assert_float64_equal(out, truth_out, truth_grads, backward)
+
+    check_case(op, getattr(OPS, op), tuple(args), fault, compare)
+    if fault is not None and fault.arg != "device":
+        with pytest.raises(fault.error, match=f"^{op}: .*{fault.arg}"):
+            python_layer_checks(op, args)
+
+
 def check_context_gate(data, name, backward):
     op = "context_gate_backward" if backward else "context_gate"
     py = random.Random(data.draw(st.integers(0, 2**31), label="seed"))
@@ -721,19 +740,8 @@ def check_context_gate(data, name, backward):
     if name is not None and name.endswith("on meta"):
         fault = move_one_to_meta(args, names, name.split()[0])
 
-    def compare(out):
-        truth_out, truth_grads = float64_grads(ref.context_gate, [key, hidden, wk, wq], grad_gate, eps_value)
-        if backward:
-            assert_backward_close(out, truth_grads, dtype)
-        else:
-            assert_forward_close(out, truth_out, dtype)
-        if dtype == torch.float64:
-            assert_float64_equal(out, truth_out, truth_grads, backward)
-
-    check_case(op, getattr(OPS, op), tuple(args), fault, compare)
-    if fault is not None and fault.arg != "device":
-        with pytest.raises(fault.error, match=f"^{op}: .*{fault.arg}"):
-            python_layer_checks(op, args)
+    run_layer_case(op, args, fault, dtype, backward,
+                   lambda: float64_grads(ref.context_gate, [key, hidden, wk, wq], grad_gate, eps_value))
 
 
 test_context_gate, test_context_gate_fault = valid_and_faulty(
@@ -838,22 +846,11 @@ def check_gated_short_conv(data, name, backward):
     if name is not None and name.endswith("on meta"):
         fault = move_one_to_meta(args, names, name.split()[0])
 
-    def compare(out):
-        # The reference pads (kernel_size-1)*dilation zeros: state a huge dilation as T+1, the same taps.
-        ref_dilation = min(dilation, t + 1)
-        truth_out, truth_grads = float64_grads(ref.gated_short_conv, [value, gate, norm_weight, conv_weight],
-                                               grad_out, ref_dilation, eps)
-        if backward:
-            assert_backward_close(out, truth_grads, dtype)
-        else:
-            assert_forward_close(out, truth_out, dtype)
-        if dtype == torch.float64:
-            assert_float64_equal(out, truth_out, truth_grads, backward)
-
-    check_case(op, getattr(OPS, op), tuple(args), fault, compare)
-    if fault is not None and fault.arg != "device":
-        with pytest.raises(fault.error, match=f"^{op}: .*{fault.arg}"):
-            python_layer_checks(op, args)
+    # The reference pads (kernel_size-1)*dilation zeros: state a huge dilation as T+1, the same taps.
+    ref_dilation = min(dilation, t + 1)
+    run_layer_case(op, args, fault, dtype, backward,
+                   lambda: float64_grads(ref.gated_short_conv, [value, gate, norm_weight, conv_weight], grad_out,
+                                         ref_dilation, eps))
 
 
 test_gated_short_conv, test_gated_short_conv_fault = valid_and_faulty(
