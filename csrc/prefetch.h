@@ -232,10 +232,21 @@ inline void check_cache_args(const at::Tensor& table, const Cache& cache) {
   }
 }
 
-inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids) {
+inline void check_offsets(const at::Tensor& offsets, int64_t heads) {
+  TORCH_CHECK_VALUE(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                        offsets.is_contiguous() && offsets.numel() == heads,
+                    "engram.Prefetcher: offsets must be contiguous int64 on the CPU with one entry per head (", heads,
+                    "), got ", offsets.scalar_type(), " of shape ", offsets.sizes(), " on ", offsets.device());
+}
+
+inline void check_table(const at::Tensor& table) {
   TORCH_CHECK_VALUE(table.device().is_cpu() && table.dim() == 2 && table.is_contiguous(),
                     "engram.Prefetcher: table must be a contiguous 2-D CPU tensor, got a ", table.dim(),
                     "-D tensor on ", table.device(), table.is_contiguous() ? "" : " (not contiguous)");
+}
+
+inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids) {
+  check_table(table);
   TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous(),
                     "engram.Prefetcher: ids must be contiguous int64 on the CPU, got ", ids.scalar_type(), " on ",
                     ids.device());
@@ -245,6 +256,32 @@ inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids) {
 // exception (with its message) in the caller.
 class Ticket {
  public:
+  // A gather hashed from token ids (GatherPool::submit_layers): those ids, and
+  // when it was queued the table's version counter and the caller's update
+  // count of the table and those updates' version bumps (see LayerSpec).
+  // Set before the task is queued and never changed after: read without the lock.
+  void set_source(at::Tensor input_ids, int64_t table_version, int64_t epoch, int64_t own_bumps) {
+    source_ids_ = std::move(input_ids);
+    table_version_ = table_version;
+    epoch_ = epoch;
+    own_bumps_ = own_bumps;
+  }
+  int64_t table_version() const { return table_version_; }
+  int64_t epoch() const { return epoch_; }
+  int64_t own_bumps() const { return own_bumps_; }
+  // Whether `ids` are the token ids this gather was hashed from (same shape
+  // and values): the lookup's match, a few KB compared here rather than in
+  // Python on the model's critical path.
+  bool matches(const at::Tensor& ids) const {
+    if (!source_ids_.defined() || !ids.device().is_cpu() || ids.scalar_type() != at::kLong ||
+        ids.sizes() != source_ids_.sizes()) {
+      return false;
+    }
+    if (ids.numel() == 0) return true;
+    const at::Tensor dense = ids.contiguous();
+    return std::memcmp(dense.const_data_ptr<int64_t>(), source_ids_.const_data_ptr<int64_t>(),
+                       sizeof(int64_t) * static_cast<size_t>(dense.numel())) == 0;
+  }
   bool ready() {
     std::lock_guard<std::mutex> lock(mutex_);
     return done_;
@@ -291,7 +328,90 @@ class Ticket {
   bool done_ = false;
   std::exception_ptr error_;
   Staged result_;
+  at::Tensor source_ids_;
+  int64_t table_version_ = -1, epoch_ = 0, own_bumps_ = 0;
 };
+
+// One Engram layer's part of a prefetch from token ids (submit_layers): its
+// table, how its ids are hashed (HashSpec, input_ids left undefined), its
+// head offsets and the kind of gather. Checked once when built, so that a
+// prefetch does no per-layer checking on the caller's critical path.
+//
+// watched: the layer's own tensors that the spec's hash parameters and
+// offsets are copies of, with their version counters then: an in-place change
+// of one makes the spec stale (current() false). counters (optional): int64
+// [2] that the caller keeps up to date, its count of recorded updates of the
+// table and their version bumps, stamped on each ticket at submission.
+//
+// table is the layer's parameter itself (not an alias): should its data be
+// replaced (`param.data = ...`, a move to another device) the spec sees the
+// new pointer and is stale. skipped: a layer whose table is not in CPU memory
+// (looked up directly; no gather is queued for it).
+struct LayerSpec {
+  at::Tensor table, offsets;
+  HashSpec hash;
+  bool dedup = false, pin_memory = false, skipped = false;
+  std::vector<at::Tensor> watched;
+  std::vector<int64_t> watched_versions;
+  std::vector<const void*> watched_data;
+  at::Tensor counters;
+  const void* table_data = nullptr;
+
+  bool current() const {
+    if (!table.defined() || table.const_data_ptr() != table_data) return false;
+    for (size_t i = 0; i < watched.size(); ++i) {
+      if (watched[i]._version() != watched_versions[i] || watched[i].const_data_ptr() != watched_data[i]) {
+        return false;
+      }
+    }
+    return true;
+  }
+  int64_t counter(int64_t which) const {
+    return counters.defined() ? counters.const_data_ptr<int64_t>()[which] : 0;
+  }
+};
+
+inline LayerSpec make_layer_spec(const at::Tensor& table, const at::Tensor& lookup, const at::Tensor& keys,
+                                 const at::Tensor& head_sizes, int64_t pad_id, const std::string& family,
+                                 const at::Tensor& offsets, bool dedup, bool pin_memory,
+                                 const std::vector<at::Tensor>& watched = {}, const at::Tensor& counters = {}) {
+  check_table(table);
+  TORCH_CHECK_VALUE(head_sizes.device().is_cpu() && head_sizes.dim() == 2 && head_sizes.size(0) == 1,
+                    "engram.Prefetcher: head_sizes must be one layer's CPU [1, K] tensor, got shape ",
+                    head_sizes.sizes(), " on ", head_sizes.device());
+  TORCH_CHECK_VALUE(lookup.device().is_cpu() && keys.device().is_cpu(),
+                    "engram.Prefetcher: lookup and keys must be on the CPU, got ", lookup.device(), " and ",
+                    keys.device());
+  check_offsets(offsets, head_sizes.size(1));
+  TORCH_CHECK_VALUE(!counters.defined() || (counters.device().is_cpu() && counters.scalar_type() == at::kLong &&
+                                            counters.dim() == 1 && counters.numel() == 2 && counters.is_contiguous()),
+                    "engram.Prefetcher: counters must be a contiguous int64 CPU tensor [2], got ",
+                    counters.defined() ? counters.sizes() : at::IntArrayRef{});
+  LayerSpec spec;
+  spec.table = table;
+  spec.offsets = offsets;
+  spec.hash = HashSpec{at::Tensor(), lookup, keys, head_sizes, pad_id, family};
+  spec.dedup = dedup;
+  spec.pin_memory = pin_memory;
+  spec.counters = counters;
+  spec.table_data = table.const_data_ptr();
+  for (const at::Tensor& t : watched) {
+    spec.watched.push_back(t);
+    spec.watched_versions.push_back(t._version());
+    spec.watched_data.push_back(t.const_data_ptr());
+  }
+  return spec;
+}
+
+// The spec of a layer whose table is not in CPU memory: nothing is queued for
+// it, and it is stale once the table's data moves (e.g. to the CPU).
+inline LayerSpec skipped_layer_spec(const at::Tensor& table) {
+  LayerSpec spec;
+  spec.table = table;
+  spec.table_data = table.const_data_ptr();
+  spec.skipped = true;
+  return spec;
+}
 
 class GatherPool {
  public:
@@ -326,43 +446,63 @@ class GatherPool {
 
   // offsets (optional, int64 [K]) are added to the ids of each head by the
   // worker; cache (optional) is the hot-row cache snapshot the gather uses.
-  // hash (optional): the worker computes the ids from input_ids first (ids
-  // is then ignored and may be undefined; the ticket's hashed() returns them).
-  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids_in, bool pin_memory, bool dedup,
-                                 const at::Tensor& offsets = {}, const Cache& cache = {},
-                                 const HashSpec& hash = {}) {
-    at::Tensor ids = ids_in;
-    if (hash.defined()) {
-      TORCH_CHECK_VALUE(hash.input_ids.device().is_cpu() && hash.input_ids.dim() == 2 &&
-                            hash.head_sizes.dim() == 2 && hash.head_sizes.size(0) == 1,
-                        "engram.Prefetcher: hashing on a worker needs CPU input_ids [B, T] and one layer's "
-                        "head_sizes [1, K], got input_ids of shape ",
-                        hash.input_ids.sizes(), " on ", hash.input_ids.device(), " and head_sizes of shape ",
-                        hash.head_sizes.sizes());
-      // Stands for the ids to come in the checks below: shape [B, T, K], int64.
-      ids = at::empty({hash.input_ids.size(0), hash.input_ids.size(1), hash.head_sizes.size(1)},
-                      hash.input_ids.options().dtype(at::kLong));
-    }
+  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
+                                 const at::Tensor& offsets = {}, const Cache& cache = {}) {
     check_gather_args(table, ids);
     check_cache_args(table, cache);
     TORCH_CHECK_VALUE(dedup || !cache.defined() || cache.data.defined(),
                       "engram.Prefetcher: an expanded gather with a cache needs cache_data (the rows it copies)");
-    if (offsets.defined()) {
-      TORCH_CHECK_VALUE(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
-                            offsets.is_contiguous() && ids.dim() >= 1 && ids.size(-1) == offsets.numel(),
-                        "engram.Prefetcher: offsets must be contiguous int64 on the CPU with one entry per head (",
-                        ids.dim() >= 1 ? ids.size(-1) : 0, "), got ", offsets.scalar_type(), " of shape ",
-                        offsets.sizes(), " on ", offsets.device());
-    }
+    if (offsets.defined()) check_offsets(offsets, ids.dim() >= 1 ? ids.size(-1) : 0);
     auto ticket = std::make_shared<Ticket>();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
-      tasks_.push_back(Task{ticket, table, hash.defined() ? at::Tensor() : ids, offsets, cache, hash, pin_memory,
-                            dedup});
+      tasks_.push_back(Task{ticket, table, ids, offsets, cache, HashSpec{}, pin_memory, dedup});
     }
     cv_.notify_one();
     return ticket;
+  }
+
+  // Queues the hashing and gather of every layer in `specs` for token ids
+  // input_ids [B, T] (copied once, shared by the layers' tasks): one call,
+  // one lock and one wake-up per batch. Returns one ticket per layer, in
+  // order (null for a skipped spec); each knows its token ids
+  // (Ticket::matches) and the table's version.
+  std::vector<std::shared_ptr<Ticket>> submit_layers(const at::Tensor& input_ids,
+                                                     const std::vector<LayerSpec>& specs) {
+    TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
+                      "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
+                      input_ids.scalar_type(), " of shape ", input_ids.sizes(), " on ", input_ids.device());
+    // A copy: the caller may reuse its buffer while the workers hash.
+    const at::Tensor ids = input_ids.clone(at::MemoryFormat::Contiguous);
+    std::vector<std::shared_ptr<Ticket>> tickets;
+    std::vector<Task> tasks;
+    tickets.reserve(specs.size());
+    tasks.reserve(specs.size());
+    for (const LayerSpec& spec : specs) {
+      if (spec.skipped) {
+        tickets.push_back(nullptr);
+        continue;
+      }
+      auto ticket = std::make_shared<Ticket>();
+      ticket->set_source(ids, spec.table._version(), spec.counter(0), spec.counter(1));
+      HashSpec hash = spec.hash;
+      hash.input_ids = ids;
+      tasks.push_back(Task{ticket, spec.table, at::Tensor(), spec.offsets, Cache{}, std::move(hash),
+                           spec.pin_memory, spec.dedup});
+      tickets.push_back(std::move(ticket));
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
+      for (auto& task : tasks) tasks_.push_back(std::move(task));
+    }
+    if (tasks.size() > 1) {
+      cv_.notify_all();
+    } else {
+      cv_.notify_one();
+    }
+    return tickets;
   }
 
   // Cancels the gathers not started yet (their tickets raise), lets running
@@ -436,6 +576,121 @@ class GatherPool {
   std::deque<Task> tasks_;
   bool closed_ = false;
   std::vector<std::thread> workers_;
+};
+
+// The prefetches from token ids of one engram.Prefetcher (its CPU path): one
+// LayerSpec per layer and, per layer, its prefetched batches not used yet
+// (oldest first, at most max_pending). prefetch() and take() are the calls
+// on the model's critical path, so each is a single call into here with no
+// Python per layer: on a small machine every object the interpreter touches
+// after the model's compute is a cache (and TLB) miss.
+class LayerQueues {
+ public:
+  // What take() found.
+  enum class Take : int {
+    kMiss = 0,     // no prefetched batch of these token ids
+    kClean = 1,    // found, and the table has not changed since its gather was queued
+    kChanged = 2,  // found, but the table changed since (or the gather is deduplicated): the caller checks
+    kCompareHashIds = 3,  // token ids cannot decide (hash parameters changed, or ids not int64 on the CPU)
+  };
+
+  LayerQueues(GatherPool& pool, int64_t num_layers, int64_t max_pending)
+      : pool_(pool), specs_(static_cast<size_t>(num_layers)), queues_(static_cast<size_t>(num_layers)),
+        max_pending_(max_pending) {
+    TORCH_CHECK_VALUE(num_layers >= 0 && max_pending >= 1, "engram.Prefetcher: num_layers=", num_layers,
+                      ", max_pending=", max_pending, "; expected >= 0 and >= 1");
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(specs_.size()); }
+
+  void set_layer(int64_t index, LayerSpec spec) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    specs_.at(check_index(index)) = std::move(spec);
+  }
+
+  // Queues every layer's hashing and gather for input_ids [B, T]; returns
+  // the layers whose spec is missing or stale instead, queuing nothing (the
+  // caller sets them again and calls once more).
+  std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<int64_t> stale;
+    for (size_t i = 0; i < specs_.size(); ++i) {
+      if (!specs_[i].current()) stale.push_back(static_cast<int64_t>(i));
+    }
+    if (!stale.empty()) return stale;
+    auto tickets = pool_.submit_layers(input_ids, specs_);
+    for (size_t i = 0; i < tickets.size(); ++i) {
+      if (!tickets[i]) continue;  // skipped layer
+      auto& queue = queues_[i];
+      queue.push_back(std::move(tickets[i]));
+      while (static_cast<int64_t>(queue.size()) > max_pending_) queue.pop_front();
+    }
+    return stale;
+  }
+
+  // Finds, removes and waits for layer `index`'s prefetched batch of
+  // input_ids (rethrowing its worker's error). kClean: `ticket` is done, its
+  // staged rows are current and expanded (table[ids] itself).
+  Take take(int64_t index, const at::Tensor& input_ids, std::shared_ptr<Ticket>& ticket) {
+    at::Tensor table, counters;
+    bool dedup = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const LayerSpec& spec = specs_.at(check_index(index));
+      auto& queue = queues_[static_cast<size_t>(index)];
+      if (queue.empty()) return Take::kMiss;
+      if (!spec.current() || !input_ids.defined() || !input_ids.device().is_cpu() ||
+          input_ids.scalar_type() != at::kLong) {
+        return Take::kCompareHashIds;
+      }
+      auto it = std::find_if(queue.begin(), queue.end(), [&](const auto& t) { return t->matches(input_ids); });
+      if (it == queue.end()) return Take::kMiss;
+      ticket = std::move(*it);
+      queue.erase(it);
+      table = spec.table;
+      counters = spec.counters;
+      dedup = spec.dedup;
+    }
+    ticket->wait();  // rethrows the worker's error, the ticket already removed
+    const int64_t epoch = counters.defined() ? counters.const_data_ptr<int64_t>()[0] : 0;
+    const bool clean = !dedup && table._version() == ticket->table_version() && epoch == ticket->epoch();
+    return clean ? Take::kClean : Take::kChanged;
+  }
+
+  // Layer `index`'s prefetched batches not used yet, oldest first.
+  std::vector<std::shared_ptr<Ticket>> pending(int64_t index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto& queue = queues_.at(check_index(index));
+    return {queue.begin(), queue.end()};
+  }
+
+  // Removes one pending batch (found by the caller, e.g. by its hash ids).
+  void remove(int64_t index, const std::shared_ptr<Ticket>& ticket) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& queue = queues_.at(check_index(index));
+    auto it = std::find(queue.begin(), queue.end(), ticket);
+    if (it != queue.end()) queue.erase(it);
+  }
+
+  // Drops every pending batch and spec (running gathers finish on their own).
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& queue : queues_) queue.clear();
+    for (auto& spec : specs_) spec = LayerSpec{};
+  }
+
+ private:
+  size_t check_index(int64_t index) const {
+    TORCH_CHECK_INDEX(index >= 0 && index < num_layers(), "engram.Prefetcher: layer index ", index,
+                      " is outside 0..", num_layers() - 1);
+    return static_cast<size_t>(index);
+  }
+
+  GatherPool& pool_;
+  std::mutex mutex_;  // the specs and queues (the Prefetcher calls from one thread; this keeps others safe)
+  std::vector<LayerSpec> specs_;
+  std::vector<std::deque<std::shared_ptr<Ticket>>> queues_;
+  int64_t max_pending_;
 };
 
 }  // namespace engram::prefetch

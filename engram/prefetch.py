@@ -68,7 +68,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -87,24 +87,29 @@ __all__ = ["Prefetcher"]
 class _Pending:
     ticket: object  # _engine.GatherTicket
     dedup: bool  # staged holds the distinct rows (else table[ids] itself)
-    key: Optional[torch.Tensor]  # the layer's hash ids [B, T, K] (no offsets), on the ids' device; None
-    # while a worker hashes them (then input_shape is [B, T])
+    key: torch.Tensor  # the layer's hash ids [B, T, K] (no offsets), on the ids' device
     offsets: torch.Tensor  # the layer's head offsets, on the CPU
     version: int  # table._version at submission
     epoch: int  # the prefetcher's update count of the table at submission
     own_bumps: int  # version bumps of those updates
     cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
-    input_shape: tuple = ()
     result: Optional[tuple] = None  # the ticket's (rows, staged, inverse), once waited for
-    input_ids: Optional[torch.Tensor] = None  # hashed on a worker: the token ids, and
-    params: tuple = ()  # the layer's hash parameters (tensor, version) it used
 
 
 @dataclass
 class _TableLog:
-    epoch: int = 0
-    own_bumps: int = 0
+    epoch: int = 0  # updates recorded
+    own_bumps: int = 0  # the table's version bumps by them
     updates: List[tuple] = field(default_factory=list)  # (epoch after, rows)
+    # (epoch, own_bumps) for the engine, which stamps them on its tickets
+    counters: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
+
+
+class _Queued(NamedTuple):
+    """A batch in the engine's queue of a layer (LayerQueues), as _pending_of lists it."""
+
+    ticket: object
+    epoch: int
 
 
 @dataclass
@@ -165,12 +170,6 @@ class _DeviceGather:
 
     def cache_hits(self) -> int:
         return 0
-
-
-def _hash_state(layer: EngramLayer) -> tuple:
-    """Identity and version of a layer's hash parameters: equal states hash equal ids alike."""
-    return tuple((id(t), t._version) for t in (layer.hash_lookup, layer.hash_keys, layer.hash_sizes)) + (
-        layer.config.pad_id, layer.config.hash)
 
 
 def _fused_optimizer(module: MultiHeadEmbedding):
@@ -304,6 +303,11 @@ class Prefetcher:
         self._logs: Dict[int, _TableLog] = {}
         self._groups = self._group_layers()
         self._stacked: Dict[tuple, tuple] = {}
+        # The CPU path's batches live in the engine, per layer (by index); see _set_queue_layer.
+        self._index = {layer.multi_head_embedding: i for i, layer in enumerate(self.layers)}
+        self._queues = _engine.LayerQueues(self._pool, len(self.layers), max_pending)
+        self._queue_offsets: Dict[int, torch.Tensor] = {}  # the offsets each layer's spec adds
+        self._queue_dedup = bool(dedup)
         self.stats = PrefetchStats()
         self.enabled = True
         self._closed = False
@@ -348,23 +352,6 @@ class Prefetcher:
                 groups.append([layer])
         return groups
 
-    def _layer_params(self, layer: EngramLayer):
-        """A layer's hash parameters on the CPU, for hashing on a worker, and
-        their identities and versions (copied again after any change)."""
-        key = ("layer", id(layer))
-        state = _hash_state(layer)
-        cached = self._stacked.get(key)
-        if cached is None or cached[1] != state:
-            cached = self._stacked[key] = (
-                # Copies (.cpu() of a CPU tensor is the tensor itself): a worker
-                # must not read a buffer the caller may change meanwhile.
-                (layer.hash_lookup.detach().to("cpu", copy=True).contiguous(),
-                 layer.hash_keys.detach().to("cpu", copy=True).contiguous(),
-                 layer.hash_sizes.detach().to("cpu", copy=True).contiguous(), layer.config.pad_id, layer.config.hash),
-                state,
-            )
-        return cached
-
     def _cpu_offsets(self, module: MultiHeadEmbedding) -> torch.Tensor:
         """The module's head offsets on the CPU (copied again if changed in place)."""
         cached = self._offsets.get(module)
@@ -392,7 +379,8 @@ class Prefetcher:
         self._check_open()
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"Prefetcher.prefetch: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.device.type == "cpu" and not self.hot_rows and input_ids.dim() == 2:
+        if (input_ids.device.type == "cpu" and input_ids.dtype == torch.int64 and input_ids.dim() == 2
+                and not self.hot_rows):
             self._prefetch_hashing_on_workers(input_ids)
             return
         for index, group in enumerate(self._groups):
@@ -430,29 +418,41 @@ class Prefetcher:
 
     def _prefetch_hashing_on_workers(self, input_ids: torch.Tensor) -> None:
         """The CPU path: each layer's hashing, as well as its gather, is queued
-        on a worker, so prefetch() only queues (the hash would otherwise be on
-        the caller's critical path). The hash ids to compare a lookup with are
-        known once the gather is done (see _take)."""
-        ids = input_ids.clone(memory_format=torch.contiguous_format)  # the caller may reuse its buffer
-        shape = tuple(ids.shape)
-        dedup = bool(self.dedup)
-        submit = self._pool.submit_hashed
-        for layer in self.layers:
-            module = layer.multi_head_embedding
-            table = module.embedding.weight
-            if table.device.type != "cpu":
-                continue
-            log = self._log(table)
-            offsets = self._cpu_offsets(module)
-            (lookup, keys, sizes, pad_id, family), state = self._layer_params(layer)
-            ticket = submit(table.detach(), ids, lookup, keys, sizes, pad_id, family, offsets, False, dedup)
-            queue = self._pending.get(module)
-            if queue is None:
-                queue = self._pending[module] = []
-            queue.append(_Pending(ticket, dedup, None, offsets, table._version, log.epoch, log.own_bumps,
-                                  input_shape=shape, input_ids=ids, params=(layer, state)))
-            if len(queue) > self.max_pending:
-                del queue[0]
+        on a worker, in one engine call for all layers (LayerQueues), so
+        prefetch() only queues: the hash would otherwise be on the caller's
+        critical path. The lookup matches its token ids there too (_lookup)."""
+        if self._queue_dedup != bool(self.dedup):
+            self._queue_dedup = bool(self.dedup)
+            self._queues.clear()
+        stale = self._queues.prefetch(input_ids)
+        if stale:  # a layer's hash parameters, offsets or table changed (or first use)
+            for index in stale:
+                self._set_queue_layer(index)
+            stale = self._queues.prefetch(input_ids)
+            if stale:
+                raise RuntimeError(f"Prefetcher: the specs of layers {stale} are stale right after being built")
+
+    def _set_queue_layer(self, index: int) -> None:
+        """Builds layer `index`'s spec for the engine: copies of its hash
+        parameters and offsets (a worker must not read a buffer the caller may
+        change meanwhile), watched so that a change of the originals, in place
+        or by reassignment, makes the spec stale (built again at the next
+        prefetch; a batch queued before is then matched by its hash ids)."""
+        layer = self.layers[index]
+        module = layer.multi_head_embedding
+        table = module.embedding.weight
+        owners = [(module.embedding._parameters, "weight", table)]
+        if table.device.type != "cpu":  # on an accelerator: looked up directly
+            self._queues.set_layer(index, _engine.LayerSpec.skipped(table), owners)
+            return
+        watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, module.offsets]
+        lookup, keys, sizes, offsets = (t.detach().to("cpu", copy=True).contiguous() for t in watched)
+        spec = _engine.LayerSpec(table, lookup, keys, sizes, layer.config.pad_id, layer.config.hash, offsets,
+                                 self._queue_dedup, False, watched, self._log(table).counters)
+        owners += [(layer._buffers, name, t) for name, t in zip(("hash_lookup", "hash_keys", "hash_sizes"), watched)]
+        owners.append((module._buffers, "offsets", module.offsets))
+        self._queues.set_layer(index, spec, owners)
+        self._queue_offsets[index] = offsets
 
     def _zero_copy(self, table, hashed: torch.Tensor, offsets: torch.Tensor) -> _DeviceGather:
         """Launches the zero-copy gather of one layer on the side stream; no host sync."""
@@ -477,6 +477,9 @@ class Prefetcher:
         for queue in list(self._pending.values()):
             for pending in queue:
                 _wait_quietly(pending.ticket)
+        for index in range(len(self.layers)):
+            for ticket in self._queues.pending(index):
+                _wait_quietly(ticket)
 
     def close(self) -> None:
         """Cancels queued gathers, joins the workers and detaches from the
@@ -485,6 +488,7 @@ class Prefetcher:
             return
         self._closed = True
         self._step_hook.remove()
+        self._queues.clear()
         self._pool.close()
         self._pending.clear()
         for layer in self.layers:
@@ -523,6 +527,7 @@ class Prefetcher:
         log = self._log(table)
         log.epoch += 1
         log.own_bumps += table._version - before
+        log.counters[0], log.counters[1] = log.epoch, log.own_bumps
         if self._pending_of(table):
             log.updates.append((log.epoch, rows))
         hot = self._hot.get(id(table))
@@ -614,8 +619,14 @@ class Prefetcher:
                     for pending in self._pending_of(p):
                         _wait_quietly(pending.ticket)
 
-    def _pending_of(self, table) -> List[_Pending]:
-        return [p for m, queue in self._pending.items() if m.embedding.weight is table for p in queue]
+    def _pending_of(self, table) -> list:
+        """The batches prefetched for `table` and not used yet: _Pending (Python
+        queues) and _Queued (the engine's); each has .ticket and .epoch."""
+        found = [p for m, queue in self._pending.items() if m.embedding.weight is table for p in queue]
+        for module, index in self._index.items():
+            if module.embedding.weight is table:
+                found += [_Queued(t, t.epoch) for t in self._queues.pending(index)]
+        return found
 
     def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
                 input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -623,8 +634,27 @@ class Prefetcher:
         if weight.device.type != "cpu" or (module.fused_lookup is not None and _fused_optimizer(module) is None):
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
-        pending = self._take(module, hash_ids, input_ids) if self.enabled else None
         grad = torch.is_grad_enabled() and weight.requires_grad
+        pending = None
+        if self.enabled:
+            # The engine's queue first (the CPU path): one call matches the
+            # token ids, waits, and says whether the rows are current.
+            index = self._index[module]
+            found, value = self._queues.take(index, input_ids)
+            if found == _TAKE_CLEAN:  # value: table[ids] as the table holds it now
+                stats = self.stats
+                stats.hits += 1
+                stats.rows_looked_up += hash_ids.numel()
+                stats.rows_gathered += hash_ids.numel()
+                if not grad:
+                    return value
+                return _TableLookup.apply(weight, hash_ids, module.offsets, [value], module, self)
+            if found == _TAKE_CHANGED:
+                pending = self._queued_pending(index, value, hash_ids)
+            elif found == _TAKE_COMPARE_HASH_IDS:
+                pending = self._take_queued_by_hash_ids(index, hash_ids)
+            if pending is None:
+                pending = self._take(module, hash_ids)
         if pending is None:
             self.stats.misses += 1
             ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
@@ -641,35 +671,33 @@ class Prefetcher:
         return _TableLookup.apply(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged,
                                   module, self)
 
-    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
-              input_ids: Optional[torch.Tensor] = None) -> Optional[_Pending]:
-        """Removes and returns the pending gather of these hash ids, if any."""
+    def _queued_pending(self, index: int, ticket, hash_ids: torch.Tensor) -> _Pending:
+        """A batch taken from the engine's queue (done), as _use takes it."""
+        return _Pending(ticket, self._queue_dedup, hash_ids, self._queue_offsets[index], ticket.table_version,
+                        ticket.epoch, ticket.own_bumps, result=ticket.wait())
+
+    def _take_queued_by_hash_ids(self, index: int, hash_ids: torch.Tensor) -> Optional[_Pending]:
+        """Token ids cannot decide (the layer's hash parameters changed since
+        the batch was queued, or they are not int64 CPU ids): the queued batch
+        whose hash ids, computed by its worker, equal these, if any."""
+        for ticket in self._queues.pending(index):
+            try:
+                ticket.wait()
+            except Exception:  # the error is raised at use, if these are the ids
+                self._queues.remove(index, ticket)
+                raise
+            key = ticket.hashed()
+            if key.shape == hash_ids.shape and torch.equal(key, hash_ids.to(key.device)):
+                self._queues.remove(index, ticket)
+                return self._queued_pending(index, ticket, hash_ids)
+        return None
+
+    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> Optional[_Pending]:
+        """Removes and returns the pending gather (Python queues) of these hash ids, if any."""
         queue = self._pending.get(module)
         if not queue:
             return None
         for index, pending in enumerate(queue):
-            if pending.key is None:  # hashed on the worker: its ids are known once it is done
-                if tuple(hash_ids.shape[:2]) != pending.input_shape:
-                    continue
-                layer, state = pending.params
-                if (input_ids is not None and input_ids.device.type == "cpu" and input_ids.dtype == torch.int64
-                        and _hash_state(layer) == state):
-                    # The same tokens through the same, unchanged hash give the
-                    # same hash ids: compare the token ids (a few KB, written
-                    # by this thread) rather than the worker's hash ids (K
-                    # times larger, in another core's cache).
-                    if not torch.equal(pending.input_ids, input_ids):
-                        continue
-                    del queue[index]
-                    pending.key = hash_ids
-                    pending.result = pending.ticket.wait()  # raises a worker's error here
-                    return pending
-                try:
-                    pending.result = pending.ticket.wait()
-                except Exception:  # the error is raised at use, if these are the ids
-                    del queue[index]
-                    raise
-                pending.key = pending.ticket.hashed()
             if pending.key.shape == hash_ids.shape and torch.equal(pending.key, hash_ids):
                 del queue[index]
                 return pending
@@ -752,6 +780,10 @@ class Prefetcher:
         epochs = [p.epoch for p in self._pending_of(weight)]
         oldest = min(epochs) if epochs else log.epoch
         log.updates = [(e, r) for e, r in log.updates if e > oldest]
+
+
+# LayerQueues.take's answers (csrc/prefetch.h, LayerQueues::Take).
+_TAKE_MISS, _TAKE_CLEAN, _TAKE_CHANGED, _TAKE_COMPARE_HASH_IDS = 0, 1, 2, 3
 
 
 def _wait_quietly(ticket) -> None:
