@@ -357,8 +357,10 @@ struct LayerSpec {
   at::Tensor counters;
   const void* table_data = nullptr;
 
-  bool current() const {
-    if (!table.defined() || table.const_data_ptr() != table_data) return false;
+  bool current() const { return table_current() && params_current(); }
+  // The table's data is where it was: the queued gathers read this data.
+  bool table_current() const { return table.defined() && table.const_data_ptr() == table_data; }
+  bool params_current() const {
     for (size_t i = 0; i < watched.size(); ++i) {
       if (watched[i]._version() != watched_versions[i] || watched[i].const_data_ptr() != watched_data[i]) {
         return false;
@@ -603,9 +605,12 @@ class LayerQueues {
 
   int64_t num_layers() const { return static_cast<int64_t>(specs_.size()); }
 
+  // Sets layer `index`'s spec and drops its queued batches: they were hashed
+  // and gathered with the old one, so their token ids no longer decide.
   void set_layer(int64_t index, LayerSpec spec) {
     std::lock_guard<std::mutex> lock(mutex_);
     specs_.at(check_index(index)) = std::move(spec);
+    queues_[static_cast<size_t>(index)].clear();
   }
 
   // Queues every layer's hashing and gather for input_ids [B, T]; returns
@@ -639,7 +644,11 @@ class LayerQueues {
       const LayerSpec& spec = specs_.at(check_index(index));
       auto& queue = queues_[static_cast<size_t>(index)];
       if (queue.empty()) return Take::kMiss;
-      if (!spec.current() || !input_ids.defined() || !input_ids.device().is_cpu() ||
+      if (!spec.table_current()) {  // gathered from data the table no longer holds
+        queue.clear();
+        return Take::kMiss;
+      }
+      if (!spec.params_current() || !input_ids.defined() || !input_ids.device().is_cpu() ||
           input_ids.scalar_type() != at::kLong) {
         return Take::kCompareHashIds;
       }
@@ -664,6 +673,12 @@ class LayerQueues {
     return {queue.begin(), queue.end()};
   }
 
+  // Drops layer `index`'s queued batches.
+  void drop(int64_t index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queues_.at(check_index(index)).clear();
+  }
+
   // Removes one pending batch (found by the caller, e.g. by its hash ids).
   void remove(int64_t index, const std::shared_ptr<Ticket>& ticket) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -679,13 +694,13 @@ class LayerQueues {
     for (auto& spec : specs_) spec = LayerSpec{};
   }
 
- private:
   size_t check_index(int64_t index) const {
     TORCH_CHECK_INDEX(index >= 0 && index < num_layers(), "engram.Prefetcher: layer index ", index,
                       " is outside 0..", num_layers() - 1);
     return static_cast<size_t>(index);
   }
 
+ private:
   GatherPool& pool_;
   std::mutex mutex_;  // the specs and queues (the Prefetcher calls from one thread; this keeps others safe)
   std::vector<LayerSpec> specs_;

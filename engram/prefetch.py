@@ -436,22 +436,24 @@ class Prefetcher:
         """Builds layer `index`'s spec for the engine: copies of its hash
         parameters and offsets (a worker must not read a buffer the caller may
         change meanwhile), watched so that a change of the originals, in place
-        or by reassignment, makes the spec stale (built again at the next
-        prefetch; a batch queued before is then matched by its hash ids)."""
+        or by reassignment, makes the spec stale: until the next prefetch
+        builds it again (dropping the batches queued with it), a lookup
+        matches those batches by their hash ids."""
         layer = self.layers[index]
         module = layer.multi_head_embedding
         table = module.embedding.weight
-        owners = [(module.embedding._parameters, "weight", table)]
+        table_owners = [(module._modules, "embedding", module.embedding),
+                        (module.embedding._parameters, "weight", table)]
         if table.device.type != "cpu":  # on an accelerator: looked up directly
-            self._queues.set_layer(index, _engine.LayerSpec.skipped(table), owners)
+            self._queues.set_layer(index, _engine.LayerSpec.skipped(table), [], table_owners)
             return
         watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, module.offsets]
         lookup, keys, sizes, offsets = (t.detach().to("cpu", copy=True).contiguous() for t in watched)
         spec = _engine.LayerSpec(table, lookup, keys, sizes, layer.config.pad_id, layer.config.hash, offsets,
                                  self._queue_dedup, False, watched, self._log(table).counters)
-        owners += [(layer._buffers, name, t) for name, t in zip(("hash_lookup", "hash_keys", "hash_sizes"), watched)]
+        owners = [(layer._buffers, name, t) for name, t in zip(("hash_lookup", "hash_keys", "hash_sizes"), watched)]
         owners.append((module._buffers, "offsets", module.offsets))
-        self._queues.set_layer(index, spec, owners)
+        self._queues.set_layer(index, spec, owners, table_owners)
         self._queue_offsets[index] = offsets
 
     def _zero_copy(self, table, hashed: torch.Tensor, offsets: torch.Tensor) -> _DeviceGather:
@@ -677,9 +679,15 @@ class Prefetcher:
                         ticket.epoch, ticket.own_bumps, result=ticket.wait())
 
     def _take_queued_by_hash_ids(self, index: int, hash_ids: torch.Tensor) -> Optional[_Pending]:
-        """Token ids cannot decide (the layer's hash parameters changed since
-        the batch was queued, or they are not int64 CPU ids): the queued batch
-        whose hash ids, computed by its worker, equal these, if any."""
+        """Token ids cannot decide (the layer's hash parameters or offsets
+        changed since the batch was queued, or they are not int64 CPU ids):
+        the queued batch whose hash ids, computed by its worker, equal these,
+        if any, provided the offsets it added are the module's (every queued
+        batch used the spec's: set_layer drops the others)."""
+        used = self._queue_offsets.get(index)
+        offsets = self.layers[index].multi_head_embedding.offsets.detach()
+        if used is None or not torch.equal(used, offsets.to(used.device)):
+            return None
         for ticket in self._queues.pending(index):
             try:
                 ticket.wait()

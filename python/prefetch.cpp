@@ -38,27 +38,36 @@ class PyLayerQueues : public engram::prefetch::LayerQueues {
  public:
   using Owner = std::tuple<py::dict, py::object, py::object>;
   PyLayerQueues(PyGatherPool& pool, int64_t num_layers, int64_t max_pending)
-      : LayerQueues(pool, num_layers, max_pending), owners_(static_cast<size_t>(std::max<int64_t>(num_layers, 0))) {}
+      : LayerQueues(pool, num_layers, max_pending),
+        owners_(static_cast<size_t>(std::max<int64_t>(num_layers, 0))),
+        table_owners_(owners_.size()) {}
 
-  void set_layer_owned(int64_t index, LayerSpec spec, std::vector<Owner> owners) {
+  // owners: of the hash parameters and offsets (changed: token ids cannot
+  // decide); table_owners: of the table (changed: the queued rows are void).
+  void set_layer_owned(int64_t index, LayerSpec spec, std::vector<Owner> owners, std::vector<Owner> table_owners) {
     set_layer(index, std::move(spec));  // checks index
     owners_[static_cast<size_t>(index)] = std::move(owners);
+    table_owners_[static_cast<size_t>(index)] = std::move(table_owners);
   }
-  bool same_objects(int64_t index) const {
-    for (const auto& [dict, key, object] : owners_.at(static_cast<size_t>(index))) {
+  bool same_params(int64_t index) const { return same(owners_[check_index(index)]); }
+  bool same_table(int64_t index) const { return same(table_owners_[check_index(index)]); }
+  void clear_owned() {
+    clear();
+    for (auto& owners : owners_) owners.clear();
+    for (auto& owners : table_owners_) owners.clear();
+  }
+
+ private:
+  static bool same(const std::vector<Owner>& owners) {
+    for (const auto& [dict, key, object] : owners) {
       PyObject* now = PyDict_GetItemWithError(dict.ptr(), key.ptr());  // borrowed
       if (now == nullptr && PyErr_Occurred()) throw py::error_already_set();
       if (now != object.ptr()) return false;
     }
     return true;
   }
-  void clear_owned() {
-    clear();
-    for (auto& owners : owners_) owners.clear();
-  }
 
- private:
-  std::vector<std::vector<Owner>> owners_;
+  std::vector<std::vector<Owner>> owners_, table_owners_;
 };
 
 }  // namespace
@@ -101,10 +110,17 @@ void bind_prefetch(py::module_& m) {
           "After wait(): the hash ids [B, T, K] the worker computed (submit_layers), or None.");
   py::class_<LayerSpec>(m, "LayerSpec",
                         "One layer's part of GatherPool.submit_layers: table, hash parameters, offsets, gather kind.")
-      .def(py::init(&engram::prefetch::make_layer_spec), py::arg("table"), py::arg("lookup"), py::arg("keys"),
+      .def(py::init([](const at::Tensor& table, const at::Tensor& lookup, const at::Tensor& keys,
+                       const at::Tensor& head_sizes, int64_t pad_id, const std::string& family,
+                       const at::Tensor& offsets, bool dedup, bool pin_memory, const std::vector<at::Tensor>& watched,
+                       const std::optional<at::Tensor>& counters) {
+             return engram::prefetch::make_layer_spec(table, lookup, keys, head_sizes, pad_id, family, offsets, dedup,
+                                                      pin_memory, watched, counters.value_or(at::Tensor()));
+           }),
+           py::arg("table"), py::arg("lookup"), py::arg("keys"),
            py::arg("head_sizes"), py::arg("pad_id"), py::arg("family"), py::arg("offsets"), py::arg("dedup") = false,
            py::arg("pin_memory") = false, py::arg("watched") = std::vector<at::Tensor>{},
-           py::arg("counters") = at::Tensor(),
+           py::arg("counters") = py::none(),
            "table [R, Dh] (contiguous, CPU); lookup, keys [1, *], head_sizes [1, K] and pad_id, family as "
            "engram::ngram_hash takes them for one layer (no offsets); offsets [K] added to each head's ids; "
            "dedup / pin_memory as in submit; watched: the tensors these are copies of (an in-place change "
@@ -150,14 +166,17 @@ void bind_prefetch(py::module_& m) {
       .def_property_readonly("num_layers", &PyLayerQueues::num_layers)
       .def("set_layer", &PyLayerQueues::set_layer_owned, py::arg("index"), py::arg("spec"),
            py::arg("owners") = std::vector<PyLayerQueues::Owner>{},
-           "Sets layer `index`'s spec; owners: (dict, key, object) triples whose dict must still hold that "
-           "object (e.g. (module._buffers, 'offsets', offsets)), else the spec is stale.")
+           py::arg("table_owners") = std::vector<PyLayerQueues::Owner>{},
+           "Sets layer `index`'s spec (dropping its queued batches); owners: (dict, key, object) triples whose "
+           "dict must still hold that object (e.g. (module._buffers, 'offsets', offsets)), else the spec is "
+           "stale and token ids cannot decide; table_owners: the same for the table, else its queued batches "
+           "are dropped.")
       .def(
           "prefetch",
           [](PyLayerQueues& q, const at::Tensor& input_ids) {
             std::vector<int64_t> stale;
             for (int64_t i = 0; i < q.num_layers(); ++i) {
-              if (!q.same_objects(i)) stale.push_back(i);
+              if (!q.same_params(i) || !q.same_table(i)) stale.push_back(i);
             }
             return stale.empty() ? q.prefetch(input_ids) : stale;
           },
@@ -168,7 +187,11 @@ void bind_prefetch(py::module_& m) {
           "take",
           [](PyLayerQueues& q, int64_t index, const std::optional<at::Tensor>& input_ids) -> py::tuple {
             using Take = engram::prefetch::LayerQueues::Take;
-            if (!q.same_objects(index)) return py::make_tuple(static_cast<int>(Take::kCompareHashIds), py::none());
+            if (!q.same_table(index)) {  // the queued rows are another table's
+              q.drop(index);
+              return py::make_tuple(static_cast<int>(Take::kMiss), py::none());
+            }
+            if (!q.same_params(index)) return py::make_tuple(static_cast<int>(Take::kCompareHashIds), py::none());
             std::shared_ptr<Ticket> ticket;
             Take found;
             {

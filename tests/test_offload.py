@@ -254,6 +254,149 @@ def test_engine_close_cancels_queued_gathers_without_hanging():
 # --------------------------------------------------------------------------
 
 
+def layer_spec(layer, dedup=False, counters=None):
+    """An engine LayerSpec of `layer` as the Prefetcher builds it: copies of the
+    hash parameters and offsets, the originals watched."""
+    module = layer.multi_head_embedding
+    watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, module.offsets]
+    lookup, keys, sizes, offsets = (t.clone() for t in watched)
+    return _engine.LayerSpec(module.embedding.weight, lookup, keys, sizes, layer.config.pad_id, layer.config.hash,
+                             offsets, dedup, False, watched, counters)
+
+
+def test_layer_queues_match_token_ids_and_report_changes():
+    """LayerQueues.take: 0 none, 1 found and current (the lookup's output
+    itself), 2 found but the table changed since it was queued, 3 the token
+    ids cannot decide (the hash parameters changed)."""
+    layer = make_layer("host")
+    module = layer.multi_head_embedding
+    table = module.embedding.weight
+    (_, ids), (_, other) = inputs(seed=1), inputs(seed=2)
+    counters = torch.zeros(2, dtype=torch.int64)
+    pool = _engine.GatherPool(1)
+    queues = _engine.LayerQueues(pool, 1, 2)
+    assert queues.prefetch(ids) == [0]  # no spec yet: nothing queued
+    queues.set_layer(0, layer_spec(layer, counters=counters),
+                     [(layer._buffers, "hash_keys", layer.hash_keys)])
+    assert queues.prefetch(ids) == [] and len(queues.pending(0)) == 1
+
+    def expected(tokens):
+        return table.detach()[layer.hash(tokens) + module.offsets]
+
+    assert queues.take(0, other) == (0, None)  # other tokens: still queued
+    found, rows = queues.take(0, ids)
+    assert found == 1
+    assert_same(rows, expected(ids))
+    assert queues.take(0, ids) == (0, None) and not queues.pending(0)  # used once
+
+    # At most max_pending batches: the oldest is dropped.
+    for tokens in (ids, other, other):
+        queues.prefetch(tokens)
+    assert len(queues.pending(0)) == 2
+    assert queues.take(0, ids)[0] == 0
+
+    # The table changed after the gather was queued: the caller must check the rows.
+    queues.prefetch(ids)
+    version = table._version
+    with torch.no_grad():
+        table[0] += 1
+    found, ticket = queues.take(0, ids)
+    assert found == 2 and ticket.table_version == version < table._version
+    # A recorded update (counters) after queuing: the same.
+    queues.prefetch(ids)
+    counters[0] += 1
+    found, ticket = queues.take(0, ids)
+    assert found == 2 and ticket.epoch == 0
+
+    # Hash parameters changed in place after queuing: token ids cannot decide,
+    # and a prefetch reports the layer stale and queues nothing.
+    queues.prefetch(ids)
+    layer.hash_keys[0, 1] += 2
+    assert queues.take(0, ids) == (3, None)
+    queued = len(queues.pending(0))
+    assert queues.prefetch(other) == [0] and len(queues.pending(0)) == queued
+    queues.set_layer(0, layer_spec(layer, counters=counters), [(layer._buffers, "hash_keys", layer.hash_keys)])
+    assert not queues.pending(0)  # batches of the old spec are dropped
+    queues.prefetch(ids)
+    found, rows = queues.take(0, ids)
+    assert found == 1
+    assert_same(rows, expected(ids))
+    # Reassigned (another tensor, same values): stale as well.
+    queues.prefetch(ids)
+    layer.hash_keys = layer.hash_keys.clone()
+    assert queues.take(0, ids) == (3, None) and queues.prefetch(ids) == [0]
+    # Token ids that are not int64 on the CPU cannot decide either.
+    queues.set_layer(0, layer_spec(layer), [])
+    queues.prefetch(ids)
+    assert queues.take(0, ids.int()) == (3, None)
+
+    # A worker's error is raised by take, and the batch is removed.
+    with torch.no_grad():
+        module.offsets += 10**9  # rows beyond the table
+    queues.set_layer(0, layer_spec(layer), [])
+    queues.prefetch(ids)
+    with pytest.raises(IndexError, match="is outside the table's"):
+        queues.take(0, ids)
+    assert not queues.pending(0)
+    module.offsets -= 10**9
+
+    # The table's data replaced after queuing: the queued rows are dropped.
+    queues.set_layer(0, layer_spec(layer), [])
+    queues.prefetch(ids)
+    table.data = table.data.clone()
+    assert queues.take(0, ids) == (0, None) and not queues.pending(0)
+    assert queues.prefetch(ids) == [0]
+
+    # A layer whose table is elsewhere: nothing is queued for it.
+    queues.set_layer(0, _engine.LayerSpec.skipped(table), [])
+    assert queues.prefetch(ids) == [] and not queues.pending(0)
+    with pytest.raises(IndexError, match="layer index 1 is outside 0..0"):
+        queues.take(1, ids)
+    with pytest.raises(ValueError, match="input_ids must be an int64 CPU tensor"):
+        queues.set_layer(0, layer_spec(layer), [])
+        queues.prefetch(ids.int())
+    with pytest.raises(ValueError, match="counters must be a contiguous int64 CPU tensor"):
+        layer_spec(layer, counters=torch.zeros(3, dtype=torch.int64))
+    queues.clear()
+    pool.close()
+
+
+def test_prefetcher_sees_reassigned_buffers_and_replaced_table_data():
+    """The engine's specs are copies: a buffer reassigned or changed in place,
+    or the table's data replaced, between prefetches is seen, and no batch
+    gathered with the old values is used."""
+    model, reference = Toy("host"), Toy("host")
+    data = batches(3)
+    with torch.no_grad(), engram.Prefetcher(model) as prefetcher:
+        prefetcher.prefetch(data[0])
+        for m in (model, reference):
+            m.engrams[0].hash_keys = m.engrams[0].hash_keys.clone()  # same values, another tensor
+        assert_same(model(data[0]), reference(data[0]))
+        assert prefetcher.stats.hits == 2  # layer 0 matched by its hash ids
+        # Other offsets (still in range), reassigned between a prefetch and its use.
+        prefetcher.prefetch(data[1])
+        for m in (model, reference):
+            module = m.engrams[1].multi_head_embedding
+            module.offsets = torch.zeros_like(module.offsets)
+        assert_same(model(data[1]), reference(data[1]))
+        assert prefetcher.stats.hits == 3 and prefetcher.stats.misses == 1
+        prefetcher.prefetch(data[2])  # built again with the new offsets
+        assert_same(model(data[2]), reference(data[2]))
+        assert prefetcher.stats.hits == 5
+        # The table's data replaced (same shape) after a prefetch: not used;
+        # the next prefetch gathers from the new data.
+        prefetcher.prefetch(data[0])
+        for m in (model, reference):
+            weight = m.engrams[0].multi_head_embedding.embedding.weight
+            weight.data = weight.data * 2
+        hits = prefetcher.stats.hits
+        assert_same(model(data[0]), reference(data[0]))
+        assert prefetcher.stats.hits == hits + 1  # layer 1 only
+        prefetcher.prefetch(data[1])
+        assert_same(model(data[1]), reference(data[1]))
+        assert prefetcher.stats.hits == hits + 3
+
+
 class Toy(nn.Module):
     """Token embedding, an Engram layer at blocks 1 and 3, a mixing linear after each."""
 
