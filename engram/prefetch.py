@@ -2,13 +2,14 @@
 
 Row ids depend only on the tokens, so the rows every Engram layer of a model
 will read can be known before the model runs. ``Prefetcher(model)`` finds the
-model's EngramLayers; ``prefetch(input_ids)`` hashes the batch for all of them
-in one pass (one ``ngram_hash`` call per group of layers sharing a tokenizer
-map), and queues, per layer, the deduplication of its rows and their gather
-from the table into a staging buffer on the engine's worker threads
-(csrc/prefetch.h). When the layer later looks up the same ids, it waits on its
-own gather only, and reads the staged rows; any other ids are looked up
-directly. The model's code does not change::
+model's EngramLayers; ``prefetch(input_ids)`` queues, per layer, the hashing
+of the batch, the deduplication of its rows and their gather from the table
+into a staging buffer on the engine's worker threads (csrc/prefetch.h). With
+int64 CPU ids that is one call into the engine (LayerQueues), and the workers
+hash; otherwise the caller hashes all layers in one pass (one ``ngram_hash``
+call per group of layers sharing a tokenizer map). When the layer later looks
+up the same ids, it waits on its own gather only, and reads the staged rows;
+any other ids are looked up directly. The model's code does not change::
 
     with engram.Prefetcher(model) as prefetcher:
         prefetcher.prefetch(batches[0])
