@@ -75,6 +75,7 @@ struct Staged {
   at::Tensor rows, staged, inverse, slots;
   int64_t cache_hits = 0;
   at::Tensor hashed;  // the hash ids [B, T, K] when the worker hashed them (HashSpec)
+  at::Tensor ids;     // expanded gathers: the table row of each lookup (ids plus offsets), shaped like the ids
 };
 
 // The hashing of one layer's ids, done by the worker rather than by the
@@ -252,6 +253,29 @@ inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids) {
                     ids.device());
 }
 
+// Reads the rows listed in `changed` again from `table` into a finished
+// gather's staged rows: those an update wrote after the gather read them.
+// Deduplicated (rows) or expanded (ids) gathers without a hot-row cache.
+inline void patch_staged(const at::Tensor& table, const Staged& staged, const at::Tensor& changed) {
+  TORCH_CHECK(!staged.slots.defined(), "engram.Prefetcher: a gather that used the hot-row cache cannot be patched");
+  const at::Tensor& ids = staged.rows.defined() ? staged.rows : staged.ids;
+  TORCH_CHECK(ids.defined() && staged.staged.defined() && staged.staged.size(-1) == table.size(1),
+              "engram.Prefetcher: this gather's rows are unknown, it cannot be patched");
+  std::vector<int64_t> rows(changed.const_data_ptr<int64_t>(), changed.const_data_ptr<int64_t>() + changed.numel());
+  std::sort(rows.begin(), rows.end());
+  const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
+  const char* src = static_cast<const char*>(table.const_data_ptr());
+  char* dst = static_cast<char*>(staged.staged.mutable_data_ptr());
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const int64_t n = ids.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    // The ids were checked against the table when gathered.
+    if (std::binary_search(rows.begin(), rows.end(), id[i])) {
+      std::memcpy(dst + static_cast<size_t>(i) * row_bytes, src + static_cast<size_t>(id[i]) * row_bytes, row_bytes);
+    }
+  }
+}
+
 // One submission's future: wait() returns the result or rethrows the worker's
 // exception (with its message) in the caller.
 class Ticket {
@@ -259,16 +283,52 @@ class Ticket {
   // A gather hashed from token ids (GatherPool::submit_layers): those ids, and
   // when it was queued the table's version counter and the caller's update
   // count of the table and those updates' version bumps (see LayerSpec).
-  // Set before the task is queued and never changed after: read without the lock.
+  // The ids are set before the task is queued and never change (read without
+  // the lock); a patch (begin_patch) moves the stamps on.
   void set_source(at::Tensor input_ids, int64_t table_version, int64_t epoch, int64_t own_bumps) {
     source_ids_ = std::move(input_ids);
     table_version_ = table_version;
     epoch_ = epoch;
     own_bumps_ = own_bumps;
   }
-  int64_t table_version() const { return table_version_; }
-  int64_t epoch() const { return epoch_; }
-  int64_t own_bumps() const { return own_bumps_; }
+  int64_t table_version() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return table_version_;
+  }
+  int64_t epoch() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return epoch_;
+  }
+  int64_t own_bumps() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return own_bumps_;
+  }
+  // A patch of a finished gather (GatherPool::submit_patch): the staged rows
+  // are brought up to the table's state given by the new stamps; wait() and
+  // ready() also wait for it. False (nothing to patch) if the gather failed
+  // or has not finished.
+  bool begin_patch(int64_t table_version, int64_t epoch, int64_t own_bumps) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!done_ || error_) return false;
+    ++patches_;
+    table_version_ = table_version;
+    epoch_ = epoch;
+    own_bumps_ = own_bumps;
+    return true;
+  }
+  void end_patch(std::exception_ptr error) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      --patches_;
+      if (error && !error_) error_ = std::move(error);
+    }
+    cv_.notify_all();
+  }
+  // The result as it stands (for a patch, which writes into its staged rows).
+  Staged peek() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return result_;
+  }
   // Whether `ids` are the token ids this gather was hashed from (same shape
   // and values): the lookup's match, a few KB compared here rather than in
   // Python on the model's critical path.
@@ -284,11 +344,11 @@ class Ticket {
   }
   bool ready() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return done_;
+    return done_ && patches_ == 0;
   }
   Staged wait() {
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [this] { return done_; });
+    cv_.wait(lock, [this] { return done_ && patches_ == 0; });
     if (error_) std::rethrow_exception(error_);
     return result_;
   }
@@ -326,6 +386,7 @@ class Ticket {
   std::mutex mutex_;
   std::condition_variable cv_;
   bool done_ = false;
+  int patches_ = 0;
   std::exception_ptr error_;
   Staged result_;
   at::Tensor source_ids_;
@@ -459,7 +520,7 @@ class GatherPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
-      tasks_.push_back(Task{ticket, table, ids, offsets, cache, HashSpec{}, pin_memory, dedup});
+      tasks_.push_back(Task{ticket, table, ids, offsets, cache, HashSpec{}, pin_memory, dedup, false});
     }
     cv_.notify_one();
     return ticket;
@@ -491,7 +552,7 @@ class GatherPool {
       HashSpec hash = spec.hash;
       hash.input_ids = ids;
       tasks.push_back(Task{ticket, spec.table, at::Tensor(), spec.offsets, Cache{}, std::move(hash),
-                           spec.pin_memory, spec.dedup});
+                           spec.pin_memory, spec.dedup, false});
       tickets.push_back(std::move(ticket));
     }
     {
@@ -507,6 +568,30 @@ class GatherPool {
     return tickets;
   }
 
+  // Queues the patch of a finished gather (patch_staged) with the rows an
+  // update changed, and moves its stamps to the table's state after that
+  // update; the ticket's wait() then also waits for the patch. Returns false,
+  // queuing nothing, if the gather failed or has not finished.
+  bool submit_patch(const std::shared_ptr<Ticket>& ticket, const at::Tensor& table, const at::Tensor& changed,
+                    int64_t table_version, int64_t epoch, int64_t own_bumps) {
+    check_table(table);
+    TORCH_CHECK_VALUE(changed.device().is_cpu() && changed.scalar_type() == at::kLong && changed.dim() == 1 &&
+                          changed.is_contiguous(),
+                      "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
+                      changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
+    if (!ticket->begin_patch(table_version, epoch, own_bumps)) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!closed_) {
+        tasks_.push_back(Task{ticket, table, changed, at::Tensor(), Cache{}, HashSpec{}, false, false, true});
+        cv_.notify_one();
+        return true;
+      }
+    }
+    ticket->end_patch(std::make_exception_ptr(std::runtime_error("engram.Prefetcher: the prefetch engine is closed")));
+    return false;
+  }
+
   // Cancels the gathers not started yet (their tickets raise), lets running
   // ones finish and joins the workers. Idempotent.
   void close() {
@@ -519,8 +604,13 @@ class GatherPool {
     }
     cv_.notify_all();
     for (auto& task : cancelled) {
-      task.ticket->fail(std::make_exception_ptr(
-          std::runtime_error("engram.Prefetcher: the prefetch engine was closed before this gather ran")));
+      auto error = std::make_exception_ptr(
+          std::runtime_error("engram.Prefetcher: the prefetch engine was closed before this gather ran"));
+      if (task.patch) {
+        task.ticket->end_patch(error);
+      } else {
+        task.ticket->fail(error);
+      }
     }
     for (auto& worker : workers_) {
       if (worker.joinable()) worker.join();
@@ -534,6 +624,7 @@ class GatherPool {
     Cache cache;
     HashSpec hash;
     bool pin_memory, dedup;
+    bool patch = false;  // ids: the changed rows to read again into ticket's staged rows
   };
 
   void run() {
@@ -546,6 +637,18 @@ class GatherPool {
         task = std::move(tasks_.front());
         tasks_.pop_front();
       }
+      if (task.patch) {
+        std::exception_ptr error;
+        try {
+          patch_staged(task.table, task.ticket->peek(), task.ids);
+        } catch (...) {
+          error = std::current_exception();
+        }
+        task.table.reset();
+        task.ids.reset();
+        task.ticket->end_patch(error);
+        continue;
+      }
       Staged result;
       std::exception_ptr error;
       try {
@@ -554,6 +657,7 @@ class GatherPool {
         result = task.dedup ? dedup_gather(task.table, rows, task.pin_memory, task.cache)
                             : expand_gather(task.table, rows, task.pin_memory, task.cache);
         if (task.hash.defined()) result.hashed = hashed;
+        if (!task.dedup) result.ids = rows;
       } catch (...) {
         error = std::current_exception();
       }

@@ -141,7 +141,8 @@ class _HotState:
 class PrefetchStats:
     hits: int = 0  # lookups served from staged rows
     misses: int = 0  # lookups done directly (nothing prefetched, other ids, table elsewhere)
-    patched_rows: int = 0  # staged rows read again after an update
+    patched_rows: int = 0  # staged rows read again after an update, at use
+    patched_batches: int = 0  # staged batches whose updated rows a worker read again (fused row-wise updates)
     regathers: int = 0  # staged buffers gathered again after a change of unknown rows
     rows_looked_up: int = 0  # (token, head) lookups served from staged rows
     rows_gathered: int = 0  # distinct rows gathered for them
@@ -209,7 +210,7 @@ class _TableLookup(torch.autograd.Function):
         optimizer = _fused_optimizer(module)
         if optimizer is not None:
             rows, row_grads = _ops.dedup_row_grads(grad, ids, offsets, table.shape[0])
-            ctx.prefetcher._update_table(table, lambda: optimizer.update(table, rows, row_grads), rows)
+            ctx.prefetcher._update_table(table, lambda: optimizer.update(table, rows, row_grads), rows, patch=True)
             return (None, *none)
         if module.sparse:  # as engram.ops' backward of multihead_embedding
             dh = grad.shape[-1]
@@ -521,18 +522,35 @@ class Prefetcher:
             log = self._logs[id(table)] = _TableLog()
         return log
 
-    def _update_table(self, table: torch.Tensor, update, rows: torch.Tensor) -> None:
-        """Runs a row-wise update of `table` after its gathers in flight and records the rows it changed."""
-        for pending in self._pending_of(table):
-            _wait_quietly(pending.ticket)
-        before = table._version
-        update()
+    def _update_table(self, table: torch.Tensor, update, rows: torch.Tensor, patch: bool = False) -> None:
+        """Runs a row-wise update of `table` after its gathers in flight and
+        records the rows it changed. patch (the update has run when this
+        returns): the engine's batches of this table that were current before
+        it get those rows read again on a worker, overlapped with what follows,
+        instead of at use on the critical path."""
+        pending = self._pending_of(table)
+        for p in pending:
+            _wait_quietly(p.ticket)
         log = self._log(table)
+        before, epoch, own_bumps = table._version, log.epoch, log.own_bumps
+        update()
         log.epoch += 1
         log.own_bumps += table._version - before
         log.counters[0], log.counters[1] = log.epoch, log.own_bumps
-        if self._pending_of(table):
+        if pending:
             log.updates.append((log.epoch, rows))
+        if patch:
+            changed = None
+            for p in pending:
+                ticket = p.ticket
+                # Only a batch with nothing else to catch up on (no earlier
+                # update, no change of unknown rows) is brought up to date here.
+                if (isinstance(p, _Queued) and ticket.epoch == epoch
+                        and before - ticket.table_version == own_bumps - ticket.own_bumps):
+                    if changed is None:
+                        changed = rows.detach().to("cpu").contiguous()
+                    if self._pool.patch(ticket, table.detach(), changed, table._version, log.epoch, log.own_bumps):
+                        self.stats.patched_batches += 1
         hot = self._hot.get(id(table))
         if hot is not None and hot.current is not None:
             # Copied into the cache before the next gather can read it (in

@@ -157,6 +157,11 @@ void bind_prefetch(py::module_& m) {
            "layer in `specs` (LayerSpec list) in one call. Returns a GatherTicket per layer, in order; "
            "ticket.matches(ids) tells whether ids are its token ids, and ticket.hashed() (after wait()) "
            "returns its hash ids [B, T, K].")
+      .def("patch", &PyGatherPool::submit_patch, py::arg("ticket"), py::arg("table"), py::arg("changed"),
+           py::arg("table_version"), py::arg("epoch"), py::arg("own_bumps"),
+           "Queues the re-reading of the rows `changed` (int64 [M], CPU) from `table` into a finished gather's "
+           "staged rows, and sets its stamps to (table_version, epoch, own_bumps): the table's state after the "
+           "update that changed them. The ticket's wait() waits for it. False if the gather failed or is not done.")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
   py::class_<PyLayerQueues>(m, "LayerQueues",
