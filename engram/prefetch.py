@@ -95,6 +95,10 @@ class _Pending:
     own_bumps: int  # version bumps of those updates
     cache: Optional["_HotRows"] = None  # the hot-row cache snapshot the gather used
     result: Optional[tuple] = None  # the ticket's (rows, staged, inverse), once waited for
+    # (input_ids, its version, the layer's _hash_state) at prefetch: a lookup
+    # with that very tensor, unchanged, through an unchanged layer matches
+    # without comparing ids (on an accelerator a comparison is a host sync)
+    source: Optional[tuple] = None
 
 
 @dataclass
@@ -172,6 +176,14 @@ class _DeviceGather:
 
     def cache_hits(self) -> int:
         return 0
+
+
+def _hash_state(layer: EngramLayer) -> tuple:
+    """Identity and version of what a layer's hash ids and rows depend on
+    besides the tokens: equal states give equal rows for equal tokens."""
+    offsets = layer.multi_head_embedding.offsets
+    return tuple((id(t), t._version) for t in (layer.hash_lookup, layer.hash_keys, layer.hash_sizes, offsets)) + (
+        layer.config.pad_id, layer.config.hash)
 
 
 def _fused_optimizer(module: MultiHeadEmbedding):
@@ -363,15 +375,18 @@ class Prefetcher:
         return cached[1]
 
     def _stacked_params(self, index: int, device: torch.device):
-        key = (index, device)
-        if key not in self._stacked:
-            group = self._groups[index]
-            self._stacked[key] = (
-                group[0].hash_lookup.to(device),
+        """Group `index`'s hash parameters stacked on `device`, built again
+        when a layer's change (see _hash_state)."""
+        group = self._groups[index]
+        states = tuple(_hash_state(l) for l in group)
+        cached = self._stacked.get((index, device))
+        if cached is None or cached[1] != states:
+            cached = self._stacked[(index, device)] = ((
+                group[0].hash_lookup.to(device, copy=True),
                 torch.cat([l.hash_keys for l in group]).to(device),
                 torch.cat([l.hash_sizes for l in group]).to(device),
-            )
-        return self._stacked[key]
+            ), states)
+        return cached[0]
 
     # ---- public API ----------------------------------------------------------
     def prefetch(self, input_ids: torch.Tensor) -> None:
@@ -391,7 +406,7 @@ class Prefetcher:
             # lookup receives (compared as is), and the worker adds the offsets.
             hashed = ops.ngram_hash(input_ids, lookup, keys, sizes, None, group[0].config.pad_id,
                                     group[0].config.hash)  # [L, B, T, K]
-            hashed_cpu = hashed.cpu()
+            hashed_cpu = None  # copied to the CPU only for a gather there (from an accelerator: a host sync)
             for i, layer in enumerate(group):
                 module = layer.multi_head_embedding
                 table = module.embedding.weight
@@ -400,13 +415,16 @@ class Prefetcher:
                 log = self._log(table)
                 dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
                 offsets = self._cpu_offsets(module)
+                source = (input_ids, input_ids._version, _hash_state(layer))
                 if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
                     ticket = self._zero_copy(table, hashed[i], module.offsets)
                     queue = self._pending.setdefault(module, [])
                     queue.append(_Pending(ticket, False, hashed[i], offsets, table._version, log.epoch,
-                                          log.own_bumps))
+                                          log.own_bumps, source=source))
                     del queue[: -self.max_pending]
                     continue
+                if hashed_cpu is None:
+                    hashed_cpu = hashed.cpu()
                 cache = self._hot_snapshot(table, hashed_cpu[i], offsets, dedup, input_ids.device)
                 ticket = self._pool.submit(
                     table.detach(), hashed_cpu[i], table.is_pinned(), dedup, offsets,
@@ -415,7 +433,7 @@ class Prefetcher:
                 )
                 queue = self._pending.setdefault(module, [])
                 queue.append(_Pending(ticket, dedup, hashed[i], offsets, table._version, log.epoch,
-                                      log.own_bumps, cache))
+                                      log.own_bumps, cache, source=source))
                 del queue[: -self.max_pending]
 
     def _prefetch_hashing_on_workers(self, input_ids: torch.Tensor) -> None:
@@ -675,7 +693,7 @@ class Prefetcher:
             elif found == _TAKE_COMPARE_HASH_IDS:
                 pending = self._take_queued_by_hash_ids(index, hash_ids)
             if pending is None:
-                pending = self._take(module, hash_ids)
+                pending = self._take(module, hash_ids, input_ids)
         if pending is None:
             self.stats.misses += 1
             ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
@@ -719,11 +737,24 @@ class Prefetcher:
                 return self._queued_pending(index, ticket, hash_ids)
         return None
 
-    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor) -> Optional[_Pending]:
+    def _take(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
+              input_ids: Optional[torch.Tensor] = None) -> Optional[_Pending]:
         """Removes and returns the pending gather (Python queues) of these hash ids, if any."""
         queue = self._pending.get(module)
         if not queue:
             return None
+        if input_ids is not None:
+            # The very token tensor given to prefetch, unchanged, through an
+            # unchanged layer: the same hash ids, without comparing them.
+            state = None
+            for index, pending in enumerate(queue):
+                source = pending.source
+                if source is not None and source[0] is input_ids and source[1] == input_ids._version:
+                    if state is None:
+                        state = _hash_state(self.layers[self._index[module]])
+                    if source[2] == state:
+                        del queue[index]
+                        return pending
         for index, pending in enumerate(queue):
             if pending.key.shape == hash_ids.shape and torch.equal(pending.key, hash_ids):
                 del queue[index]

@@ -571,6 +571,33 @@ def test_prefetched_rows_matched_by_token_ids_only_while_the_hash_is_unchanged()
             assert prefetcher.stats.hits == 3 and prefetcher.stats.misses == 1
 
 
+def test_prefetch_matched_by_the_same_token_tensor_without_comparing_ids():
+    """The caller-hashed path (here: a hot-row cache on the CPU; on CUDA every
+    path) matches a lookup by the token tensor given to prefetch when it and
+    the layer are unchanged, without comparing hash ids (a host sync on an
+    accelerator); anything changed falls back to comparing them."""
+    model, reference = Toy("host"), Toy("host")
+    first, second = batches(2)
+    with torch.no_grad(), engram.Prefetcher(model, hot_rows=0.05) as prefetcher:
+        prefetcher.prefetch(first)
+        for queue in prefetcher._pending.values():
+            queue[0].key = torch.full_like(queue[0].key, -1)  # a comparison could not match this
+        assert_same(model(first), reference(first))
+        assert prefetcher.stats.hits == 2
+        # The same tensor changed in place after the prefetch: compared, no match.
+        tokens = second.clone()
+        prefetcher.prefetch(tokens)
+        tokens[0, 0] = (tokens[0, 0] + 1) % 40
+        assert_same(model(tokens), reference(tokens))
+        assert prefetcher.stats.hits == 2 and prefetcher.stats.misses == 2
+        # A layer's hash changed after the prefetch: compared, no match there.
+        prefetcher.prefetch(second)
+        for m in (model, reference):
+            m.engrams[1].hash_keys[0, 0] += 2
+        assert_same(model(second), reference(second))
+        assert prefetcher.stats.hits == 3 and prefetcher.stats.misses == 3
+
+
 def test_prefetcher_errors():
     with pytest.raises(ValueError, match="holds no EngramLayer"):
         engram.Prefetcher(nn.Linear(2, 2))
