@@ -681,10 +681,10 @@ class Prefetcher:
             index = self._index[module]
             found, value = self._queues.take(index, input_ids)
             if found == _TAKE_CLEAN:  # value: table[ids] as the table holds it now
-                stats = self.stats
+                stats, looked_up = self.stats, hash_ids.numel()
                 stats.hits += 1
-                stats.rows_looked_up += hash_ids.numel()
-                stats.rows_gathered += hash_ids.numel()
+                stats.rows_looked_up += looked_up
+                stats.rows_gathered += looked_up
                 if not grad:
                     return value
                 return _TableLookup.apply(weight, hash_ids, module.offsets, [value], module, self)
