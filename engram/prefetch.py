@@ -24,7 +24,10 @@ sparse, or the fused row-wise update of :func:`engram.optim.make_rowwise`).
 The order with updates is defined so that no staged row is used stale:
 
 * the fused row-wise update of a table (in backward) first waits for that
-  table's gathers in flight, then records the rows it changed;
+  table's gathers in flight, then records the rows it changed; on the CPU
+  path it has a worker read those rows again into every batch of the table
+  that was current until then (the lookup waits for that too), so they are
+  not read again at use;
 * before any ``torch.optim`` optimizer steps (a global step pre-hook while
   the prefetcher is open), the gathers of the tables it holds are waited for,
   and the rows of their sparse gradients (``make_rowwise(..., fused=False)``:
