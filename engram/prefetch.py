@@ -379,7 +379,7 @@ class Prefetcher:
 
     def _stacked_params(self, index: int, device: torch.device):
         """Group `index`'s hash parameters stacked on `device`, built again
-        when a layer's change (see _hash_state)."""
+        when a layer's change, and the layers' states (see _hash_state)."""
         group = self._groups[index]
         states = tuple(_hash_state(l) for l in group)
         cached = self._stacked.get((index, device))
@@ -389,7 +389,7 @@ class Prefetcher:
                 torch.cat([l.hash_keys for l in group]).to(device),
                 torch.cat([l.hash_sizes for l in group]).to(device),
             ), states)
-        return cached[0]
+        return cached[0], states
 
     # ---- public API ----------------------------------------------------------
     def prefetch(self, input_ids: torch.Tensor) -> None:
@@ -404,7 +404,7 @@ class Prefetcher:
             self._prefetch_hashing_on_workers(input_ids)
             return
         for index, group in enumerate(self._groups):
-            lookup, keys, sizes = self._stacked_params(index, input_ids.device)
+            (lookup, keys, sizes), states = self._stacked_params(index, input_ids.device)
             # Hash ids without the head offsets: they are what the layer's own
             # lookup receives (compared as is), and the worker adds the offsets.
             hashed = ops.ngram_hash(input_ids, lookup, keys, sizes, None, group[0].config.pad_id,
@@ -418,7 +418,7 @@ class Prefetcher:
                 log = self._log(table)
                 dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
                 offsets = self._cpu_offsets(module)
-                source = (input_ids, input_ids._version, _hash_state(layer))
+                source = (input_ids, input_ids._version, states[i])
                 if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
                     ticket = self._zero_copy(table, hashed[i], module.offsets)
                     queue = self._pending.setdefault(module, [])
