@@ -200,26 +200,42 @@ def test_engine_workers_are_background_threads():
     """SCHED_BATCH and a raised nice: a submit does not preempt the caller."""
     import time
 
-    def tids():
-        return set(os.listdir("/proc/self/task"))
+    def named_workers():
+        # Gather workers name themselves; torch's own threads differ by name.
+        found = set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as comm:
+                    if comm.read().strip() == "engram-gather":
+                        found.add(int(tid))
+            except FileNotFoundError:  # the thread ended meanwhile
+                pass
+        return found
 
-    before = tids()
+    def until(condition):
+        # Workers name themselves and set their policy when they start.
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    others = named_workers()  # a previous test's pool not yet collected
     pool = _engine.GatherPool(2)
-    for _ in range(100):  # the workers set their policy when they start
-        new = tids() - before
-        if len(new) == 2 and all(os.sched_getscheduler(int(t)) == os.SCHED_BATCH for t in new):
-            break
-        time.sleep(0.01)
-    assert len(new) == 2
+    until(lambda: len(named_workers() - others) == 2)
+    workers = named_workers() - others
+    assert len(workers) == 2
+    until(lambda: all(os.sched_getscheduler(t) == os.SCHED_BATCH for t in workers))
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    for t in new:
-        assert os.sched_getscheduler(int(t)) == os.SCHED_BATCH
-        assert os.getpriority(os.PRIO_PROCESS, int(t)) == min(19, base + 5)
+    for t in workers:
+        assert os.sched_getscheduler(t) == os.SCHED_BATCH
+        assert os.getpriority(os.PRIO_PROCESS, t) == min(19, base + 5)
     pool.close()
-    before = tids()
+    assert not named_workers() & workers  # close joins its workers
+    others = named_workers()
     ordinary = _engine.GatherPool(1, -1)
-    time.sleep(0.05)
-    assert all(os.sched_getscheduler(int(t)) == os.SCHED_OTHER for t in tids() - before)
+    until(lambda: len(named_workers() - others) == 1)
+    (worker,) = named_workers() - others
+    assert os.sched_getscheduler(worker) == os.SCHED_OTHER
+    assert os.getpriority(os.PRIO_PROCESS, worker) == base
     ordinary.close()
     with pytest.raises(ValueError, match="background_nice=20"):
         _engine.GatherPool(1, 20)
