@@ -205,21 +205,25 @@ def _embedding_setup_context(ctx, inputs, output):
     ctx.sparse = sparse
 
 
-def _embedding_backward(ctx, grad):
-    ids, offsets = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    if ctx.sparse:
+def table_gradient(grad: torch.Tensor, ids: torch.Tensor, offsets: Optional[torch.Tensor], num_rows: int,
+                   sparse: bool) -> torch.Tensor:
+    """The gradient of a [num_rows, Dh] table from the lookup of ids (+ offsets)."""
+    if sparse:
         # Like nn.Embedding(sparse=True): an uncoalesced COO gradient whose
         # values are the incoming rows, one per (token, head).
         rows = ids if offsets is None else ids + offsets
         dh = grad.shape[-1]
-        grad_weight = torch.sparse_coo_tensor(
-            rows.reshape(1, -1), grad.reshape(-1, dh), (ctx.num_rows, dh), is_coalesced=False, check_invariants=False
+        return torch.sparse_coo_tensor(
+            rows.reshape(1, -1), grad.reshape(-1, dh), (num_rows, dh), is_coalesced=False, check_invariants=False
         )
-    else:
-        grad_weight = _ops.multihead_embedding_backward(grad, ids, offsets, ctx.num_rows)
-    return grad_weight, None, None, None
+    return _ops.multihead_embedding_backward(grad, ids, offsets, num_rows)
+
+
+def _embedding_backward(ctx, grad):
+    ids, offsets = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return table_gradient(grad, ids, offsets, ctx.num_rows, ctx.sparse), None, None, None
 
 
 torch.library.register_autograd(

@@ -539,7 +539,7 @@ def test_unused_prefetches_raising_forwards_and_shutdown():
     prefetcher.prefetch(data[1])
     prefetcher.close()
     prefetcher.close()
-    assert all(l.multi_head_embedding.prefetch_lookup is None for l in model.engrams)
+    assert all(l.multi_head_embedding.row_source is None for l in model.engrams)
     assert_same(model(data[1]), direct(data[1]))
     with pytest.raises(RuntimeError, match="closed"):
         prefetcher.prefetch(data[1])
@@ -548,7 +548,7 @@ def test_unused_prefetches_raising_forwards_and_shutdown():
     prefetcher.prefetch(data[2])
     del prefetcher
     gc.collect()
-    assert all(l.multi_head_embedding.prefetch_lookup is None for l in model.engrams)
+    assert all(l.multi_head_embedding.row_source is None for l in model.engrams)
     assert_same(model(data[2]), direct(data[2]))
 
 
