@@ -451,8 +451,12 @@ def add_engram_layers(
     handles = _Handles()
     handles.layer_ids, handles.blocks_path = layer_ids, blocks_path
     handles.context = ctx = _Context(config)
+    # On a meta-device model, build the layers there too: a planned table of
+    # billions of rows must not be allocated on the host first.
+    on_meta = ref is not None and ref.device.type == "meta"
     for i in layer_ids:
-        layer = EngramLayer(config, i, hidden_size, hc_mult=hc_mult, compression=compression)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            layer = EngramLayer(config, i, hidden_size, hc_mult=hc_mult, compression=compression)
         if ref is not None:
             layer = layer.to(device=ref.device, dtype=ref.dtype)
         layer.train(model.training)
@@ -563,6 +567,12 @@ def load_pretrained(model_class, path: str, **config_kwargs) -> nn.Module:
         blocks=meta.get("blocks"),
     )
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected and hasattr(model_class, "from_pretrained"):
+        # transformers 5.x saves some weights in their checkpoint layout (MoE
+        # experts one tensor each, fused in memory): let from_pretrained
+        # convert the backbone, then load the Engram weights as saved.
+        model = _load_converted(model_class, path, config, meta, state)
+        return model.eval()
     if unexpected:
         raise ValueError(f"load_pretrained: unexpected weights in {path!r}: {unexpected[:5]}")
     # save_pretrained omits tied copies (e.g. lm_head.weight tied to the
@@ -573,3 +583,23 @@ def load_pretrained(model_class, path: str, **config_kwargs) -> nn.Module:
     if untied:
         raise ValueError(f"load_pretrained: weights missing from {path!r}: {untied[:5]}")
     return model.eval()
+
+
+def _load_converted(model_class, path: str, config, meta: Dict, state: Dict[str, torch.Tensor]) -> nn.Module:
+    model = model_class.from_pretrained(path, config=config)
+    add_engram_layers(
+        model,
+        EngramConfig(**meta["config"]),
+        layer_ids=meta["layer_ids"],
+        compression=CompressionTable(state[f"{_COMPRESSION_MODULE}.lookup"]),
+        hc_mult=meta["hc_mult"],
+        blocks=meta.get("blocks"),
+    )
+    own = {id(t) for layer in engram_layers(model).values() for t in layer.state_dict(keep_vars=True).values()}
+    own.add(id(getattr(model, _COMPRESSION_MODULE).lookup))
+    wanted = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) in own]
+    absent = [k for k in wanted if k not in state]
+    if absent:
+        raise ValueError(f"load_pretrained: Engram weights missing from {path!r}: {absent[:5]}")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    return model
