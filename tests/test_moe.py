@@ -464,3 +464,24 @@ def test_user_module_protocol():
     assert [len(b.moe.experts) for b in model.layers] == [4, 4]
     assert moe.count_parameters(model).as_dict() == p.after == report.after
     assert model(torch.randint(0, 50, (2, 7))).shape == (2, 7, 50)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_assisted_generation_matches_greedy(family, monkeypatch):
+    """A draft model proposes tokens, the swapped model verifies them and its
+    cache is cropped to the accepted ones: the Engram layers must roll back
+    their token history and block inputs too."""
+    model = make_model(family)
+    moe.swap_experts_for_engram(model, plan_small(model, 0.5))
+    torch.manual_seed(5)
+    draft = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen3MoeConfig(**dict(SMALL, num_hidden_layers=1), num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, head_dim=8)).eval()
+    rolled = []
+    real = integrations._roll_back
+    monkeypatch.setattr(integrations, "_roll_back", lambda ctx, past: (rolled.append(past), real(ctx, past)))
+    ids = torch.randint(1, V, (1, 7))
+    greedy = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assisted = model.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=draft)
+    assert rolled, "the draft's tokens were never rejected; the test would not exercise the roll-back"
+    assert torch.equal(greedy, assisted)
