@@ -309,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         json.dump(result, f, indent=1)
     if not args.no_plot and have_matplotlib():
         title = (f"Allocation at P_tot = {reference.total / 1e6:.2f} M (embeddings excluded), {args.experts} experts "
-                 f"top-{args.top_k}, {args.steps} steps x {args.batch_size * args.seq_len} tokens, "
+                 f"top-{args.top_k},\n{args.steps} steps x {args.batch_size * args.seq_len} tokens, "
                  f"{len(args.seed_list)} seeds")
         plot_allocation(os.path.join(args.out, "allocation.png"), points, title)
     for q in points:

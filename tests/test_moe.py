@@ -485,3 +485,68 @@ def test_assisted_generation_matches_greedy(family, monkeypatch):
     assisted = model.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=draft)
     assert rolled, "the draft's tokens were never rejected; the test would not exercise the roll-back"
     assert torch.equal(greedy, assisted)
+
+
+# --------------------------------------------------------------------------
+# the examples' --quick runs (CI)
+# --------------------------------------------------------------------------
+
+
+def load_example(name):
+    import importlib.util
+    import os
+
+    pytest.importorskip("tokenizers", reason="the examples train a BPE tokenizer on the stdlib source")
+    pytest.importorskip("tqdm", reason="the examples show a progress bar")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_allocation_sweep_quick(tmp_path):
+    import json
+    import math
+
+    result = load_example("allocation_sweep").main(["--out", str(tmp_path), "--quick"])
+    saved = json.loads((tmp_path / "allocation.json").read_text())
+    assert saved["points"] == json.loads(json.dumps(result["points"]))
+    rhos = [q["rho"] for q in saved["points"]]
+    assert rhos == [1.0, 0.8, 0.4]
+    ref = saved["reference_accounting"]
+    for q in saved["points"]:
+        assert abs(q["accounting"]["total"] - ref["total"]) <= 0.005 * ref["total"]
+        assert q["accounting"]["total"] == (q["plan"]["after"]["total"] if q["plan"] else ref["total"])
+        assert len(q["val_loss_per_seed"]) == 2 and all(math.isfinite(v) for v in q["val_loss_per_seed"])
+        assert len(q["runs"]) == 2 and all(r["train_seconds"] > 0 for r in q["runs"])
+    assert saved["points"][0]["accounting"]["engram_table"] == 0
+    assert saved["points"][-1]["experts"] < saved["points"][1]["experts"] < saved["points"][0]["experts"]
+    if _has_matplotlib():
+        assert (tmp_path / "allocation.png").stat().st_size > 0
+
+
+def test_memory_scaling_quick(tmp_path):
+    import json
+
+    load_example("memory_scaling").main(["--out", str(tmp_path), "--quick"])
+    saved = json.loads((tmp_path / "memory_scaling.json").read_text())
+    slots = [q["slots"] for q in saved["points"]]
+    assert len(slots) >= 5 and slots == sorted(slots) and slots[-1] >= 30 * slots[0]
+    # Equal dense parameters at every size; only the table grows.
+    dense = {q["accounting"]["total"] - q["accounting"]["engram_table"] for q in saved["points"]}
+    control = saved["controls"]["one_row_per_head"]["accounting"]
+    assert dense == {control["total"] - control["engram_table"]}
+    assert saved["controls"]["one_row_per_head"]["slots"] == 8  # 2 orders x 4 heads, one row each
+    assert saved["controls"]["no_engram"]["accounting"]["engram_dense"] == 0
+    assert {"exponent", "r2", "prefactor"} <= set(saved["fit"])
+    if _has_matplotlib():
+        assert (tmp_path / "memory_scaling.png").stat().st_size > 0
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
