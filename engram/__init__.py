@@ -9,6 +9,7 @@ from .hashing import NgramHasher
 from .layer import EngramLayer
 from .prefetch import Prefetcher
 from . import optim
+from . import moe
 from . import tokenizer
 from .tokenizer import build_compression
 
@@ -27,6 +28,7 @@ __all__ = [
     "empty_cpu_cache",
     "set_cpu_cache_enabled",
     "ops",
+    "moe",
     "optim",
     "tokenizer",
 ]

@@ -19,7 +19,8 @@ class CompressionTable:
     """
 
     def __init__(self, lookup) -> None:
-        lookup = torch.as_tensor(lookup)
+        # device=: a list stays on the CPU under a `with torch.device(...)` block
+        lookup = lookup if isinstance(lookup, torch.Tensor) else torch.as_tensor(lookup, device="cpu")
         if lookup.dtype != torch.int64:
             raise ValueError(f"CompressionTable: lookup must be int64, got {lookup.dtype}")
         if lookup.dim() != 1 or lookup.numel() == 0:
@@ -41,7 +42,7 @@ class CompressionTable:
         """Every token is its own canonical id."""
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"CompressionTable.identity: vocab_size={vocab_size!r}, expected a positive int")
-        return cls(torch.arange(vocab_size, dtype=torch.int64))
+        return cls(torch.arange(vocab_size, dtype=torch.int64, device="cpu"))
 
     @property
     def lookup(self) -> torch.Tensor:

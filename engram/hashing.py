@@ -47,12 +47,12 @@ class NgramHasher:
             self._multipliers[layer_id] = torch.from_numpy(r * 2 + 1)
 
         primes = _engine.head_primes(config.engram_vocab_size, config.n_head_per_ngram, len(self.layer_ids))
-        self._head_sizes = {l: torch.tensor(p, dtype=torch.int64) for l, p in zip(self.layer_ids, primes)}
+        self._head_sizes = {l: torch.tensor(p, dtype=torch.int64, device="cpu") for l, p in zip(self.layer_ids, primes)}
         self._offsets = {l: torch.cumsum(s, 0) - s for l, s in self._head_sizes.items()}
 
         self._xxh64_seeds = {
             l: torch.tensor(
-                [_engine.xxh64_ngram_seed(config.seed, l, order) for order in range(2, n + 1)], dtype=torch.uint64
+                [_engine.xxh64_ngram_seed(config.seed, l, order) for order in range(2, n + 1)], dtype=torch.uint64, device="cpu"
             ).view(torch.int64)
             for l in self.layer_ids
         }

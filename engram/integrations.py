@@ -133,6 +133,9 @@ class _Context:
         # hash reads ids back n-1 further. Recomputing over this window makes an
         # incremental step equal to the full forward.
         self.window = (k - 1) * n + (n - 1)
+        # Assisted generation crops the cache back by up to the drafted tokens
+        # of the last call; tails keep that many extra positions (at most this).
+        self.rollback_limit = 256
         self.ids: Optional[torch.Tensor] = None  # [B, past + t] tokens of the sequences in flight
         self.past = 0  # tokens already in the cache for this call
         self.rows: Optional[torch.Tensor] = None  # cache row -> row of the previous call (beam search)
@@ -234,6 +237,21 @@ def _match_rows(prefix: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     return eq.float().argmax(-1)
 
 
+def _roll_back(ctx: _Context, past: int) -> None:
+    """The cache was cropped to ``past`` tokens (assisted generation rejected
+    drafted ones): forget the rejected ids and block inputs, so that hashing
+    and the conv see only accepted tokens."""
+    drop = ctx.ids.shape[1] - past
+    for layer_id, tail in ctx.tails.items():
+        if tail.shape[1] - drop < min(ctx.window, past):
+            raise RuntimeError(
+                f"Engram: the KV cache was cropped by {drop} tokens, more than the {tail.shape[1] - ctx.window} "
+                f"the Engram layers can roll back; call the model on the whole sequence instead"
+            )
+    ctx.ids = ctx.ids[:, :past]
+    ctx.tails = {l: t[:, : t.shape[1] - drop] for l, t in ctx.tails.items()}
+
+
 def _make_backbone_hook(ctx: _Context, forward_sig: inspect.Signature):
     def hook(module, args, kwargs):
         try:
@@ -266,6 +284,8 @@ def _make_backbone_hook(ctx: _Context, forward_sig: inspect.Signature):
         if past == 0:
             ctx.ids, ctx.rows, ctx.tails = ids, None, {}
         else:
+            if ctx.ids is not None and past < ctx.ids.shape[1]:
+                _roll_back(ctx, past)
             if ctx.ids is None or ctx.ids.shape[1] != past:
                 seen = 0 if ctx.ids is None else ctx.ids.shape[1]
                 raise RuntimeError(
@@ -370,7 +390,8 @@ def _make_block_hook(ctx: _Context, layer: EngramLayer):
             window_in = torch.cat([previous[ctx.rows].to(hidden.dtype), hidden], dim=1)
             update = layer(window_in, ctx.ids[:, -window_in.shape[1] :])[:, -t:]
         # A copy, not a view: a view would keep the whole block input alive.
-        ctx.tails[layer_id] = window_in[:, -ctx.window :].detach().clone()
+        keep = ctx.window + min(t, ctx.rollback_limit)
+        ctx.tails[layer_id] = window_in[:, -keep:].detach().clone()
         hidden = hidden + update
         if where == "arg":
             return (hidden,) + tuple(args[1:]), kwargs
@@ -451,8 +472,12 @@ def add_engram_layers(
     handles = _Handles()
     handles.layer_ids, handles.blocks_path = layer_ids, blocks_path
     handles.context = ctx = _Context(config)
+    # On a meta-device model, build the layers there too: a planned table of
+    # billions of rows must not be allocated on the host first.
+    on_meta = ref is not None and ref.device.type == "meta"
     for i in layer_ids:
-        layer = EngramLayer(config, i, hidden_size, hc_mult=hc_mult, compression=compression)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            layer = EngramLayer(config, i, hidden_size, hc_mult=hc_mult, compression=compression)
         if ref is not None:
             layer = layer.to(device=ref.device, dtype=ref.dtype)
         layer.train(model.training)
@@ -563,6 +588,12 @@ def load_pretrained(model_class, path: str, **config_kwargs) -> nn.Module:
         blocks=meta.get("blocks"),
     )
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected and hasattr(model_class, "from_pretrained"):
+        # transformers 5.x saves some weights in their checkpoint layout (MoE
+        # experts one tensor each, fused in memory): let from_pretrained
+        # convert the backbone, then load the Engram weights as saved.
+        model = _load_converted(model_class, path, config, meta, state)
+        return model.eval()
     if unexpected:
         raise ValueError(f"load_pretrained: unexpected weights in {path!r}: {unexpected[:5]}")
     # save_pretrained omits tied copies (e.g. lm_head.weight tied to the
@@ -573,3 +604,23 @@ def load_pretrained(model_class, path: str, **config_kwargs) -> nn.Module:
     if untied:
         raise ValueError(f"load_pretrained: weights missing from {path!r}: {untied[:5]}")
     return model.eval()
+
+
+def _load_converted(model_class, path: str, config, meta: Dict, state: Dict[str, torch.Tensor]) -> nn.Module:
+    model = model_class.from_pretrained(path, config=config)
+    add_engram_layers(
+        model,
+        EngramConfig(**meta["config"]),
+        layer_ids=meta["layer_ids"],
+        compression=CompressionTable(state[f"{_COMPRESSION_MODULE}.lookup"]),
+        hc_mult=meta["hc_mult"],
+        blocks=meta.get("blocks"),
+    )
+    own = {id(t) for layer in engram_layers(model).values() for t in layer.state_dict(keep_vars=True).values()}
+    own.add(id(getattr(model, _COMPRESSION_MODULE).lookup))
+    wanted = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) in own]
+    absent = [k for k in wanted if k not in state]
+    if absent:
+        raise ValueError(f"load_pretrained: Engram weights missing from {path!r}: {absent[:5]}")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    return model

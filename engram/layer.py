@@ -72,7 +72,7 @@ class MultiHeadEmbedding(nn.Module):
                 f"EngramLayer: table_path={path!r} is only used with table_placement='mmap', got "
                 f"table_placement={placement!r}"
             )
-        sizes = torch.as_tensor(list(head_sizes), dtype=torch.int64)
+        sizes = torch.as_tensor(list(head_sizes), dtype=torch.int64, device="cpu")
         self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes)
         rows = int(sizes.sum())
         self.placement, self.table_path = placement, (os.fspath(path) if path is not None else None)
