@@ -255,9 +255,8 @@ class _ShardedLookup(torch.autograd.Function):
 
 
 def _fused_optimizer(module):
-    from .prefetch import _fused_optimizer as fused
-
-    return fused(module)
+    optimizer = module.table_optimizer
+    return optimizer if optimizer is not None and optimizer.fused_backward else None
 
 
 class ShardedMultiHeadEmbedding(MultiHeadEmbedding):
@@ -340,10 +339,10 @@ def shard_tables(model: nn.Module, group=None, *, init_seed: Optional[int] = Non
     for name, module in tables:
         if isinstance(module, ShardedMultiHeadEmbedding):
             raise ValueError(f"shard_tables: table {name!r} is already sharded")
-        if module.fused_lookup is not None or getattr(module, "_rowwise_attached", False):
+        if module.table_optimizer is not None:
             raise ValueError(f"shard_tables: table {name!r} already trains row-wise; call make_rowwise after "
                              "shard_tables, so that the optimizer state is created for the shard only")
-        if module.prefetch_lookup is not None:
+        if module.row_source is not None:
             raise ValueError(f"shard_tables: table {name!r} has a Prefetcher attached; sharded tables do not "
                              "support engram.Prefetcher yet")
         if module.embedding.weight.is_meta and init_seed is None:
