@@ -699,7 +699,9 @@ class Prefetcher:
                 pending = self._take(module, hash_ids, input_ids)
         if pending is None:
             self.stats.misses += 1
-            ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
+            # Past the check above the table is on the CPU; its offsets come from
+            # the cached copy, not a device-to-host copy (a host sync) per lookup.
+            ids, offsets = hash_ids.to(weight.device), self._cpu_offsets(module)
             if grad:
                 out = _TableLookup.apply(weight, ids, offsets, None, module, self)
             else:
@@ -710,8 +712,8 @@ class Prefetcher:
             if len(staged) == 1:
                 return staged[0].view(*hash_ids.shape, weight.shape[1])
             return ops.multihead_embedding(*staged)
-        return _TableLookup.apply(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged,
-                                  module, self)
+        return _TableLookup.apply(weight, hash_ids.to(weight.device), self._cpu_offsets(module), staged, module,
+                                  self)
 
     def _queued_pending(self, index: int, ticket, hash_ids: torch.Tensor) -> _Pending:
         """A batch taken from the engine's queue (done), as _use takes it."""
@@ -829,9 +831,14 @@ class Prefetcher:
             pos = pos[hit]
             staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
         else:
-            pos = torch.isin(ids, changed)
-            staged[pos.to(staged.device)] = table[ids[pos]].to(staged.device)
-            pos = ids[pos]
+            # Integer positions found on the table's device (the CPU): a boolean
+            # mask sent to an accelerator would make index_put count it there,
+            # a host sync.
+            pos = torch.isin(ids, changed).reshape(-1).nonzero().squeeze(1)
+            flat = staged.view(-1, staged.shape[-1])
+            flat[pos.to(staged.device, non_blocking=True)] = table[ids.reshape(-1)[pos]].to(staged.device,
+                                                                                             non_blocking=True)
+            pos = ids.reshape(-1)[pos]
         self.stats.patched_rows += int(torch.unique(pos).numel())
         return staged
 

@@ -49,13 +49,28 @@ constexpr int kMaxDevices = 64;
 std::mutex device_error_mutex;
 DeviceErrorState device_errors[kMaxDevices];
 
-// Allocated on a device's first checked launch and kept for the process.
+// Whether the current stream of `device` is being captured into a CUDA graph:
+// then nothing may allocate, synchronise or re-arm the record (a memset would
+// be recorded into the graph and run at each replay instead of now).
+bool capturing(int device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)),
+                                       &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Allocated on a device's first checked launch and kept for the process. That
+// launch must not be under capture: allocating page-locked memory and the
+// synchronous memset are not allowed there.
 DeviceErrorState& device_error_state(int device) {
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "engram: CUDA device index ", device, " is beyond the ",
               kMaxDevices, " devices engram supports");
   const std::lock_guard<std::mutex> lock(device_error_mutex);
   DeviceErrorState& state = device_errors[device];
   if (state.record == nullptr) {
+    TORCH_CHECK(!capturing(device), "engram: the first engram CUDA op on cuda:", device,
+                " is being captured into a CUDA graph, but its error record must be set up outside capture; "
+                "run the captured code once before capturing (the warm-up PyTorch asks for anyway)");
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     void* host = nullptr;
     C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(DeviceErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable));
@@ -98,7 +113,10 @@ std::string format_device_error(const DeviceErrorRecord& r) {
 bool is_value_error(int kind) { return kind == kHeadSizeInvalid || kind == kHeadOffsetOverflow; }
 
 // The pending report of `device`, cleared for the next one; kind 0 if none.
+// Under capture a report stays pending (re-arming would have to be recorded
+// into the graph): the first call after the capture raises it.
 std::pair<int, std::string> take_device_error(int device, bool deferred) {
+  if (capturing(device)) return {0, std::string()};
   DeviceErrorState& state = device_error_state(device);
   volatile DeviceErrorRecord* live = state.record;
   if (live->ready == 0) return {0, std::string()};
