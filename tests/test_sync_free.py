@@ -1,7 +1,8 @@
 """The CUDA paths that must not synchronise with the host, run under
 torch.cuda.set_sync_debug_mode("error") or inside CUDA-graph capture: the
-deferred error record (set up outside capture, never re-armed inside one)
-and the prefetcher's zero-copy forward. Every CUDA test skips without a GPU
+deferred error record (set up outside capture, never re-armed inside one),
+the row-wise update ops (rows checked on the device) and the prefetcher's
+zero-copy forward. Every CUDA test skips without a GPU
 and a CUDA build of engram; the CPU test checks that the prefetcher's CPU
 behaviour is unchanged by the device-side bookkeeping.
 """
@@ -15,7 +16,7 @@ import torch
 from test_offload import Toy, batches, loss_of
 
 import engram
-from engram import ops
+from engram import ops, optim
 
 has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "engram::multihead_embedding", "CUDA"
@@ -79,6 +80,43 @@ def test_zero_copy_prefetched_forward_has_no_host_sync():
         assert prefetcher.stats.hits == 2 * len(data)
     torch.testing.assert_close(out, Toy("host").cuda()(data[-1]))
     assert expected.shape == out.shape
+    engram.check_cuda_errors()
+
+
+@needs_cuda
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam"])
+def test_rowwise_updates_have_no_host_sync_and_replay_in_a_graph(rule):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 20, generator=gen).cuda()
+    state = {"sgd": [], "adagrad": [torch.rand(300, generator=gen).cuda()],
+             "adam": [torch.zeros(300, 20).cuda(), torch.zeros(300, 20).cuda()]}[rule]
+    rows = torch.randperm(300, generator=gen)[:50].sort().values.cuda()
+    row_grads = torch.randn(50, 20, generator=gen).cuda()
+
+    def update(tensors):
+        if rule == "sgd":
+            optim.rowwise_sgd_update(tensors[0], rows, row_grads, 0.1, 0.01)
+        elif rule == "adagrad":
+            optim.rowwise_adagrad_update(tensors[0], tensors[1], rows, row_grads, 0.1, 1e-8, 0.01)
+        else:
+            optim.rowwise_adam_update(*tensors, rows, row_grads, 0.01, 0.9, 0.999, 1e-8, 0.01, True, 1)
+
+    eager, captured = [w.clone(), *[s.clone() for s in state]], [w.clone(), *[s.clone() for s in state]]
+    update([t.clone() for t in eager])  # warm-up: error record, allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        update(eager)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        update(captured)
+    for tensor, original in zip(captured, [w, *state]):  # capture ran nothing
+        assert torch.equal(tensor, original)
+    graph.replay()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
     engram.check_cuda_errors()
 
 
