@@ -661,10 +661,12 @@ class Prefetcher:
                 pending = self._take(module, hash_ids, input_ids)
         if pending is None:
             self.stats.misses += 1
-            ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
+            # Past the check above the table is on the CPU; its offsets come from
+            # the cached copy, not a device-to-host copy (a host sync) per lookup.
+            ids, offsets = hash_ids.to(weight.device), self._cpu_offsets(module)
             return module.lookup(weight, ids, offsets).to(hash_ids.device, non_blocking=True)
         staged = self._use(weight, pending, hash_ids.device)
-        return module.lookup(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged)
+        return module.lookup(weight, hash_ids.to(weight.device), self._cpu_offsets(module), staged)
 
     def _queued_pending(self, index: int, ticket, hash_ids: torch.Tensor) -> _Pending:
         """A batch taken from the engine's queue (done), as _use takes it."""
@@ -782,9 +784,14 @@ class Prefetcher:
             pos = pos[hit]
             staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
         else:
-            pos = torch.isin(ids, changed)
-            staged[pos.to(staged.device)] = table[ids[pos]].to(staged.device)
-            pos = ids[pos]
+            # Integer positions found on the table's device (the CPU): a boolean
+            # mask sent to an accelerator would make index_put count it there,
+            # a host sync.
+            pos = torch.isin(ids, changed).reshape(-1).nonzero().squeeze(1)
+            flat = staged.view(-1, staged.shape[-1])
+            flat[pos.to(staged.device, non_blocking=True)] = table[ids.reshape(-1)[pos]].to(staged.device,
+                                                                                             non_blocking=True)
+            pos = ids.reshape(-1)[pos]
         self.stats.patched_rows += int(torch.unique(pos).numel())
         return staged
 
