@@ -171,7 +171,7 @@ fi
 
 # --- 3. CUDA tests in parallel ----------------------------------------------------
 cuda_tests=(tests/test_cuda.py tests/test_layer_cuda.py tests/test_cuda_graphs.py tests/test_optim_cuda.py
-            tests/test_sync_free.py tests/test_offload.py tests/test_build.py)
+            tests/test_sync_free.py tests/test_placement.py tests/test_prefetcher.py tests/test_build.py)
 pytest_args=(-v -p no:cacheprovider -rfE)
 workers=$(( cores > 8 ? 8 : cores ))
 [ "$rehearsal" = 1 ] && workers=2

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from test_offload import Toy, batches, loss_of
+from test_prefetcher import Toy, batches, loss_of
 
 import engram
 from engram import ops, optim

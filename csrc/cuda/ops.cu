@@ -18,7 +18,7 @@
 #include "csrc/checks.h"
 #include "csrc/cuda/device_errors.h"
 #include "csrc/cuda/update_checks.h"
-#include "csrc/offload.h"
+#include "csrc/gather_rows.h"
 #include "csrc/ops.h"
 #include "kernels/cuda_kernels.cuh"
 #include "kernels/update_rows_cuda.cuh"
