@@ -218,6 +218,63 @@ TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
   });
 }
 
+// launch_row_gather (csrc/cuda/ops.cu): the widest chunk that divides the row
+// bytes and both addresses. Returns the chunk width used.
+int gather_like_the_launcher(const void* table, int64_t num_rows, int64_t row_bytes, const int64_t* ids,
+                             int64_t entries, void* out) {
+  const uintptr_t addresses = reinterpret_cast<uintptr_t>(table) | reinterpret_cast<uintptr_t>(out);
+  const auto fits = [&](int64_t width) { return row_bytes % width == 0 && addresses % width == 0; };
+  const auto gather = [&](auto chunk) {
+    using chunk_t = decltype(chunk);
+    const int64_t chunks = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
+    launch_1d(entries * chunks, [&] {
+      gather_rows_kernel<chunk_t>(static_cast<const chunk_t*>(table), num_rows, chunks, ids, nullptr, 1, entries,
+                                  static_cast<chunk_t*>(out), DeviceErrorSlot{nullptr, nullptr, 0});
+    });
+    return static_cast<int>(sizeof(chunk_t));
+  };
+  if (fits(16)) return gather(Chunk16{});
+  if (fits(8)) return gather(uint64_t{});
+  if (fits(4)) return gather(uint32_t{});
+  if (fits(2)) return gather(uint16_t{});
+  return gather(uint8_t{});
+}
+
+// Rows at every alignment: the table or the output starting 1, 2, 4 or 8
+// bytes past a 16-byte boundary, with row lengths that do and do not divide.
+TEST(CudaKernelsMock, GatherOfUnalignedRowsPicksANarrowerChunkAndCopiesExactly) {
+  at_both_caps([] {
+    const int64_t R = 13, entries = 97;
+    std::mt19937_64 rng(5);
+    std::vector<int64_t> ids(entries);
+    for (auto& id : ids) id = static_cast<int64_t>(rng() % R);
+    for (int64_t row_bytes : {16, 32, 24, 6, 5, 68}) {
+      for (int table_shift : {0, 1, 2, 4, 8}) {
+        for (int out_shift : {0, 8}) {
+          alignas(16) static uint8_t table[R * 68 + 16], out[entries * 68 + 16];
+          for (size_t i = 0; i < sizeof table; ++i) table[i] = static_cast<uint8_t>(rng());
+          std::memset(out, 0xee, sizeof out);
+          const int width = gather_like_the_launcher(table + table_shift, R, row_bytes, ids.data(), entries,
+                                                     out + out_shift);
+          if ((table_shift | out_shift) == 0 && row_bytes % 16 == 0) {
+            EXPECT_EQ(width, 16);
+          }
+          EXPECT_EQ((table_shift | out_shift) % width, 0) << "chunk " << width;
+          for (int64_t e = 0; e < entries; ++e) {
+            ASSERT_EQ(std::memcmp(out + out_shift + e * row_bytes, table + table_shift + ids[e] * row_bytes,
+                                  static_cast<size_t>(row_bytes)), 0)
+                << "entry " << e << " row_bytes " << row_bytes << " shifts " << table_shift << "," << out_shift;
+          }
+          EXPECT_EQ(out[out_shift + entries * row_bytes], 0xee);  // nothing past the output
+          if (out_shift) {
+            EXPECT_EQ(out[out_shift - 1], 0xee);
+          }
+        }
+      }
+    }
+  });
+}
+
 TEST(CudaKernelsMock, AnUncheckedGatherReadsBadRowsAsZerosAndReportsNothing) {
   const std::vector<float> weight = {1, 2, 3, 4, 5, 6};
   const std::vector<int64_t> rows = {2, 3, -1, 0};
