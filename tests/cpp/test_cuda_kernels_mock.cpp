@@ -7,6 +7,7 @@
 #include "tests/cpp/simt.h"
 // clang-format off: the emulator must come first
 #include "kernels/cuda_kernels.cuh"
+#include "kernels/update_rows_cuda.cuh"
 // clang-format on
 
 #include <gtest/gtest.h>
@@ -357,6 +358,32 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
     for (int64_t d = 0; d < dh; ++d) want[rows[e] * dh + d] += grad[e * dh + d];
   }
   EXPECT_EQ(out, want);
+}
+
+// The update ops' row check (kernels/update_rows_cuda.cuh), here since it includes cuda_kernels.cuh.
+TEST(CudaKernelsMock, CheckUpdateRowsSkipsAndReportsUnsortedAndOutOfRangeRows) {
+  // {skip flag, reported kind}: one report per launch, and *skip set whenever a row is bad.
+  const auto check = [](const std::vector<int64_t>& rows, int64_t num_rows) {
+    int skip = 0, claimed = 0;
+    DeviceErrorRecord record{};
+    const DeviceErrorSlot slot{&claimed, &record, 5};
+    const int64_t n = static_cast<int64_t>(rows.size());
+    launch_1d(n, [&] { check_update_rows_kernel(rows.data(), n, num_rows, &skip, slot); });
+    EXPECT_EQ(claimed, skip);
+    return std::make_pair(skip, skip ? record.kind : 0);
+  };
+  std::vector<int64_t> many(700);
+  for (int64_t i = 0; i < 700; ++i) many[i] = 2 * i;
+  at_both_caps([&] {
+    EXPECT_EQ(check({0, 2, 5}, 6), std::make_pair(0, 0));
+    EXPECT_EQ(check({0, 2, 6}, 6), std::make_pair(1, kUpdateRowOutOfRange));
+    EXPECT_EQ(check({-1, 2}, 6), std::make_pair(1, kUpdateRowOutOfRange));
+    EXPECT_EQ(check({1, 1}, 6), std::make_pair(1, kUpdateRowsUnordered));
+    EXPECT_EQ(check(many, 1400), std::make_pair(0, 0));
+    std::vector<int64_t> swapped = many;
+    std::swap(swapped[600], swapped[601]);
+    EXPECT_EQ(check(swapped, 1400), std::make_pair(1, kUpdateRowsUnordered));
+  });
 }
 
 }  // namespace
