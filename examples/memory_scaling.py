@@ -14,7 +14,7 @@ parameters but memorise nothing), and the backbone without Engram. The gap
 between the one-row control and the sized tables is what memory adds beyond
 the extra dense parameters, at this scale.
 
-    python examples/memory_scaling.py --out runs/memory            # default
+    python examples/memory_scaling.py --out runs/memory            # default: ~25 min on 2 free cores (estimated)
     python examples/memory_scaling.py --out runs/memory --quick    # < 3 min, CI
 
 Writes to --out: memory_scaling.json (raw points per seed, the controls, the
