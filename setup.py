@@ -132,6 +132,16 @@ ext_modules = [
     ),
 ]
 
+# ENGRAM_EXTENSIONS=_C (or _engine): build only that one, so that two builds
+# can run side by side (benchmarks/gpu_check.sh), each with its own --build-temp.
+only = os.environ.get("ENGRAM_EXTENSIONS", "")
+if only:
+    names = {e.name.split(".")[-1] for e in ext_modules}
+    unknown = set(only.split(",")) - names
+    if unknown:
+        sys.exit(f"ENGRAM_EXTENSIONS={only!r}: unknown {sorted(unknown)}; expected a comma-separated subset of {sorted(names)}")
+    ext_modules = [e for e in ext_modules if e.name.split(".")[-1] in only.split(",")]
+
 setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

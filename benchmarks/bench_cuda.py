@@ -19,11 +19,20 @@ device-to-device copy of the same bytes (its bandwidth is the floor);
 the dense table gradient against aten's embedding_dense_backward; ngram_hash
 against the same statement in plain PyTorch ops.
 
+Order: the ops, then the layer in bfloat16 before float32, and torch.compile
+of plain last (its compilation takes the longest), so that a run cut short by
+a time limit has the important ratios already. --json writes every result as
+it comes (benchmarks/gpu_check.sh puts the headline ratios into its summary).
+
     python benchmarks/bench_cuda.py [--batch 4] [--seq 4096] [--rows 646400] [--min-run-time 1] [--skip-compile]
+        [--dtypes bfloat16,float32] [--json results.json]
 """
 
 import argparse
+import json
+import os
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -56,27 +65,55 @@ def verdict(ratio, target):
     return f"[>= {target:g}x] {'ok' if ratio >= target else 'MISSED'}"
 
 
-def bench_layers(args, cfg, dtype):
+class Results:
+    """Every measurement by name, and the headline ratios with their targets;
+    written to --json after each one, so a run killed midway keeps the rest."""
+
+    def __init__(self, path):
+        self.path, self.data = path, {"results": {}, "headline": {}}
+
+    def add(self, name, value, headline=None, target=None):
+        self.data["results"][name] = round(value, 6)
+        if headline:
+            text = f"{value:.2f}x" + (f" [>= {target:g}x] {'ok' if value >= target else 'MISSED'}" if target else "")
+            self.data["headline"][headline] = text
+        if self.path:
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.data, f, indent=1)
+            os.replace(self.path + ".tmp", self.path)
+
+
+def dtype_name(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def bench_layers(args, cfg, dtype, out, compiled_only=False):
+    """ours, plain and refdesign; or (compiled_only) torch.compile of plain
+    against the ours measured earlier."""
     torch.manual_seed(0)
+    name_d = dtype_name(dtype)
     layer_id = cfg.layer_ids[0]
     ours = EngramLayer(cfg, layer_id, args.hidden, hc_mult=args.hc_mult)
     plain = ref.EngramLayerReference(cfg, layer_id, args.hidden, hc_mult=args.hc_mult, hashing="op")
-    refdesign = ref.EngramLayerReference(cfg, layer_id, args.hidden, hc_mult=args.hc_mult, hashing="numpy")
-    for peer in (plain, refdesign):
-        peer.load_state_dict(ours.state_dict(), strict=True)
-    layers = {"ours": ours, "plain": plain, "refdesign": refdesign}
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    layers = {"ours": ours, "plain": plain}
+    if not compiled_only:
+        refdesign = ref.EngramLayerReference(cfg, layer_id, args.hidden, hc_mult=args.hc_mult, hashing="numpy")
+        refdesign.load_state_dict(ours.state_dict(), strict=True)
+        layers["refdesign"] = refdesign
     for name in layers:
         layers[name] = layers[name].to(device="cuda", dtype=dtype)
-    if not args.skip_compile:
-        layers["compiled"] = torch.compile(layers["plain"])
+    if compiled_only:
+        layers = {"compiled": torch.compile(layers["plain"]), "plain": layers["plain"]}
     hidden = torch.randn(args.batch, args.seq, args.hc_mult, args.hidden, device="cuda", dtype=dtype)
     ids = torch.randint(0, VOCAB, (args.batch, args.seq), device="cuda")
 
-    with torch.no_grad():
-        want = layers["plain"](hidden, ids).float()
-        got = layers["ours"](hidden, ids).float()
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    if not compiled_only:
+        with torch.no_grad():
+            want = layers["plain"](hidden, ids).float()
+            got = layers["ours"](hidden, ids).float()
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
     def forward(layer):
         def run():
@@ -95,29 +132,38 @@ def bench_layers(args, cfg, dtype):
 
     results = {}
     for name, layer in layers.items():
+        if compiled_only and name == "plain":
+            continue
         params = list((layers["plain"] if name == "compiled" else layer).parameters())
         start = time.time()
         fwd = timed(forward(layer), args.min_run_time)
         fwd_bwd = timed(forward_backward(layer, params), args.min_run_time)
         peak = peak_extra_gib(forward_backward(layer, params))
         results[name] = (fwd, fwd_bwd, peak)
+        for what, value in (("fwd_ms", fwd * 1e3), ("fwd_bwd_ms", fwd_bwd * 1e3), ("peak_extra_gib", peak)):
+            out.add(f"layer_{name_d}_{name}_{what}", value)
         print(f"  {name:<10} fwd {fwd * 1e3:8.2f} ms   fwd+bwd {fwd_bwd * 1e3:8.2f} ms   "
               f"peak extra {peak:6.2f} GiB   ({time.time() - start:.0f} s)", flush=True)
-    o = results["ours"]
-    print(f"  ours vs plain:    fwd {results['plain'][0] / o[0]:.2f}x {verdict(results['plain'][0] / o[0], 2)}, "
-          f"fwd+bwd {results['plain'][1] / o[1]:.2f}x {verdict(results['plain'][1] / o[1], 2.5)}, "
-          f"peak memory {o[2]:.2f} vs {results['plain'][2]:.2f} GiB "
-          f"{'ok' if o[2] <= results['plain'][2] else 'MISSED'}")
-    if "compiled" in results:
-        r = results["compiled"][1] / o[1]
+    if compiled_only:
+        r = out.data["results"][f"layer_{name_d}_ours_fwd_bwd_ms"] / 1e3
+        r = results["compiled"][1] / r
+        out.add(f"layer_{name_d}_ours_vs_compiled_fwd_bwd", r, f"{name_d} fwd+bwd vs compiled", 1.5)
         print(f"  ours vs compiled: fwd+bwd {r:.2f}x {verdict(r, 1.5)}")
-    print(f"  ours vs refdesign: fwd {results['refdesign'][0] / o[0]:.2f}x, "
-          f"fwd+bwd {results['refdesign'][1] / o[1]:.2f}x")
-    del layers, ours, plain, refdesign
+    else:
+        o, p = results["ours"], results["plain"]
+        out.add(f"layer_{name_d}_ours_vs_plain_fwd", p[0] / o[0], f"{name_d} fwd vs plain", 2)
+        out.add(f"layer_{name_d}_ours_vs_plain_fwd_bwd", p[1] / o[1], f"{name_d} fwd+bwd vs plain", 2.5)
+        print(f"  ours vs plain:    fwd {p[0] / o[0]:.2f}x {verdict(p[0] / o[0], 2)}, "
+              f"fwd+bwd {p[1] / o[1]:.2f}x {verdict(p[1] / o[1], 2.5)}, "
+              f"peak memory {o[2]:.2f} vs {p[2]:.2f} GiB {'ok' if o[2] <= p[2] else 'MISSED'}")
+        out.data["headline"][f"{name_d} peak memory"] = f"{o[2]:.2f} vs plain {p[2]:.2f} GiB"
+        print(f"  ours vs refdesign: fwd {results['refdesign'][0] / o[0]:.2f}x, "
+              f"fwd+bwd {results['refdesign'][1] / o[1]:.2f}x")
+    del layers, ours, plain
     torch.cuda.empty_cache()
 
 
-def bench_embedding(args, dtype):
+def bench_embedding(args, dtype, out):
     rows_per_head, heads, dh, tokens = args.rows, 16, 64, args.batch * args.seq
     weight = torch.randn(rows_per_head * heads, dh, device="cuda", dtype=dtype)
     offsets = torch.arange(heads, device="cuda") * rows_per_head
@@ -134,6 +180,12 @@ def bench_embedding(args, dtype):
     print(f"  multihead_embedding {dtype}: ours {ours * 1e6:7.1f} us ({bw(ours):.2f} TB/s), F.embedding "
           f"{theirs * 1e6:7.1f} us, d2d copy {copy * 1e6:7.1f} us ({bw(copy):.2f} TB/s): "
           f"{bw(ours) / bw(copy):.0%} of copy bandwidth [>= 60%] {'ok' if bw(ours) >= 0.6 * bw(copy) else 'MISSED'}")
+    name_d = dtype_name(dtype)
+    out.add(f"embedding_{name_d}_us", ours * 1e6)
+    out.add(f"embedding_{name_d}_vs_F_embedding", theirs / ours)
+    out.add(f"embedding_{name_d}_copy_bandwidth_share", bw(ours) / bw(copy))
+    out.data["headline"][f"{name_d} gather share of copy bandwidth"] = (
+        f"{bw(ours) / bw(copy):.0%} [>= 60%] {'ok' if bw(ours) >= 0.6 * bw(copy) else 'MISSED'}")
     grad = torch.randn(tokens, heads, dh, device="cuda", dtype=dtype)
     num_rows = weight.shape[0]
     ours_b = timed(lambda: torch.ops.engram.multihead_embedding_backward(grad, ids, offsets, num_rows),
@@ -142,11 +194,12 @@ def bench_embedding(args, dtype):
                      args.min_run_time)
     print(f"  dense backward {dtype}: ours {ours_b * 1e3:6.3f} ms, aten.embedding_dense_backward "
           f"{theirs_b * 1e3:6.3f} ms: {theirs_b / ours_b:.2f}x [>= 1x] {'ok' if ours_b <= theirs_b else 'MISSED'}")
+    out.add(f"embedding_backward_{name_d}_vs_aten", theirs_b / ours_b, f"{name_d} dense backward vs aten", 1)
     del weight, grad, source, dest
     torch.cuda.empty_cache()
 
 
-def bench_hash(args):
+def bench_hash(args, out):
     cfg = EngramConfig()  # reference defaults, layers [1, 15]
     table = CompressionTable.identity(VOCAB)
     hasher = NgramHasher(cfg, table)
@@ -167,6 +220,9 @@ def bench_hash(args):
     print(f"  ngram_hash 64x4096, 2 layers: ours {ours * 1e3:.3f} ms ({ids.numel() / ours / 1e6:.0f} M tokens/s), "
           f"plain PyTorch {theirs * 1e3:.3f} ms ({theirs / ours:.1f}x); vs 0.28 ms before: {was / ours:.1f}x "
           f"{verdict(was / ours, 4)}")
+    out.add("ngram_hash_ms", ours * 1e3)
+    out.add("ngram_hash_vs_plain", theirs / ours, "ngram_hash vs plain PyTorch")
+    out.add("ngram_hash_vs_before", was / ours, "ngram_hash vs 0.28 ms before", 4)
 
 
 def main() -> None:
@@ -177,9 +233,10 @@ def main() -> None:
     parser.add_argument("--hc-mult", type=int, default=4)
     parser.add_argument("--rows", type=int, default=646_400, help="rows per head (engram_vocab_size)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="in this order")
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile of plain")
     parser.add_argument("--skip-layer", action="store_true", help="ops only")
+    parser.add_argument("--json", help="write every result here as it comes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda: needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -188,15 +245,37 @@ def main() -> None:
     print(f"engram on {torch.cuda.get_device_name()}: torch {torch.__version__}, B={args.batch} T={args.seq} "
           f"D={args.hidden} G={args.hc_mult} N={cfg.max_ngram_size} H={cfg.n_head_per_ngram} "
           f"E={cfg.n_embed_per_ngram}, {args.rows:,} rows per head", flush=True)
+    out = Results(args.json)
+    failed = []
+
+    def section(title, fn, *fn_args, **kwargs):
+        # One failing section (a mismatch, an out-of-memory) must not cost the
+        # measurements after it: the GPU run that makes them is rare.
+        if title.endswith(":"):
+            print(title, flush=True)
+        try:
+            fn(*fn_args, **kwargs)
+        except Exception:  # noqa: BLE001 - reported, then the next section
+            traceback.print_exc()
+            failed.append(title.rstrip(":"))
+            out.data.setdefault("failed", []).append(failed[-1])
+            out.add("failed_sections", len(failed))
+            torch.cuda.empty_cache()
+
     print("ops:")
-    bench_hash(args)
+    section("ngram_hash", bench_hash, args, out)
     for dtype in dtypes:
-        bench_embedding(args, dtype)
+        section(f"multihead_embedding {dtype}", bench_embedding, args, dtype, out)
     if not args.skip_layer:
         for dtype in dtypes:
-            print(f"EngramLayer {dtype}:")
-            bench_layers(args, cfg, dtype)
+            section(f"EngramLayer {dtype}:", bench_layers, args, cfg, dtype, out)
+        if not args.skip_compile:
+            for dtype in dtypes:
+                section(f"EngramLayer {dtype}, torch.compile of plain:", bench_layers, args, cfg, dtype, out,
+                        compiled_only=True)
     engram.check_cuda_errors()
+    if failed:
+        raise SystemExit(f"bench_cuda: {len(failed)} sections failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -58,6 +59,14 @@ inline void lower_worker_priority(int nice_increment) {
   }
 #else
   (void)nice_increment;
+#endif
+}
+
+// Names the calling worker thread "engram-gather" (Linux), so that it can be
+// told apart in top, py-spy and /proc/<pid>/task/*/comm, and by the tests.
+inline void name_worker_thread() {
+#ifdef __linux__
+  (void)pthread_setname_np(pthread_self(), "engram-gather");
 #endif
 }
 
@@ -488,6 +497,7 @@ class GatherPool {
                       background_nice, ", expected -1 (ordinary threads) or 0..19");
     for (int i = 0; i < num_threads; ++i) {
       workers_.emplace_back([this, background_nice] {
+        name_worker_thread();
         if (background_nice >= 0) lower_worker_priority(background_nice);
         // The op a worker may call (ngram_hash) runs on this thread alone:
         // after ATen's own per-thread init (which would set the intra-op

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Optional, Tuple
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import lookup as _lookup
 from . import ops
 from .compression import CompressionTable
 from .config import EngramConfig
@@ -59,13 +61,6 @@ class MultiHeadEmbedding(nn.Module):
     load_state_dict and optimizers see it.
     """
 
-    # Set on an instance by engram.optim.make_rowwise: fused_lookup(weight,
-    # hash_ids, offsets) looks the rows up and updates the table in backward.
-    fused_lookup = None
-    # Set on an instance by engram.Prefetcher: prefetch_lookup(module, hash_ids,
-    # input_ids) serves the lookup from rows gathered ahead of time.
-    prefetch_lookup = None
-
     def __init__(self, head_sizes, head_dim: int, placement: str = "device", path: Optional[str] = None) -> None:
         super().__init__()
         if placement not in TABLE_PLACEMENTS:
@@ -96,7 +91,30 @@ class MultiHeadEmbedding(nn.Module):
                 # every placement. A reopened file keeps its contents.
                 nn.init.normal_(table)
             self.embedding = nn.Embedding(rows, head_dim, _weight=table)
+        # How the table trains (engram.lookup picks the backward from these):
+        # the row-wise optimizer make_rowwise attached, else a sparse or dense
+        # gradient.
         self.sparse = False
+        self.table_optimizer = None
+        # Set by engram.Prefetcher: row_source(module, hash_ids, input_ids)
+        # serves the lookup from rows gathered ahead of time.
+        self.row_source = None
+        self._update_listeners: "collections.OrderedDict" = collections.OrderedDict()  # weakref-able, for RemovableHandle
+
+    def add_update_listener(self, listener) -> "torch.utils.hooks.RemovableHandle":
+        """listener(table, update, rows) runs each fused row-wise update of this
+        table: it must call update() once, and may order work around it (a
+        prefetcher waits for its gathers first). Returns a handle to remove it."""
+        handle = torch.utils.hooks.RemovableHandle(self._update_listeners)
+        self._update_listeners[handle.id] = listener
+        return handle
+
+    def run_table_update(self, update, rows: torch.Tensor) -> None:
+        """Runs a fused row-wise update of rows of the table through the listeners."""
+        table = self.embedding.weight
+        for listener in reversed(list(self._update_listeners.values())):
+            update = (lambda listener, inner: lambda: listener(table, inner, rows))(listener, update)
+        update()
 
     def _apply(self, fn, recurse=True):
         if self.placement == "device":
@@ -116,18 +134,18 @@ class MultiHeadEmbedding(nn.Module):
         if self.placement == "mmap":
             self._file_array.flush()
 
-    def lookup(self, weight: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The direct lookup (the same op, or the row-wise fused one, in every placement)."""
-        if self.fused_lookup is not None:
-            return self.fused_lookup(weight, hash_ids, offsets)
-        return ops.multihead_embedding(weight, hash_ids, offsets, self.sparse)
+    def lookup(self, weight: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.Tensor,
+               staged=None) -> torch.Tensor:
+        """The lookup in every placement, from the table or from a prefetcher's
+        staged rows; its backward follows this module's state (engram.lookup)."""
+        return _lookup.lookup(self, weight, hash_ids, offsets, staged)
 
     def forward(self, hash_ids: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (optional): the token ids hash_ids were computed from, by
         the owning EngramLayer; a prefetcher may match them (a few KB) instead
         of the hash ids."""
-        if self.prefetch_lookup is not None:
-            return self.prefetch_lookup(self, hash_ids, input_ids)
+        if self.row_source is not None:
+            return self.row_source(self, hash_ids, input_ids)
         return self.direct_forward(hash_ids)
 
     def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:

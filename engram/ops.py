@@ -6,7 +6,6 @@ Python-side pieces torch.compile and autograd need.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -15,107 +14,16 @@ from . import _checks, _loader
 
 _C = _loader.load("_C")
 
-# The CPU ISA level (scalar / avx2 / avx512) of the CPU kernels; ENGRAM_CPU_ISA
-# is applied here, once, so that a bad value fails `import engram`.
-from ._cpu_isa import cpu_isa, cpu_isa_calls, cpu_isa_levels, set_cpu_isa, use_cpu_isa  # noqa: E402
-from . import _cpu_isa  # noqa: E402
-
-_cpu_isa.apply_environment()
+# Process-wide switches (CPU ISA level, CPU block cache, CUDA sync checks) and
+# the ENGRAM_* environment variables live in engram/_runtime.py; re-exported
+# here, where they have always been.
+from ._cpu_isa import cpu_isa, cpu_isa_calls, cpu_isa_levels, set_cpu_isa, use_cpu_isa  # noqa: E402,F401
+from ._runtime import (  # noqa: E402,F401
+    check_cuda_errors, cpu_cache_enabled, cuda_sync_checks, empty_cpu_cache, set_cpu_cache_enabled,
+    set_cuda_sync_checks,
+)
 
 _ops = torch.ops.engram
-
-
-def empty_cpu_cache() -> int:
-    """Frees the memory the CPU kernels keep for reuse and returns its size in bytes.
-
-    Freed hash outputs and dense table gradients of a megabyte or more are
-    kept (a few blocks) and handed to the next call that needs the same size:
-    the OS faulting in fresh pages costs several times the kernels themselves.
-    A kept gradient block is zeroed again before reuse. Call this to give the
-    memory back, e.g. after training, like torch.cuda.empty_cache().
-    """
-    return _C.empty_cpu_cache()
-
-
-def set_cpu_cache_enabled(enabled: bool) -> None:
-    """Turns keeping freed CPU blocks for reuse (see empty_cpu_cache) on or off.
-
-    Off: every block is freed as soon as its tensor is, and what is kept now
-    is freed before this returns; results are the same, only allocation is
-    slower. The environment variable ENGRAM_CPU_CACHE=0 turns it off when
-    engram is imported. Safe to call while other threads run engram ops.
-    """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_cpu_cache_enabled: enabled must be a bool, got {type(enabled).__name__}")
-    _C.set_cpu_cache_enabled(enabled)
-
-
-def cpu_cache_enabled() -> bool:
-    """Whether the CPU kernels keep freed blocks for reuse (default True)."""
-    return _C.cpu_cache_enabled()
-
-
-def _cache_setting_from_environment() -> None:
-    value = os.environ.get("ENGRAM_CPU_CACHE")
-    if value is None or value == "":
-        return
-    if value not in ("0", "1"):
-        raise ValueError(f"ENGRAM_CPU_CACHE={value!r}: expected 0 (keep no freed CPU blocks) or 1 (keep them, the default)")
-    set_cpu_cache_enabled(value == "1")
-
-
-_cache_setting_from_environment()
-
-
-def set_cuda_sync_checks(enabled: bool) -> None:
-    """Chooses when a bad id read by a CUDA kernel raises.
-
-    Off (the default): the CUDA ops never synchronise with the host, so a
-    training step stays asynchronous and CUDA graphs can capture it. A kernel
-    that meets an id outside its table reads that entry as zeros and leaves a
-    report; the next engram CUDA op on that device (or check_cuda_errors())
-    raises it as an IndexError naming the op, the id, its flat index and the
-    table size. On: every op that checks ids waits for its kernel and raises
-    at the call itself, like the CPU ops (slower; for debugging). The
-    environment variable ENGRAM_CUDA_SYNC_CHECKS=1 turns it on at import.
-    """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_cuda_sync_checks: enabled must be a bool, got {type(enabled).__name__}")
-    _C.set_cuda_sync_checks(enabled)
-
-
-def cuda_sync_checks() -> bool:
-    """Whether CUDA ops synchronise to raise bad ids at the call (see set_cuda_sync_checks)."""
-    return _C.cuda_sync_checks()
-
-
-def check_cuda_errors(synchronize: bool = True) -> None:
-    """Raises the report a CUDA kernel left for a bad id, if any (see
-    set_cuda_sync_checks), and clears it. synchronize=True first waits for
-    all work on every initialised CUDA device, so nothing queued is missed;
-    call it e.g. once per logging interval or at the end of training."""
-    if synchronize and torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(device)
-    error = _C._take_cuda_error()
-    if error is not None:
-        kind, message = error
-        raise (ValueError if kind == 2 else IndexError)(message)
-
-
-def _cuda_sync_checks_from_environment() -> None:
-    value = os.environ.get("ENGRAM_CUDA_SYNC_CHECKS")
-    if value is None or value == "":
-        return
-    if value not in ("0", "1"):
-        raise ValueError(
-            f"ENGRAM_CUDA_SYNC_CHECKS={value!r}: expected 0 (raise bad ids at the next call, the default) "
-            "or 1 (synchronise and raise at the call)"
-        )
-    set_cuda_sync_checks(value == "1")
-
-
-_cuda_sync_checks_from_environment()
 
 
 # --------------------------------------------------------------------------
@@ -205,21 +113,25 @@ def _embedding_setup_context(ctx, inputs, output):
     ctx.sparse = sparse
 
 
-def _embedding_backward(ctx, grad):
-    ids, offsets = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    if ctx.sparse:
+def table_gradient(grad: torch.Tensor, ids: torch.Tensor, offsets: Optional[torch.Tensor], num_rows: int,
+                   sparse: bool) -> torch.Tensor:
+    """The gradient of a [num_rows, Dh] table from the lookup of ids (+ offsets)."""
+    if sparse:
         # Like nn.Embedding(sparse=True): an uncoalesced COO gradient whose
         # values are the incoming rows, one per (token, head).
         rows = ids if offsets is None else ids + offsets
         dh = grad.shape[-1]
-        grad_weight = torch.sparse_coo_tensor(
-            rows.reshape(1, -1), grad.reshape(-1, dh), (ctx.num_rows, dh), is_coalesced=False, check_invariants=False
+        return torch.sparse_coo_tensor(
+            rows.reshape(1, -1), grad.reshape(-1, dh), (num_rows, dh), is_coalesced=False, check_invariants=False
         )
-    else:
-        grad_weight = _ops.multihead_embedding_backward(grad, ids, offsets, ctx.num_rows)
-    return grad_weight, None, None, None
+    return _ops.multihead_embedding_backward(grad, ids, offsets, num_rows)
+
+
+def _embedding_backward(ctx, grad):
+    ids, offsets = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return table_gradient(grad, ids, offsets, ctx.num_rows, ctx.sparse), None, None, None
 
 
 torch.library.register_autograd(

@@ -43,7 +43,6 @@ accumulation over micro-batches updates the table each time).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -274,9 +273,8 @@ class RowwiseOptimizer(torch.optim.Optimizer):
         """Undo :func:`make_rowwise`: the tables go back to dense gradients
         (their state stays in this optimizer)."""
         for module, sparse in self._attached:
-            module.fused_lookup = None
+            module.table_optimizer = None
             module.sparse = sparse
-            module._rowwise_attached = False
         self._attached = []
 
 
@@ -384,37 +382,8 @@ _RULES = {"sgd": RowwiseSGD, "adagrad": RowwiseAdagrad, "adam": RowwiseAdam, "ad
 
 
 # --------------------------------------------------------------------------
-# fused backward and the one call
+# the one call (the fused backward is engram.lookup's)
 # --------------------------------------------------------------------------
-
-
-class _RowwiseLookup(torch.autograd.Function):
-    """The table lookup whose backward updates the table instead of returning
-    its gradient. An autograd.Function rather than an op registration: its
-    backward needs the optimizer object, not just tensors."""
-
-    @staticmethod
-    def forward(ctx, weight, ids, offsets, optimizer):
-        ctx.save_for_backward(ids, offsets)
-        # The table itself, not saved for backward: it is modified in place
-        # there, which saved tensors do not allow.
-        ctx.table, ctx.optimizer = weight, optimizer
-        return ops.multihead_embedding(weight, ids, offsets)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        ids, offsets = ctx.saved_tensors
-        rows, row_grads = _ops.dedup_row_grads(grad, ids, offsets, ctx.table.shape[0])
-        ctx.optimizer.update(ctx.table, rows, row_grads)
-        return None, None, None, None
-
-
-@torch.compiler.disable
-def _fused_lookup(optimizer: RowwiseOptimizer, weight, ids, offsets):
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return _RowwiseLookup.apply(weight, ids, offsets, optimizer)
-    return ops.multihead_embedding(weight, ids, offsets)
 
 
 def _embedding_modules(model: nn.Module) -> list:
@@ -463,18 +432,16 @@ def make_rowwise(model: nn.Module, rule: str = "adam", *, fused: bool = True, **
     if not modules:
         raise ValueError(f"make_rowwise: {type(model).__name__} holds no Engram table (no EngramLayer)")
     for module in modules:
-        if module.fused_lookup is not None or getattr(module, "_rowwise_attached", False):
+        if module.table_optimizer is not None:
             raise ValueError("make_rowwise: a table of this model already trains row-wise; call remove() on its "
                              "optimizer first")
     optimizer = _RULES[rule](table_parameters(model), **hyperparameters)
+    optimizer.fused_backward = fused
     for module in modules:
         optimizer._attached.append((module, module.sparse))
-        if fused:
-            module.fused_lookup = functools.partial(_fused_lookup, optimizer)
-        else:
+        module.table_optimizer = optimizer
+        if not fused:  # sparse gradients, applied by optimizer.step()
             module.sparse = True
-        module._rowwise_attached = True
-    optimizer.fused_backward = fused
     return optimizer
 
 

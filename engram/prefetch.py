@@ -189,55 +189,6 @@ def _hash_state(layer: EngramLayer) -> tuple:
         layer.config.pad_id, layer.config.hash)
 
 
-def _fused_optimizer(module: MultiHeadEmbedding):
-    """The row-wise optimizer of make_rowwise's fused lookup, if that is what is attached."""
-    from .optim import RowwiseOptimizer
-
-    args = getattr(module.fused_lookup, "args", ())
-    return args[0] if args and isinstance(args[0], RowwiseOptimizer) else None
-
-
-class _TableLookup(torch.autograd.Function):
-    """The table lookup, from staged rows (staged[inverse]) or directly, whose
-    backward is the direct lookup's: the dense or sparse table gradient, or the
-    fused row-wise update, ordered against the prefetcher's gathers."""
-
-    @staticmethod
-    def forward(ctx, weight, ids, offsets, staged, module, prefetcher):
-        ctx.save_for_backward(ids, offsets)
-        # Not saved for backward: the fused update modifies it in place.
-        ctx.table, ctx.module, ctx.prefetcher = weight, module, prefetcher
-        # staged: None (look up now), [expanded] or [rows, inverse]; in a list
-        # so that autograd does not take it for an input.
-        if staged is None:
-            return ops.multihead_embedding(weight, ids, offsets)
-        if len(staged) == 1:
-            return staged[0].view(*ids.shape, weight.shape[1])
-        return ops.multihead_embedding(*staged)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        ids, offsets = ctx.saved_tensors
-        module, table = ctx.module, ctx.table
-        grad = grad.to(table.device)  # staged rows may have been read on an accelerator
-        none = (None,) * 5
-        optimizer = _fused_optimizer(module)
-        if optimizer is not None:
-            rows, row_grads = _ops.dedup_row_grads(grad, ids, offsets, table.shape[0])
-            ctx.prefetcher._update_table(table, lambda: optimizer.update(table, rows, row_grads), rows, patch=True)
-            return (None, *none)
-        if module.sparse:  # as engram.ops' backward of multihead_embedding
-            dh = grad.shape[-1]
-            grad_weight = torch.sparse_coo_tensor(
-                (ids + offsets).reshape(1, -1), grad.reshape(-1, dh), tuple(table.shape), is_coalesced=False,
-                check_invariants=False,
-            )
-        else:
-            grad_weight = _ops.multihead_embedding_backward(grad, ids, offsets, table.shape[0])
-        return (grad_weight, *none)
-
-
 class Prefetcher:
     """Prefetches the Engram rows of ``model``'s layers on ``num_threads``
     worker threads (default: one per layer, at most half the CPU cores, at
@@ -288,7 +239,7 @@ class Prefetcher:
         if not self.layers:
             raise ValueError(f"Prefetcher: {type(model).__name__} holds no EngramLayer")
         for layer in self.layers:
-            if layer.multi_head_embedding.prefetch_lookup is not None:
+            if layer.multi_head_embedding.row_source is not None:
                 raise ValueError("Prefetcher: a layer of this model already has a Prefetcher; close() it first")
         if num_threads is None:
             num_threads = max(1, min(len(self.layers), (os.cpu_count() or 2) // 2))
@@ -336,9 +287,18 @@ class Prefetcher:
                 return module.direct_forward(hash_ids)
             return prefetcher._lookup(module, hash_ids, input_ids)
 
+        def before_update(table, update, rows):
+            prefetcher = ref()
+            if prefetcher is None or prefetcher._closed:
+                return update()
+            prefetcher._update_table(table, update, rows, patch=True)
+
         self._hook = lookup
+        self._listener_handles = []
         for layer in self.layers:
-            layer.multi_head_embedding.prefetch_lookup = lookup
+            layer.multi_head_embedding.row_source = lookup
+            # Fused row-wise updates wait for this table's gathers and are recorded.
+            self._listener_handles.append(layer.multi_head_embedding.add_update_listener(before_update))
 
         def before_step(optimizer, args, kwargs):
             prefetcher = ref()
@@ -516,9 +476,11 @@ class Prefetcher:
         self._queues.clear()
         self._pool.close()
         self._pending.clear()
+        for handle in self._listener_handles:
+            handle.remove()
         for layer in self.layers:
-            if layer.multi_head_embedding.prefetch_lookup is self._hook:
-                layer.multi_head_embedding.prefetch_lookup = None
+            if layer.multi_head_embedding.row_source is self._hook:
+                layer.multi_head_embedding.row_source = None
 
     def __enter__(self) -> "Prefetcher":
         return self
@@ -673,7 +635,7 @@ class Prefetcher:
     def _lookup(self, module: MultiHeadEmbedding, hash_ids: torch.Tensor,
                 input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = module.embedding.weight
-        if weight.device.type != "cpu" or (module.fused_lookup is not None and _fused_optimizer(module) is None):
+        if weight.device.type != "cpu":
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
         grad = torch.is_grad_enabled() and weight.requires_grad
@@ -690,7 +652,7 @@ class Prefetcher:
                 stats.rows_gathered += looked_up
                 if not grad:
                     return value
-                return _TableLookup.apply(weight, hash_ids, module.offsets, [value], module, self)
+                return module.lookup(weight, hash_ids, module.offsets, [value])
             if found == _TAKE_CHANGED:
                 pending = self._queued_pending(index, value, hash_ids)
             elif found == _TAKE_COMPARE_HASH_IDS:
@@ -699,19 +661,12 @@ class Prefetcher:
                 pending = self._take(module, hash_ids, input_ids)
         if pending is None:
             self.stats.misses += 1
-            ids, offsets = hash_ids.to(weight.device), module.offsets.to(weight.device)
-            if grad:
-                out = _TableLookup.apply(weight, ids, offsets, None, module, self)
-            else:
-                out = ops.multihead_embedding(weight, ids, offsets)
-            return out.to(hash_ids.device, non_blocking=True)
+            # Past the check above the table is on the CPU; its offsets come from
+            # the cached copy, not a device-to-host copy (a host sync) per lookup.
+            ids, offsets = hash_ids.to(weight.device), self._cpu_offsets(module)
+            return module.lookup(weight, ids, offsets).to(hash_ids.device, non_blocking=True)
         staged = self._use(weight, pending, hash_ids.device)
-        if not grad:  # no graph to record: the staged rows are the output
-            if len(staged) == 1:
-                return staged[0].view(*hash_ids.shape, weight.shape[1])
-            return ops.multihead_embedding(*staged)
-        return _TableLookup.apply(weight, hash_ids.to(weight.device), module.offsets.to(weight.device), staged,
-                                  module, self)
+        return module.lookup(weight, hash_ids.to(weight.device), self._cpu_offsets(module), staged)
 
     def _queued_pending(self, index: int, ticket, hash_ids: torch.Tensor) -> _Pending:
         """A batch taken from the engine's queue (done), as _use takes it."""
@@ -766,7 +721,7 @@ class Prefetcher:
 
     def _use(self, weight, pending: _Pending, device: torch.device) -> list:
         """The staged rows of a pending gather, current and on `device`:
-        [table[ids]] or [rows, inverse] (see _TableLookup)."""
+        [table[ids]] or [rows, inverse] (see engram.lookup.staged_rows)."""
         if isinstance(pending.ticket, _DeviceGather):
             # The layer's stream waits on this layer's gather only; the host does not.
             stream = torch.cuda.current_stream(device)
@@ -829,9 +784,14 @@ class Prefetcher:
             pos = pos[hit]
             staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
         else:
-            pos = torch.isin(ids, changed)
-            staged[pos.to(staged.device)] = table[ids[pos]].to(staged.device)
-            pos = ids[pos]
+            # Integer positions found on the table's device (the CPU): a boolean
+            # mask sent to an accelerator would make index_put count it there,
+            # a host sync.
+            pos = torch.isin(ids, changed).reshape(-1).nonzero().squeeze(1)
+            flat = staged.view(-1, staged.shape[-1])
+            flat[pos.to(staged.device, non_blocking=True)] = table[ids.reshape(-1)[pos]].to(staged.device,
+                                                                                             non_blocking=True)
+            pos = ids.reshape(-1)[pos]
         self.stats.patched_rows += int(torch.unique(pos).numel())
         return staged
 

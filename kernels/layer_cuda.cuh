@@ -3,15 +3,15 @@
 // launchers (checks, guard, stream, allocation) are in csrc/cuda/layer_ops.cu;
 // the per-row formulas are kernels/layer_math.h, shared with the CPU kernels.
 //
-// Design, chosen so that the kernels also run as plain host C++ (the GoogleTest
-// tests/cpp/test_layer_cuda_mock.cpp includes this header with mocked CUDA
-// built-ins and calls each kernel once with one "thread"):
+// Design (the GoogleTest tests/cpp/test_layer_cuda_mock.cpp runs these
+// kernels on the CPU in the SIMT emulator tests/cpp/simt.h, at the launchers'
+// shapes):
 // - every kernel is a grid-stride loop, without shared memory or
 //   __syncthreads;
 // - a reduction over the D values of a row is done by kRowLanes lanes: lane j
 //   takes d = j, j + kRowLanes, ... (coalesced) and lane_sum adds the lanes'
-//   partial sums with warp shuffles. kRowLanes is a warp under nvcc and 1 in
-//   plain C++, where lane_sum is the identity;
+//   partial sums with warp shuffles. kRowLanes is a warp under nvcc and in
+//   the emulator, 1 in plain C++, where lane_sum is the identity;
 // - sums over all B*T tokens (weight gradients) are deterministic: stage 1
 //   sums fixed chunks of tokens in token order, one thread per (chunk,
 //   element), into an acc_t scratch [chunks, n]; stage 2 adds the chunks in
@@ -29,7 +29,7 @@ namespace cuda_layer {
 
 constexpr int kThreads = 256;
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(ENGRAM_SIMT_EMULATOR)
 constexpr int kRowLanes = 32;  // one warp per row; kThreads is a multiple of it
 #else
 constexpr int kRowLanes = 1;
@@ -64,7 +64,7 @@ __device__ __forceinline__ int row_lane() { return static_cast<int>(threadIdx.x 
 // The sum of v over the kRowLanes lanes of a row, in every lane.
 template <typename T>
 __device__ __forceinline__ T lane_sum(T v) {
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(ENGRAM_SIMT_EMULATOR)
   for (int offset = kRowLanes / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
 #endif
   return v;

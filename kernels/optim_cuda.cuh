@@ -127,16 +127,12 @@ __global__ void row_sums_kernel(const acc_t* partial, int64_t dim, const int64_t
   }
 }
 
-// *bad = 1 if a row is outside [0, num_rows) or rows are not strictly increasing.
-static __global__ void check_rows_kernel(const int64_t* rows, int64_t n, int64_t num_rows, int* bad) {
-  ENGRAM_THREAD_STRIDE(u, n) {
-    if (rows[u] < 0 || rows[u] >= num_rows || (u > 0 && rows[u - 1] >= rows[u])) *bad = 1;
-  }
-}
-
+// The update kernels write nothing when *skip is set: the rows' check
+// (kernels/update_rows_cuda.cuh) found a bad row and reported it.
 template <typename T>
 __global__ void sgd_rows_kernel(T* weight, const int64_t* rows, const T* row_grads, int64_t n, int64_t dim,
-                                optim::SgdCoeffs<T> c) {
+                                optim::SgdCoeffs<T> c, const int* skip) {
+  if (*skip) return;
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
     T* w = weight + rows[u] * dim;
@@ -147,7 +143,8 @@ __global__ void sgd_rows_kernel(T* weight, const int64_t* rows, const T* row_gra
 
 template <typename T>
 __global__ void adam_rows_kernel(T* weight, T* exp_avg, T* exp_avg_sq, const int64_t* rows, const T* row_grads,
-                                 int64_t n, int64_t dim, optim::AdamCoeffs<T> c) {
+                                 int64_t n, int64_t dim, optim::AdamCoeffs<T> c, const int* skip) {
+  if (*skip) return;
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
     const int64_t base = rows[u] * dim;
@@ -162,7 +159,8 @@ __global__ void adam_rows_kernel(T* weight, T* exp_avg, T* exp_avg_sq, const int
 // every lane the row's sum, in the order optim::reduce_row_lanes uses.
 template <typename T>
 __global__ void adagrad_rows_kernel(T* weight, T* sum_sq, const int64_t* rows, const T* row_grads, int64_t n,
-                                    int64_t dim, optim::AdagradCoeffs<T> c) {
+                                    int64_t dim, optim::AdagradCoeffs<T> c, const int* skip) {
+  if (*skip) return;
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
     const int64_t r = rows[u];

@@ -663,3 +663,51 @@ def test_fused_path_under_torch_compile():
         run(x, ids).square().mean().backward()
     assert torch.equal(table_of(eager), table_of(compiled)) and table_of(compiled).grad is None
     assert compiled_opt.state[table_of(compiled)]["step"] == eager_opt.state[table_of(eager)]["step"] == 2
+
+
+def test_the_lookup_backward_follows_the_module_state_and_runs_updates_through_listeners():
+    """engram.lookup: fused update (module.table_optimizer), else sparse, else dense;
+    a fused update runs inside the module's update listeners, outermost first."""
+    torch.manual_seed(0)
+    module = MultiHeadEmbedding([7, 5], 4)
+    ids = torch.tensor([[0, 3], [6, 4], [0, 1]])
+    table = module.embedding.weight
+
+    module(ids).sum().backward()
+    dense = table.grad.clone()
+    assert not dense.is_sparse
+    table.grad = None
+    module.sparse = True
+    module(ids).sum().backward()
+    assert table.grad.is_sparse and torch.equal(table.grad.to_dense(), dense)
+    module.sparse = False
+    table.grad = None
+
+    opt = optim.make_rowwise(module, "sgd", lr=0.5)
+    assert module.table_optimizer is opt
+    calls = []
+
+    def listener(name):
+        def run(t, update, rows):
+            assert t is table
+            before = table.detach().clone()
+            calls.append((name, "before", rows.tolist()))
+            update()
+            calls.append((name, "after", bool((table.detach() != before).any())))
+        return run
+
+    outer, inner = module.add_update_listener(listener("outer")), module.add_update_listener(listener("inner"))
+    start = table.detach().clone()
+    module(ids).sum().backward()
+    assert table.grad is None
+    rows = sorted(set((ids + module.offsets).flatten().tolist()))
+    assert calls == [("outer", "before", rows), ("inner", "before", rows), ("inner", "after", True),
+                     ("outer", "after", True)]
+    assert torch.equal(table.detach(), start - 0.5 * dense)
+    outer.remove()
+    inner.remove()
+    calls.clear()
+    module(ids).sum().backward()
+    assert calls == []
+    opt.remove()
+    assert module.table_optimizer is None and not module.sparse

@@ -76,10 +76,23 @@ def test_updates_match_cpu_bitwise(dtype, rule, dh):
 
 def test_update_errors_on_cuda():
     w = torch.randn(10, 4, device="cuda")
-    with pytest.raises(ValueError, match=r"rows holds 3 then 3 at indices 0 and 1"):
-        optim.rowwise_sgd_update(w, torch.tensor([3, 3], device="cuda"), torch.zeros(2, 4, device="cuda"), 0.1)
-    with pytest.raises(IndexError, match=r"rows holds 10 at index 1"):
-        optim.rowwise_sgd_update(w, torch.tensor([3, 10], device="cuda"), torch.zeros(2, 4, device="cuda"), 0.1)
+    before = w.clone()
+    zeros = torch.zeros(2, 4, device="cuda")
+    engram.set_cuda_sync_checks(True)  # raised at the call, as on the CPU
+    try:
+        with pytest.raises(ValueError, match=r"rows holds 3 then 3 at indices 0 and 1"):
+            optim.rowwise_sgd_update(w, torch.tensor([3, 3], device="cuda"), zeros, 0.1)
+        with pytest.raises(IndexError, match=r"rows holds 10 at index 1"):
+            optim.rowwise_sgd_update(w, torch.tensor([3, 10], device="cuda"), zeros, 0.1)
+    finally:
+        engram.set_cuda_sync_checks(False)
+    # Default: checked on the device without a host sync, raised later; in
+    # both modes nothing is written.
+    optim.rowwise_adam_update(w, torch.zeros_like(w), torch.zeros_like(w), torch.tensor([5, 2], device="cuda"),
+                              zeros, 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
+    with pytest.raises(ValueError, match=r"rowwise_adam_update: rows holds 5 then 2 at indices 0 and 1"):
+        engram.check_cuda_errors()
+    assert torch.equal(w, before)
     with pytest.raises(RuntimeError, match=r"rows is on cpu but weight is on cuda"):
         optim.rowwise_sgd_update(w, torch.tensor([3]), torch.zeros(1, 4, device="cuda"), 0.1)
 

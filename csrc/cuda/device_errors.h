@@ -28,6 +28,9 @@ enum DeviceErrorOp : int {
   kOpEmbedding,
   kOpEmbeddingBackward,
   kOpGatherRows,
+  kOpSgdUpdate,
+  kOpAdagradUpdate,
+  kOpAdamUpdate,
   kNumDeviceErrorOps
 };
 

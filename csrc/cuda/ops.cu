@@ -17,9 +17,11 @@
 
 #include "csrc/checks.h"
 #include "csrc/cuda/device_errors.h"
-#include "csrc/offload.h"
+#include "csrc/cuda/update_checks.h"
+#include "csrc/gather_rows.h"
 #include "csrc/ops.h"
 #include "kernels/cuda_kernels.cuh"
+#include "kernels/update_rows_cuda.cuh"
 
 namespace engram {
 
@@ -38,6 +40,9 @@ constexpr OpNames kOpNames[kNumDeviceErrorOps] = {
     {"multihead_embedding", "ids", "weight.size(0)", false},
     {"multihead_embedding_backward", "ids", "num_rows", false},
     {"gather_rows", "rows", "table.size(0)", false},
+    {"rowwise_sgd_update", "rows", "weight.size(0)", false},
+    {"rowwise_adagrad_update", "rows", "weight.size(0)", false},
+    {"rowwise_adam_update", "rows", "weight.size(0)", false},
 };
 
 struct DeviceErrorState {
@@ -49,13 +54,28 @@ constexpr int kMaxDevices = 64;
 std::mutex device_error_mutex;
 DeviceErrorState device_errors[kMaxDevices];
 
-// Allocated on a device's first checked launch and kept for the process.
+// Whether the current stream of `device` is being captured into a CUDA graph:
+// then nothing may allocate, synchronise or re-arm the record (a memset would
+// be recorded into the graph and run at each replay instead of now).
+bool capturing(int device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)),
+                                       &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Allocated on a device's first checked launch and kept for the process. That
+// launch must not be under capture: allocating page-locked memory and the
+// synchronous memset are not allowed there.
 DeviceErrorState& device_error_state(int device) {
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "engram: CUDA device index ", device, " is beyond the ",
               kMaxDevices, " devices engram supports");
   const std::lock_guard<std::mutex> lock(device_error_mutex);
   DeviceErrorState& state = device_errors[device];
   if (state.record == nullptr) {
+    TORCH_CHECK(!capturing(device), "engram: the first engram CUDA op on cuda:", device,
+                " is being captured into a CUDA graph, but its error record must be set up outside capture; "
+                "run the captured code once before capturing (the warm-up PyTorch asks for anyway)");
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     void* host = nullptr;
     C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(DeviceErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable));
@@ -86,6 +106,14 @@ std::string format_device_error(const DeviceErrorRecord& r) {
               << "]=" << r.extra << " overflows int64; expected rows in [0, " << r.limit << ") for "
               << names.limit_name << "=" << r.limit;
       break;
+    case cuda::kUpdateRowOutOfRange:  // worded as the CPU ops word it (csrc/cpu_optim.cpp)
+      message << "rows holds " << r.value << " at index " << r.index << "; expected values in [0, " << r.limit
+              << ") for weight.size(0)=" << r.limit;
+      break;
+    case cuda::kUpdateRowsUnordered:
+      message << "rows holds " << r.value << " then " << r.extra << " at indices " << r.index - 1 << " and "
+              << r.index << "; expected strictly increasing rows, each once (as dedup_row_grads returns them)";
+      break;
     default:
       message << names.arg << " holds " << r.value << " at flat index " << r.index
               << (r.head >= 0 ? " (after adding offsets)" : "") << "; expected values "
@@ -95,10 +123,15 @@ std::string format_device_error(const DeviceErrorRecord& r) {
   return message.str();
 }
 
-bool is_value_error(int kind) { return kind == kHeadSizeInvalid || kind == kHeadOffsetOverflow; }
+bool is_value_error(int kind) {
+  return kind == kHeadSizeInvalid || kind == kHeadOffsetOverflow || kind == cuda::kUpdateRowsUnordered;
+}
 
 // The pending report of `device`, cleared for the next one; kind 0 if none.
+// Under capture a report stays pending (re-arming would have to be recorded
+// into the graph): the first call after the capture raises it.
 std::pair<int, std::string> take_device_error(int device, bool deferred) {
+  if (capturing(device)) return {0, std::string()};
   DeviceErrorState& state = device_error_state(device);
   volatile DeviceErrorRecord* live = state.record;
   if (live->ready == 0) return {0, std::string()};
@@ -144,6 +177,18 @@ void finish_checked_launch(const at::Device& device, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   const auto error = take_device_error(device.index(), /*deferred=*/false);
   if (error.first != 0) raise_device_error(error);
+}
+
+void check_update_rows_on_device(RowwiseRule rule, const at::Tensor& rows, int64_t num_rows, int* skip,
+                                 cudaStream_t stream) {
+  const DeviceErrorOp op = rule == RowwiseRule::kSgd       ? kOpSgdUpdate
+                           : rule == RowwiseRule::kAdagrad ? kOpAdagradUpdate
+                                                           : kOpAdamUpdate;
+  const DeviceErrorSlot err = device_error_slot(rows.device(), op);
+  const int64_t n = rows.numel();
+  cuda::check_update_rows_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, stream>>>(
+      rows.const_data_ptr<int64_t>(), n, num_rows, skip, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::pair<int, std::string> take_cuda_error() {

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "csrc/checks.h"
+#include "csrc/cuda/update_checks.h"
 #include "csrc/ops.h"
 #include "csrc/optim.h"
 #include "kernels/optim_cuda.cuh"
@@ -90,16 +91,14 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cuda(const at::Tensor& grad_i
   return {unique_rows, row_grads};
 }
 
-// Rows in [0, num_rows), strictly increasing; checked (one synchronisation)
-// before anything is written.
-void check_update_rows_cuda(const char* op, const at::Tensor& rows, int64_t num_rows) {
-  const int64_t U = rows.numel();
-  at::Tensor bad = at::zeros({1}, rows.options().dtype(at::kInt));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  cuda_optim::check_rows_kernel<<<blocks_for(U), kThreads, 0, stream>>>(rows.const_data_ptr<int64_t>(), U, num_rows,
-                                                                          bad.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (bad.item<int>() != 0) report_bad_update_rows(op, rows, num_rows);
+// Rows in [0, num_rows), strictly increasing: checked on the device with no
+// host sync (so a training step can be captured); on a bad row the update
+// writes nothing and the error is raised like every deferred CUDA error
+// (device_errors.h). Returns the skip flag for the update kernel.
+at::Tensor check_update_rows_cuda(RowwiseRule rule, const at::Tensor& rows, int64_t num_rows) {
+  at::Tensor skip = at::zeros({1}, rows.options().dtype(at::kInt));
+  check_update_rows_on_device(rule, rows, num_rows, skip.data_ptr<int>(), at::cuda::getCurrentCUDAStream());
+  return skip;
 }
 
 void rowwise_sgd_update_cuda(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& row_grads_in,
@@ -111,15 +110,16 @@ void rowwise_sgd_update_cuda(at::Tensor& weight, const at::Tensor& rows_in, cons
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  check_update_rows_cuda(op, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kSgd, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
     cuda_optim::sgd_rows_kernel<scalar_t><<<blocks_for(U * kWarp), kThreads, 0, stream>>>(
         weight.data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(), row_grads.const_data_ptr<scalar_t>(), U, Dh,
-        optim::sgd_coeffs<scalar_t>(lr, weight_decay));
+        optim::sgd_coeffs<scalar_t>(lr, weight_decay), skip.const_data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  finish_checked_launch(weight.device(), stream);
 }
 
 void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
@@ -138,16 +138,18 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  check_update_rows_cuda(op, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kAdam, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
     cuda_optim::adam_rows_kernel<scalar_t><<<blocks_for(U * kWarp), kThreads, 0, stream>>>(
         weight.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
         rows.const_data_ptr<int64_t>(), row_grads.const_data_ptr<scalar_t>(), U, Dh,
-        optim::adam_coeffs<scalar_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step));
+        optim::adam_coeffs<scalar_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step),
+        skip.const_data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  finish_checked_launch(weight.device(), stream);
 }
 
 void rowwise_adagrad_update_cuda(at::Tensor& weight, at::Tensor& sum_sq, const at::Tensor& rows_in,
@@ -160,15 +162,17 @@ void rowwise_adagrad_update_cuda(at::Tensor& weight, at::Tensor& sum_sq, const a
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  check_update_rows_cuda(op, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kAdagrad, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
     cuda_optim::adagrad_rows_kernel<scalar_t><<<blocks_for(U * kWarp), kThreads, 0, stream>>>(
         weight.data_ptr<scalar_t>(), sum_sq.data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
-        row_grads.const_data_ptr<scalar_t>(), U, Dh, optim::adagrad_coeffs<scalar_t>(lr, eps, weight_decay));
+        row_grads.const_data_ptr<scalar_t>(), U, Dh, optim::adagrad_coeffs<scalar_t>(lr, eps, weight_decay),
+        skip.const_data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  finish_checked_launch(weight.device(), stream);
 }
 
 }  // namespace

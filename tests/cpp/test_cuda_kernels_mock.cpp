@@ -1,8 +1,11 @@
 // The hash, compress and embedding CUDA kernels (kernels/cuda_kernels.cuh) run
-// on the host through tests/cpp/cuda_mock.h, against the host hash functions
-// and plain loops: what each kernel writes, and the error record it leaves.
-#include "tests/cpp/cuda_mock.h"
-// clang-format off: the mock must come first
+// in the SIMT emulator (tests/cpp/simt.h) at the launch shapes of
+// csrc/cuda/ops.cu, against the host hash functions and plain loops: what
+// each kernel writes, and the error record it leaves. Each launch runs twice:
+// at the launcher's block cap, and with the grid capped at 2 blocks so that
+// the grid-stride loops wrap as they do past 65,535 blocks.
+#include "tests/cpp/simt.h"
+// clang-format off: the emulator must come first
 #include "kernels/cuda_kernels.cuh"
 // clang-format on
 
@@ -18,27 +21,55 @@ namespace {
 using namespace engram;
 using namespace engram::cuda;
 
+int64_t g_block_cap = 65535;
+
+// A launch as the launchers make it: blocks_for(threads) blocks of kThreads.
+template <typename F>
+void launch_1d(int64_t threads, F body) {
+  simt::launch(blocks_for(threads, g_block_cap), kThreads, body);
+}
+
+// Runs test() at the launchers' cap and with a grid of at most 2 blocks.
+template <typename F>
+void at_both_caps(F test) {
+  for (int64_t cap : {int64_t{65535}, int64_t{2}}) {
+    SCOPED_TRACE(testing::Message() << "block cap " << cap);
+    g_block_cap = cap;
+    test();
+  }
+  g_block_cap = 65535;
+}
+
 struct ErrorSlot {
   int claimed = 0;
   DeviceErrorRecord record{};
   DeviceErrorSlot slot(int op = 7) { return DeviceErrorSlot{&claimed, &record, op}; }
 };
 
-TEST(CudaKernelsMock, CompressPassesNegativesAndReportsTheFirstIdPastTheVocabulary) {
+TEST(CudaKernelsMock, CompressPassesNegativesAndOneOfTheRacingReportsWins) {
   const std::vector<int64_t> lookup = {3, 1, 4, 1, 5};
   const std::vector<int64_t> ids = {0, -2, 4, 9, 2, 5};
-  std::vector<int64_t> out(ids.size(), -100);
-  ErrorSlot err;
-  compress_kernel(ids.data(), static_cast<int64_t>(ids.size()), lookup.data(), 5, out.data(), err.slot(1));
-  EXPECT_EQ(out, (std::vector<int64_t>{3, -2, 5, 0, 4, 0}));
-  ASSERT_EQ(err.record.ready, 1);
-  EXPECT_EQ(err.claimed, 1);
-  EXPECT_EQ(err.record.op, 1);
-  EXPECT_EQ(err.record.kind, kIdOutOfRange);
-  EXPECT_EQ(err.record.index, 3);  // the first report wins; index 5 came later
-  EXPECT_EQ(err.record.value, 9);
-  EXPECT_EQ(err.record.limit, 5);
-  EXPECT_EQ(err.record.head, -1);
+  // Threads 3 and 5 both report; whichever claims the slot first writes the
+  // whole record, and the other's fields never mix in.
+  std::vector<int64_t> winners;
+  for (simt::Schedule sched : {simt::Schedule::kForward, simt::Schedule::kReverse}) {
+    simt::set_schedule(sched);
+    std::vector<int64_t> out(ids.size(), -100);
+    ErrorSlot err;
+    launch_1d(6, [&] { compress_kernel(ids.data(), static_cast<int64_t>(ids.size()), lookup.data(), 5, out.data(), err.slot(1)); });
+    EXPECT_EQ(out, (std::vector<int64_t>{3, -2, 5, 0, 4, 0}));
+    ASSERT_EQ(err.record.ready, 1);
+    EXPECT_EQ(err.claimed, 1);
+    EXPECT_EQ(err.record.op, 1);
+    EXPECT_EQ(err.record.kind, kIdOutOfRange);
+    ASSERT_TRUE(err.record.index == 3 || err.record.index == 5) << err.record.index;
+    EXPECT_EQ(err.record.value, ids[err.record.index]);
+    EXPECT_EQ(err.record.limit, 5);
+    EXPECT_EQ(err.record.head, -1);
+    winners.push_back(err.record.index);
+  }
+  simt::set_schedule(simt::Schedule::kForward);
+  EXPECT_NE(winners[0], winners[1]);  // both orders of the race were run
 }
 
 TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
@@ -64,10 +95,10 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
     const bool with_offsets = variant & 1, xxh64 = variant & 2;
     ErrorSlot err;
     std::vector<int64_t> canonical(B * T);
-    compress_kernel(ids.data(), B * T, lookup.data(), vocab, canonical.data(), err.slot());
+    launch_1d(B * T, [&] { compress_kernel(ids.data(), B * T, lookup.data(), vocab, canonical.data(), err.slot()); });
     std::vector<FastMod> mods(L * K);
-    hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot());
-    std::vector<int64_t> out(static_cast<size_t>(L) * B * T * K, -1);
+    launch_1d(L * K, [&] { hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot()); });
+    std::vector<int64_t> out(static_cast<size_t>(L) * B * T * K, -1), out64(out.size(), -2);
     HashArgs a{};
     a.canonical = canonical.data();
     a.lookup = lookup.data();
@@ -83,7 +114,15 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
     a.mods = mods.data();
     a.offsets = with_offsets ? offsets.data() : nullptr;
     a.out = out.data();
-    ngram_hash_kernel<uint32_t>(a);
+    if (variant == 0) {
+      a.out = out64.data();  // the 64-bit index path the launcher takes for huge outputs
+      launch_1d(int64_t{L} * B * T * K, [&] { ngram_hash_kernel<uint64_t>(a); });
+      a.out = out.data();
+    }
+    launch_1d(int64_t{L} * B * T * K, [&] { ngram_hash_kernel<uint32_t>(a); });
+    if (variant == 0) {
+      EXPECT_EQ(out64, out);
+    }
     EXPECT_EQ(err.record.ready, 0);
     for (int l = 0; l < L; ++l) {
       for (int b = 0; b < B; ++b) {
@@ -114,7 +153,7 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   const std::vector<int64_t> sizes = {5, 0, 7};
   std::vector<FastMod> mods(3);
   ErrorSlot err;
-  hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot());
+  launch_1d(3, [&] { hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot()); });
   EXPECT_EQ(err.record.kind, kHeadSizeInvalid);
   EXPECT_EQ(err.record.index, 1);
   EXPECT_EQ(err.record.value, 0);
@@ -124,7 +163,7 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   const std::vector<int64_t> offsets = {0, 5, INT64_MAX - 3};
   const std::vector<int64_t> good_sizes = {5, 6, 7};
   ErrorSlot overflow;
-  hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot());
+  launch_1d(3, [&] { hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot()); });
   EXPECT_EQ(overflow.record.kind, kHeadOffsetOverflow);
   EXPECT_EQ(overflow.record.index, 2);
   EXPECT_EQ(overflow.record.value, INT64_MAX - 3);
@@ -145,8 +184,10 @@ void check_gather(int64_t dh) {
   const int64_t chunks = dh * static_cast<int64_t>(sizeof(scalar_t)) / static_cast<int64_t>(sizeof(chunk_t));
   std::vector<scalar_t> out(entries * dh, scalar_t(-1));
   ErrorSlot err;
-  gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, ids.data(), offsets.data(),
-                              K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
+  launch_1d(entries * chunks, [&] {
+    gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, ids.data(), offsets.data(),
+                                K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
+  });
   EXPECT_EQ(err.record.ready, 0);
   for (int64_t e = 0; e < entries; ++e) {
     const int64_t row = ids[e] + offsets[e % K];
@@ -154,8 +195,10 @@ void check_gather(int64_t dh) {
   }
   // Row 4 + 5 = 9 is past the table: zeros, and a report of the row.
   const std::vector<int64_t> bad = {0, 1, 3, 4, 2, 3};
-  gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, bad.data(), offsets.data(),
-                              K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
+  launch_1d(entries * chunks, [&] {
+    gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, bad.data(), offsets.data(),
+                                K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
+  });
   for (int64_t d = 0; d < dh; ++d) EXPECT_EQ(out[3 * dh + d], scalar_t(0));
   EXPECT_EQ(err.record.kind, kIdOutOfRange);
   EXPECT_EQ(err.record.index, 3);
@@ -165,19 +208,24 @@ void check_gather(int64_t dh) {
 }
 
 TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
-  check_gather<uint32_t, float>(3);
-  check_gather<uint64_t, double>(5);
-  check_gather<Chunk16, float>(8);   // 32-byte rows: two 16-byte chunks
-  check_gather<Chunk16, double>(2);  // one chunk per row
-  check_gather<uint16_t, uint16_t>(7);
+  at_both_caps([] {
+    check_gather<uint32_t, float>(3);
+    check_gather<uint64_t, double>(5);
+    check_gather<Chunk16, float>(8);   // 32-byte rows: two 16-byte chunks
+    check_gather<Chunk16, double>(2);  // one chunk per row
+    check_gather<uint16_t, uint16_t>(7);
+    check_gather<uint32_t, float>(301);  // rows longer than a block: the grid wraps at cap 2
+  });
 }
 
 TEST(CudaKernelsMock, AnUncheckedGatherReadsBadRowsAsZerosAndReportsNothing) {
   const std::vector<float> weight = {1, 2, 3, 4, 5, 6};
   const std::vector<int64_t> rows = {2, 3, -1, 0};
   std::vector<float> out(8, -1.f);
-  gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 3, 2, rows.data(), nullptr, 1, 4,
-                               reinterpret_cast<uint32_t*>(out.data()), DeviceErrorSlot{nullptr, nullptr, 0});
+  launch_1d(4 * 2, [&] {
+    gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 3, 2, rows.data(), nullptr, 1, 4,
+                                 reinterpret_cast<uint32_t*>(out.data()), DeviceErrorSlot{nullptr, nullptr, 0});
+  });
   EXPECT_EQ(out, (std::vector<float>{5, 6, 0, 0, 0, 0, 1, 2}));
 }
 
@@ -187,8 +235,10 @@ TEST(CudaKernelsMock, GatherReportsAnOffsetOverflowWithItsHead) {
   const std::vector<int64_t> offsets = {0, INT64_MAX};
   std::vector<float> out(4 * 2);
   ErrorSlot err;
-  gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 4, 2, ids.data(), offsets.data(), 2,
-                               4, reinterpret_cast<uint32_t*>(out.data()), err.slot());
+  launch_1d(4 * 2, [&] {
+    gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 4, 2, ids.data(), offsets.data(), 2,
+                                 4, reinterpret_cast<uint32_t*>(out.data()), err.slot());
+  });
   EXPECT_EQ(err.record.kind, kIdOffsetOverflow);
   EXPECT_EQ(err.record.index, 1);
   EXPECT_EQ(err.record.value, 2);
@@ -203,8 +253,10 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i + 1);
   std::vector<float> acc(R * dh, 0.f);
   ErrorSlot err;
-  scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
-                                        static_cast<int64_t>(ids.size()), acc.data(), err.slot());
+  launch_1d(static_cast<int64_t>(ids.size()) * dh, [&] {
+    scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
+                                          static_cast<int64_t>(ids.size()), acc.data(), err.slot());
+  });
   std::vector<float> want(R * dh, 0.f);
   for (size_t e = 0; e < ids.size(); ++e) {
     if (ids[e] >= R) continue;
@@ -226,7 +278,7 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   const int64_t entries = static_cast<int64_t>(ids.size());
   std::vector<int64_t> rows(entries);
   ErrorSlot err;
-  entry_rows_kernel(ids.data(), offsets.data(), K, entries, R, rows.data(), err.slot());
+  launch_1d(entries, [&] { entry_rows_kernel(ids.data(), offsets.data(), K, entries, R, rows.data(), err.slot()); });
   EXPECT_EQ(rows, (std::vector<int64_t>{1, 3, 2, 4, 1, 3, -1, 5}));
   EXPECT_EQ(err.record.kind, kIdOutOfRange);
   EXPECT_EQ(err.record.index, 6);
@@ -239,7 +291,9 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   std::vector<float> grad(entries * dh);
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 7) - 2.5f;
   std::vector<float> out(R * dh, 0.f);
-  sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
+  launch_1d(entries * dh, [&] {
+    sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
+  });
   std::vector<float> want(R * dh, 0.f);
   for (int64_t e = 0; e < entries; ++e) {
     if (rows[e] < 0) continue;

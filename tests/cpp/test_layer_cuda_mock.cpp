@@ -1,11 +1,13 @@
-// The CUDA kernels of the layer ops (kernels/layer_cuda.cuh), run on the CPU:
-// this machine-independent test mocks the CUDA built-ins so that one "thread"
-// (threadIdx 0 of one block of one thread) walks every grid-stride loop, with
-// one lane per row (lane_sum is the identity). It checks each kernel's math,
-// indexing and chunked reductions against a plain double-precision statement
-// of spec §5-6 and its finite-difference gradients, for float, double and a
-// bfloat16 stand-in (16-bit storage, float math). The warp shuffles and the
-// real c10::Half / c10::BFloat16 are left to tests/test_layer_cuda.py on a GPU.
+// The CUDA kernels of the layer ops (kernels/layer_cuda.cuh), run on the CPU
+// in the SIMT emulator (tests/cpp/simt.h) at the launch shapes of
+// csrc/cuda/layer_ops.cu: blocks of 256 threads, 32 lanes per row with the
+// xor-shuffle sums, grid-stride loops (also wrapped, with the grid capped at
+// 2 blocks). It checks each kernel's math, indexing and chunked reductions
+// against a plain double-precision statement of spec §5-6 and its
+// finite-difference gradients, and against the CPU row functions of
+// kernels/layer_math.h, for float, double and a bfloat16 stand-in (16-bit
+// storage, float math). The real c10::Half / c10::BFloat16 are left to
+// tests/test_layer_cuda.py on a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,8 +18,8 @@
 #include <random>
 #include <vector>
 
-#include "tests/cpp/cuda_mock.h"
-// clang-format off: the mock must come first
+#include "tests/cpp/simt.h"
+// clang-format off: the emulator must come first
 #include "kernels/layer_cuda.cuh"
 // clang-format on
 
@@ -26,7 +28,20 @@ namespace {
 using namespace engram;
 using namespace engram::cuda_layer;
 
-static_assert(kRowLanes == 1, "plain C++ runs one lane per row");
+static_assert(kRowLanes == 32, "the emulator runs a warp per row");
+
+int64_t g_block_cap = 65535;
+
+// A launch as csrc/cuda/layer_ops.cu makes it: blocks_for(threads) blocks of kThreads.
+template <typename F>
+void launch_1d(int64_t threads, F body) {
+  simt::launch(blocks_for(threads, g_block_cap), kThreads, body);
+}
+
+struct BlockCap {
+  explicit BlockCap(int64_t cap) { g_block_cap = cap; }
+  ~BlockCap() { g_block_cap = 65535; }
+};
 
 // A bfloat16 stand-in (round to nearest even, no NaN handling): storage that
 // is not the accumulation type, as c10::BFloat16 and c10::Half are on the GPU.
@@ -189,13 +204,17 @@ GateResults run_gate_kernels(const GateShape& s, const std::vector<double>& key,
 
   std::vector<T> gate(rows, T(-1.0)), dk(rows * s.D, T(-1.0)), dq(rows * s.D, T(-1.0));
   std::vector<A> stats(rows * kGateStats, A(-1));
-  context_gate_kernel<T, A>(a, eps, gate.data());
-  context_gate_backward_rows_kernel<T, A>(a, gg.data(), eps, dk.data(), dq.data(), stats.data());
+  launch_1d(rows * kRowLanes, [&] { context_gate_kernel<T, A>(a, eps, gate.data()); });
+  launch_1d(rows * kRowLanes, [&] {
+    context_gate_backward_rows_kernel<T, A>(a, gg.data(), eps, dk.data(), dq.data(), stats.data());
+  });
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = 2 * s.G * s.D;
   std::vector<A> partial(chunks * n, A(-1));
   std::vector<T> total(n, T(-1.0));
-  context_gate_weight_partials_kernel<T, A>(a, stats.data(), tokens, tokens_per_chunk, chunks, partial.data());
-  sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data());
+  launch_1d(chunks * n, [&] {
+    context_gate_weight_partials_kernel<T, A>(a, stats.data(), tokens, tokens_per_chunk, chunks, partial.data());
+  });
+  launch_1d(n, [&] { sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data()); });
 
   GateResults out;
   out.gate = widen(gate);
@@ -248,6 +267,13 @@ TEST(LayerCudaMock, ContextGateFloat) {
     check_gate<float>(s, 3, seed++);
     check_gate<float>(s, kTokensPerChunk, seed++);
   }
+}
+
+// The grid capped at 2 blocks of 256 threads (8 rows each): every row loop wraps.
+TEST(LayerCudaMock, ContextGateGridStrideWrap) {
+  const BlockCap cap(2);
+  check_gate<float>({3, 7, 2, 45, 1e-5}, 4, 11);
+  check_gate<double>({2, 9, 1, 20, 1e-6}, 2, 12);
 }
 
 TEST(LayerCudaMock, ContextGateDouble) {
@@ -382,21 +408,27 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
 
   std::vector<A> scales(tokens * s.G, A(-1));
   std::vector<T> out(tokens * C, T(-1.0));
-  gated_rms_scales_kernel<T, A>(a, eps, scales.data());
-  gated_short_conv_kernel<T, A>(a, scales.data(), out.data());
+  launch_1d(tokens * kRowLanes, [&] { gated_rms_scales_kernel<T, A>(a, eps, scales.data()); });
+  launch_1d(tokens * C, [&] { gated_short_conv_kernel<T, A>(a, scales.data(), out.data()); });
 
   std::vector<A> dy(tokens * C, A(-1)), du(tokens * C, A(-1)), projection(tokens * s.G, A(-1));
   std::vector<T> grad_gate(tokens * s.G, T(-1.0)), grad_value(tokens * s.D, T(-1.0));
-  short_conv_grad_y_kernel<T, A>(a, scales.data(), go.data(), dy.data());
-  short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data());
-  short_conv_norm_rows_kernel<T, A>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
-  short_conv_grad_value_kernel<T, A>(a, scales.data(), du.data(), go.data(), projection.data(), grad_value.data());
+  launch_1d(tokens * C, [&] { short_conv_grad_y_kernel<T, A>(a, scales.data(), go.data(), dy.data()); });
+  launch_1d(tokens * C, [&] { short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data()); });
+  launch_1d(tokens * s.G * kRowLanes, [&] {
+    short_conv_norm_rows_kernel<T, A>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
+  });
+  launch_1d(tokens * s.D, [&] {
+    short_conv_grad_value_kernel<T, A>(a, scales.data(), du.data(), go.data(), projection.data(), grad_value.data());
+  });
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = (s.K + 1) * C;
   std::vector<A> partial(chunks * n, A(-1));
   std::vector<T> total(n, T(-1.0));
-  short_conv_weight_partials_kernel<T, A>(a, scales.data(), dy.data(), du.data(), tokens_per_chunk, chunks,
-                                          partial.data());
-  sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data());
+  launch_1d(chunks * n, [&] {
+    short_conv_weight_partials_kernel<T, A>(a, scales.data(), dy.data(), du.data(), tokens_per_chunk, chunks,
+                                            partial.data());
+  });
+  launch_1d(n, [&] { sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data()); });
 
   ConvResults r;
   r.out = widen(out);
@@ -453,6 +485,12 @@ TEST(LayerCudaMock, GatedShortConvFloat) {
     check_conv<float>(s, 3, seed++);
     check_conv<float>(s, kTokensPerChunk, seed++);
   }
+}
+
+TEST(LayerCudaMock, GatedShortConvGridStrideWrap) {
+  const BlockCap cap(2);
+  check_conv<float>({2, 9, 2, 40, 4, 2, 1e-5}, 4, 13);
+  check_conv<double>({1, 20, 3, 11, 3, 1, 1e-6}, 3, 14);
 }
 
 TEST(LayerCudaMock, GatedShortConvDouble) {

@@ -1,6 +1,6 @@
 // engram::gather_rows: the rows of a (host-resident) table, delivered on the
 // device of the row ids. Argument checks shared by its CPU kernel
-// (csrc/cpu_offload.cpp) and its CUDA zero-copy kernel (csrc/cuda/ops.cu).
+// (csrc/cpu_gather_rows.cpp) and its CUDA zero-copy kernel (csrc/cuda/ops.cu).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
-"""Table placements (device / host / mmap), the prefetch engine and training
-with prefetched host tables: equal to the device placement bit for bit on the CPU."""
+"""The prefetch engine (gather pool, layer queues) and the Prefetcher, in
+inference and training: prefetched results equal direct lookups bit for bit on the CPU."""
 
 import gc
 import os
@@ -10,132 +10,8 @@ import torch
 from torch import nn
 
 import engram
-from engram import CompressionTable, EngramConfig, EngramLayer, ops
-from engram import reference as ref
-
-VOCAB = 300
-D = 16
-
-
-def config(**changes):
-    return EngramConfig(engram_vocab_size=[997, 1009], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
-                        layer_ids=[1, 3], **changes)
-
-
-def make_layer(placement="device", path=None, layer_id=1, seed=0, g=1):
-    torch.manual_seed(seed)
-    return EngramLayer(config(), layer_id, D, hc_mult=g, compression=CompressionTable.identity(VOCAB),
-                       table_placement=placement, table_path=path)
-
-
-def inputs(b=2, t=12, seed=1, g=1):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, t), generator=gen)
-    shape = (b, t, D) if g == 1 else (b, t, g, D)
-    return torch.randn(shape, generator=gen), ids
-
-
-def forward_backward(layer, hidden, ids):
-    hidden = hidden.clone().requires_grad_(True)
-    out = layer(hidden, ids)
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return out.detach(), hidden.grad, grads
-
-
-def assert_same(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a, b)
-
-
-# --------------------------------------------------------------------------
-# placement
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("placement", ["host", "mmap"])
-@pytest.mark.parametrize("g", [1, 2])
-def test_placements_equal_device_forward_backward(tmp_path, placement, g):
-    path = str(tmp_path / "t.npy") if placement == "mmap" else None
-    device = make_layer(g=g)
-    other = make_layer(placement, path, g=g)
-    assert other.multi_head_embedding.placement == placement
-    # Same seed -> the same table and every other weight, without copying.
-    for (n1, p1), (n2, p2) in zip(device.state_dict().items(), other.state_dict().items()):
-        assert n1 == n2
-        assert_same(p1, p2)
-    hidden, ids = inputs(g=g)
-    out1, gh1, grads1 = forward_backward(device, hidden, ids)
-    out2, gh2, grads2 = forward_backward(other, hidden, ids)
-    assert_same(out1, out2)
-    assert_same(gh1, gh2)
-    assert grads1.keys() == grads2.keys()
-    for name in grads1:
-        assert_same(grads1[name], grads2[name])
-
-
-def test_mmap_created_then_reopened_with_contents(tmp_path):
-    path = str(tmp_path / "table.npy")
-    first = make_layer("mmap", path)
-    assert os.path.exists(path)
-    with torch.no_grad():
-        first.multi_head_embedding.embedding.weight[5].fill_(3.5)
-    first.multi_head_embedding.flush()
-    expected = first.multi_head_embedding.embedding.weight.detach().clone()
-    del first
-    gc.collect()
-    again = make_layer("mmap", path, seed=123)  # another seed: the file's contents win
-    assert_same(again.multi_head_embedding.embedding.weight.detach(), expected)
-    assert torch.all(expected[5] == 3.5)
-    # The file is a plain .npy table.
-    assert_same(torch.from_numpy(np.load(path)), expected)
-
-
-def test_host_and_mmap_tables_stay_on_host_when_the_layer_moves(tmp_path):
-    for placement, path in (("host", None), ("mmap", str(tmp_path / "m.npy"))):
-        layer = make_layer(placement, path)
-        table = layer.multi_head_embedding.embedding.weight
-        ptr = table.data_ptr()
-        layer.to(torch.float64)
-        assert layer.value_proj.weight.dtype == torch.float64
-        assert layer.multi_head_embedding.embedding.weight.dtype == torch.float32
-        assert layer.multi_head_embedding.embedding.weight.data_ptr() == ptr
-        hidden, ids = inputs()
-        device = make_layer().to(torch.float64)
-        assert_same(layer(hidden.double(), ids), device(hidden.double(), ids))
-
-
-def test_load_state_dict_writes_into_the_mmap_file(tmp_path):
-    path = str(tmp_path / "s.npy")
-    source = make_layer(seed=7)
-    target = make_layer("mmap", path)
-    target.load_state_dict(source.state_dict())
-    target.multi_head_embedding.flush()
-    assert_same(torch.from_numpy(np.load(path)), source.multi_head_embedding.embedding.weight.detach())
-
-
-def test_placement_errors(tmp_path):
-    with pytest.raises(ValueError, match="table_placement='cuda'"):
-        make_layer("cuda")
-    with pytest.raises(ValueError, match="needs table_path"):
-        make_layer("mmap")
-    with pytest.raises(ValueError, match="only used with table_placement='mmap'"):
-        make_layer("host", str(tmp_path / "x.npy"))
-    path = str(tmp_path / "other.npy")
-    make_layer("mmap", path, layer_id=1)
-    rows, dim = make_layer(layer_id=1).multi_head_embedding.embedding.weight.shape
-    with pytest.raises(ValueError, match=rf"float32 table of shape \[\d+, {dim}\]; expected a C-order float32 table "
-                                         rf"of shape \[\d+, {dim}\]"):
-        make_layer("mmap", path, layer_id=3)  # another layer's head sizes
-    wrong_dtype = str(tmp_path / "f64.npy")
-    np.save(wrong_dtype, np.zeros((rows, dim), dtype=np.float64))
-    with pytest.raises(ValueError, match="float64 table"):
-        make_layer("mmap", wrong_dtype)
-    garbage = str(tmp_path / "raw.bin")
-    with open(garbage, "wb") as f:
-        f.write(b"\0" * 64)
-    with pytest.raises(ValueError, match="not an .npy table file"):
-        make_layer("mmap", garbage)
+from engram import CompressionTable, EngramLayer
+from table_testing import D, VOCAB, assert_same, config, inputs, make_layer, needs_cuda
 
 
 # --------------------------------------------------------------------------
@@ -200,26 +76,42 @@ def test_engine_workers_are_background_threads():
     """SCHED_BATCH and a raised nice: a submit does not preempt the caller."""
     import time
 
-    def tids():
-        return set(os.listdir("/proc/self/task"))
+    def named_workers():
+        # Gather workers name themselves; torch's own threads differ by name.
+        found = set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as comm:
+                    if comm.read().strip() == "engram-gather":
+                        found.add(int(tid))
+            except FileNotFoundError:  # the thread ended meanwhile
+                pass
+        return found
 
-    before = tids()
+    def until(condition):
+        # Workers name themselves and set their policy when they start.
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    others = named_workers()  # a previous test's pool not yet collected
     pool = _engine.GatherPool(2)
-    for _ in range(100):  # the workers set their policy when they start
-        new = tids() - before
-        if len(new) == 2 and all(os.sched_getscheduler(int(t)) == os.SCHED_BATCH for t in new):
-            break
-        time.sleep(0.01)
-    assert len(new) == 2
+    until(lambda: len(named_workers() - others) == 2)
+    workers = named_workers() - others
+    assert len(workers) == 2
+    until(lambda: all(os.sched_getscheduler(t) == os.SCHED_BATCH for t in workers))
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    for t in new:
-        assert os.sched_getscheduler(int(t)) == os.SCHED_BATCH
-        assert os.getpriority(os.PRIO_PROCESS, int(t)) == min(19, base + 5)
+    for t in workers:
+        assert os.sched_getscheduler(t) == os.SCHED_BATCH
+        assert os.getpriority(os.PRIO_PROCESS, t) == min(19, base + 5)
     pool.close()
-    before = tids()
+    assert not named_workers() & workers  # close joins its workers
+    others = named_workers()
     ordinary = _engine.GatherPool(1, -1)
-    time.sleep(0.05)
-    assert all(os.sched_getscheduler(int(t)) == os.SCHED_OTHER for t in tids() - before)
+    until(lambda: len(named_workers() - others) == 1)
+    (worker,) = named_workers() - others
+    assert os.sched_getscheduler(worker) == os.SCHED_OTHER
+    assert os.getpriority(os.PRIO_PROCESS, worker) == base
     ordinary.close()
     with pytest.raises(ValueError, match="background_nice=20"):
         _engine.GatherPool(1, 20)
@@ -523,7 +415,7 @@ def test_unused_prefetches_raising_forwards_and_shutdown():
     prefetcher.prefetch(data[1])
     prefetcher.close()
     prefetcher.close()
-    assert all(l.multi_head_embedding.prefetch_lookup is None for l in model.engrams)
+    assert all(l.multi_head_embedding.row_source is None for l in model.engrams)
     assert_same(model(data[1]), direct(data[1]))
     with pytest.raises(RuntimeError, match="closed"):
         prefetcher.prefetch(data[1])
@@ -532,7 +424,7 @@ def test_unused_prefetches_raising_forwards_and_shutdown():
     prefetcher.prefetch(data[2])
     del prefetcher
     gc.collect()
-    assert all(l.multi_head_embedding.prefetch_lookup is None for l in model.engrams)
+    assert all(l.multi_head_embedding.row_source is None for l in model.engrams)
     assert_same(model(data[2]), direct(data[2]))
 
 
@@ -792,66 +684,6 @@ def test_unfused_updates_are_caught_by_the_version_counter():
     for p1, p2 in zip(reference.state_dict().values(), model.state_dict().values()):
         assert_same(p1, p2)
 
-
-# --------------------------------------------------------------------------
-# engram::gather_rows (the zero-copy gather's op) and the CUDA paths
-# --------------------------------------------------------------------------
-
-has_cuda_kernels = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "engram::gather_rows", "CUDA"
-)
-needs_cuda = pytest.mark.skipif(not has_cuda_kernels, reason="needs a CUDA GPU and a CUDA build of engram")
-
-
-def test_gather_rows_cpu_matches_reference():
-    from torch.library import opcheck
-
-    gen = torch.Generator().manual_seed(4)
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        table = torch.randn(300, 5, generator=gen).to(dtype)
-        rows = torch.randint(0, 300, (4, 3, 2), generator=gen)
-        assert_same(ops.gather_rows(table, rows), ref.gather_rows(table, rows))
-    assert ops.gather_rows(table, torch.empty(0, dtype=torch.int64)).shape == (0, 5)
-    opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
-    with pytest.raises(IndexError, match=r"gather_rows: rows holds 300 at flat index 3; expected values in \[0, 300\) for table.size\(0\)=300"):
-        ops.gather_rows(table, torch.tensor([1, 2, 0, 300]))
-    with pytest.raises(TypeError, match="gather_rows: rows must be .*, got .*Int"):
-        ops.gather_rows(table, rows.int())
-    with pytest.raises(ValueError, match="table must have 2 dims"):
-        ops.gather_rows(table[0], rows)
-    with pytest.raises(ValueError, match="table must be contiguous"):
-        ops.gather_rows(table.t(), rows)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype,dh", [(torch.float32, 32), (torch.bfloat16, 64), (torch.float16, 3),
-                                      (torch.float32, 5)])
-def test_gather_rows_zero_copy_reads_pinned_host_rows(dtype, dh):
-    from torch.library import opcheck
-
-    table = torch.randn(5000, dh).to(dtype).pin_memory()
-    rows = torch.randint(0, 5000, (7, 33), device="cuda")
-    got = ops.gather_rows(table, rows)
-    assert got.device == rows.device
-    assert_same(got.cpu(), table[rows.cpu()])
-    assert_same(ops.gather_rows(table, rows, False).cpu(), table[rows.cpu()])
-    assert_same(ops.gather_rows(table.cuda(), rows).cpu(), table[rows.cpu()])  # a device table too
-    opcheck(torch.ops.engram.gather_rows.default, (table, rows, True))
-    bad = rows.clone()
-    bad[2, 5] = 5000
-    engram.set_cuda_sync_checks(True)
-    try:
-        with pytest.raises(IndexError, match="rows holds 5000 at flat index 71"):
-            ops.gather_rows(table, bad)
-    finally:
-        engram.set_cuda_sync_checks(False)
-    ops.gather_rows(table, bad)  # default: reported, raised by the next check
-    with pytest.raises(IndexError, match="rows holds 5000 at flat index 71"):
-        engram.check_cuda_errors()
-    unchecked = ops.gather_rows(table, bad, False).cpu()  # no sync, not read: zeros
-    assert torch.all(unchecked[2, 5] == 0)
-    with pytest.raises(ValueError, match="pageable host memory"):
-        ops.gather_rows(torch.randn(10, dh).to(dtype), rows % 10)
 
 
 @needs_cuda

@@ -7,7 +7,7 @@
 
 #include <cstring>
 
-#include "csrc/offload.h"
+#include "csrc/gather_rows.h"
 
 namespace engram {
 namespace {

@@ -1,0 +1,573 @@
+"""Engram tables row-sharded over torch.distributed (paper §2.5).
+
+A paper-scale table (Engram-27B: 5.7 B parameters) does not fit one device.
+:func:`shard_tables` splits every Engram table of a model row-wise across the
+ranks of a process group; each rank keeps only its rows (and, once
+:func:`engram.optim.make_rowwise` is called on the sharded model, only those
+rows' optimizer state). A lookup then costs three ``all_to_all_single`` calls
+per table and step: the per-owner counts, the requested row ids, the rows
+back. The backward pass sends each owner the summed gradients of the rows it
+owns (one more ``all_to_all_single``) and the owner applies the fused row-wise
+update. No collective ever carries the whole table, and no rank ever holds a
+table-shaped gradient.
+
+Layout: rank ``r`` of ``W`` owns the contiguous rows
+``[r * c, min((r + 1) * c, R))`` with ``c = ceil(R / W)``, the split of
+``torch.chunk`` and of DTensor's ``Shard(0)``, so a shard is a DTensor local
+shard as is and ``torch.distributed.checkpoint`` reshards it (see
+:func:`save` / :func:`load`). Any world size works; the last shards may be
+shorter or empty.
+
+Gradients: the exchange assumes data parallelism over the same group, each
+rank's loss being the mean over its own batch (as with DDP). The owner
+therefore averages the ranks' contributions (``average_gradients=True``,
+DDP's convention), so training equals one process at the global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .layer import EngramLayer, MultiHeadEmbedding
+
+__all__ = [
+    "shard_tables",
+    "row_range",
+    "init_rows",
+    "init_table_",
+    "ShardedMultiHeadEmbedding",
+    "sharded_tables",
+    "ddp_ignore_tables",
+    "gather_table",
+    "state_dict",
+    "load_state_dict",
+    "save",
+    "load",
+    "fingerprint",
+]
+
+# Rows generated per random stream by init_rows: a shard boundary inside a block
+# costs at most one block of extra draws on each side.
+INIT_BLOCK_ROWS = 4096
+
+
+def row_range(num_rows: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """[start, stop) of the rows rank ``rank`` owns in a table of ``num_rows``
+    rows split over ``world_size`` ranks (torch.chunk's / DTensor Shard(0)'s split)."""
+    if not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"row_range: num_rows={num_rows!r}; expected an int >= 0")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"row_range: world_size={world_size!r}; expected an int >= 1")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"row_range: rank={rank!r}; expected an int in [0, {world_size})")
+    chunk = -(-num_rows // world_size)
+    start = min(rank * chunk, num_rows)
+    return start, min(start + chunk, num_rows)
+
+
+def _block_seed(seed: int, salt: int, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{salt}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes < 2**63 on every build
+
+
+def init_rows(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype = torch.float32,
+              salt: int = 0) -> torch.Tensor:
+    """Rows [start, stop) of a table of width ``dim`` initialised N(0, 1) (nn.Embedding's
+    rule) by global row: the values of a row depend only on (seed, salt, row), never on
+    which rank or shard generates it. ``salt`` tells tables apart (shard_tables uses the
+    table's index in the model)."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"init_rows: seed={seed!r}; expected an int >= 0")
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
+        raise ValueError(f"init_rows: start={start!r}, stop={stop!r}; expected ints with 0 <= start <= stop")
+    out = torch.empty((stop - start, dim), dtype=dtype)
+    b = start // INIT_BLOCK_ROWS
+    while b * INIT_BLOCK_ROWS < stop:
+        gen = torch.Generator().manual_seed(_block_seed(seed, salt, b))
+        block = torch.randn((INIT_BLOCK_ROWS, dim), generator=gen, dtype=dtype)
+        lo, hi = max(start, b * INIT_BLOCK_ROWS), min(stop, (b + 1) * INIT_BLOCK_ROWS)
+        out[lo - start:hi - start] = block[lo - b * INIT_BLOCK_ROWS:hi - b * INIT_BLOCK_ROWS]
+        b += 1
+    return out
+
+
+@torch.no_grad()
+def init_table_(model: nn.Module, seed: int) -> None:
+    """Initialise every (unsharded) Engram table of ``model`` by global row, as
+    ``shard_tables(model, init_seed=seed)`` does at any world size."""
+    for salt, (_, module) in enumerate(_tables(model)):
+        weight = module.embedding.weight
+        weight.copy_(init_rows(seed, 0, weight.shape[0], weight.shape[1], weight.dtype, salt))
+
+
+def _tables(model: nn.Module) -> List[Tuple[str, MultiHeadEmbedding]]:
+    if isinstance(model, MultiHeadEmbedding):
+        return [("", model)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadEmbedding)]
+
+
+def sharded_tables(model: nn.Module) -> List["ShardedMultiHeadEmbedding"]:
+    """The sharded Engram tables of ``model``, in module order."""
+    return [m for _, m in _tables(model) if isinstance(m, ShardedMultiHeadEmbedding)]
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _table_record(name: str, module: MultiHeadEmbedding, layer: Optional[EngramLayer]) -> dict:
+    """What a table's rows mean: shape, heads and (if its layer is known) the hash
+    configuration and a fingerprint of the tokenizer compression."""
+    rows = module.num_rows if isinstance(module, ShardedMultiHeadEmbedding) else module.embedding.weight.shape[0]
+    record = {
+        "name": name,
+        "rows": int(rows),
+        "dim": int(module.embedding.weight.shape[1]),
+        "dtype": str(module.embedding.weight.dtype),
+        "offsets": [int(o) for o in module.offsets.tolist()],
+    }
+    if layer is not None:
+        record.update(layer_id=layer.layer_id, hash=layer.config.hash, pad_id=layer.config.pad_id,
+                      hash_keys=_digest(layer.hash_keys), hash_sizes=_digest(layer.hash_sizes),
+                      compression=_digest(layer.hash_lookup))
+    return record
+
+
+def _layers_by_table(model: nn.Module) -> Dict[int, EngramLayer]:
+    return {id(m.multi_head_embedding): m for m in model.modules() if isinstance(m, EngramLayer)}
+
+
+def fingerprint(model: nn.Module) -> List[dict]:
+    """One record per Engram table of ``model`` (sharded or not): its global shape,
+    head offsets, hash family, pad id and digests of the hash keys and of the
+    tokenizer compression's lookup table. Checkpoints store it; loads compare it."""
+    layers = _layers_by_table(model)
+    return [_table_record(name, m, layers.get(id(m))) for name, m in _tables(model)]
+
+
+# --------------------------------------------------------------------------
+# the exchange
+# --------------------------------------------------------------------------
+
+
+class _Exchange:
+    """One lookup's routing: which unique rows this rank asked each owner for,
+    which rows each rank asked this rank for; reused by the backward pass."""
+
+    __slots__ = ("unique", "inverse", "send_splits", "recv_splits", "recv_local")
+
+
+def _collective(module: "ShardedMultiHeadEmbedding", what: str, fn, *args):
+    """Runs a collective; a peer that died or raised (so never joined) becomes an
+    error naming the layer and the group's timeout instead of a bare gloo/NCCL one."""
+    try:
+        fn(*args, group=module.group)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"engram.distributed: the {what} exchange of table {module.table_name!r} failed on rank "
+            f"{module.rank} of {module.world_size} (a peer rank died, raised or did not reach this step within "
+            f"the process group's timeout): {err}"
+        ) from err
+
+
+def _exchange_ids(module: "ShardedMultiHeadEmbedding", global_ids: torch.Tensor, bad: Optional[int]) -> _Exchange:
+    world, device = module.world_size, global_ids.device
+    ex = _Exchange()
+    ex.unique, ex.inverse = torch.unique(global_ids.reshape(-1), sorted=True, return_inverse=True)
+    # Owners of sorted rows are non-decreasing: the per-owner runs are contiguous.
+    owner = torch.bucketize(ex.unique, module.shard_starts[1:].to(device), right=True)
+    send_counts = torch.bincount(owner, minlength=world)
+    # Column 1 carries an error flag, column 2 the offending id, so that every rank
+    # raises on an out-of-range id that only one rank saw (no rank waits forever).
+    send = torch.zeros((world, 3), dtype=torch.int64, device=device)
+    send[:, 0] = send_counts
+    if bad is not None:
+        send[:, 0] = 0
+        send[:, 1], send[:, 2] = 1, bad
+    recv = torch.empty_like(send)
+    _collective(module, "count", dist.all_to_all_single, recv, send)
+    flags = recv[:, 1].tolist()
+    if any(flags):
+        src = flags.index(1)
+        raise ValueError(
+            f"engram.distributed: table {module.table_name!r} (layer_id={module.layer_id}): rank {src} looked up "
+            f"hash id {int(recv[src, 2])}, out of range for its head (head sizes {module.head_sizes}); every rank "
+            f"raises this error"
+        )
+    ex.send_splits = send_counts.tolist()
+    ex.recv_splits = recv[:, 0].tolist()
+    recv_ids = torch.empty(sum(ex.recv_splits), dtype=torch.int64, device=device)
+    _collective(module, "id", dist.all_to_all_single, recv_ids, ex.unique, ex.recv_splits, ex.send_splits)
+    ex.recv_local = recv_ids - module.row_start
+    return ex
+
+
+class _ShardedLookup(torch.autograd.Function):
+    """Forward: dedup, route ids to owners, gather, route rows back. Backward: sum
+    per unique row, route row gradients to owners, sum there in (source rank,
+    row) order, then the fused row-wise update (or a sparse local gradient)."""
+
+    @staticmethod
+    def forward(ctx, weight, global_ids, module, ex):
+        rows = module.gather_local(ex.recv_local).to(global_ids.device)
+        got = rows.new_empty((ex.unique.numel(), weight.shape[1]))
+        _collective(module, "row", dist.all_to_all_single, got, rows, ex.send_splits, ex.recv_splits)
+        ctx.module, ctx.ex = module, ex
+        ctx.save_for_backward(global_ids)
+        return got.index_select(0, ex.inverse).reshape(*global_ids.shape, weight.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        module, ex = ctx.module, ctx.ex
+        (global_ids,) = ctx.saved_tensors
+        dim = grad.shape[-1]
+        # Summed per unique row in entry order; rows come back sorted, i.e. == ex.unique.
+        _, row_grads = torch.ops.engram.dedup_row_grads(grad.contiguous(), global_ids, None, module.num_rows)
+        recv = row_grads.new_empty((len(ex.recv_local), dim))
+        _collective(module, "gradient", dist.all_to_all_single, recv, row_grads.contiguous(), ex.recv_splits,
+                    ex.send_splits)
+        weight = module.embedding.weight
+        rows, sums = torch.ops.engram.dedup_row_grads(
+            recv.unsqueeze(1), ex.recv_local.unsqueeze(1), None, max(weight.shape[0], 1))
+        rows, sums = rows.to(weight.device), sums.to(weight.device, weight.dtype)
+        if module.average_gradients and module.world_size > 1:
+            sums = sums / module.world_size
+        optimizer = _fused_optimizer(module)
+        if optimizer is not None:
+            optimizer.update(weight, rows, sums)
+            return None, None, None, None
+        # rows are strictly increasing: already a coalesced COO tensor.
+        grad_weight = torch.sparse_coo_tensor(rows[None], sums, weight.shape, is_coalesced=True,
+                                              check_invariants=False)
+        return grad_weight, None, None, None
+
+
+def _fused_optimizer(module):
+    optimizer = module.table_optimizer
+    return optimizer if optimizer is not None and optimizer.fused_backward else None
+
+
+class ShardedMultiHeadEmbedding(MultiHeadEmbedding):
+    """A MultiHeadEmbedding holding rows [row_start, row_stop) of a table of
+    num_rows rows sharded over ``group``; made by :func:`shard_tables`.
+    ``embedding.weight`` is the local shard."""
+
+    def gather_local(self, local_rows: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight
+        with torch.no_grad():
+            return weight.index_select(0, local_rows.to(weight.device))
+
+    def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        if hash_ids.dtype != torch.int64 or hash_ids.dim() < 1 or hash_ids.shape[-1] != len(self.head_sizes):
+            raise ValueError(
+                f"engram.distributed: table {self.table_name!r}: hash_ids is a {hash_ids.dtype} tensor of shape "
+                f"{list(hash_ids.shape)}; expected int64 [..., {len(self.head_sizes)}]"
+            )
+        sizes = torch.tensor(self.head_sizes, device=hash_ids.device)
+        out_of_range = (hash_ids < 0) | (hash_ids >= sizes)
+        bad = int(hash_ids[out_of_range][0]) if bool(out_of_range.any()) else None
+        global_ids = hash_ids + self.offsets.to(hash_ids.device)
+        ex = _exchange_ids(self, global_ids, bad)
+        weight = self.embedding.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return _ShardedLookup.apply(weight, global_ids, self, ex)
+        with torch.no_grad():
+            return _ShardedLookup.forward(_NoCtx(), weight, global_ids, self, ex)
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.row_start}:{self.row_stop} of {self.num_rows}, rank={self.rank}/{self.world_size}, "
+                f"placement={self.placement!r}")
+
+
+class _NoCtx:
+    def save_for_backward(self, *args):
+        pass
+
+
+def _default_group(group, timeout):
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("shard_tables: torch.distributed is not initialised; call "
+                         "torch.distributed.init_process_group first (torchrun sets up its environment)")
+    if group is not None:
+        if timeout is not None:
+            raise ValueError("shard_tables: timeout is set by the group's creator when group is given; pass one "
+                             "of group and timeout")
+        return group
+    # Its own group: the table exchange never queues behind DDP's all-reduces.
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    return dist.new_group(backend=dist.get_backend(), **kwargs)
+
+
+def shard_tables(model: nn.Module, group=None, *, init_seed: Optional[int] = None,
+                 timeout: Optional[datetime.timedelta] = None, average_gradients: bool = True) -> nn.Module:
+    """Shard every Engram table of ``model`` row-wise over ``group``; returns ``model``.
+
+    Collective: every rank of ``group`` calls it with the same model. ``group``:
+    a process group (default: a new group of all ranks, with the default
+    backend and ``timeout``, used only by the table exchange, so it never
+    queues behind DDP's). ``init_seed``: None keeps the table's current values
+    (each rank copies its rows; the model must have been built identically
+    on every rank, e.g. from the same seed); an int initialises each shard
+    by global row (:func:`init_rows`), equal to :func:`init_table_` on the
+    unsharded model whatever the world size, without ever materialising the
+    whole table (the built table may then be on the meta device).
+
+    Raises ValueError, on every rank, if the ranks' tables differ in number,
+    shape, dtype, head layout or hash configuration.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"shard_tables: model must be an nn.Module, got {type(model).__name__}")
+    if init_seed is not None and (not isinstance(init_seed, int) or isinstance(init_seed, bool) or init_seed < 0):
+        raise ValueError(f"shard_tables: init_seed={init_seed!r}; expected None or an int >= 0")
+    if timeout is not None and not isinstance(timeout, datetime.timedelta):
+        raise ValueError(f"shard_tables: timeout={timeout!r}; expected a datetime.timedelta")
+    tables = _tables(model)
+    if not tables:
+        raise ValueError(f"shard_tables: model ({type(model).__name__}) holds no Engram table")
+    for name, module in tables:
+        if isinstance(module, ShardedMultiHeadEmbedding):
+            raise ValueError(f"shard_tables: table {name!r} is already sharded")
+        if module.table_optimizer is not None:
+            raise ValueError(f"shard_tables: table {name!r} already trains row-wise; call make_rowwise after "
+                             "shard_tables, so that the optimizer state is created for the shard only")
+        if module.row_source is not None:
+            raise ValueError(f"shard_tables: table {name!r} has a Prefetcher attached; sharded tables do not "
+                             "support engram.Prefetcher yet")
+        if module.embedding.weight.is_meta and init_seed is None:
+            raise ValueError(f"shard_tables: table {name!r} is on the meta device; pass init_seed to initialise "
+                             "the shards by global row")
+    group = _default_group(group, timeout)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+
+    # The layout check, on every rank before any step: all ranks must shard equal tables.
+    layers = _layers_by_table(model)
+    records = [_table_record(name, m, layers.get(id(m))) for name, m in tables]
+    everyone: List[Optional[list]] = [None] * world
+    dist.all_gather_object(everyone, records, group=group)
+    for other_rank, other in enumerate(everyone):
+        if other != records:
+            diff = _first_difference(records, other)
+            raise ValueError(
+                f"shard_tables: rank {rank}'s Engram tables differ from rank {other_rank}'s ({diff}); every rank "
+                f"of the group must shard the same model"
+            )
+
+    for salt, (name, module) in enumerate(tables):
+        weight = module.embedding.weight
+        num_rows, dim = weight.shape
+        start, stop = row_range(int(num_rows), world, rank)
+        with torch.no_grad():
+            if init_seed is not None:
+                local = init_rows(init_seed, start, stop, dim, weight.dtype, salt)
+            else:
+                local = weight.detach()[start:stop].clone()
+        device = weight.device if not weight.is_meta else torch.device("cpu")
+        if module.placement == "host":
+            local = local.pin_memory() if torch.cuda.is_available() else local
+        elif module.placement == "mmap":
+            path = _shard_path(module.table_path, start, stop)
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=local.numpy().dtype, shape=tuple(local.shape))
+            array[:] = local.numpy()
+            module._file_array, module.table_path = array, path
+            local = torch.from_numpy(array)
+        else:
+            local = local.to(device)
+        requires_grad = weight.requires_grad
+        module.embedding = nn.Embedding(stop - start, dim, _weight=local)
+        module.embedding.weight.requires_grad_(requires_grad)
+        module.__class__ = ShardedMultiHeadEmbedding
+        layer = layers.get(id(module))
+        module.group, module.rank, module.world_size = group, rank, world
+        module.num_rows, module.row_start, module.row_stop = int(num_rows), start, stop
+        module.shard_starts = torch.tensor([row_range(int(num_rows), world, r)[0] for r in range(world)]
+                                           + [int(num_rows)])
+        module.head_sizes = [int(s) for s in torch.diff(module.offsets.cpu(), append=torch.tensor([num_rows]))]
+        module.table_name = name or type(module).__name__
+        module.layer_id = layer.layer_id if layer is not None else None
+        module.average_gradients = bool(average_gradients)
+    return model
+
+
+def _shard_path(path: str, start: int, stop: int) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.rows{start}-{stop}{ext or '.npy'}"
+
+
+def _first_difference(mine: list, other: list) -> str:
+    if len(mine) != len(other):
+        return f"{len(mine)} tables against {len(other)}"
+    for a, b in zip(mine, other):
+        keys = [k for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]  # shape first
+        if keys:
+            return f"table {a.get('name')!r}: " + ", ".join(
+                f"{key} is {a.get(key)!r} here, {b.get(key)!r} there" for key in keys)
+    return "unknown"
+
+
+def ddp_ignore_tables(model: nn.Module) -> List[str]:
+    """Tell DistributedDataParallel to leave the sharded tables alone (no broadcast
+    of the shards at construction, no all-reduce of their gradients); call before
+    wrapping ``model`` in DDP. Returns the ignored parameter names."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [n for n, p in model.named_parameters() if any(p is m.embedding.weight for m in sharded_tables(model))]
+    if not names:
+        raise ValueError("ddp_ignore_tables: model holds no sharded Engram table; call shard_tables first")
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
+
+
+@torch.no_grad()
+def gather_table(module: "ShardedMultiHeadEmbedding", dst: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The whole table of a sharded module, assembled from the shards (for tests
+    and small tables: it is table-sized). Returned on every rank, or only on
+    rank ``dst`` (None elsewhere)."""
+    if not isinstance(module, ShardedMultiHeadEmbedding):
+        raise ValueError(f"gather_table: module must be a ShardedMultiHeadEmbedding, got {type(module).__name__}")
+    return _gather_rows(module, module.embedding.weight, dst)
+
+
+def _gather_rows(module, local: torch.Tensor, dst):
+    parts: List[Optional[torch.Tensor]] = [None] * module.world_size
+    dist.all_gather_object(parts, local.detach().cpu(), group=module.group)
+    if dst is not None and module.rank != dst:
+        return None
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------
+
+
+def _dtensor(module: "ShardedMultiHeadEmbedding", local: torch.Tensor):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = getattr(module, "_mesh", None)
+    if mesh is None:
+        ranks = dist.get_process_group_ranks(module.group)
+        device_type = "cuda" if local.is_cuda else "cpu"
+        mesh = DeviceMesh.from_group(module.group, device_type, mesh=ranks)
+        module._mesh = mesh
+    shape = (module.num_rows, *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def state_dict(model: nn.Module, optimizer=None) -> dict:
+    """The sharded tables (and the row-wise optimizer's per-row state and step
+    counts) of ``model`` as DTensors sharded by row, for
+    ``torch.distributed.checkpoint``; loading into the dict of a model sharded
+    over another world size reshards. The DTensors share storage with the
+    shards: dcp.load writes into the model."""
+    out = {}
+    tables = sharded_tables(model)
+    if not tables:
+        raise ValueError("state_dict: model holds no sharded Engram table; call shard_tables first")
+    for module in tables:
+        weight = module.embedding.weight
+        out[f"{module.table_name}.weight"] = _dtensor(module, weight.data)
+        if optimizer is not None:
+            if weight not in optimizer.state:
+                raise ValueError(f"state_dict: table {module.table_name!r} is not one of optimizer's tables")
+            for key, value in optimizer.state[weight].items():
+                if torch.is_tensor(value):
+                    out[f"{module.table_name}.optim.{key}"] = _dtensor(module, value)
+                else:
+                    out[f"{module.table_name}.optim.{key}"] = torch.tensor(value)
+    return out
+
+
+def load_state_dict(model: nn.Module, optimizer, loaded: dict) -> None:
+    """After dcp.load into ``state_dict(model, optimizer)``: copies back what DCP
+    could not write in place (the scalar step counts)."""
+    if optimizer is None:
+        return
+    for module in sharded_tables(model):
+        state = optimizer.state[module.embedding.weight]
+        for key, value in list(state.items()):
+            if not torch.is_tensor(value):
+                state[key] = type(value)(loaded[f"{module.table_name}.optim.{key}"].item())
+
+
+_META = "engram_fingerprint.json"
+
+
+def save(path: str, model: nn.Module, optimizer=None) -> None:
+    """Collective: writes the sharded tables of ``model`` (and ``optimizer``'s
+    state) to the folder ``path`` with torch.distributed.checkpoint, plus the
+    tables' fingerprint. Written to ``path + '.partial'`` and renamed once
+    complete: an existing checkpoint at ``path`` is replaced only after the
+    new one is whole (between the two renames, on rank 0, neither name holds
+    it: the old one is at ``path + '.old'`` then)."""
+    import torch.distributed.checkpoint as dcp
+
+    tables = sharded_tables(model)
+    if not tables:
+        raise ValueError("save: model holds no sharded Engram table; call shard_tables first")
+    group, rank = tables[0].group, tables[0].rank
+    partial = os.fspath(path) + ".partial"
+    if rank == 0 and os.path.exists(partial):
+        shutil.rmtree(partial)
+    dist.barrier(group=group)
+    dcp.save(state_dict(model, optimizer), checkpoint_id=partial, process_group=group)
+    if rank == 0:
+        meta = {"tables": fingerprint(model),
+                "optimizer": None if optimizer is None else getattr(optimizer, "rule", type(optimizer).__name__),
+                "world_size": tables[0].world_size}
+        with open(os.path.join(partial, _META), "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        old = os.fspath(path) + ".old"
+        if os.path.exists(path):
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(path, old)
+        os.rename(partial, path)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    dist.barrier(group=group)
+
+
+def load(path: str, model: nn.Module, optimizer=None) -> None:
+    """Collective: loads a checkpoint written by :func:`save` (at any world size)
+    into the sharded tables of ``model`` and ``optimizer``'s state. Refuses
+    (ValueError, on every rank, before changing anything) a checkpoint of
+    other tables: other sizes, head layout, hash configuration or tokenizer
+    compression, or another row-wise rule."""
+    import torch.distributed.checkpoint as dcp
+
+    tables = sharded_tables(model)
+    if not tables:
+        raise ValueError("load: model holds no sharded Engram table; call shard_tables first")
+    meta_path = os.path.join(os.fspath(path), _META)
+    if not os.path.exists(meta_path):
+        raise ValueError(f"load: path={os.fspath(path)!r} holds no engram checkpoint (no {_META}); expected a "
+                         "folder written by engram.distributed.save")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    mine = fingerprint(model)
+    if meta["tables"] != mine:
+        raise ValueError(f"load: the checkpoint at {os.fspath(path)!r} was written for other tables "
+                         f"({_first_difference(mine, meta['tables'])}); refusing to load it")
+    rule = None if optimizer is None else getattr(optimizer, "rule", type(optimizer).__name__)
+    if optimizer is not None and meta["optimizer"] != rule:
+        raise ValueError(f"load: the checkpoint holds optimizer state of rule {meta['optimizer']!r}; optimizer's "
+                         f"rule is {rule!r}")
+    sd = state_dict(model, optimizer)
+    dcp.load(sd, checkpoint_id=os.fspath(path), process_group=tables[0].group)
+    load_state_dict(model, optimizer, sd)

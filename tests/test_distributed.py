@@ -1,0 +1,438 @@
+"""engram.distributed: row-sharded tables over gloo, in spawned CPU processes.
+
+Each test launches W worker processes (this file run as a script, one
+scenario each) with a hard timeout; a worker checks its sharded model against
+an unsharded reference it computes itself, and prints PASS. Process start-up
+dominates the time, so a scenario checks many things per launch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+LAUNCH_TIMEOUT_S = 120
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available in this torch build",
+)
+
+
+def launch(scenario: str, world: int, tmp_path, *args: str, timeout: float = LAUNCH_TIMEOUT_S):
+    """Runs `scenario` on `world` ranks; returns [(returncode, output)] per rank.
+    Every rank is killed at the timeout, so a hang fails the test instead of CI."""
+    rdv = tmp_path / f"rendezvous-{scenario}-{world}-{time.monotonic_ns()}"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               WORLD_SIZE=str(world), ENGRAM_RDV=str(rdv))
+    procs = []
+    for rank in range(world):
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), scenario, str(tmp_path), *args],
+            env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            outs = [p.communicate()[0] for p in procs]
+            pytest.fail(f"{scenario} on {world} ranks did not finish in {timeout} s:\n" + "\n".join(outs))
+        results.append((proc.returncode, out))
+    return results
+
+
+def assert_all_pass(results):
+    for rank, (rc, out) in enumerate(results):
+        assert rc == 0 and "PASS" in out, f"rank {rank} exited with {rc}:\n{out}"
+
+
+# --------------------------------------------------------------------------
+# the tests
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_forward_backward_training_equal_unsharded(tmp_path, world):
+    assert_all_pass(launch("main", world, tmp_path))
+
+
+def test_checkpoint_reshards_2_3_1(tmp_path):
+    assert_all_pass(launch("reshard", 2, tmp_path, "", "ckpt2"))
+    assert_all_pass(launch("reshard", 3, tmp_path, "ckpt2", "ckpt3"))
+    assert_all_pass(launch("reshard", 1, tmp_path, "ckpt3", "ckpt1"))
+
+
+def test_faults_raise_on_every_rank_without_hanging(tmp_path):
+    results = launch("faults", 2, tmp_path)
+    rc0, out0 = results[0]
+    assert rc0 == 0 and "PASS" in out0, out0
+    assert results[1][0] == -signal.SIGKILL, results[1][1]
+
+
+def test_bad_arguments_name_the_argument():
+    from engram import distributed as ed
+
+    with pytest.raises(ValueError, match="world_size=0"):
+        ed.row_range(10, 0, 0)
+    with pytest.raises(ValueError, match="rank=3"):
+        ed.row_range(10, 3, 3)
+    with pytest.raises(ValueError, match="seed=-1"):
+        ed.init_rows(-1, 0, 4, 2)
+    with pytest.raises(ValueError, match="model must be an nn.Module"):
+        ed.shard_tables("model")
+    with pytest.raises(ValueError, match="init_seed=-2"):
+        ed.shard_tables(torch.nn.Linear(1, 1), init_seed=-2)
+
+
+def test_row_ranges_cover_the_table_contiguously():
+    from engram import distributed as ed
+
+    for rows in (0, 1, 5, 419, 420, 4097):
+        for world in (1, 2, 3, 4, 7):
+            ranges = [ed.row_range(rows, world, r) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            # DTensor's Shard(0) split (torch.chunk's), so DCP can reshard the shards.
+            sizes = [len(c) for c in torch.arange(rows).chunk(world)] if rows else []
+            assert [b - a for a, b in ranges if b > a] == sizes
+
+
+def test_init_rows_depend_only_on_the_row():
+    from engram import distributed as ed
+
+    full = ed.init_rows(3, 0, 9000, 4)
+    for start, stop in ((0, 1), (4095, 4097), (100, 8999), (8999, 9000)):
+        assert torch.equal(ed.init_rows(3, start, stop, 4), full[start:stop])
+    assert not torch.equal(ed.init_rows(3, 0, 10, 4, salt=1), full[:10])
+    assert abs(float(full.std()) - 1.0) < 0.02  # nn.Embedding's N(0, 1)
+
+
+# --------------------------------------------------------------------------
+# the worker side
+# --------------------------------------------------------------------------
+
+RULES = {"sgd": dict(lr=0.5), "adagrad": dict(lr=0.3), "adam": dict(lr=0.05), "adamw": dict(lr=0.05)}
+GLOBAL_BATCH, SEQ, HIDDEN, STEPS = 6, 10, 8, 5
+
+
+def _config(vocab=(101, 103)):
+    import engram
+
+    return engram.EngramConfig(engram_vocab_size=list(vocab), n_embed_per_ngram=8, n_head_per_ngram=2,
+                               layer_ids=[0])
+
+
+class _Tiny(torch.nn.Module):
+    """An Engram layer plus a dense head: dense parameters for DDP / FSDP2."""
+
+    def __init__(self, vocab=(101, 103), compression_vocab=500):
+        super().__init__()
+        import engram
+
+        self.engram = engram.EngramLayer(_config(vocab), 0, HIDDEN,
+                                         compression=engram.CompressionTable.identity(compression_vocab))
+        self.head = torch.nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, hidden, ids):
+        return self.head(hidden + self.engram(hidden, ids))
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 500, (GLOBAL_BATCH, SEQ), generator=g), torch.randn(GLOBAL_BATCH, SEQ, HIDDEN, generator=g)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return _Tiny(**kw)
+
+
+def _dense(model):
+    from engram.optim import table_parameters
+
+    tables = {id(p) for p in table_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in tables]
+
+
+def _train_reference(rule, steps=STEPS, model=None):
+    """One process at the global batch; returns (model, optimizer, losses)."""
+    from engram.optim import make_rowwise
+
+    model = model or _model()
+    opt = make_rowwise(model, rule, **RULES[rule])
+    dense = torch.optim.SGD(_dense(model), lr=0.1)
+    losses = []
+    for step in range(steps):
+        ids, hidden = _data(step)
+        loss = model(hidden, ids).pow(2).mean()
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def _local(rank, world, *tensors):
+    b = GLOBAL_BATCH // world
+    return [t[rank * b:(rank + 1) * b] for t in tensors]
+
+
+def _train_sharded(model, opt, rank, world, steps, first=0, reduce_dense=True, dense_params=None):
+    import torch.distributed as dist
+
+    dense = torch.optim.SGD(dense_params if dense_params is not None else _dense(model), lr=0.1)
+    losses = []
+    for step in range(first, first + steps):
+        ids, hidden = _local(rank, world, *_data(step))
+        loss = model(hidden, ids).pow(2).mean()
+        dense.zero_grad()
+        loss.backward()
+        if reduce_dense:  # what DDP does: average the dense gradients
+            for p in dense.param_groups[0]["params"]:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        dense.step()
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def _close(a, b, what, tol=1e-10):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_tables(model, ref, opt=None, ref_opt=None):
+    from engram import distributed as ed
+
+    shard = ed.sharded_tables(model)[0]
+    ref_weight = ref.engram.multi_head_embedding.embedding.weight
+    _close(ed.gather_table(shard), ref_weight.detach(), "table")
+    if opt is not None:
+        state, ref_state = opt.state[shard.embedding.weight], ref_opt.state[ref_weight]
+        for key, value in ref_state.items():
+            if torch.is_tensor(value):
+                _close(ed._gather_rows(shard, state[key], None), value, f"optimizer state {key}")
+            else:
+                assert state[key] == value, (key, state[key], value)
+
+
+def scenario_main(rank, world, tmp):
+    import engram
+    from engram import distributed as ed
+    from engram.optim import make_rowwise
+
+    torch.set_default_dtype(torch.float64)
+    # 1. Values: copied rows and rows initialised by global row equal the unsharded table.
+    ref = _model()
+    model = ed.shard_tables(_model())
+    shard = ed.sharded_tables(model)[0]
+    assert shard.embedding.weight.shape[0] == shard.row_stop - shard.row_start < 420  or world == 1
+    _close(ed.gather_table(shard), ref.engram.multi_head_embedding.embedding.weight.detach(), "copied table", 0)
+    seeded_ref = _model(seed=5)
+    ed.init_table_(seeded_ref, 7)
+    seeded = ed.shard_tables(_model(seed=5), init_seed=7)
+    _close(ed.gather_table(ed.sharded_tables(seeded)[0]),
+           seeded_ref.engram.multi_head_embedding.embedding.weight.detach(), "table from init_seed", 0)
+
+    # 2. Forward: the looked-up rows are the unsharded ones bit for bit; the layer's output too.
+    ids, hidden = _data(0)
+    my_ids, my_hidden = _local(rank, world, ids, hidden)
+    layer, ref_layer = model.engram, ref.engram
+    rows = layer.multi_head_embedding(layer.hash(my_ids))
+    assert torch.equal(rows, _local(rank, world, ref_layer.multi_head_embedding(ref_layer.hash(ids)))[0])
+    out, ref_out = model(my_hidden, my_ids), ref(hidden, ids)
+    _close(out, _local(rank, world, ref_out)[0], "output", 1e-13)
+    with torch.no_grad():
+        assert torch.equal(model(my_hidden, my_ids), out)
+
+    # 3. Backward without an optimizer: a sparse gradient of the shard equal to the dense one's rows.
+    out.pow(2).mean().backward()
+    ref_out.pow(2).mean().backward()
+    grad = shard.embedding.weight.grad
+    assert grad.is_sparse and grad.shape == shard.embedding.weight.shape
+    _close(grad.to_dense(), ref_layer.multi_head_embedding.embedding.weight.grad[shard.row_start:shard.row_stop],
+           "table gradient")
+
+    # 4. Training, every row-wise rule, 5 steps: losses, tables and state equal one process's.
+    for rule in RULES:
+        ref, ref_opt, ref_losses = _train_reference(rule)
+        model = ed.shard_tables(_model())
+        opt = make_rowwise(model, rule, **RULES[rule])
+        # Only the shard's rows have state.
+        for value in opt.state[ed.sharded_tables(model)[0].embedding.weight].values():
+            if torch.is_tensor(value):
+                assert value.shape[0] == ed.sharded_tables(model)[0].row_stop - ed.sharded_tables(model)[0].row_start
+        losses = _train_sharded(model, opt, rank, world, STEPS)
+        _close(torch.tensor(losses), torch.tensor(ref_losses), f"{rule} losses")
+        _check_tables(model, ref, opt, ref_opt)
+        for p, q in zip(_dense(model), _dense(ref)):
+            _close(p, q, f"{rule} dense parameter")
+
+    # 5. An out-of-range id seen by the last rank only raises on every rank.
+    bad = layer.hash(my_ids)
+    if rank == world - 1:
+        bad[0, 0, 1] = shard.head_sizes[1]
+    try:
+        layer.multi_head_embedding(bad)
+    except ValueError as err:
+        assert f"hash id {shard.head_sizes[1]}" in str(err) and "layer_id=0" in str(err), err
+    else:
+        raise AssertionError("no error on an out-of-range id")
+
+    if world > 1:
+        _composition(rank, world)
+
+
+def _composition(rank, world):
+    """DDP and FSDP2 for the dense parameters, the tables left out of both."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from engram import distributed as ed
+    from engram.optim import make_rowwise, table_parameters
+
+    ref, ref_opt, ref_losses = _train_reference("adagrad")
+    model = ed.shard_tables(_model())
+    opt = make_rowwise(model, "adagrad", **RULES["adagrad"])
+    assert ed.ddp_ignore_tables(model) == ["engram.multi_head_embedding.embedding.weight"]
+    ddp = DistributedDataParallel(model)
+    losses = _train_sharded(ddp, opt, rank, world, STEPS, reduce_dense=False, dense_params=_dense(model))
+    _close(torch.tensor(losses), torch.tensor(ref_losses), "DDP losses")
+    _check_tables(model, ref, opt, ref_opt)
+    for p, q in zip(_dense(model), _dense(ref)):
+        _close(p, q, "DDP dense parameter")
+
+    model = ed.shard_tables(_model())
+    opt = make_rowwise(model, "adagrad", **RULES["adagrad"])
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh, ignored_params=set(table_parameters(model)))
+    dense = [p for p in model.parameters() if id(p) not in {id(t) for t in table_parameters(model)}]
+    losses = _train_sharded(model, opt, rank, world, STEPS, reduce_dense=False, dense_params=dense)
+    _close(torch.tensor(losses), torch.tensor(ref_losses), "FSDP2 losses")
+    _check_tables(model, ref, opt, ref_opt)
+    for p, q in zip(dense, _dense(ref)):
+        _close(p.full_tensor(), q, "FSDP2 dense parameter")
+
+
+def scenario_reshard(rank, world, tmp, src, dst):
+    from engram import distributed as ed
+    from engram.optim import make_rowwise
+
+    torch.set_default_dtype(torch.float64)
+    model = ed.shard_tables(_model())
+    opt = make_rowwise(model, "adam", **RULES["adam"])
+    if not src:  # the first run trains and saves
+        _train_sharded(model, opt, rank, world, STEPS)
+    else:
+        path = os.path.join(tmp, src)
+        for kw, what in ((dict(vocab=(101, 211)), "rows"), (dict(compression_vocab=501), "compression")):
+            other = ed.shard_tables(_model(**kw))
+            try:
+                ed.load(path, other, make_rowwise(other, "adam"))
+            except ValueError as err:
+                assert what in str(err) and "refusing" in str(err), err
+            else:
+                raise AssertionError(f"a checkpoint of other tables ({what}) was loaded")
+        other = ed.shard_tables(_model())
+        try:
+            ed.load(path, other, make_rowwise(other, "adagrad"))
+        except ValueError as err:
+            assert "rule 'adam'" in str(err), err
+        else:
+            raise AssertionError("adam state was loaded into adagrad")
+        ed.load(path, model, opt)
+    ref, ref_opt, _ = _train_reference("adam")
+    _check_tables(model, ref, opt, ref_opt)
+    ed.save(os.path.join(tmp, dst), model, opt)
+    ed.save(os.path.join(tmp, dst), model, opt)  # over an existing checkpoint
+    assert not os.path.exists(os.path.join(tmp, dst + ".partial"))
+    # The loaded state trains on as the one-process run does (the dense parameters,
+    # not in this checkpoint, taken from the reference).
+    with torch.no_grad():
+        for p, q in zip(_dense(model), _dense(ref)):
+            p.copy_(q)
+    _train_sharded(model, opt, rank, world, 1, first=STEPS)
+    ref, ref_opt, _ = _train_reference("adam", steps=STEPS + 1)
+    _check_tables(model, ref, opt, ref_opt)
+
+
+def scenario_faults(rank, world, tmp):
+    import torch.distributed as dist
+
+    from engram import distributed as ed
+
+    # A layout mismatch is refused when sharding, on every rank.
+    try:
+        ed.shard_tables(_model(vocab=(101, 103) if rank == 0 else (101, 211)))
+    except ValueError as err:
+        assert "differ" in str(err), err
+    else:
+        raise AssertionError("ranks with different tables were sharded")
+
+    ids, hidden = _local(rank, world, *_data(0))
+    # A rank that stays alive but never joins: the others fail after the timeout set here.
+    model = ed.shard_tables(_model(), timeout=datetime.timedelta(seconds=3))
+    model(hidden, ids).sum().backward()
+    if rank == 1:
+        time.sleep(8)
+    else:
+        start = time.monotonic()
+        try:
+            model(hidden, ids)
+        except RuntimeError as err:
+            elapsed = time.monotonic() - start
+            assert "exchange of table" in str(err) and elapsed < 30, (elapsed, err)
+            print(f"timed out after {elapsed:.1f} s: {str(err)[:200]}")
+        else:
+            raise AssertionError("no error while a rank was missing")
+    # A rank that dies mid-step: the others fail (here, long before the timeout).
+    model = ed.shard_tables(_model(), timeout=datetime.timedelta(seconds=20))
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        model(hidden, ids)
+    except RuntimeError as err:
+        elapsed = time.monotonic() - start
+        assert "exchange of table" in str(err) and elapsed < 30, (elapsed, err)
+        print(f"peer death noticed after {elapsed:.1f} s")
+    else:
+        raise AssertionError("no error after a rank died")
+
+
+def _worker(argv):
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    scenario, tmp, *rest = argv
+    dist.init_process_group("gloo", init_method="file://" + os.environ["ENGRAM_RDV"], rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        globals()["scenario_" + scenario](rank, world, tmp, *rest)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # no teardown collectives: they could wait on the others
+    print("PASS", flush=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
