@@ -14,7 +14,7 @@ The corpus is the Python standard library's source, as in
 examples/train_tiny_lm.py (nothing is downloaded): a BPE tokenizer is trained
 on the training files, held-out files are never trained on.
 
-    python examples/allocation_sweep.py --out runs/alloc            # default
+    python examples/allocation_sweep.py --out runs/alloc            # default: ~25 min on 2 free cores (estimated)
     python examples/allocation_sweep.py --out runs/alloc --quick    # < 3 min, CI
 
 Writes to --out: allocation.json (per point: the plan, the parameter
