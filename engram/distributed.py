@@ -350,6 +350,9 @@ def shard_tables(model: nn.Module, group=None, *, init_seed: Optional[int] = Non
                              "the shards by global row")
     group = _default_group(group, timeout)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError(f"shard_tables: this process (global rank {dist.get_rank()}) is not in group; every "
+                         "rank that calls shard_tables must belong to the group")
 
     # The layout check, on every rank before any step: all ranks must shard equal tables.
     layers = _layers_by_table(model)
