@@ -14,7 +14,7 @@ parameters but memorise nothing), and the backbone without Engram. The gap
 between the one-row control and the sized tables is what memory adds beyond
 the extra dense parameters, at this scale.
 
-    python examples/memory_scaling.py --out runs/memory            # default: ~25 min on 2 free cores (estimated)
+    python examples/memory_scaling.py --out runs/memory            # default: 16 min measured on 2 shared cores (--threads 1, load 4.5)
     python examples/memory_scaling.py --out runs/memory --quick    # < 3 min, CI
 
 Writes to --out: memory_scaling.json (raw points per seed, the controls, the
@@ -40,7 +40,7 @@ import allocation_sweep as sweep  # noqa: E402  (corpus, model, training loop)
 import engram  # noqa: E402
 from engram import integrations, moe  # noqa: E402
 
-DEFAULTS = dict(sweep.DEFAULTS, head_sizes="128,362,1024,2896,8192", steps=1000)
+DEFAULTS = dict(sweep.DEFAULTS, head_sizes="128,362,1024,2896,8192", steps=500)
 QUICK = dict(sweep.QUICK, head_sizes="16,48,128,384,1024", steps=20)
 
 
