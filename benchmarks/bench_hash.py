@@ -3,6 +3,12 @@ reference release (engram.reference.ngram_hash) and the same statement in
 plain PyTorch ops (engram.reference.ngram_hash_torch), same inputs, one run.
 
     python benchmarks/bench_hash.py [--batch 8] [--seq 4096] [--family deepseek] [--device cpu|cuda]
+    python benchmarks/bench_hash.py --levels [--threads 1,2]   # every CPU ISA level, per thread count
+
+--levels times the CPU hash at each ISA level this CPU runs (engram.ops.use_cpu_isa)
+and thread count, against the numpy reference at the same thread count, and prints
+ns per id next to the memory-write floor: the output's bytes divided by the
+bandwidth of a copy of the same size (torch copy_, same threads).
 """
 
 import argparse
@@ -25,6 +31,8 @@ def main() -> None:
     parser.add_argument("--family", choices=["deepseek", "xxh64"], default="deepseek")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the numpy peer always runs on the CPU)")
+    parser.add_argument("--levels", action="store_true", help="every CPU ISA level and --threads, with the write floor")
+    parser.add_argument("--threads", default="1,2", help="thread counts for --levels")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -77,6 +85,9 @@ def main() -> None:
         timer = Timer("f()", globals={"f": fn}, num_threads=torch.get_num_threads())
         return timer.blocked_autorange(min_run_time=args.min_run_time).median
 
+    if args.levels:
+        return per_level(args, hasher, ids, reference_hash, timed)
+
     rows = [(f"NgramHasher.hash (engram, fused, {device.type})", timed(lambda: hasher.hash(ids_dev)))]
     if args.family == "deepseek":
         rows.append(("numpy reference (reference.ngram_hash, cpu)", timed(reference_hash)))
@@ -86,6 +97,29 @@ def main() -> None:
         print(f"  {name:<{width}}  {sec * 1e3:9.3f} ms  {tokens / sec / 1e6:8.2f} M tokens/s")
     for name, sec in rows[1:]:
         print(f"  speed-up vs {name.split(' (')[0]}: {sec / rows[0][1]:.1f}x")
+
+
+def per_level(args, hasher, ids, reference_hash, timed) -> None:
+    from engram import ops
+
+    out = hasher.hash(ids)
+    n_ids = sum(v.numel() for v in out.values())
+    out_bytes = n_ids * 8
+    src, dst = torch.randint(0, 100, (n_ids,)), torch.empty(n_ids, dtype=torch.int64)
+    print(f"ids per call {n_ids}, output {out_bytes / 2**20:.1f} MiB")
+    print(f"{'level':<8} {'threads':>7} {'engram ms':>10} {'numpy ms':>9} {'ratio':>7} {'ns/id':>7} "
+          f"{'copy GB/s':>9} {'floor ns/id':>11} {'to floor':>8}")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        copy_s = timed(lambda: dst.copy_(src))
+        floor_ns = copy_s / n_ids * 1e9
+        for level in ops.cpu_isa_levels():
+            with ops.use_cpu_isa(level):
+                ours = timed(lambda: hasher.hash(ids))
+            theirs = timed(reference_hash)
+            print(f"{level:<8} {threads:>7} {ours * 1e3:>10.3f} {theirs * 1e3:>9.3f} {theirs / ours:>6.1f}x "
+                  f"{ours / n_ids * 1e9:>7.3f} {out_bytes / copy_s / 1e9:>9.1f} {floor_ns:>11.3f} "
+                  f"{ours / copy_s:>7.2f}x")
 
 
 if __name__ == "__main__":

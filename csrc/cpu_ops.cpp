@@ -154,11 +154,11 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   plan.out = out.data_ptr<int64_t>();
   plan.stream_output = cpu::stream_output_ok(plan);
 
-  // The avx512 level (x86-64-v4) includes the AVX-512F/DQ the reduction needs;
-  // scalar and avx2 use the scalar Barrett reduction.
-  const bool use_avx512 = cpu::current_cpu_isa() == cpu::CpuIsa::kAvx512 && heads.f64_exact;
+  // avx2 and avx512 reduce in exact double arithmetic when every head allows
+  // it (kernels/hash_cpu.h); otherwise, and at the scalar level, Barrett.
+  const cpu::CpuIsa isa = cpu::hash_isa(cpu::current_cpu_isa(), heads);
   at::parallel_for(0, B * T, kHashGrain, [&](int64_t begin, int64_t end) {
-    cpu::hash_tokens(plan, use_avx512, begin, end);
+    cpu::hash_tokens(plan, isa, begin, end);
   });
   return out;
 }

@@ -1,11 +1,14 @@
 // CPU token loop of the n-gram hash (spec §3), torch-free.
 //
-// Two reductions produce bit-identical ids:
+// Three reductions produce bit-identical ids:
 //  - ScalarReducer: Barrett reduction (FastMod), any divisor, any x86-64/ARM.
-//  - Avx512Reducer: the 8 heads of one order in one AVX-512 vector, in exact
-//    double arithmetic; picked at run time when the ISA level in use is
-//    avx512 (kernels/cpu_isa.h) and every head size is below kF64MaxDivisor (one reduction step instead of
-//    two below kF64OneStepMaxDivisor).
+//  - Avx2Reducer: the heads of one order 4 at a time in AVX2 vectors, in
+//    exact double arithmetic (FMA); the avx2 level.
+//  - Avx512Reducer: the same arithmetic 8 heads at a time; the avx512 level.
+// The double-precision reductions need every head size below kF64MaxDivisor
+// (one reduction step instead of two below kF64OneStepMaxDivisor); otherwise
+// every level takes the scalar one. hash_tokens runs the kernel through
+// run_for_isa (kernels/cpu_isa.h), so each level's version is compiled for it.
 #pragma once
 
 #include <cstdint>
@@ -38,8 +41,8 @@ struct HashPlan {
   const double* reciprocal_f64 = nullptr;  // 1 / p
   const double* two32_mod_p_f64 = nullptr; // 2^32 mod p
   int64_t* out = nullptr;  // [L, B, T, K]
-  bool f64_one_step = false;  // AVX-512 path: every head size below kF64OneStepMaxDivisor
-  // AVX-512 path only: write 8-head blocks with non-temporal stores. Requires
+  bool f64_one_step = false;  // double-precision paths: every head size below kF64OneStepMaxDivisor
+  // avx2 / avx512 paths only: write 8-head blocks with non-temporal stores. Requires
   // heads_per_order % 8 == 0 and `out` 64-byte aligned; see stream_output_ok().
   bool stream_output = false;
 };
@@ -78,6 +81,67 @@ struct ScalarReducer {
 };
 
 #if defined(ENGRAM_X86_SIMD)
+// The AVX2 version of the double-precision reduction (Avx512Reducer below
+// has the steps and the proof that every one is exact). Heads go 4 to a
+// vector. AVX2 has no double -> int64 conversion: r is an integer in [0, p)
+// with p < 2^26, so r + 2^52 is exact and its bit pattern is that of 2^52
+// with r in the low mantissa bits; XOR with the bits of 2^52 leaves r.
+// kStream: as Avx512Reducer (two 32-byte non-temporal stores fill one line).
+// Compiled with the avx2 level's exact target (the feature set of run_avx2),
+// so that flatten inlines it there: GCC keeps a callee with another feature
+// set out of line.
+#if defined(ENGRAM_CPU_MULTIVERSION)
+template <bool kStream, bool kOneStep>
+struct Avx2Reducer {
+  template <bool kSigned, int kHeads>
+  __attribute__((target(ENGRAM_TARGET_AVX2))) static inline void reduce(uint64_t value, const HashPlan& plan,
+                                                                int64_t head_base, int heads, int64_t* dst) {
+    const int H = kHeads > 0 ? kHeads : heads;
+    const double hi = kSigned ? static_cast<double>(static_cast<int64_t>(value) >> 32)
+                              : static_cast<double>(value >> 32);
+    const __m256d vhi = _mm256_set1_pd(hi);
+    const __m256d vlo = _mm256_set1_pd(static_cast<double>(value & 0xffffffffu));
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256d round_shift = _mm256_set1_pd(6755399441055744.0);  // 1.5 * 2^52
+    const __m256d two52 = _mm256_set1_pd(4503599627370496.0);        // 2^52
+    const double* P = plan.divisor_f64 + head_base;
+    const double* INV = plan.reciprocal_f64 + head_base;
+    const double* C = plan.two32_mod_p_f64 + head_base;
+    const int64_t* offsets = plan.offsets ? plan.offsets + head_base : nullptr;
+    for (int j = 0; j < H; j += 4) {
+      const bool whole = H - j >= 4;
+      // Lanes below H - j: the mask load and store touch no head past H.
+      const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(H - j), _mm256_setr_epi64x(0, 1, 2, 3));
+      const __m256d p = whole ? _mm256_loadu_pd(P + j) : _mm256_maskload_pd(P + j, m);
+      const __m256d inv = whole ? _mm256_loadu_pd(INV + j) : _mm256_maskload_pd(INV + j, m);
+      const __m256d c = whole ? _mm256_loadu_pd(C + j) : _mm256_maskload_pd(C + j, m);
+      __m256d a = vhi;
+      if (!kOneStep) {
+        const __m256d q_hi = _mm256_sub_pd(_mm256_fmadd_pd(vhi, inv, round_shift), round_shift);
+        a = _mm256_fnmadd_pd(q_hi, p, vhi);
+      }
+      const __m256d x = _mm256_fmadd_pd(a, c, vlo);
+      const __m256d q = _mm256_sub_pd(_mm256_fmadd_pd(x, inv, round_shift), round_shift);
+      __m256d r = _mm256_fnmadd_pd(q, p, x);
+      r = _mm256_add_pd(r, _mm256_and_pd(_mm256_cmp_pd(r, zero, _CMP_LT_OQ), p));
+      __m256i ids = _mm256_xor_si256(_mm256_castpd_si256(_mm256_add_pd(r, two52)), _mm256_castpd_si256(two52));
+      if (offsets) {
+        const __m256i off = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + j))
+                                  : _mm256_maskload_epi64(reinterpret_cast<const long long*>(offsets + j), m);
+        ids = _mm256_add_epi64(ids, off);
+      }
+      if (kStream) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + j), ids);
+      } else if (whole) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), ids);
+      } else {
+        _mm256_maskstore_epi64(reinterpret_cast<long long*>(dst + j), m, ids);
+      }
+    }
+  }
+};
+#endif  // ENGRAM_CPU_MULTIVERSION
+
 // kStream: store each 8-head block (one 64-byte line) with a non-temporal
 // store. Set only when the blocks are 64-byte aligned and the output is too
 // big to stay in cache: it skips reading every output line before writing it.
@@ -92,6 +156,21 @@ struct Avx512Reducer {
   // Each quotient only needs to be within one of the nearest integer, so it is
   // rounded by adding and subtracting 1.5 * 2^52 (cheaper than roundscale);
   // every product and difference is an integer below 2^53, hence exact.
+  // Why exact, for every 64-bit value and every p < 2^26 (kF64MaxDivisor):
+  //  - hi and lo (|hi| <= 2^32, 0 <= lo < 2^32) convert to double exactly.
+  //  - inv = fl(1/p) has relative error <= 2^-53, so for |y| < 2^53
+  //    |y*inv - y/p| < 1/p; the FMA adds 1.5*2^52 (ulp 1) with one rounding,
+  //    so q is an integer with |q - y/p| <= 1/2 + 1/p. (p a power of two:
+  //    inv is exact and |q - y/p| <= 1/2.) Hence |y - q*p| <= p/2 + 1 < p for
+  //    p >= 3, and <= p/2 for p = 1, 2.
+  //  - fnmadd computes y - q*p with one rounding of an exact integer of
+  //    magnitude < p < 2^53: exact. So |a| <= p/2 + 1 < 2^25 + 1.
+  //  - x = a*c + lo with c < p: |x| < (2^25 + 1) * 2^26 + 2^32 < 2^53 (two
+  //    steps); with one step (p < 2^20, kF64OneStepMaxDivisor) a = hi and
+  //    |x| <= 2^32 * 2^20 + 2^32 < 2^53. The FMA rounds once an exact
+  //    integer below 2^53: exact. x == value (mod p) in both.
+  //  - r = x - q*p is in (-p, p) by the bound above, exact, congruent to the
+  //    value; adding p when negative gives the floor modulo in [0, p).
   template <bool kSigned, int kHeads>
   __attribute__((target("avx512f,avx512dq"))) static inline void reduce(uint64_t value, const HashPlan& plan,
                                                                          int64_t head_base, int heads, int64_t* dst) {
@@ -198,19 +277,22 @@ inline void hash_tokens_scalar(const HashPlan& plan, int64_t begin, int64_t end)
 }
 
 #if defined(ENGRAM_X86_SIMD)
-__attribute__((target("avx512f,avx512dq"))) inline void hash_tokens_avx512(const HashPlan& plan, int64_t begin,
-                                                                           int64_t end) {
+// The double-precision reductions (Avx2Reducer / Avx512Reducer), streamed or
+// not, one step or two. Inlined into the level's run_for_isa wrapper, which
+// compiles it for that level.
+template <template <bool, bool> class Reducer>
+inline void hash_tokens_f64(const HashPlan& plan, int64_t begin, int64_t end) {
   if (plan.stream_output) {
     if (plan.f64_one_step) {
-      dispatch_token_range<Avx512Reducer<true, true>>(plan, begin, end);
+      dispatch_token_range<Reducer<true, true>>(plan, begin, end);
     } else {
-      dispatch_token_range<Avx512Reducer<true, false>>(plan, begin, end);
+      dispatch_token_range<Reducer<true, false>>(plan, begin, end);
     }
     _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the caller joins
   } else if (plan.f64_one_step) {
-    dispatch_token_range<Avx512Reducer<false, true>>(plan, begin, end);
+    dispatch_token_range<Reducer<false, true>>(plan, begin, end);
   } else {
-    dispatch_token_range<Avx512Reducer<false, false>>(plan, begin, end);
+    dispatch_token_range<Reducer<false, false>>(plan, begin, end);
   }
 }
 #endif
@@ -244,19 +326,33 @@ struct HeadConstants {
   }
 };
 
-// Hashes [begin, end) with the AVX-512 reduction if use_avx512 (the caller
-// checked the CPU, the ISA level and the head sizes), else the scalar one.
-// Counted in cpu_isa_calls, so tests can tell which one ran.
-inline void hash_tokens(const HashPlan& plan, bool use_avx512, int64_t begin, int64_t end) {
+// The level hash_tokens should run for a plan at ISA level `isa`: the
+// double-precision reductions need every head below kF64MaxDivisor, else the
+// scalar (Barrett) one runs at every level.
+inline CpuIsa hash_isa(CpuIsa isa, const HeadConstants& heads) { return heads.f64_exact ? isa : CpuIsa::kScalar; }
+
+// Hashes [begin, end) with the reduction of `isa` (from hash_isa; at most the
+// best level of this CPU), through run_for_isa, so cpu_isa_calls counts the
+// version that ran. The stream_output plans of avx2 / avx512 write with
+// non-temporal stores; the scalar reduction ignores stream_output.
+inline void hash_tokens(const HashPlan& plan, CpuIsa isa, int64_t begin, int64_t end) {
+  run_for_isa(isa, [&](auto level) {
+    constexpr CpuIsa kIsa = decltype(level)::value;
 #if defined(ENGRAM_X86_SIMD)
-  if (use_avx512) {
-    note_cpu_isa_call(CpuIsa::kAvx512);
-    return hash_tokens_avx512(plan, begin, end);
-  }
+    if constexpr (kIsa == CpuIsa::kAvx512) {
+      hash_tokens_f64<Avx512Reducer>(plan, begin, end);
+#if defined(ENGRAM_CPU_MULTIVERSION)
+    } else if constexpr (kIsa == CpuIsa::kAvx2) {
+      hash_tokens_f64<Avx2Reducer>(plan, begin, end);
 #endif
-  (void)use_avx512;
-  note_cpu_isa_call(CpuIsa::kScalar);
-  hash_tokens_scalar(plan, begin, end);
+    } else {
+      hash_tokens_scalar(plan, begin, end);
+    }
+#else
+    (void)kIsa;
+    hash_tokens_scalar(plan, begin, end);
+#endif
+  });
 }
 
 }  // namespace cpu

@@ -122,15 +122,53 @@ def test_gradcheck_at_each_level(level):
 @pytest.mark.parametrize("family", ["deepseek", "xxh64"])
 @pytest.mark.parametrize("shape", [(3, 97), (2, 8192)])  # (2, 8192): a 2 MiB output, streamed on avx512
 def test_hash_bit_exact_at_each_level(level, family, shape):
-    # Head sizes below 2^26 (the reference's): the AVX-512 reduction on avx512,
-    # the scalar one below it.
+    # Head sizes below 2^26 (the reference's): the double-precision reduction
+    # of the level on avx2 and avx512, Barrett on scalar.
     require(level)
     cfg = EngramConfig(hash=family)
     table = random_compression(129_280, 99_092)
     ids = torch.randint(0, 129_280, shape)
-    got = run_at(level, lambda: NgramHasher(cfg, table).hash(ids), ran="avx512" if level == "avx512" else "scalar")
+    got = run_at(level, lambda: NgramHasher(cfg, table).hash(ids))
     want = reference_ids(cfg, table, ids)
     for layer_id in cfg.layer_ids:
+        np.testing.assert_array_equal(got[layer_id].numpy(), want[layer_id])
+
+
+def edge_ids(vocab, pad_id, kind):
+    if kind == "largest_id":  # the largest token id everywhere, and next to the pad
+        ids = torch.full((2, 19), vocab - 1)
+        ids[1, ::3] = pad_id
+        return ids
+    if kind == "pad_runs":  # long runs of the pad id, at the start, middle and end
+        ids = torch.randint(0, vocab, (3, 40))
+        ids[:, :9] = pad_id
+        ids[1, 15:30] = pad_id
+        ids[2, 33:] = pad_id
+        return ids
+    if kind == "t1":
+        return torch.randint(0, vocab, (5, 1))
+    return torch.randint(0, vocab, (4, 3000))  # random and big: many different mixes per head
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("family", ["deepseek", "xxh64"])
+@pytest.mark.parametrize("kind", ["largest_id", "pad_runs", "t1", "random_big"])
+@pytest.mark.parametrize("sizes", [[129280 * 5, 129280 * 5], [1009, 2**20 + 7], [2**26 - 2**12, 2**22]])
+def test_hash_edge_inputs_at_each_level(level, family, kind, sizes):
+    # Every head's column against the reference at head primes below 2^20
+    # (one reduction step), between 2^20 and 2^26 (two) and small ones, N=3
+    # and N=4 with a tail of heads (H=5 at N=4: vectors of 4 and 8 plus a rest).
+    require(level)
+    n, h = (3, 8) if sizes[0] == 129280 * 5 else (4, 5)
+    cfg = EngramConfig(hash=family, engram_vocab_size=sizes + [3001] * (n - 1 - len(sizes)), max_ngram_size=n,
+                       n_head_per_ngram=h, n_embed_per_ngram=8 * h, layer_ids=[1, 15])
+    vocab = 129_280
+    table = random_compression(vocab, 99_092)
+    ids = edge_ids(vocab, cfg.pad_id, kind)
+    got = run_at(level, lambda: NgramHasher(cfg, table).hash(ids))
+    want = reference_ids(cfg, table, ids)
+    for layer_id in cfg.layer_ids:
+        assert got[layer_id].shape[-1] == (n - 1) * h
         np.testing.assert_array_equal(got[layer_id].numpy(), want[layer_id])
 
 

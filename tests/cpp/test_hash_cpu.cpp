@@ -1,7 +1,9 @@
-// The CPU token loop: the AVX-512 and the scalar reductions give identical ids.
+// The CPU token loop: the double-precision reductions of the avx2 and avx512
+// levels give the ids of the scalar (Barrett) one, streamed or not.
 #include <gtest/gtest.h>
 
 #include <climits>
+#include <cstdio>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -11,8 +13,24 @@
 
 namespace {
 
+using engram::cpu::CpuIsa;
 using engram::cpu::HashPlan;
 using engram::cpu::HeadConstants;
+
+// The levels above scalar that this CPU and build run; the others are named
+// in a note, as a skip would be.
+std::vector<CpuIsa> vector_levels() {
+  std::vector<CpuIsa> out;
+  for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (static_cast<int>(isa) <= static_cast<int>(engram::cpu::best_cpu_isa())) {
+      out.push_back(isa);
+    } else {
+      std::printf("note: level %s skipped: this machine's CPU (or this build) lacks it\n",
+                  engram::cpu::cpu_isa_name(isa));
+    }
+  }
+  return out;
+}
 
 struct Case {
   int B, T, L, N, H;
@@ -21,7 +39,7 @@ struct Case {
 };
 
 // stream: write into a 64-byte aligned buffer with the non-temporal-store path.
-std::vector<int64_t> run(const Case& c, bool avx512, std::vector<int64_t>& x, std::vector<int64_t>& keys,
+std::vector<int64_t> run(const Case& c, CpuIsa isa, std::vector<int64_t>& x, std::vector<int64_t>& keys,
                          std::vector<int64_t>& sizes, std::vector<int64_t>& offsets, bool stream = false) {
   const int K = (c.N - 1) * c.H;
   HeadConstants heads(sizes.data(), static_cast<int64_t>(sizes.size()));
@@ -47,13 +65,17 @@ std::vector<int64_t> run(const Case& c, bool avx512, std::vector<int64_t>& x, st
   plan.stream_output = stream;
   // Two uneven ranges, as parallel_for hands them out.
   const int64_t tokens = static_cast<int64_t>(c.B) * c.T, cut = tokens / 3;
-  engram::cpu::hash_tokens(plan, avx512, 0, cut);
-  engram::cpu::hash_tokens(plan, avx512, cut, tokens);
+  const int64_t calls_before = engram::cpu::cpu_isa_calls[static_cast<int>(isa)].load();
+  engram::cpu::hash_tokens(plan, isa, 0, cut);
+  engram::cpu::hash_tokens(plan, isa, cut, tokens);
+  EXPECT_EQ(engram::cpu::cpu_isa_calls[static_cast<int>(isa)].load(), calls_before + 2)
+      << "the " << engram::cpu::cpu_isa_name(isa) << " version did not run";
   return std::vector<int64_t>(dst, dst + count);
 }
 
-TEST(HashCpu, Avx512EqualsScalar) {
-  if (!engram::cpu::cpu_has_avx512()) GTEST_SKIP() << "this machine's CPU (the test device) lacks AVX-512F/DQ";
+TEST(HashCpu, VectorLevelsEqualScalar) {
+  const auto levels = vector_levels();
+  if (levels.empty()) GTEST_SKIP() << "this machine's CPU (or this build) has neither the avx2 nor the avx512 level";
   std::mt19937_64 rng(5);
   const std::vector<Case> cases = {{2, 37, 2, 3, 8, false, 646400}, {1, 5, 1, 4, 3, false, 1000},
                                    {3, 17, 2, 2, 8, true, 646400},  {1, 9, 3, 3, 11, true, 50000000},
@@ -75,20 +97,25 @@ TEST(HashCpu, Avx512EqualsScalar) {
       }
     }
     ASSERT_EQ(static_cast<int>(sizes.size()), c.L * K);
-    const auto scalar = run(c, false, x, keys, sizes, offsets);
-    EXPECT_EQ(run(c, true, x, keys, sizes, offsets), scalar)
-        << "B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H << " xxh64=" << c.xxh64;
-    if (c.H % 8 == 0) {
-      EXPECT_EQ(run(c, true, x, keys, sizes, offsets, /*stream=*/true), scalar)
-          << "streamed: B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H << " xxh64=" << c.xxh64;
+    const auto scalar = run(c, CpuIsa::kScalar, x, keys, sizes, offsets);
+    for (CpuIsa isa : levels) {
+      const char* name = engram::cpu::cpu_isa_name(isa);
+      EXPECT_EQ(run(c, isa, x, keys, sizes, offsets), scalar)
+          << name << ": B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H << " xxh64=" << c.xxh64;
+      if (c.H % 8 == 0) {
+        EXPECT_EQ(run(c, isa, x, keys, sizes, offsets, /*stream=*/true), scalar)
+            << name << " streamed: B=" << c.B << " T=" << c.T << " N=" << c.N << " H=" << c.H
+            << " xxh64=" << c.xxh64;
+      }
     }
   }
 }
 
 // Tiny and odd divisors (every quotient lands near a rounding boundary) and the
 // extreme 64-bit mixes, on both families.
-TEST(HashCpu, Avx512EqualsScalarOnTinyDivisorsAndExtremeMixes) {
-  if (!engram::cpu::cpu_has_avx512()) GTEST_SKIP() << "this machine's CPU (the test device) lacks AVX-512F/DQ";
+TEST(HashCpu, VectorLevelsEqualScalarOnTinyDivisorsAndExtremeMixes) {
+  const auto levels = vector_levels();
+  if (levels.empty()) GTEST_SKIP() << "this machine's CPU (or this build) has neither the avx2 nor the avx512 level";
   std::mt19937_64 rng(11);
   // The largest size decides between the one-step and the two-step reduction.
   for (int64_t largest : {(int64_t(1) << 20) - 3, (int64_t(1) << 26) - 5}) {
@@ -102,11 +129,14 @@ TEST(HashCpu, Avx512EqualsScalarOnTinyDivisorsAndExtremeMixes) {
       // everything between; a multiplier of 1 leaves small exact values.
       for (int64_t m1 : {int64_t(1), int64_t(-1), INT64_MIN, INT64_MAX, int64_t(rng())}) {
         std::vector<int64_t> keys = {static_cast<int64_t>(rng()), m1};
-        const auto scalar = run(c, false, x, keys, sizes, offsets);
-        EXPECT_EQ(run(c, true, x, keys, sizes, offsets), scalar)
-            << "m1=" << m1 << " xxh64=" << xxh64 << " largest=" << largest;
-        EXPECT_EQ(run(c, true, x, keys, sizes, offsets, /*stream=*/true), scalar)
-            << "m1=" << m1 << " largest=" << largest;
+        const auto scalar = run(c, CpuIsa::kScalar, x, keys, sizes, offsets);
+        for (CpuIsa isa : levels) {
+          const char* name = engram::cpu::cpu_isa_name(isa);
+          EXPECT_EQ(run(c, isa, x, keys, sizes, offsets), scalar)
+              << name << ": m1=" << m1 << " xxh64=" << xxh64 << " largest=" << largest;
+          EXPECT_EQ(run(c, isa, x, keys, sizes, offsets, /*stream=*/true), scalar)
+              << name << " streamed: m1=" << m1 << " largest=" << largest;
+        }
       }
     }
   }
