@@ -295,10 +295,14 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cpu(const at::Tensor& grad_in
 }
 
 // Rows must be in [0, num_rows) and strictly increasing (so no two tasks
-// update one row); checked before anything is written.
-void check_update_rows(const char* op, const at::Tensor& rows, int64_t num_rows) {
-  const int64_t U = rows.numel();
-  const int64_t* r = rows.const_data_ptr<int64_t>();
+// update one row), but for a suffix of -1 (dedup_row_grads_padded's padding),
+// which is skipped; checked before anything is written. Returns the number of
+// rows before the padding.
+int64_t check_update_rows(const char* op, const at::Tensor& rows_in, int64_t num_rows) {
+  const int64_t* r = rows_in.const_data_ptr<int64_t>();
+  int64_t U = rows_in.numel();
+  while (U > 0 && r[U - 1] == -1) --U;
+  const at::Tensor rows = rows_in.narrow(0, 0, U);
   std::atomic<bool> ok{true};
   at::parallel_for(0, U, kSortGrain, [&](int64_t begin, int64_t end) {
     bool good = true;
@@ -308,6 +312,7 @@ void check_update_rows(const char* op, const at::Tensor& rows, int64_t num_rows)
     if (!good) ok.store(false, std::memory_order_relaxed);
   });
   if (!ok.load()) report_bad_update_rows(op, rows, num_rows);
+  return U;
 }
 
 // --- SIMD value type for the float rules (x86-64: SSE2 is the baseline) ----
@@ -455,15 +460,28 @@ struct AdagradRow<float> {
 };
 #endif
 
+// dedup_row_grads, padded to the entries with rows of -1 and zero grads.
+std::tuple<at::Tensor, at::Tensor> dedup_row_grads_padded_cpu(const at::Tensor& grad, const at::Tensor& ids,
+                                                              const std::optional<at::Tensor>& offsets,
+                                                              int64_t num_rows) {
+  const auto [rows, row_grads] = dedup_row_grads_cpu(grad, ids, offsets, num_rows);
+  const int64_t E = ids.numel(), U = rows.size(0);
+  at::Tensor padded_rows = at::full({E}, -1, rows.options());
+  at::Tensor padded_grads = at::zeros({E, row_grads.size(1)}, row_grads.options());
+  padded_rows.narrow(0, 0, U).copy_(rows);
+  padded_grads.narrow(0, 0, U).copy_(row_grads);
+  return {padded_rows, padded_grads};
+}
+
 void rowwise_sgd_update_cpu(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& row_grads_in, double lr,
                             double weight_decay) {
   constexpr const char* op = "rowwise_sgd_update";
-  const int64_t U = check_update_args(op, weight, {}, rows_in, row_grads_in);
+  const int64_t entries = check_update_args(op, weight, {}, rows_in, row_grads_in);
   check_nonnegative(op, "lr", lr);
   check_nonnegative(op, "weight_decay", weight_decay);
-  if (U == 0) return;
+  if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  check_update_rows(op, rows, weight.size(0));
+  const int64_t U = check_update_rows(op, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
     scalar_t* w = weight.data_ptr<scalar_t>();
@@ -479,7 +497,7 @@ void rowwise_adam_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
                              double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                              int64_t step) {
   constexpr const char* op = "rowwise_adam_update";
-  const int64_t U = check_update_args(
+  const int64_t entries = check_update_args(
       op, weight, {{"exp_avg", exp_avg, false}, {"exp_avg_sq", exp_avg_sq, false}}, rows_in, row_grads_in);
   check_nonnegative(op, "lr", lr);
   check_beta(op, "beta1", beta1);
@@ -487,9 +505,9 @@ void rowwise_adam_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
   check_positive(op, "eps", eps);
   check_nonnegative(op, "weight_decay", weight_decay);
   check_step(op, step);
-  if (U == 0) return;
+  if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  check_update_rows(op, rows, weight.size(0));
+  const int64_t U = check_update_rows(op, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
     scalar_t* w = weight.data_ptr<scalar_t>();
@@ -507,13 +525,13 @@ void rowwise_adam_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
 void rowwise_adagrad_update_cpu(at::Tensor& weight, at::Tensor& sum_sq, const at::Tensor& rows_in,
                                 const at::Tensor& row_grads_in, double lr, double eps, double weight_decay) {
   constexpr const char* op = "rowwise_adagrad_update";
-  const int64_t U = check_update_args(op, weight, {{"sum_sq", sum_sq, true}}, rows_in, row_grads_in);
+  const int64_t entries = check_update_args(op, weight, {{"sum_sq", sum_sq, true}}, rows_in, row_grads_in);
   check_nonnegative(op, "lr", lr);
   check_positive(op, "eps", eps);
   check_nonnegative(op, "weight_decay", weight_decay);
-  if (U == 0) return;
+  if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  check_update_rows(op, rows, weight.size(0));
+  const int64_t U = check_update_rows(op, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
     scalar_t* w = weight.data_ptr<scalar_t>();
@@ -529,6 +547,7 @@ void rowwise_adagrad_update_cpu(at::Tensor& weight, at::Tensor& sum_sq, const at
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
   m.impl("dedup_row_grads", &dedup_row_grads_cpu);
+  m.impl("dedup_row_grads_padded", &dedup_row_grads_padded_cpu);
   m.impl("rowwise_sgd_update", &rowwise_sgd_update_cpu);
   m.impl("rowwise_adagrad_update", &rowwise_adagrad_update_cpu);
   m.impl("rowwise_adam_update", &rowwise_adam_update_cpu);

@@ -285,6 +285,14 @@ TORCH_LIBRARY(engram, m) {
   // ids [..., K] (+ offsets [K]) -> (rows [U] int64, strictly increasing;
   // row_grads [U, Dh], each row's entries summed in entry order in opmath).
   m.def("dedup_row_grads(Tensor grad, Tensor ids, Tensor? offsets, SymInt num_rows) -> (Tensor, Tensor)");
+  // The same, sized by the entries instead of the distinct rows, so that CUDA
+  // needs no host sync (a training step can then be captured in a CUDA graph):
+  // rows [E] (E = ids.numel()), the U distinct rows then E - U padding rows of
+  // -1; row_grads [E, Dh], zero in the padding. The first U rows equal
+  // dedup_row_grads' output (bit for bit on the CPU). On CUDA a row outside
+  // the table is reported like every deferred CUDA error and all rows are -1.
+  // The rowwise_*_update ops skip a -1 suffix on the CPU.
+  m.def("dedup_row_grads_padded(Tensor grad, Tensor ids, Tensor? offsets, SymInt num_rows) -> (Tensor, Tensor)");
   // In-place updates of the rows `rows` (strictly increasing, as
   // dedup_row_grads returns them) of weight [R, Dh] and its state, given their
   // summed gradients row_grads [U, Dh]; rules in kernels/optim_math.h.

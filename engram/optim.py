@@ -62,6 +62,7 @@ __all__ = [
     "make_rowwise",
     "table_parameters",
     "dedup_row_grads",
+    "dedup_row_grads_padded",
     "rowwise_sgd_update",
     "rowwise_adagrad_update",
     "rowwise_adam_update",
@@ -82,6 +83,17 @@ def dedup_row_grads(
     the touched rows and the sum of each one's gradients, added in entry order
     (deterministic; on the CPU equal to the dense gradient's rows bit for bit)."""
     return _ops.dedup_row_grads(grad, ids, offsets, num_rows)
+
+
+def dedup_row_grads_padded(
+    grad: torch.Tensor, ids: torch.Tensor, offsets: Optional[torch.Tensor], num_rows: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dedup_row_grads` with outputs sized by the entries E = ids.numel()
+    (known without reading the ids, so CUDA needs no host sync): rows [E], the
+    distinct rows then -1 padding; row_grads [E, Dh], zero in the padding. The
+    rows before the padding equal dedup_row_grads' (bit for bit on the CPU).
+    The CPU update ops skip the padding."""
+    return _ops.dedup_row_grads_padded(grad, ids, offsets, num_rows)
 
 
 def rowwise_sgd_update(weight, rows, row_grads, lr: float, weight_decay: float = 0.0) -> None:
@@ -122,6 +134,20 @@ def _dedup_row_grads_fake(grad, ids, offsets, num_rows):
     # U, the number of distinct rows, is only known once the ids are read.
     num_unique = torch.library.get_ctx().new_dynamic_size()
     return ids.new_empty((num_unique,)), grad.new_empty((num_unique, grad.shape[-1]))
+
+
+@torch.library.register_fake("engram::dedup_row_grads_padded")
+def _dedup_row_grads_padded_fake(grad, ids, offsets, num_rows):
+    for name, t in (("ids", ids), ("offsets", offsets)):
+        _checks.check_same_device("dedup_row_grads_padded", "grad", grad, name, t)
+    if grad.dim() != ids.dim() + 1:
+        raise ValueError(
+            f"dedup_row_grads_padded: grad has shape {list(grad.shape)}; expected ids.shape + [Dh] with ids.shape "
+            f"{list(ids.shape)}"
+        )
+    # Sized by the entries: known statically (the point of the padded op).
+    entries = ids.numel()
+    return ids.new_empty((entries,)), grad.new_empty((entries, grad.shape[-1]))
 
 
 def _update_fake(op: str, names: Sequence[str]):

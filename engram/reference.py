@@ -381,6 +381,16 @@ def dedup_row_grads(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor
     return rows, sums[rows]
 
 
+def dedup_row_grads_padded(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor | None, num_rows: int):
+    """dedup_row_grads padded to ids.numel() rows: rows of -1, zero sums."""
+    rows, sums = dedup_row_grads(grad, ids, offsets, num_rows)
+    entries, u = ids.numel(), rows.numel()
+    padded_rows = torch.full((entries,), -1, dtype=torch.int64)
+    padded_sums = torch.zeros(entries, grad.shape[-1], dtype=torch.float64)
+    padded_rows[:u], padded_sums[:u] = rows, sums
+    return padded_rows, padded_sums
+
+
 def rowwise_sgd(weight, rows, row_grads, lr: float, weight_decay: float = 0.0) -> torch.Tensor:
     w = weight.double().clone()
     g = row_grads.double() + weight_decay * w[rows]

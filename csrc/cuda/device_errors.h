@@ -31,6 +31,7 @@ enum DeviceErrorOp : int {
   kOpSgdUpdate,
   kOpAdagradUpdate,
   kOpAdamUpdate,
+  kOpDedupRowGradsPadded,
   kNumDeviceErrorOps
 };
 

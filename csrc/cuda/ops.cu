@@ -43,6 +43,7 @@ constexpr OpNames kOpNames[kNumDeviceErrorOps] = {
     {"rowwise_sgd_update", "rows", "weight.size(0)", false},
     {"rowwise_adagrad_update", "rows", "weight.size(0)", false},
     {"rowwise_adam_update", "rows", "weight.size(0)", false},
+    {"dedup_row_grads_padded", "ids", "num_rows", false},
 };
 
 struct DeviceErrorState {
@@ -188,6 +189,16 @@ void check_update_rows_on_device(RowwiseRule rule, const at::Tensor& rows, int64
   const int64_t n = rows.numel();
   cuda::check_update_rows_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, stream>>>(
       rows.const_data_ptr<int64_t>(), n, num_rows, skip, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_entry_rows_on_device(const at::Tensor& ids, const int64_t* offsets, int64_t K, int64_t num_rows,
+                                cudaStream_t stream) {
+  const DeviceErrorSlot err = device_error_slot(ids.device(), kOpDedupRowGradsPadded);
+  const int64_t n = ids.numel();
+  at::Tensor rows = at::empty({n}, ids.options().dtype(at::kLong));  // scratch: only the reports matter
+  cuda::entry_rows_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, stream>>>(
+      ids.const_data_ptr<int64_t>(), offsets, K, n, num_rows, rows.data_ptr<int64_t>(), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

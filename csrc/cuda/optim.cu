@@ -91,6 +91,83 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cuda(const at::Tensor& grad_i
   return {unique_rows, row_grads};
 }
 
+// dedup_row_grads with every size bounded by the entries E instead of read
+// back (no host sync, so it can be captured): the same kernels, run over E
+// rows and E pieces. The arrays are pre-filled so that the padding is
+// harmless: pieces past the last start at E (an empty piece reads the extra
+// sorted key, entry 0, and its sum is never used), rows past the last start at
+// the real piece count, and their rows are -1 and their sums zeroed after.
+std::tuple<at::Tensor, at::Tensor> dedup_row_grads_padded_cuda(const at::Tensor& grad_in, const at::Tensor& ids_in,
+                                                               const std::optional<at::Tensor>& offsets,
+                                                               int64_t num_rows) {
+  constexpr const char* op = "dedup_row_grads_padded";
+  const int64_t K = check_dedup_args(grad_in, ids_in, offsets, num_rows);
+  const c10::cuda::OptionalCUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const int64_t* offset_ptr = offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr;
+  const int64_t E = ids.numel(), Dh = grad.size(-1);
+  const auto long_options = ids.options().dtype(at::kLong);
+  at::Tensor unique_rows = at::full({E}, -1, long_options);
+  at::Tensor row_grads = at::empty({E, Dh}, grad.options());
+  if (E == 0) return {unique_rows, row_grads};
+  const optim::KeyLayout layout = optim::KeyLayout::make(static_cast<uint64_t>(E), static_cast<uint64_t>(num_rows));
+  TORCH_CHECK_VALUE(layout.entry_bits + layout.row_bits <= 63, op, ": ", E, " entries of a ", num_rows,
+                    "-row table need more than 63 key bits; split the batch");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  check_entry_rows_on_device(ids, offset_ptr, K, num_rows, stream);
+
+  at::Tensor keys = at::empty({E}, long_options);
+  at::Tensor bad = at::zeros({1}, ids.options().dtype(at::kInt));
+  cuda_optim::dedup_keys_kernel<<<blocks_for(E), kThreads, 0, stream>>>(
+      ids.const_data_ptr<int64_t>(), offset_ptr, K, E, num_rows, layout, keys.data_ptr<int64_t>(),
+      bad.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // One extra key (0: entry 0) for the empty padding pieces to read.
+  const at::Tensor sorted = at::cat({std::get<0>(at::sort(keys)), at::zeros({1}, long_options)});
+
+  at::Tensor head_pos = at::empty({E}, long_options);
+  cuda_optim::run_heads_kernel<<<blocks_for(E), kThreads, 0, stream>>>(sorted.const_data_ptr<int64_t>(), E, layout,
+                                                                         head_pos.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor run_start = std::get<0>(at::cummax(head_pos, 0));
+  at::Tensor flags = at::empty({2, E}, long_options);
+  cuda_optim::run_flags_kernel<<<blocks_for(E), kThreads, 0, stream>>>(run_start.const_data_ptr<int64_t>(), E,
+                                                                         flags.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor scans = at::cumsum(flags, 1);
+
+  // Rows u >= U start (and end) at the piece count P, read on the device; the
+  // kernel writes row_first_piece[E] = E, read only by the padding row E - 1
+  // (P < E whenever U < E: P == E means every run has one entry). Pieces
+  // p >= P start at E.
+  at::Tensor row_first_piece = scans.select(0, 1).narrow(0, E - 1, 1).expand({E + 1}).contiguous();
+  at::Tensor piece_start = at::full({E + 1}, E, long_options);
+  cuda_optim::segments_kernel<<<blocks_for(E), kThreads, 0, stream>>>(
+      sorted.const_data_ptr<int64_t>(), scans.const_data_ptr<int64_t>(), E, /*num_unique=*/E, /*num_pieces=*/E,
+      layout, unique_rows.data_ptr<int64_t>(), row_first_piece.data_ptr<int64_t>(), piece_start.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor partial = at::empty({E, Dh}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    cuda_optim::piece_sums_kernel<scalar_t, acc_t><<<blocks_for(E * kWarp), kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), Dh, sorted.const_data_ptr<int64_t>(), layout,
+        piece_start.const_data_ptr<int64_t>(), E, partial.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda_optim::row_sums_kernel<scalar_t, acc_t><<<blocks_for(E * kWarp), kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), Dh, row_first_piece.const_data_ptr<int64_t>(), E,
+        row_grads.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // A bad id (reported above) updates nothing: every row becomes padding.
+  unique_rows.masked_fill_(bad.to(at::kBool), -1);
+  row_grads.masked_fill_(unique_rows.lt(0).unsqueeze(1), 0);
+  finish_checked_launch(grad.device(), stream);
+  return {unique_rows, row_grads};
+}
+
 // Rows in [0, num_rows), strictly increasing: checked on the device with no
 // host sync (so a training step can be captured); on a bad row the update
 // writes nothing and the error is raised like every deferred CUDA error
@@ -179,6 +256,7 @@ void rowwise_adagrad_update_cuda(at::Tensor& weight, at::Tensor& sum_sq, const a
 
 TORCH_LIBRARY_IMPL(engram, CUDA, m) {
   m.impl("dedup_row_grads", &dedup_row_grads_cuda);
+  m.impl("dedup_row_grads_padded", &dedup_row_grads_padded_cuda);
   m.impl("rowwise_sgd_update", &rowwise_sgd_update_cuda);
   m.impl("rowwise_adagrad_update", &rowwise_adagrad_update_cuda);
   m.impl("rowwise_adam_update", &rowwise_adam_update_cuda);

@@ -18,6 +18,12 @@ enum class RowwiseRule : int { kSgd, kAdagrad, kAdam };
 void check_update_rows_on_device(RowwiseRule rule, const at::Tensor& rows, int64_t num_rows, int* skip,
                                  cudaStream_t stream);
 
+// ids [E] int64 (+ offsets [K], a device pointer or null): a row outside
+// [0, num_rows) is reported as dedup_row_grads_padded's deferred error, with
+// no host sync.
+void check_entry_rows_on_device(const at::Tensor& ids, const int64_t* offsets, int64_t K, int64_t num_rows,
+                                cudaStream_t stream);
+
 // As in device_errors.h: in sync-check mode (outside capture), waits for the
 // stream and raises what the kernels reported.
 void finish_checked_launch(const at::Device& device, cudaStream_t stream);
