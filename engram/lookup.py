@@ -5,7 +5,8 @@ ahead of time. Its backward chooses, by the module's explicit state:
 
 1. ``module.table_optimizer`` with ``fused_backward``: the row-wise update of
    the looked-up rows, run through the module's update listeners (a
-   prefetcher orders it against its gathers);
+   prefetcher orders it against its gathers); on CUDA with the padded row
+   sums (``dedup_row_grads_padded``: rows of -1 at the end), so no host sync;
 2. ``module.sparse``: a sparse COO table gradient (as nn.Embedding(sparse=True));
 3. otherwise the dense table gradient op.
 
@@ -58,7 +59,13 @@ class _TableLookup(torch.autograd.Function):
             grad = grad.to(table.device)
         optimizer = module.table_optimizer
         if optimizer is not None and optimizer.fused_backward:
-            rows, row_grads = _ops.dedup_row_grads(grad, ids, offsets, table.shape[0])
+            if table.is_cuda:
+                # Sized by the entries, padded with rows of -1 that the update
+                # skips: no host sync for the row count, so the step can be
+                # captured in a CUDA graph.
+                rows, row_grads = _ops.dedup_row_grads_padded(grad, ids, offsets, table.shape[0])
+            else:
+                rows, row_grads = _ops.dedup_row_grads(grad, ids, offsets, table.shape[0])
             module.run_table_update(lambda: optimizer.update(table, rows, row_grads), rows)
             return (None, *none)
         return (ops.table_gradient(grad, ids, offsets, table.shape[0], module.sparse), *none)

@@ -289,7 +289,9 @@ class Prefetcher:
 
         def before_update(table, update, rows):
             prefetcher = ref()
-            if prefetcher is None or prefetcher._closed:
+            # A table on an accelerator is never gathered (see _lookup), so
+            # there is nothing to order; its rows may hold -1 padding.
+            if prefetcher is None or prefetcher._closed or table.device.type != "cpu":
                 return update()
             prefetcher._update_table(table, update, rows, patch=True)
 

@@ -128,13 +128,16 @@ __global__ void row_sums_kernel(const acc_t* partial, int64_t dim, const int64_t
 }
 
 // The update kernels write nothing when *skip is set: the rows' check
-// (kernels/update_rows_cuda.cuh) found a bad row and reported it.
+// (kernels/update_rows_cuda.cuh) found a bad row and reported it. A row of -1
+// (dedup_row_grads_padded's padding, a suffix) is skipped; one warp per row,
+// so the whole warp skips it together and no shuffle loses a lane.
 template <typename T>
 __global__ void sgd_rows_kernel(T* weight, const int64_t* rows, const T* row_grads, int64_t n, int64_t dim,
                                 optim::SgdCoeffs<T> c, const int* skip) {
   if (*skip) return;
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
+    if (rows[u] < 0) continue;
     T* w = weight + rows[u] * dim;
     const T* g = row_grads + u * dim;
     for (int64_t d = lane; d < dim; d += kWarp) optim::sgd_update(w[d], g[d], c);
@@ -147,6 +150,7 @@ __global__ void adam_rows_kernel(T* weight, T* exp_avg, T* exp_avg_sq, const int
   if (*skip) return;
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
+    if (rows[u] < 0) continue;
     const int64_t base = rows[u] * dim;
     const T* g = row_grads + u * dim;
     for (int64_t d = lane; d < dim; d += kWarp) {
@@ -164,6 +168,7 @@ __global__ void adagrad_rows_kernel(T* weight, T* sum_sq, const int64_t* rows, c
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
     const int64_t r = rows[u];
+    if (r < 0) continue;
     T* w = weight + r * dim;
     const T* g = row_grads + u * dim;
     T lane_sum = T(0);

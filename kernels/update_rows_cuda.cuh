@@ -18,11 +18,12 @@ constexpr int kUpdateRowsUnordered = 6;  // rows[index - 1] = value, rows[index]
 
 // *skip = 1 (and one report) if a row is outside [0, num_rows) or the rows are
 // not strictly increasing; the update kernels then write nothing, as the CPU
-// ops, which raise before writing.
+// ops, which raise before writing. A suffix of -1 rows (padding) is allowed.
 static __global__ void check_update_rows_kernel(const int64_t* rows, int64_t n, int64_t num_rows, int* skip,
                                                 DeviceErrorSlot err) {
   ENGRAM_GRID_STRIDE(u, n) {
     const int64_t r = rows[u];
+    if (r == -1 && (u + 1 == n || rows[u + 1] == -1)) continue;  // padding
     if (r < 0 || r >= num_rows) {
       *skip = 1;
       report_device_error(err, kUpdateRowOutOfRange, u, r, 0, num_rows, -1);

@@ -225,3 +225,32 @@ def test_cuda_padded_bad_ids_deferred_and_all_padding():
             optim.dedup_row_grads_padded(grad, ids, offsets, 8)
     finally:
         engram.set_cuda_sync_checks(previous)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam"])
+def test_cuda_fused_rowwise_step_has_no_host_sync_and_matches_cpu(rule):
+    """The fused backward on a CUDA table uses the padded row sums: a whole
+    lookup + backward + update runs under set_sync_debug_mode("error") and
+    gives the CPU's table (rows with at most 32 entries: same sums)."""
+    from engram.layer import MultiHeadEmbedding
+
+    torch.manual_seed(0)
+    cpu = MultiHeadEmbedding([97, 89], 8)
+    gpu = MultiHeadEmbedding([97, 89], 8).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    opts = [optim.make_rowwise(m, rule, lr=0.1) for m in (cpu, gpu)]
+    ids = torch.randint(0, 89, (4, 16, 2))
+    for module, device in ((cpu, "cpu"), (gpu, "cuda")):
+        module(ids.to(device)).square().sum().backward()  # warm-up: error record, kernels
+    torch.cuda.synchronize()
+    gpu_ids = ids.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu(gpu_ids).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu(ids).square().sum().backward()
+    torch.testing.assert_close(gpu.embedding.weight.detach().cpu(), cpu.embedding.weight.detach(),
+                               rtol=1e-6, atol=1e-6)
+    del opts

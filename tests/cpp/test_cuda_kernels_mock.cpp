@@ -380,6 +380,11 @@ TEST(CudaKernelsMock, CheckUpdateRowsSkipsAndReportsUnsortedAndOutOfRangeRows) {
     EXPECT_EQ(check({-1, 2}, 6), std::make_pair(1, kUpdateRowOutOfRange));
     EXPECT_EQ(check({1, 1}, 6), std::make_pair(1, kUpdateRowsUnordered));
     EXPECT_EQ(check(many, 1400), std::make_pair(0, 0));
+    // dedup_row_grads_padded's padding: -1 only as a suffix.
+    EXPECT_EQ(check({0, 2, -1, -1}, 6), std::make_pair(0, 0));
+    EXPECT_EQ(check({-1, -1}, 6), std::make_pair(0, 0));
+    EXPECT_EQ(check({0, -1, 3}, 6), std::make_pair(1, kUpdateRowOutOfRange));
+    EXPECT_EQ(check({0, -2}, 6), std::make_pair(1, kUpdateRowOutOfRange));
     std::vector<int64_t> swapped = many;
     std::swap(swapped[600], swapped[601]);
     EXPECT_EQ(check(swapped, 1400), std::make_pair(1, kUpdateRowsUnordered));

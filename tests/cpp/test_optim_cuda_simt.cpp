@@ -277,4 +277,40 @@ TEST(OptimCudaSimt, RowUpdatesEqualTheCpuRowsBitForBit) {
   }
 }
 
+TEST(OptimCudaSimt, PaddingRowsAreSkippedByEveryUpdateKernel) {
+  // rows {1, 3} then dedup_row_grads_padded's -1 padding: the same result as rows {1, 3} alone.
+  const int64_t dim = 37, num_rows = 5;
+  std::vector<float> weight(num_rows * dim), state(num_rows * dim), acc(num_rows, 0.5f), grads(4 * dim);
+  for (size_t i = 0; i < weight.size(); ++i) weight[i] = 0.01f * static_cast<float>(i % 17) - 0.05f;
+  for (size_t i = 0; i < grads.size(); ++i) grads[i] = 0.02f * static_cast<float>(i % 11) - 0.1f;
+  const std::vector<int64_t> padded = {1, 3, -1, -1}, plain = {1, 3};
+  const auto sgd = optim::sgd_coeffs<float>(0.1, 0.0);
+  const auto adam = optim::adam_coeffs<float>(1e-3, 0.9, 0.999, 1e-8, 0.0, true, 1);
+  const auto adagrad = optim::adagrad_coeffs<float>(0.05, 1e-10, 0.0);
+  const int run = 0;
+  in_every_shape([&] {
+    for (int rule = 0; rule < 3; ++rule) {
+      SCOPED_TRACE(testing::Message() << "rule " << rule);
+      std::vector<float> w1 = weight, m1 = state, v1 = state, a1 = acc, w2 = weight, m2 = state, v2 = state, a2 = acc;
+      const auto launch = [&](const std::vector<int64_t>& rows, std::vector<float>& w, std::vector<float>& m,
+                              std::vector<float>& v, std::vector<float>& a) {
+        const int64_t U = static_cast<int64_t>(rows.size());
+        launch_1d(U * kWarp, [&] {
+          if (rule == 0) sgd_rows_kernel<float>(w.data(), rows.data(), grads.data(), U, dim, sgd, &run);
+          if (rule == 1)
+            adam_rows_kernel<float>(w.data(), m.data(), v.data(), rows.data(), grads.data(), U, dim, adam, &run);
+          if (rule == 2)
+            adagrad_rows_kernel<float>(w.data(), a.data(), rows.data(), grads.data(), U, dim, adagrad, &run);
+        });
+      };
+      launch(padded, w1, m1, v1, a1);
+      launch(plain, w2, m2, v2, a2);
+      expect_same_bits(w1, w2, "weight");
+      expect_same_bits(m1, m2, "exp_avg");
+      expect_same_bits(a1, a2, "sum_sq");
+      EXPECT_NE(w1, weight);
+    }
+  });
+}
+
 }  // namespace
