@@ -53,6 +53,18 @@ inline unsigned blocks_for(int64_t threads, int64_t max_blocks = 65535) {
 #define ENGRAM_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
+// The (token, d) kernels of the short convolution run a 2-D grid: x covers d
+// in [0, D) (kThreads per block, contiguous), y the tokens, both grid-stride,
+// in 32-bit indices (the launcher checks that tokens and C fit in int32).
+// Nothing is divided per element: a token's position and value row are found
+// once per token, and the branch g is a loop inside each thread.
+inline unsigned token_blocks(int64_t tokens, int64_t max_blocks = 65535) {
+  return static_cast<unsigned>(tokens < 1 ? 1 : (tokens > max_blocks ? max_blocks : tokens));
+}
+#define ENGRAM_TOKEN_STRIDE(tok, n) for (uint32_t tok = blockIdx.y; tok < (n); tok += gridDim.y)
+#define ENGRAM_CHANNEL_STRIDE(d, n) \
+  for (uint32_t d = blockIdx.x * blockDim.x + threadIdx.x; d < (n); d += gridDim.x * blockDim.x)
+
 // kRowLanes consecutive threads per row, grid-stride: the loop bound is the
 // same for every lane of a warp, so all of them take part in each lane_sum.
 #define ENGRAM_ROW_STRIDE(row, n)                                                                \
@@ -214,6 +226,12 @@ struct ShortConvArgs {
   ENGRAM_HD const scalar_t* value_row(int64_t tok) const {
     return value + (tok / T) * value_stride_b + (tok % T) * value_stride_t;
   }
+  // value_row in 32-bit division, with the token's position t in its sequence.
+  ENGRAM_HD const scalar_t* value_row32(uint32_t tok, uint32_t& t) const {
+    const uint32_t b = tok / static_cast<uint32_t>(T);
+    t = tok - b * static_cast<uint32_t>(T);
+    return value + b * value_stride_b + t * value_stride_t;
+  }
 };
 
 // scales [tokens, G] = 1 / rms(gate * value) per branch; kRowLanes threads
@@ -259,15 +277,43 @@ __device__ __forceinline__ acc_t causal_conv_at(const ShortConvArgs<scalar_t>& a
   return y;
 }
 
-// out [tokens, C] = gate * value + SiLU(y); one thread per element.
+// y at (token tok, branch g, d), from the token's position t and value row v
+// (value_row32): tap i reads row tok - lag_i, lag_i rows of value above v.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t causal_conv_row(const ShortConvArgs<scalar_t>& a, const acc_t* scales, uint32_t tok,
+                                                 uint32_t t, const scalar_t* v, uint32_t g, uint32_t d) {
+  const int64_t c = int64_t(g) * a.D + d;
+  const acc_t w = static_cast<acc_t>(a.norm_weight[c]);
+  acc_t y = 0;
+  for (int64_t i = 0; i < a.kernel_size; ++i) {
+    const int64_t lag = conv_tap_lag(i, a.kernel_size, a.dilation);
+    if (t < lag) continue;
+    const int64_t r = (int64_t(tok) - lag) * a.G + g;
+    const acc_t u = static_cast<acc_t>(v[d - lag * a.value_stride_t]) *
+                    (static_cast<acc_t>(a.gate[r]) * scales[r]) * w;
+    y += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + i]) * u;
+  }
+  return y;
+}
+
+// out [tokens, C] = gate * value + SiLU(y); one thread per (token, d), all G
+// branches (the 2-D grid above).
 template <typename scalar_t, typename acc_t>
 __global__ void gated_short_conv_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, scalar_t* out) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.C) {
-    const int64_t tok = i / a.C, c = i - tok * a.C;
-    const int64_t g = c / a.D, d = c - g * a.D;
-    const acc_t y = causal_conv_at(a, scales, tok, c);
-    const acc_t gate = static_cast<acc_t>(a.gate[tok * a.G + g]);
-    out[i] = static_cast<scalar_t>(gate * static_cast<acc_t>(a.value_row(tok)[d]) + silu_from_sigmoid(y, sigmoid(y)));
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  const uint32_t G = static_cast<uint32_t>(a.G);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    uint32_t t;
+    const scalar_t* v = a.value_row32(tok, t);
+    scalar_t* out_row = out + int64_t(tok) * a.C;
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      const acc_t vd = static_cast<acc_t>(v[d]);
+      for (uint32_t g = 0; g < G; ++g) {
+        const acc_t y = causal_conv_row(a, scales, tok, t, v, g, d);
+        const acc_t gate = static_cast<acc_t>(a.gate[int64_t(tok) * G + g]);
+        out_row[g * D + d] = static_cast<scalar_t>(gate * vd + silu_from_sigmoid(y, sigmoid(y)));
+      }
+    }
   }
 }
 

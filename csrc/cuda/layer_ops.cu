@@ -143,6 +143,9 @@ cuda_layer::ShortConvArgs<scalar_t> short_conv_args(const std::array<int64_t, 5>
                                                     const at::Tensor& gate, const at::Tensor& norm_weight,
                                                     const at::Tensor& conv_weight, int64_t dilation) {
   const int64_t B = shape[0], T = shape[1], G = shape[2], D = shape[3], K = shape[4];
+  // The (token, d) kernels index tokens and channels in 32 bits.
+  TORCH_CHECK(B * T <= INT32_MAX, "gated_short_conv: B * T must be at most 2^31 - 1 on CUDA, got B=", B, ", T=", T);
+  TORCH_CHECK(G * D <= INT32_MAX, "gated_short_conv: G * D must be at most 2^31 - 1 on CUDA, got G=", G, ", D=", D);
   // A tap whose lag reaches past the sequence start reads only zeros, so any
   // dilation >= T gives the result of dilation T (and lags stay small).
   return {value.const_data_ptr<scalar_t>(), value.stride(0), value.stride(1), gate.const_data_ptr<scalar_t>(),
@@ -175,7 +178,8 @@ at::Tensor gated_short_conv_cuda(const at::Tensor& value_in, const at::Tensor& g
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = short_conv_args<scalar_t>(shape, value, gate, w, taps, dilation);
     const at::Tensor scales = gated_rms_scales(args, eps, value, stream);
-    cuda_layer::gated_short_conv_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+    cuda_layer::gated_short_conv_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(args.D), cuda_layer::token_blocks(args.tokens())), kThreads, 0, stream>>>(
         args, scales.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

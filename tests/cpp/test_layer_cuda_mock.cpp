@@ -38,6 +38,12 @@ void launch_1d(int64_t threads, F body) {
   simt::launch(blocks_for(threads, g_block_cap), kThreads, body);
 }
 
+// The 2-D launch of the (token, d) kernels: x over d, y over tokens.
+template <typename F>
+void launch_tokens_d(int64_t tokens, int64_t D, F body) {
+  simt::launch(simt::Dim3(blocks_for(D, g_block_cap), token_blocks(tokens, g_block_cap)), kThreads, body);
+}
+
 struct BlockCap {
   explicit BlockCap(int64_t cap) { g_block_cap = cap; }
   ~BlockCap() { g_block_cap = 65535; }
@@ -409,7 +415,7 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
   std::vector<A> scales(tokens * s.G, A(-1));
   std::vector<T> out(tokens * C, T(-1.0));
   launch_1d(tokens * kRowLanes, [&] { gated_rms_scales_kernel<T, A>(a, eps, scales.data()); });
-  launch_1d(tokens * C, [&] { gated_short_conv_kernel<T, A>(a, scales.data(), out.data()); });
+  launch_tokens_d(tokens, s.D, [&] { gated_short_conv_kernel<T, A>(a, scales.data(), out.data()); });
 
   std::vector<A> dy(tokens * C, A(-1)), du(tokens * C, A(-1)), projection(tokens * s.G, A(-1));
   std::vector<T> grad_gate(tokens * s.G, T(-1.0)), grad_value(tokens * s.D, T(-1.0));
