@@ -263,20 +263,6 @@ __device__ __forceinline__ acc_t normalized_input(const ShortConvArgs<scalar_t>&
   return static_cast<acc_t>(a.value_row(tok)[d]) * factor * static_cast<acc_t>(a.norm_weight[c]);
 }
 
-// y = sum_i w[c, i] * u[t - lag_i, c], zero before the sequence start.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t causal_conv_at(const ShortConvArgs<scalar_t>& a, const acc_t* scales, int64_t tok,
-                                                int64_t c) {
-  const int64_t t = tok % a.T;
-  acc_t y = 0;
-  for (int64_t i = 0; i < a.kernel_size; ++i) {
-    const int64_t lag = conv_tap_lag(i, a.kernel_size, a.dilation);
-    if (t < lag) continue;
-    y += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + i]) * normalized_input(a, scales, tok - lag, c);
-  }
-  return y;
-}
-
 // y at (token tok, branch g, d), from the token's position t and value row v
 // (value_row32): tap i reads row tok - lag_i, lag_i rows of value above v.
 template <typename scalar_t, typename acc_t>
@@ -317,14 +303,24 @@ __global__ void gated_short_conv_kernel(ShortConvArgs<scalar_t> a, const acc_t* 
   }
 }
 
-// dy [tokens, C] = grad_out * SiLU'(y); one thread per element.
+// dy [tokens, C] = grad_out * SiLU'(y); one thread per (token, d), all G
+// branches (the 2-D grid above).
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_grad_y_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const scalar_t* grad_out,
                                          acc_t* dy) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.C) {
-    const int64_t tok = i / a.C, c = i - tok * a.C;
-    const acc_t y = causal_conv_at(a, scales, tok, c);
-    dy[i] = static_cast<acc_t>(grad_out[i]) * silu_grad_from_sigmoid(y, sigmoid(y));
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  const uint32_t G = static_cast<uint32_t>(a.G);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    uint32_t t;
+    const scalar_t* v = a.value_row32(tok, t);
+    const int64_t base = int64_t(tok) * a.C;
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      for (uint32_t g = 0; g < G; ++g) {
+        const acc_t y = causal_conv_row(a, scales, tok, t, v, g, d);
+        const int64_t e = base + g * D + d;
+        dy[e] = static_cast<acc_t>(grad_out[e]) * silu_grad_from_sigmoid(y, sigmoid(y));
+      }
+    }
   }
 }
 

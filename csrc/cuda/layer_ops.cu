@@ -213,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
     // dy = d loss / d conv output (before SiLU), du = d loss / d conv input.
     at::Tensor dy = at::empty({tokens, C}, acc_options);
     at::Tensor du = at::empty({tokens, C}, acc_options);
-    cuda_layer::short_conv_grad_y_kernel<scalar_t, acc_t><<<blocks_for(tokens * C), kThreads, 0, stream>>>(
+    cuda_layer::short_conv_grad_y_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, scale_ptr, go, dy.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cuda_layer::short_conv_grad_u_kernel<scalar_t, acc_t><<<blocks_for(tokens * C), kThreads, 0, stream>>>(
