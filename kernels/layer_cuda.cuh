@@ -254,15 +254,6 @@ __global__ void gated_rms_scales_kernel(ShortConvArgs<scalar_t> a, acc_t eps, ac
   }
 }
 
-// u = RMSNorm_g(gate * value) * norm_weight at (token, channel c = g * D + d).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t normalized_input(const ShortConvArgs<scalar_t>& a, const acc_t* scales, int64_t tok,
-                                                  int64_t c) {
-  const int64_t g = c / a.D, d = c - g * a.D;
-  const acc_t factor = static_cast<acc_t>(a.gate[tok * a.G + g]) * scales[tok * a.G + g];
-  return static_cast<acc_t>(a.value_row(tok)[d]) * factor * static_cast<acc_t>(a.norm_weight[c]);
-}
-
 // y at (token tok, branch g, d), from the token's position t and value row v
 // (value_row32): tap i reads row tok - lag_i, lag_i rows of value above v.
 template <typename scalar_t, typename acc_t>
@@ -400,33 +391,60 @@ __global__ void short_conv_grad_value_kernel(ShortConvArgs<scalar_t> a, const ac
 //   [i * C + c]             d conv_weight[c, i] = sum dy[t, c] * u[t - lag_i, c]
 //   [kernel_size * C + c]   d norm_weight[c]    = sum du[t, c] * x_hat[t, c]
 // (tap-major, so that threads of neighbouring c read neighbouring memory);
-// one thread per (chunk, element).
+// one thread per (chunk, element) on a 3-D grid: x over c, y over chunks, z
+// over the kernel_size + 1 taps. The value row and position of a token are
+// stepped from the chunk's first token; c is split into (g, d) once per
+// thread, in 32 bits.
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_weight_partials_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const acc_t* dy,
                                                   const acc_t* du, int64_t tokens_per_chunk, int64_t chunks,
                                                   acc_t* partial) {
-  const int64_t C = a.C, n = (a.kernel_size + 1) * C, tokens = a.tokens();
-  ENGRAM_GRID_STRIDE(i, chunks * n) {
-    const int64_t chunk = i / n, e = i - chunk * n;
-    const int64_t tap = e / C, c = e - tap * C;
-    const int64_t first = chunk * tokens_per_chunk;
-    const int64_t last = first + tokens_per_chunk < tokens ? first + tokens_per_chunk : tokens;
-    acc_t sum = 0;
-    if (tap < a.kernel_size) {
-      const int64_t lag = conv_tap_lag(tap, a.kernel_size, a.dilation);
-      for (int64_t tok = first; tok < last; ++tok) {
-        if (tok % a.T < lag) continue;
-        sum += dy[tok * C + c] * normalized_input(a, scales, tok - lag, c);
+  const uint32_t C = static_cast<uint32_t>(a.C), D = static_cast<uint32_t>(a.D), T = static_cast<uint32_t>(a.T);
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), tap = blockIdx.z;
+  const int64_t n = (a.kernel_size + 1) * a.C;
+  const int64_t row_step = a.value_stride_t, seq_step = a.value_stride_b - (a.T - 1) * a.value_stride_t;
+  for (uint32_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const uint32_t first = chunk * static_cast<uint32_t>(tokens_per_chunk);
+    const uint32_t last = tokens - first > tokens_per_chunk ? first + static_cast<uint32_t>(tokens_per_chunk) : tokens;
+    uint32_t first_t;
+    const scalar_t* first_row = a.value_row32(first, first_t);
+    ENGRAM_CHANNEL_STRIDE(c, C) {
+      const uint32_t g = c / D, d = c - g * D;
+      const scalar_t* v = first_row;
+      uint32_t t = first_t;
+      acc_t sum = 0;
+      if (tap < a.kernel_size) {
+        const int64_t lag = conv_tap_lag(tap, a.kernel_size, a.dilation);
+        const acc_t w = static_cast<acc_t>(a.norm_weight[c]);
+        for (uint32_t tok = first; tok < last; ++tok) {
+          if (t >= lag) {
+            const int64_t r = (int64_t(tok) - lag) * a.G + g;
+            const acc_t u = static_cast<acc_t>(v[d - lag * a.value_stride_t]) *
+                            (static_cast<acc_t>(a.gate[r]) * scales[r]) * w;
+            sum += dy[int64_t(tok) * C + c] * u;
+          }
+          if (++t == T) {  // the next sequence starts
+            t = 0;
+            v += seq_step;
+          } else {
+            v += row_step;
+          }
+        }
+      } else {
+        for (uint32_t tok = first; tok < last; ++tok) {
+          const int64_t r = int64_t(tok) * a.G + g;
+          const acc_t x_hat = static_cast<acc_t>(v[d]) * (static_cast<acc_t>(a.gate[r]) * scales[r]);
+          sum += du[int64_t(tok) * C + c] * x_hat;
+          if (++t == T) {  // the next sequence starts
+            t = 0;
+            v += seq_step;
+          } else {
+            v += row_step;
+          }
+        }
       }
-    } else {
-      const int64_t g = c / a.D, d = c - g * a.D;
-      for (int64_t tok = first; tok < last; ++tok) {
-        const int64_t r = tok * a.G + g;
-        const acc_t x_hat = static_cast<acc_t>(a.value_row(tok)[d]) * (static_cast<acc_t>(a.gate[r]) * scales[r]);
-        sum += du[tok * C + c] * x_hat;
-      }
+      partial[int64_t(chunk) * n + int64_t(tap) * C + c] = sum;
     }
-    partial[i] = sum;
   }
 }
 

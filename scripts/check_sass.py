@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 ALLOWLIST = {
     # kernels/layer_cuda.cuh: the per-element (token, channel) split and the
     # row pointers are int64 / and % (issue 21 part 2: 2-D grids, stepped pointers)
-    "short_conv_weight_partials_kernel": "chunk/tap/channel split per element, tok % T per token",
     "short_conv_grad_u_kernel": "tok/channel split and tok % T per element",
     "short_conv_grad_value_kernel": "tok/d split and value_row per element",
     "short_conv_norm_rows_kernel": "tok/branch split and value_row per row",

@@ -234,8 +234,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
 
     const int64_t chunks = cuda_layer::chunk_count(tokens, cuda_layer::kTokensPerChunk);
     at::Tensor partial = at::empty({chunks, (K + 1) * C}, acc_options);
+    TORCH_CHECK(K + 1 <= 65535, op, ": kernel_size must be below 65535 on CUDA, got ", K);
     cuda_layer::short_conv_weight_partials_kernel<scalar_t, acc_t>
-        <<<blocks_for(partial.numel()), kThreads, 0, stream>>>(args, scale_ptr, dy.const_data_ptr<acc_t>(),
+        <<<dim3(blocks_for(C), cuda_layer::token_blocks(chunks), static_cast<unsigned>(K + 1)), kThreads, 0,
+           stream>>>(args, scale_ptr, dy.const_data_ptr<acc_t>(),
                                                                du.const_data_ptr<acc_t>(),
                                                                cuda_layer::kTokensPerChunk, chunks,
                                                                partial.data_ptr<acc_t>());

@@ -384,20 +384,24 @@ struct ConvResults {
 };
 
 // Runs the kernels the way csrc/cuda/layer_ops.cu launches them, with value
-// rows padded (stride_t = D + 2) to exercise the strided reads.
+// rows padded (stride_t = D + 2, stride_b = T * stride_t + 5) to exercise the
+// strided reads.
 template <typename T>
 ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& value, const std::vector<double>& gate,
                              const std::vector<double>& nw, const std::vector<double>& cw,
                              const std::vector<double>& grad_out, int64_t tokens_per_chunk) {
-  const int64_t tokens = s.B * s.T, C = s.G * s.D, pitch = s.D + 2;
-  std::vector<T> value_buf(tokens * pitch, T(-7.0));
+  // A gap between sequences too (batch_pitch > T * pitch): a kernel that
+  // steps from one sequence into the next must use stride_b.
+  const int64_t tokens = s.B * s.T, C = s.G * s.D, pitch = s.D + 2, batch_pitch = s.T * pitch + 5;
+  std::vector<T> value_buf(s.B * batch_pitch, T(-7.0));
   for (int64_t tok = 0; tok < tokens; ++tok) {
-    for (int64_t d = 0; d < s.D; ++d) value_buf[tok * pitch + d] = static_cast<T>(value[tok * s.D + d]);
+    T* row = value_buf.data() + (tok / s.T) * batch_pitch + (tok % s.T) * pitch;
+    for (int64_t d = 0; d < s.D; ++d) row[d] = static_cast<T>(value[tok * s.D + d]);
   }
   const std::vector<T> gate_t = cast<T>(gate), nw_t = cast<T>(nw), cw_t = cast<T>(cw), go = cast<T>(grad_out);
   ShortConvArgs<T> a;
   a.value = value_buf.data();
-  a.value_stride_b = s.T * pitch;
+  a.value_stride_b = batch_pitch;
   a.value_stride_t = pitch;
   a.gate = gate_t.data();
   a.norm_weight = nw_t.data();
@@ -430,7 +434,9 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = (s.K + 1) * C;
   std::vector<A> partial(chunks * n, A(-1));
   std::vector<T> total(n, T(-1.0));
-  launch_1d(chunks * n, [&] {
+  const simt::Dim3 partials_grid(blocks_for(C, g_block_cap), token_blocks(chunks, g_block_cap),
+                                 static_cast<unsigned>(s.K + 1));  // as csrc/cuda/layer_ops.cu launches it
+  simt::launch(partials_grid, kThreads, [&] {
     short_conv_weight_partials_kernel<T, A>(a, scales.data(), dy.data(), du.data(), tokens_per_chunk, chunks,
                                             partial.data());
   });
