@@ -89,10 +89,13 @@ struct Rows4 {
   const scalar_t* data;
   int64_t stride_b, stride_t, stride_g, T, G;
 
-  // row r of the flattened (b, t, g) index
+  // row r of the flattened (b, t, g) index, split in 32-bit math (the
+  // launcher checks that B * T * G fits in int32): a 64-bit divide is a
+  // ~20-instruction subroutine call on the GPU.
   ENGRAM_HD const scalar_t* row(int64_t r) const {
-    const int64_t g = r % G, bt = r / G;
-    return data + (bt / T) * stride_b + (bt % T) * stride_t + g * stride_g;
+    const uint32_t r32 = static_cast<uint32_t>(r), G32 = static_cast<uint32_t>(G), T32 = static_cast<uint32_t>(T);
+    const uint32_t bt = r32 / G32, g = r32 - bt * G32, b = bt / T32, t = bt - b * T32;
+    return data + b * stride_b + t * stride_t + g * stride_g;
   }
 };
 
@@ -128,7 +131,7 @@ __device__ __forceinline__ GateRowState<acc_t> gate_row_state_lanes(const GateAr
                                                                     acc_t eps) {
   const scalar_t* key = a.keys.row(r);
   const scalar_t* query = a.queries.row(r);
-  const int64_t g = r % a.G;
+  const int64_t g = static_cast<uint32_t>(r) % static_cast<uint32_t>(a.G);
   const scalar_t* wk = a.key_weight + g * a.D;
   const scalar_t* wq = a.query_weight + g * a.D;
   acc_t kk = 0, qq = 0, kq = 0;
@@ -165,7 +168,7 @@ __global__ void context_gate_backward_rows_kernel(GateArgs<scalar_t> a, const sc
     const acc_t rk = st.key_scale, rq = st.query_scale;
     const scalar_t* key = a.keys.row(r);
     const scalar_t* query = a.queries.row(r);
-    const int64_t g = r % a.G;
+    const int64_t g = static_cast<uint32_t>(r) % static_cast<uint32_t>(a.G);
     const scalar_t* wk_row = a.key_weight + g * a.D;
     const scalar_t* wq_row = a.query_weight + g * a.D;
     for (int64_t d = row_lane(); d < a.D; d += kRowLanes) {

@@ -34,9 +34,7 @@ ALLOWLIST = {
     "short_conv_grad_value_kernel": "tok/d split and value_row per element",
     "short_conv_norm_rows_kernel": "tok/branch split and value_row per row",
     "gated_rms_scales_kernel": "value_row per token",
-    "context_gate_kernel": "Rows4::row (b, t, g split) per row",
-    "context_gate_backward_rows_kernel": "Rows4::row per row",
-    "context_gate_weight_partials_kernel": "Rows4::row per token, chunk/element split",
+    "context_gate_weight_partials_kernel": "chunk/element and g/d split per element (Rows4::row is 32-bit)",
     # kernels/cuda_kernels.cuh
     "gather_rows_kernel": "entry/chunk split and e % K per 16-byte chunk (issue 21: warp-cooperative gather)",
     "scatter_add_rows_kernel": "entry/column split and e % K per element",

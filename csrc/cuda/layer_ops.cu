@@ -70,6 +70,9 @@ at::Tensor sum_chunks(const at::Tensor& partial, const at::Tensor& like, cudaStr
 template <typename scalar_t>
 cuda_layer::GateArgs<scalar_t> gate_args(const at::Tensor& key, const at::Tensor& hidden, const at::Tensor& wk,
                                          const at::Tensor& wq) {
+  // Rows4::row splits row indices in 32 bits.
+  TORCH_CHECK(key.size(0) * key.size(1) * key.size(2) <= INT32_MAX,
+              "context_gate: B * T * G must be at most 2^31 - 1 on CUDA, got ", key.sizes());
   return {rows4<scalar_t>(key), rows4<scalar_t>(hidden), wk.const_data_ptr<scalar_t>(),
           wq.const_data_ptr<scalar_t>(), key.size(0) * key.size(1) * key.size(2), key.size(2), key.size(3)};
 }
