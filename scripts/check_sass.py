@@ -36,7 +36,6 @@ ALLOWLIST = {
     "gated_rms_scales_kernel": "value_row per token",
     "context_gate_weight_partials_kernel": "chunk/element and g/d split per element (Rows4::row is 32-bit)",
     # kernels/cuda_kernels.cuh
-    "gather_rows_kernel": "entry/chunk split and e % K per 16-byte chunk (issue 21: warp-cooperative gather)",
     "scatter_add_rows_kernel": "entry/column split and e % K per element",
     "sum_sorted_runs_kernel": "position/column split per element (issue 21: split long runs)",
     "entry_rows_kernel": "e % K (head offset) per entry",

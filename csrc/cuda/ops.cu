@@ -214,10 +214,13 @@ namespace {
 void launch_row_gather(const void* table, int64_t num_rows, int64_t row_bytes, const int64_t* ids,
                        const int64_t* offsets, int64_t K, int64_t entries, void* out, DeviceErrorSlot err,
                        cudaStream_t stream) {
+  // gather_rows_kernel indexes entries in 32 bits.
+  TORCH_CHECK(entries <= INT32_MAX, "gather: at most 2^31 - 1 ids on CUDA, got ", entries);
   auto gather = [&](auto chunk) {
     using chunk_t = decltype(chunk);
     const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
-    cuda::gather_rows_kernel<chunk_t><<<cuda::blocks_for(entries * chunks_per_row), cuda::kThreads, 0, stream>>>(
+    cuda::gather_rows_kernel<chunk_t>
+        <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
         static_cast<const chunk_t*>(table), num_rows, chunks_per_row, ids, offsets, K, entries,
         static_cast<chunk_t*>(out), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
