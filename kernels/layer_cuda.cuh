@@ -187,28 +187,30 @@ __global__ void context_gate_backward_rows_kernel(GateArgs<scalar_t> a, const sc
 
 // Stage 1 of the norm weight gradients: partial [chunks, 2, G, D] with
 //   [0] d w_k = sum grad_dot * nq * k_hat,  [1] d w_q = sum grad_dot * nk * q_hat
-// over the tokens of each chunk; one thread per (chunk, element).
+// over the tokens of each chunk; one thread per (chunk, element) on a 3-D
+// grid: x over gd in [0, G * D), y over chunks, z over the two sides. gd
+// splits into (g, d) once per thread, in 32 bits (gate_args checks the sizes).
 template <typename scalar_t, typename acc_t>
 __global__ void context_gate_weight_partials_kernel(GateArgs<scalar_t> a, const acc_t* stats, int64_t tokens,
                                                     int64_t tokens_per_chunk, int64_t chunks, acc_t* partial) {
-  const int64_t GD = a.G * a.D, n = 2 * GD;
-  ENGRAM_GRID_STRIDE(i, chunks * n) {
-    const int64_t chunk = i / n, e = i - chunk * n;
-    const bool query_side = e >= GD;
-    const int64_t gd = query_side ? e - GD : e;
-    const int64_t g = gd / a.D, d = gd - g * a.D;
-    const acc_t wk = static_cast<acc_t>(a.key_weight[gd]), wq = static_cast<acc_t>(a.query_weight[gd]);
-    const int64_t first = chunk * tokens_per_chunk;
+  const uint32_t GD = static_cast<uint32_t>(a.G * a.D), D = static_cast<uint32_t>(a.D);
+  const bool query_side = blockIdx.z == 1;
+  for (uint32_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const int64_t first = int64_t(chunk) * tokens_per_chunk;
     const int64_t last = first + tokens_per_chunk < tokens ? first + tokens_per_chunk : tokens;
-    acc_t sum = 0;
-    for (int64_t tok = first; tok < last; ++tok) {
-      const int64_t r = tok * a.G + g;
-      const acc_t grad_dot = stats[r * kGateStats + 0];
-      const acc_t k_hat = static_cast<acc_t>(a.keys.row(r)[d]) * stats[r * kGateStats + 1];
-      const acc_t q_hat = static_cast<acc_t>(a.queries.row(r)[d]) * stats[r * kGateStats + 2];
-      sum += query_side ? grad_dot * (k_hat * wk) * q_hat : grad_dot * (q_hat * wq) * k_hat;
+    ENGRAM_CHANNEL_STRIDE(gd, GD) {
+      const uint32_t g = gd / D, d = gd - g * D;
+      const acc_t wk = static_cast<acc_t>(a.key_weight[gd]), wq = static_cast<acc_t>(a.query_weight[gd]);
+      acc_t sum = 0;
+      for (int64_t tok = first; tok < last; ++tok) {
+        const int64_t r = tok * a.G + g;
+        const acc_t grad_dot = stats[r * kGateStats + 0];
+        const acc_t k_hat = static_cast<acc_t>(a.keys.row(r)[d]) * stats[r * kGateStats + 1];
+        const acc_t q_hat = static_cast<acc_t>(a.queries.row(r)[d]) * stats[r * kGateStats + 2];
+        sum += query_side ? grad_dot * (k_hat * wk) * q_hat : grad_dot * (q_hat * wq) * k_hat;
+      }
+      partial[(int64_t(chunk) * 2 + blockIdx.z) * GD + gd] = sum;
     }
-    partial[i] = sum;
   }
 }
 

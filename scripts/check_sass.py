@@ -34,7 +34,6 @@ ALLOWLIST = {
     "short_conv_grad_value_kernel": "tok/d split and value_row per element",
     "short_conv_norm_rows_kernel": "tok/branch split and value_row per row",
     "gated_rms_scales_kernel": "value_row per token",
-    "context_gate_weight_partials_kernel": "chunk/element and g/d split per element (Rows4::row is 32-bit)",
     # kernels/cuda_kernels.cuh
     "scatter_add_rows_kernel": "entry/column split and e % K per element",
     "sum_sorted_runs_kernel": "position/column split per element (issue 21: split long runs)",

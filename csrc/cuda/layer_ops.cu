@@ -70,9 +70,9 @@ at::Tensor sum_chunks(const at::Tensor& partial, const at::Tensor& like, cudaStr
 template <typename scalar_t>
 cuda_layer::GateArgs<scalar_t> gate_args(const at::Tensor& key, const at::Tensor& hidden, const at::Tensor& wk,
                                          const at::Tensor& wq) {
-  // Rows4::row splits row indices in 32 bits.
-  TORCH_CHECK(key.size(0) * key.size(1) * key.size(2) <= INT32_MAX,
-              "context_gate: B * T * G must be at most 2^31 - 1 on CUDA, got ", key.sizes());
+  // Rows4::row splits row indices, and the weight partials G * D, in 32 bits.
+  TORCH_CHECK(key.size(0) * key.size(1) * key.size(2) <= INT32_MAX && key.size(2) * key.size(3) <= INT32_MAX,
+              "context_gate: B * T * G and G * D must be at most 2^31 - 1 on CUDA, got ", key.sizes());
   return {rows4<scalar_t>(key), rows4<scalar_t>(hidden), wk.const_data_ptr<scalar_t>(),
           wq.const_data_ptr<scalar_t>(), key.size(0) * key.size(1) * key.size(2), key.size(2), key.size(3)};
 }
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
     const int64_t chunks = cuda_layer::chunk_count(tokens, cuda_layer::kTokensPerChunk);
     at::Tensor partial = at::empty({chunks, 2 * G * D}, acc_options);
     cuda_layer::context_gate_weight_partials_kernel<scalar_t, acc_t>
-        <<<blocks_for(partial.numel()), kThreads, 0, stream>>>(args, stats.const_data_ptr<acc_t>(), tokens,
+        <<<dim3(blocks_for(G * D), cuda_layer::token_blocks(chunks), 2), kThreads, 0, stream>>>(args, stats.const_data_ptr<acc_t>(), tokens,
                                                                cuda_layer::kTokensPerChunk, chunks,
                                                                partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -217,7 +217,8 @@ GateResults run_gate_kernels(const GateShape& s, const std::vector<double>& key,
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = 2 * s.G * s.D;
   std::vector<A> partial(chunks * n, A(-1));
   std::vector<T> total(n, T(-1.0));
-  launch_1d(chunks * n, [&] {
+  // as csrc/cuda/layer_ops.cu launches it: x over G * D, y over chunks, z the two sides
+  simt::launch(simt::Dim3(blocks_for(s.G * s.D, g_block_cap), token_blocks(chunks, g_block_cap), 2), kThreads, [&] {
     context_gate_weight_partials_kernel<T, A>(a, stats.data(), tokens, tokens_per_chunk, chunks, partial.data());
   });
   launch_1d(n, [&] { sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data()); });
