@@ -229,9 +229,11 @@ struct ShortConvArgs {
 
   ENGRAM_HD int64_t tokens() const { return B * T; }
   ENGRAM_HD const scalar_t* value_row(int64_t tok) const {
-    return value + (tok / T) * value_stride_b + (tok % T) * value_stride_t;
+    uint32_t t;
+    return value_row32(static_cast<uint32_t>(tok), t);
   }
-  // value_row in 32-bit division, with the token's position t in its sequence.
+  // The value row of token tok and its position t in its sequence, in 32-bit
+  // division (the launcher checks that B * T * G fits in int32).
   ENGRAM_HD const scalar_t* value_row32(uint32_t tok, uint32_t& t) const {
     const uint32_t b = tok / static_cast<uint32_t>(T);
     t = tok - b * static_cast<uint32_t>(T);
@@ -345,7 +347,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void short_conv_norm_rows_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const acc_t* du,
                                             const scalar_t* grad_out, scalar_t* grad_gate, acc_t* projection) {
   ENGRAM_ROW_STRIDE(r, a.tokens() * a.G) {
-    const int64_t tok = r / a.G, g = r - tok * a.G;
+    const uint32_t tok = static_cast<uint32_t>(r) / static_cast<uint32_t>(a.G);
+    const int64_t g = r - int64_t(tok) * a.G;
     const scalar_t* v = a.value_row(tok);
     const scalar_t* w = a.norm_weight + g * a.D;
     const acc_t* du_row = du + r * a.D;  // [tokens, G, D] = [rows, D]

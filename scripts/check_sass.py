@@ -32,8 +32,6 @@ ALLOWLIST = {
     # row pointers are int64 / and % (issue 21 part 2: 2-D grids, stepped pointers)
     "short_conv_grad_u_kernel": "tok/channel split and tok % T per element",
     "short_conv_grad_value_kernel": "tok/d split and value_row per element",
-    "short_conv_norm_rows_kernel": "tok/branch split and value_row per row",
-    "gated_rms_scales_kernel": "value_row per token",
     # kernels/cuda_kernels.cuh
     "scatter_add_rows_kernel": "entry/column split and e % K per element",
     "sum_sorted_runs_kernel": "position/column split per element (issue 21: split long runs)",

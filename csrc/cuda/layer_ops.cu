@@ -146,8 +146,9 @@ cuda_layer::ShortConvArgs<scalar_t> short_conv_args(const std::array<int64_t, 5>
                                                     const at::Tensor& gate, const at::Tensor& norm_weight,
                                                     const at::Tensor& conv_weight, int64_t dilation) {
   const int64_t B = shape[0], T = shape[1], G = shape[2], D = shape[3], K = shape[4];
-  // The (token, d) kernels index tokens and channels in 32 bits.
-  TORCH_CHECK(B * T <= INT32_MAX, "gated_short_conv: B * T must be at most 2^31 - 1 on CUDA, got B=", B, ", T=", T);
+  // The kernels index tokens, (token, branch) rows and channels in 32 bits.
+  TORCH_CHECK(B * T * G <= INT32_MAX, "gated_short_conv: B * T * G must be at most 2^31 - 1 on CUDA, got B=", B,
+              ", T=", T, ", G=", G);
   TORCH_CHECK(G * D <= INT32_MAX, "gated_short_conv: G * D must be at most 2^31 - 1 on CUDA, got G=", G, ", D=", D);
   // A tap whose lag reaches past the sequence start reads only zeros, so any
   // dilation >= T gives the result of dilation T (and lags stay small).
