@@ -323,19 +323,26 @@ __global__ void short_conv_grad_y_kernel(ShortConvArgs<scalar_t> a, const acc_t*
 }
 
 // du [tokens, C] = sum_i w[c, i] * dy[t + lag_i, c] (within the sequence);
-// one thread per element.
+// one thread per (token, d), all G branches (the 2-D grid above).
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_grad_u_kernel(ShortConvArgs<scalar_t> a, const acc_t* dy, acc_t* du) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.C) {
-    const int64_t tok = i / a.C, c = i - tok * a.C;
-    const int64_t t = tok % a.T;
-    acc_t sum = 0;
-    for (int64_t k = 0; k < a.kernel_size; ++k) {
-      const int64_t lag = conv_tap_lag(k, a.kernel_size, a.dilation);
-      if (t + lag >= a.T) continue;
-      sum += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + k]) * dy[i + lag * a.C];
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  const uint32_t G = static_cast<uint32_t>(a.G), T = static_cast<uint32_t>(a.T);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    const uint32_t t = tok % T;
+    const int64_t base = int64_t(tok) * a.C;
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      for (uint32_t g = 0; g < G; ++g) {
+        const int64_t c = int64_t(g) * D + d, i = base + c;
+        acc_t sum = 0;
+        for (int64_t k = 0; k < a.kernel_size; ++k) {
+          const int64_t lag = conv_tap_lag(k, a.kernel_size, a.dilation);
+          if (t + lag >= a.T) continue;
+          sum += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + k]) * dy[i + lag * a.C];
+        }
+        du[i] = sum;
+      }
     }
-    du[i] = sum;
   }
 }
 

@@ -221,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
         <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, scale_ptr, go, dy.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda_layer::short_conv_grad_u_kernel<scalar_t, acc_t><<<blocks_for(tokens * C), kThreads, 0, stream>>>(
+    cuda_layer::short_conv_grad_u_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, dy.const_data_ptr<acc_t>(), du.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 

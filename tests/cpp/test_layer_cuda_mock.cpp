@@ -425,7 +425,7 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
   std::vector<A> dy(tokens * C, A(-1)), du(tokens * C, A(-1)), projection(tokens * s.G, A(-1));
   std::vector<T> grad_gate(tokens * s.G, T(-1.0)), grad_value(tokens * s.D, T(-1.0));
   launch_tokens_d(tokens, s.D, [&] { short_conv_grad_y_kernel<T, A>(a, scales.data(), go.data(), dy.data()); });
-  launch_1d(tokens * C, [&] { short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data()); });
+  launch_tokens_d(tokens, s.D, [&] { short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data()); });
   launch_1d(tokens * s.G * kRowLanes, [&] {
     short_conv_norm_rows_kernel<T, A>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
   });
