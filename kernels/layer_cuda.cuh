@@ -382,22 +382,26 @@ __global__ void short_conv_norm_rows_kernel(ShortConvArgs<scalar_t> a, const acc
   }
 }
 
-// grad_value [tokens, D] = sum_g gate_g * d value_g; one thread per element.
+// grad_value [tokens, D] = sum_g gate_g * d value_g; one thread per element,
+// on the 2-D (d, token) grid.
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_grad_value_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const acc_t* du,
                                              const scalar_t* grad_out, const acc_t* projection,
                                              scalar_t* grad_value) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.D) {
-    const int64_t tok = i / a.D, d = i - tok * a.D;
-    const acc_t vd = static_cast<acc_t>(a.value_row(tok)[d]);
-    acc_t sum = 0;
-    for (int64_t g = 0; g < a.G; ++g) {
-      const int64_t r = tok * a.G + g, e = r * a.D + d;
-      const acc_t gate = static_cast<acc_t>(a.gate[r]), scale = scales[r];
-      sum += gate * gated_norm_grad_value(scale, du[e], static_cast<acc_t>(a.norm_weight[g * a.D + d]),
-                                          vd * (gate * scale), projection[r], static_cast<acc_t>(grad_out[e]));
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    const scalar_t* v = a.value_row(tok);
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      const acc_t vd = static_cast<acc_t>(v[d]);
+      acc_t sum = 0;
+      for (int64_t g = 0; g < a.G; ++g) {
+        const int64_t r = int64_t(tok) * a.G + g, e = r * a.D + d;
+        const acc_t gate = static_cast<acc_t>(a.gate[r]), scale = scales[r];
+        sum += gate * gated_norm_grad_value(scale, du[e], static_cast<acc_t>(a.norm_weight[g * a.D + d]),
+                                            vd * (gate * scale), projection[r], static_cast<acc_t>(grad_out[e]));
+      }
+      grad_value[int64_t(tok) * D + d] = static_cast<scalar_t>(sum);
     }
-    grad_value[i] = static_cast<scalar_t>(sum);
   }
 }
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 ALLOWLIST = {
     # kernels/layer_cuda.cuh: the per-element (token, channel) split and the
     # row pointers are int64 / and % (issue 21 part 2: 2-D grids, stepped pointers)
-    "short_conv_grad_value_kernel": "tok/d split and value_row per element",
     # kernels/cuda_kernels.cuh
     "scatter_add_rows_kernel": "entry/column split and e % K per element",
     "sum_sorted_runs_kernel": "position/column split per element (issue 21: split long runs)",

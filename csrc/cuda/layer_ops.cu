@@ -232,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
                                                                       go, grad_gate.data_ptr<scalar_t>(),
                                                                       projection.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda_layer::short_conv_grad_value_kernel<scalar_t, acc_t><<<blocks_for(tokens * D), kThreads, 0, stream>>>(
+    cuda_layer::short_conv_grad_value_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, scale_ptr, du.const_data_ptr<acc_t>(), go, projection.const_data_ptr<acc_t>(),
         grad_value.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -429,7 +429,7 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
   launch_1d(tokens * s.G * kRowLanes, [&] {
     short_conv_norm_rows_kernel<T, A>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
   });
-  launch_1d(tokens * s.D, [&] {
+  launch_tokens_d(tokens, s.D, [&] {
     short_conv_grad_value_kernel<T, A>(a, scales.data(), du.data(), go.data(), projection.data(), grad_value.data());
   });
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = (s.K + 1) * C;
