@@ -144,8 +144,8 @@ __global__ void ngram_hash_kernel(HashArgs a) {
 }
 
 // The row of entry e, or -1 (out of range) when id + offset overflows: two
-// negative values could otherwise wrap into a valid row.
-// k is the entry's head, e % K.
+// negative values could otherwise wrap into a valid row. k is the entry's
+// head, e % K, which the kernels find in 32 bits (entries < 2^31).
 __device__ __forceinline__ int64_t table_row_of_head(const int64_t* ids, const int64_t* offsets, int64_t e,
                                                      int64_t k) {
   if (!offsets) return ids[e];
@@ -154,11 +154,8 @@ __device__ __forceinline__ int64_t table_row_of_head(const int64_t* ids, const i
   return ((a ^ sum) & (b ^ sum)) < 0 ? -1 : sum;
 }
 
-__device__ __forceinline__ int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t e) {
-  return table_row_of_head(ids, offsets, e, offsets ? e % K : 0);
-}
 
-// Entry e's id is outside the table (table_row gave a row outside [0, num_rows)).
+// Entry e's id is outside the table (table_row_of_head gave a row outside [0, num_rows)).
 // k is the entry's head, e % K.
 __device__ __forceinline__ void report_bad_row_of_head(const DeviceErrorSlot& err, const int64_t* ids,
                                                        const int64_t* offsets, int64_t e, int64_t k,
@@ -177,10 +174,6 @@ __device__ __forceinline__ void report_bad_row_of_head(const DeviceErrorSlot& er
   }
 }
 
-__device__ __forceinline__ void report_bad_row(const DeviceErrorSlot& err, const int64_t* ids, const int64_t* offsets,
-                                               int64_t K, int64_t e, int64_t num_rows) {
-  report_bad_row_of_head(err, ids, offsets, e, offsets ? e % K : 0, num_rows);
-}
 
 // Block shape of gather_rows_kernel: kGatherLanes threads (a warp) per entry
 // copy its row's chunks c, c + 32, ... (several per thread on long rows), and
@@ -217,19 +210,23 @@ __global__ void gather_rows_kernel(const chunk_t* weight, int64_t num_rows, int6
   }
 }
 
-// acc[row(e), :] += grad[e, :] in opmath precision (atomic: rows repeat).
+// acc[row(e), :] += grad[e, :] in opmath precision (atomic: rows repeat);
+// the gather's launch shape and row lookup: a warp per entry, lanes over d.
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_add_rows_kernel(const scalar_t* grad, int64_t num_rows, int64_t dh, const int64_t* ids,
                                         const int64_t* offsets, int64_t K, int64_t entries, acc_t* acc,
                                         DeviceErrorSlot err) {
-  ENGRAM_GRID_STRIDE(idx, entries * dh) {
-    const int64_t e = idx / dh, d = idx - e * dh;
-    const int64_t row = table_row(ids, offsets, K, e);
+  const uint32_t n = static_cast<uint32_t>(entries), heads = static_cast<uint32_t>(K);
+  for (uint32_t e = blockIdx.y * blockDim.y + threadIdx.y; e < n; e += gridDim.y * blockDim.y) {
+    const uint32_t k = offsets ? e % heads : 0;
+    const int64_t row = table_row_of_head(ids, offsets, e, k);
     if (row < 0 || row >= num_rows) {
-      if (d == 0) report_bad_row(err, ids, offsets, K, e, num_rows);
-    } else {
-      atomicAdd(acc + row * dh + d, static_cast<acc_t>(grad[idx]));
+      if (threadIdx.x == 0) report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
+      continue;
     }
+    const scalar_t* src = grad + int64_t(e) * dh;
+    acc_t* dst = acc + row * dh;
+    for (int64_t d = threadIdx.x; d < dh; d += blockDim.x) atomicAdd(dst + d, static_cast<acc_t>(src[d]));
   }
 }
 
@@ -239,10 +236,12 @@ __global__ void scatter_add_rows_kernel(const scalar_t* grad, int64_t num_rows, 
 // (stable) and sum_sorted_runs_kernel writes each row once.
 __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t entries,
                                   int64_t num_rows, int64_t* rows, DeviceErrorSlot err) {
+  const uint32_t heads = static_cast<uint32_t>(K);  // the launcher checks entries < 2^31
   ENGRAM_GRID_STRIDE(e, entries) {
-    const int64_t row = table_row(ids, offsets, K, e);
+    const uint32_t k = offsets ? static_cast<uint32_t>(e) % heads : 0;
+    const int64_t row = table_row_of_head(ids, offsets, e, k);
     if (row < 0 || row >= num_rows) {
-      report_bad_row(err, ids, offsets, K, e, num_rows);
+      report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
       rows[e] = -1;
     } else {
       rows[e] = row;

@@ -342,6 +342,8 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
   at::Tensor ids = ids_in.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
   const int64_t Dh = grad.size(-1), entries = ids.numel();
+  // The kernels index entries in 32 bits.
+  TORCH_CHECK(entries <= INT32_MAX, "multihead_embedding_backward: at most 2^31 - 1 ids on CUDA, got ", entries);
   const DeviceErrorSlot err = device_error_slot(grad_in.device(), kOpEmbeddingBackward);
   at::Tensor result;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -366,7 +368,7 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     result = at::zeros({num_rows, Dh}, grad.options());
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
       cuda::scatter_add_rows_kernel<scalar_t, scalar_t>
-          <<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
+          <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
               grad.const_data_ptr<scalar_t>(), num_rows, Dh, ids.const_data_ptr<int64_t>(), offset_ptr, K, entries,
               result.data_ptr<scalar_t>(), err);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -317,7 +317,7 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i + 1);
   std::vector<float> acc(R * dh, 0.f);
   ErrorSlot err;
-  launch_1d(static_cast<int64_t>(ids.size()) * dh, [&] {
+  launch_gather(static_cast<int64_t>(ids.size()), [&] {
     scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
                                           static_cast<int64_t>(ids.size()), acc.data(), err.slot());
   });
