@@ -251,18 +251,20 @@ __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, in
 
 // out[row, d] = sum of grad[order[q], d] over the run of q with
 // sorted_rows[q] == row, in acc_t, summed in entry order (the sort is stable)
-// by the thread of the run's first position; out starts zeroed. One thread per
-// (position, d): a warp reads and writes one row's contiguous values.
+// by the warp of the run's first position; out starts zeroed. The gather's
+// launch shape: a warp per position p, its lanes over d (contiguous values).
 template <typename scalar_t, typename acc_t>
 __global__ void sum_sorted_runs_kernel(const scalar_t* grad, int64_t dh, const int64_t* sorted_rows,
                                        const int64_t* order, int64_t entries, scalar_t* out) {
-  ENGRAM_GRID_STRIDE(idx, entries * dh) {
-    const int64_t p = idx / dh, d = idx - p * dh;
+  const uint32_t n = static_cast<uint32_t>(entries);  // the launcher checks entries < 2^31
+  for (uint32_t p = blockIdx.y * blockDim.y + threadIdx.y; p < n; p += gridDim.y * blockDim.y) {
     const int64_t row = sorted_rows[p];
     if (row < 0 || (p > 0 && sorted_rows[p - 1] == row)) continue;  // a bad entry, or not a run's first
-    acc_t sum = 0;
-    for (int64_t q = p; q < entries && sorted_rows[q] == row; ++q) sum += static_cast<acc_t>(grad[order[q] * dh + d]);
-    out[row * dh + d] = static_cast<scalar_t>(sum);
+    for (int64_t d = threadIdx.x; d < dh; d += blockDim.x) {
+      acc_t sum = 0;
+      for (uint32_t q = p; q < n && sorted_rows[q] == row; ++q) sum += static_cast<acc_t>(grad[order[q] * dh + d]);
+      out[row * dh + d] = static_cast<scalar_t>(sum);
+    }
   }
 }
 

@@ -31,7 +31,6 @@ ALLOWLIST = {
     # kernels/layer_cuda.cuh: the per-element (token, channel) split and the
     # row pointers are int64 / and % (issue 21 part 2: 2-D grids, stepped pointers)
     # kernels/cuda_kernels.cuh
-    "sum_sorted_runs_kernel": "position/column split per element (issue 21: split long runs)",
     "ngram_hash_kernel": "only the uint64 instance, taken when L*B*T*K ids exceed 2^32",
     "hash_mods_kernel": "FastMod::make divides once per head: L*K threads, off the per-token path",
     # kernels/optim_cuda.cuh

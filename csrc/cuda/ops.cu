@@ -359,7 +359,7 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     result = at::zeros({num_rows, Dh}, grad.options());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
       cuda::sum_sorted_runs_kernel<scalar_t, at::opmath_type<scalar_t>>
-          <<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
+          <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
               grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(),
               order.const_data_ptr<int64_t>(), entries, result.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -355,7 +355,7 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   std::vector<float> grad(entries * dh);
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 7) - 2.5f;
   std::vector<float> out(R * dh, 0.f);
-  launch_1d(entries * dh, [&] {
+  launch_gather(entries, [&] {
     sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
   });
   std::vector<float> want(R * dh, 0.f);
