@@ -2,13 +2,18 @@
 """Static check of the built CUDA kernels (issue 21): per kernel, its registers
 and local memory (spills) from `cuobjdump -res-usage`, and its 64-bit division
 sites from `cuobjdump -sass`. Fails if a kernel calls the 64-bit div/mod slow
-path and is not in ALLOWLIST, or if an ALLOWLIST entry is no longer needed.
+path inside a loop and is not in ALLOWLIST, or if an ALLOWLIST entry is no
+longer needed (so the list shrinks as kernels are fixed).
 
 In sm_90 SASS a 64-bit `/` or `%` by a value unknown at compile time becomes a
 call (`CALL.REL.NOINC <addr>`) to a subroutine inside the kernel's code whose
 body converts the divisor to float with `I2F.U64.RP` (reciprocal estimate,
 then ~20 integer instructions of correction). A division site here is one such
-call. No GPU needed.
+call; it is "in a loop" when a later branch jumps back over it. A site
+outside every loop runs once per thread (nvcc divides for the trip count of
+a grid-stride loop, for one) and does not fail. Columns: regs, stack and
+local bytes (local > 0: spills or local arrays), div64 (all sites), inloop.
+No GPU needed.
 
     python scripts/check_sass.py [lib.so ...]   # default: build/cuda/lib.*/engram/*.so
 cuobjdump and nvdisasm are found on PATH, else in the pip wheels
