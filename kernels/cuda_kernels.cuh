@@ -144,63 +144,89 @@ __global__ void ngram_hash_kernel(HashArgs a) {
 }
 
 // The row of entry e, or -1 (out of range) when id + offset overflows: two
-// negative values could otherwise wrap into a valid row.
-__device__ __forceinline__ int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t e) {
+// negative values could otherwise wrap into a valid row. k is the entry's
+// head, e % K, which the kernels find in 32 bits (entries < 2^31).
+__device__ __forceinline__ int64_t table_row_of_head(const int64_t* ids, const int64_t* offsets, int64_t e,
+                                                     int64_t k) {
   if (!offsets) return ids[e];
-  const int64_t a = ids[e], b = offsets[e % K];
+  const int64_t a = ids[e], b = offsets[k];
   const int64_t sum = static_cast<int64_t>(static_cast<uint64_t>(a) + static_cast<uint64_t>(b));
   return ((a ^ sum) & (b ^ sum)) < 0 ? -1 : sum;
 }
 
-// Entry e's id is outside the table (table_row gave a row outside [0, num_rows)).
-__device__ __forceinline__ void report_bad_row(const DeviceErrorSlot& err, const int64_t* ids, const int64_t* offsets,
-                                               int64_t K, int64_t e, int64_t num_rows) {
+
+// Entry e's id is outside the table (table_row_of_head gave a row outside [0, num_rows)).
+// k is the entry's head, e % K.
+__device__ __forceinline__ void report_bad_row_of_head(const DeviceErrorSlot& err, const int64_t* ids,
+                                                       const int64_t* offsets, int64_t e, int64_t k,
+                                                       int64_t num_rows) {
   const int64_t id = ids[e];
   if (!offsets) {
     report_device_error(err, kIdOutOfRange, e, id, 0, num_rows, -1);
     return;
   }
-  const int64_t offset = offsets[e % K];
+  const int64_t offset = offsets[k];
   const int64_t sum = static_cast<int64_t>(static_cast<uint64_t>(id) + static_cast<uint64_t>(offset));
   if (((id ^ sum) & (offset ^ sum)) < 0) {
-    report_device_error(err, kIdOffsetOverflow, e, id, offset, num_rows, e % K);
+    report_device_error(err, kIdOffsetOverflow, e, id, offset, num_rows, k);
   } else {
-    report_device_error(err, kIdOutOfRange, e, sum, 0, num_rows, e % K);
+    report_device_error(err, kIdOutOfRange, e, sum, 0, num_rows, k);
   }
 }
 
-// out[e, :] = weight[row(e), :], one thread per chunk of a row. The copy is
-// of bytes, so chunk_t is a plain word of the element's size, or uint4 (16
-// bytes) when rows allow it: one 16-byte load and store instead of 4-8.
+
+// Block shape of gather_rows_kernel: kGatherLanes threads (a warp) per entry
+// copy its row's chunks c, c + 32, ... (several per thread on long rows), and
+// kGatherEntries entries per block; the grid's y covers the entries.
+constexpr int kGatherLanes = 32, kGatherEntries = kThreads / kGatherLanes;
+
+inline unsigned gather_blocks(int64_t entries, int64_t max_blocks = 65535) {
+  const int64_t b = (entries + kGatherEntries - 1) / kGatherEntries;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
+}
+
+// out[e, :] = weight[row(e), :], a warp per entry (above), launched as
+// <<<dim3(1, gather_blocks(entries)), dim3(kGatherLanes, kGatherEntries)>>>.
+// The entry's row is found once per warp, in 32-bit math for its head (the
+// launcher checks entries < 2^31); the chunks are stepped, not divided. The
+// copy is of bytes, so chunk_t is a plain word of the element's size, or uint4
+// (16 bytes) when rows allow it: one 16-byte load and store instead of 4-8.
 template <typename chunk_t>
 __global__ void gather_rows_kernel(const chunk_t* weight, int64_t num_rows, int64_t chunks_per_row,
                                    const int64_t* ids, const int64_t* offsets, int64_t K, int64_t entries,
                                    chunk_t* out, DeviceErrorSlot err) {
-  ENGRAM_GRID_STRIDE(idx, entries * chunks_per_row) {
-    const int64_t e = idx / chunks_per_row, c = idx - e * chunks_per_row;
-    const int64_t row = table_row(ids, offsets, K, e);
+  const uint32_t n = static_cast<uint32_t>(entries), heads = static_cast<uint32_t>(K);
+  for (uint32_t e = blockIdx.y * blockDim.y + threadIdx.y; e < n; e += gridDim.y * blockDim.y) {
+    const uint32_t k = offsets ? e % heads : 0;
+    const int64_t row = table_row_of_head(ids, offsets, e, k);
+    chunk_t* dst = out + int64_t(e) * chunks_per_row;
     if (row < 0 || row >= num_rows) {
-      if (c == 0) report_bad_row(err, ids, offsets, K, e, num_rows);
-      out[idx] = chunk_t{};
+      if (threadIdx.x == 0) report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
+      for (int64_t c = threadIdx.x; c < chunks_per_row; c += blockDim.x) dst[c] = chunk_t{};
     } else {
-      out[idx] = weight[row * chunks_per_row + c];
+      const chunk_t* src = weight + row * chunks_per_row;
+      for (int64_t c = threadIdx.x; c < chunks_per_row; c += blockDim.x) dst[c] = src[c];
     }
   }
 }
 
-// acc[row(e), :] += grad[e, :] in opmath precision (atomic: rows repeat).
+// acc[row(e), :] += grad[e, :] in opmath precision (atomic: rows repeat);
+// the gather's launch shape and row lookup: a warp per entry, lanes over d.
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_add_rows_kernel(const scalar_t* grad, int64_t num_rows, int64_t dh, const int64_t* ids,
                                         const int64_t* offsets, int64_t K, int64_t entries, acc_t* acc,
                                         DeviceErrorSlot err) {
-  ENGRAM_GRID_STRIDE(idx, entries * dh) {
-    const int64_t e = idx / dh, d = idx - e * dh;
-    const int64_t row = table_row(ids, offsets, K, e);
+  const uint32_t n = static_cast<uint32_t>(entries), heads = static_cast<uint32_t>(K);
+  for (uint32_t e = blockIdx.y * blockDim.y + threadIdx.y; e < n; e += gridDim.y * blockDim.y) {
+    const uint32_t k = offsets ? e % heads : 0;
+    const int64_t row = table_row_of_head(ids, offsets, e, k);
     if (row < 0 || row >= num_rows) {
-      if (d == 0) report_bad_row(err, ids, offsets, K, e, num_rows);
-    } else {
-      atomicAdd(acc + row * dh + d, static_cast<acc_t>(grad[idx]));
+      if (threadIdx.x == 0) report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
+      continue;
     }
+    const scalar_t* src = grad + int64_t(e) * dh;
+    acc_t* dst = acc + row * dh;
+    for (int64_t d = threadIdx.x; d < dh; d += blockDim.x) atomicAdd(dst + d, static_cast<acc_t>(src[d]));
   }
 }
 
@@ -210,10 +236,12 @@ __global__ void scatter_add_rows_kernel(const scalar_t* grad, int64_t num_rows, 
 // (stable) and sum_sorted_runs_kernel writes each row once.
 __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, int64_t K, int64_t entries,
                                   int64_t num_rows, int64_t* rows, DeviceErrorSlot err) {
+  const uint32_t heads = static_cast<uint32_t>(K);  // the launcher checks entries < 2^31
   ENGRAM_GRID_STRIDE(e, entries) {
-    const int64_t row = table_row(ids, offsets, K, e);
+    const uint32_t k = offsets ? static_cast<uint32_t>(e) % heads : 0;
+    const int64_t row = table_row_of_head(ids, offsets, e, k);
     if (row < 0 || row >= num_rows) {
-      report_bad_row(err, ids, offsets, K, e, num_rows);
+      report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
       rows[e] = -1;
     } else {
       rows[e] = row;
@@ -223,18 +251,20 @@ __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, in
 
 // out[row, d] = sum of grad[order[q], d] over the run of q with
 // sorted_rows[q] == row, in acc_t, summed in entry order (the sort is stable)
-// by the thread of the run's first position; out starts zeroed. One thread per
-// (position, d): a warp reads and writes one row's contiguous values.
+// by the warp of the run's first position; out starts zeroed. The gather's
+// launch shape: a warp per position p, its lanes over d (contiguous values).
 template <typename scalar_t, typename acc_t>
 __global__ void sum_sorted_runs_kernel(const scalar_t* grad, int64_t dh, const int64_t* sorted_rows,
                                        const int64_t* order, int64_t entries, scalar_t* out) {
-  ENGRAM_GRID_STRIDE(idx, entries * dh) {
-    const int64_t p = idx / dh, d = idx - p * dh;
+  const uint32_t n = static_cast<uint32_t>(entries);  // the launcher checks entries < 2^31
+  for (uint32_t p = blockIdx.y * blockDim.y + threadIdx.y; p < n; p += gridDim.y * blockDim.y) {
     const int64_t row = sorted_rows[p];
     if (row < 0 || (p > 0 && sorted_rows[p - 1] == row)) continue;  // a bad entry, or not a run's first
-    acc_t sum = 0;
-    for (int64_t q = p; q < entries && sorted_rows[q] == row; ++q) sum += static_cast<acc_t>(grad[order[q] * dh + d]);
-    out[row * dh + d] = static_cast<scalar_t>(sum);
+    for (int64_t d = threadIdx.x; d < dh; d += blockDim.x) {
+      acc_t sum = 0;
+      for (uint32_t q = p; q < n && sorted_rows[q] == row; ++q) sum += static_cast<acc_t>(grad[order[q] * dh + d]);
+      out[row * dh + d] = static_cast<scalar_t>(sum);
+    }
   }
 }
 

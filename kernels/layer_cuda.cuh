@@ -53,6 +53,18 @@ inline unsigned blocks_for(int64_t threads, int64_t max_blocks = 65535) {
 #define ENGRAM_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
+// The (token, d) kernels of the short convolution run a 2-D grid: x covers d
+// in [0, D) (kThreads per block, contiguous), y the tokens, both grid-stride,
+// in 32-bit indices (the launcher checks that tokens and C fit in int32).
+// Nothing is divided per element: a token's position and value row are found
+// once per token, and the branch g is a loop inside each thread.
+inline unsigned token_blocks(int64_t tokens, int64_t max_blocks = 65535) {
+  return static_cast<unsigned>(tokens < 1 ? 1 : (tokens > max_blocks ? max_blocks : tokens));
+}
+#define ENGRAM_TOKEN_STRIDE(tok, n) for (uint32_t tok = blockIdx.y; tok < (n); tok += gridDim.y)
+#define ENGRAM_CHANNEL_STRIDE(d, n) \
+  for (uint32_t d = blockIdx.x * blockDim.x + threadIdx.x; d < (n); d += gridDim.x * blockDim.x)
+
 // kRowLanes consecutive threads per row, grid-stride: the loop bound is the
 // same for every lane of a warp, so all of them take part in each lane_sum.
 #define ENGRAM_ROW_STRIDE(row, n)                                                                \
@@ -77,10 +89,13 @@ struct Rows4 {
   const scalar_t* data;
   int64_t stride_b, stride_t, stride_g, T, G;
 
-  // row r of the flattened (b, t, g) index
+  // row r of the flattened (b, t, g) index, split in 32-bit math (the
+  // launcher checks that B * T * G fits in int32): a 64-bit divide is a
+  // ~20-instruction subroutine call on the GPU.
   ENGRAM_HD const scalar_t* row(int64_t r) const {
-    const int64_t g = r % G, bt = r / G;
-    return data + (bt / T) * stride_b + (bt % T) * stride_t + g * stride_g;
+    const uint32_t r32 = static_cast<uint32_t>(r), G32 = static_cast<uint32_t>(G), T32 = static_cast<uint32_t>(T);
+    const uint32_t bt = r32 / G32, g = r32 - bt * G32, b = bt / T32, t = bt - b * T32;
+    return data + b * stride_b + t * stride_t + g * stride_g;
   }
 };
 
@@ -116,7 +131,7 @@ __device__ __forceinline__ GateRowState<acc_t> gate_row_state_lanes(const GateAr
                                                                     acc_t eps) {
   const scalar_t* key = a.keys.row(r);
   const scalar_t* query = a.queries.row(r);
-  const int64_t g = r % a.G;
+  const int64_t g = static_cast<uint32_t>(r) % static_cast<uint32_t>(a.G);
   const scalar_t* wk = a.key_weight + g * a.D;
   const scalar_t* wq = a.query_weight + g * a.D;
   acc_t kk = 0, qq = 0, kq = 0;
@@ -153,7 +168,7 @@ __global__ void context_gate_backward_rows_kernel(GateArgs<scalar_t> a, const sc
     const acc_t rk = st.key_scale, rq = st.query_scale;
     const scalar_t* key = a.keys.row(r);
     const scalar_t* query = a.queries.row(r);
-    const int64_t g = r % a.G;
+    const int64_t g = static_cast<uint32_t>(r) % static_cast<uint32_t>(a.G);
     const scalar_t* wk_row = a.key_weight + g * a.D;
     const scalar_t* wq_row = a.query_weight + g * a.D;
     for (int64_t d = row_lane(); d < a.D; d += kRowLanes) {
@@ -172,28 +187,30 @@ __global__ void context_gate_backward_rows_kernel(GateArgs<scalar_t> a, const sc
 
 // Stage 1 of the norm weight gradients: partial [chunks, 2, G, D] with
 //   [0] d w_k = sum grad_dot * nq * k_hat,  [1] d w_q = sum grad_dot * nk * q_hat
-// over the tokens of each chunk; one thread per (chunk, element).
+// over the tokens of each chunk; one thread per (chunk, element) on a 3-D
+// grid: x over gd in [0, G * D), y over chunks, z over the two sides. gd
+// splits into (g, d) once per thread, in 32 bits (gate_args checks the sizes).
 template <typename scalar_t, typename acc_t>
 __global__ void context_gate_weight_partials_kernel(GateArgs<scalar_t> a, const acc_t* stats, int64_t tokens,
                                                     int64_t tokens_per_chunk, int64_t chunks, acc_t* partial) {
-  const int64_t GD = a.G * a.D, n = 2 * GD;
-  ENGRAM_GRID_STRIDE(i, chunks * n) {
-    const int64_t chunk = i / n, e = i - chunk * n;
-    const bool query_side = e >= GD;
-    const int64_t gd = query_side ? e - GD : e;
-    const int64_t g = gd / a.D, d = gd - g * a.D;
-    const acc_t wk = static_cast<acc_t>(a.key_weight[gd]), wq = static_cast<acc_t>(a.query_weight[gd]);
-    const int64_t first = chunk * tokens_per_chunk;
+  const uint32_t GD = static_cast<uint32_t>(a.G * a.D), D = static_cast<uint32_t>(a.D);
+  const bool query_side = blockIdx.z == 1;
+  for (uint32_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const int64_t first = int64_t(chunk) * tokens_per_chunk;
     const int64_t last = first + tokens_per_chunk < tokens ? first + tokens_per_chunk : tokens;
-    acc_t sum = 0;
-    for (int64_t tok = first; tok < last; ++tok) {
-      const int64_t r = tok * a.G + g;
-      const acc_t grad_dot = stats[r * kGateStats + 0];
-      const acc_t k_hat = static_cast<acc_t>(a.keys.row(r)[d]) * stats[r * kGateStats + 1];
-      const acc_t q_hat = static_cast<acc_t>(a.queries.row(r)[d]) * stats[r * kGateStats + 2];
-      sum += query_side ? grad_dot * (k_hat * wk) * q_hat : grad_dot * (q_hat * wq) * k_hat;
+    ENGRAM_CHANNEL_STRIDE(gd, GD) {
+      const uint32_t g = gd / D, d = gd - g * D;
+      const acc_t wk = static_cast<acc_t>(a.key_weight[gd]), wq = static_cast<acc_t>(a.query_weight[gd]);
+      acc_t sum = 0;
+      for (int64_t tok = first; tok < last; ++tok) {
+        const int64_t r = tok * a.G + g;
+        const acc_t grad_dot = stats[r * kGateStats + 0];
+        const acc_t k_hat = static_cast<acc_t>(a.keys.row(r)[d]) * stats[r * kGateStats + 1];
+        const acc_t q_hat = static_cast<acc_t>(a.queries.row(r)[d]) * stats[r * kGateStats + 2];
+        sum += query_side ? grad_dot * (k_hat * wk) * q_hat : grad_dot * (q_hat * wq) * k_hat;
+      }
+      partial[(int64_t(chunk) * 2 + blockIdx.z) * GD + gd] = sum;
     }
-    partial[i] = sum;
   }
 }
 
@@ -212,7 +229,15 @@ struct ShortConvArgs {
 
   ENGRAM_HD int64_t tokens() const { return B * T; }
   ENGRAM_HD const scalar_t* value_row(int64_t tok) const {
-    return value + (tok / T) * value_stride_b + (tok % T) * value_stride_t;
+    uint32_t t;
+    return value_row32(static_cast<uint32_t>(tok), t);
+  }
+  // The value row of token tok and its position t in its sequence, in 32-bit
+  // division (the launcher checks that B * T * G fits in int32).
+  ENGRAM_HD const scalar_t* value_row32(uint32_t tok, uint32_t& t) const {
+    const uint32_t b = tok / static_cast<uint32_t>(T);
+    t = tok - b * static_cast<uint32_t>(T);
+    return value + b * value_stride_b + t * value_stride_t;
   }
 };
 
@@ -236,66 +261,88 @@ __global__ void gated_rms_scales_kernel(ShortConvArgs<scalar_t> a, acc_t eps, ac
   }
 }
 
-// u = RMSNorm_g(gate * value) * norm_weight at (token, channel c = g * D + d).
+// y at (token tok, branch g, d), from the token's position t and value row v
+// (value_row32): tap i reads row tok - lag_i, lag_i rows of value above v.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t normalized_input(const ShortConvArgs<scalar_t>& a, const acc_t* scales, int64_t tok,
-                                                  int64_t c) {
-  const int64_t g = c / a.D, d = c - g * a.D;
-  const acc_t factor = static_cast<acc_t>(a.gate[tok * a.G + g]) * scales[tok * a.G + g];
-  return static_cast<acc_t>(a.value_row(tok)[d]) * factor * static_cast<acc_t>(a.norm_weight[c]);
-}
-
-// y = sum_i w[c, i] * u[t - lag_i, c], zero before the sequence start.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t causal_conv_at(const ShortConvArgs<scalar_t>& a, const acc_t* scales, int64_t tok,
-                                                int64_t c) {
-  const int64_t t = tok % a.T;
+__device__ __forceinline__ acc_t causal_conv_row(const ShortConvArgs<scalar_t>& a, const acc_t* scales, uint32_t tok,
+                                                 uint32_t t, const scalar_t* v, uint32_t g, uint32_t d) {
+  const int64_t c = int64_t(g) * a.D + d;
+  const acc_t w = static_cast<acc_t>(a.norm_weight[c]);
   acc_t y = 0;
   for (int64_t i = 0; i < a.kernel_size; ++i) {
     const int64_t lag = conv_tap_lag(i, a.kernel_size, a.dilation);
     if (t < lag) continue;
-    y += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + i]) * normalized_input(a, scales, tok - lag, c);
+    const int64_t r = (int64_t(tok) - lag) * a.G + g;
+    const acc_t u = static_cast<acc_t>(v[d - lag * a.value_stride_t]) *
+                    (static_cast<acc_t>(a.gate[r]) * scales[r]) * w;
+    y += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + i]) * u;
   }
   return y;
 }
 
-// out [tokens, C] = gate * value + SiLU(y); one thread per element.
+// out [tokens, C] = gate * value + SiLU(y); one thread per (token, d), all G
+// branches (the 2-D grid above).
 template <typename scalar_t, typename acc_t>
 __global__ void gated_short_conv_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, scalar_t* out) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.C) {
-    const int64_t tok = i / a.C, c = i - tok * a.C;
-    const int64_t g = c / a.D, d = c - g * a.D;
-    const acc_t y = causal_conv_at(a, scales, tok, c);
-    const acc_t gate = static_cast<acc_t>(a.gate[tok * a.G + g]);
-    out[i] = static_cast<scalar_t>(gate * static_cast<acc_t>(a.value_row(tok)[d]) + silu_from_sigmoid(y, sigmoid(y)));
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  const uint32_t G = static_cast<uint32_t>(a.G);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    uint32_t t;
+    const scalar_t* v = a.value_row32(tok, t);
+    scalar_t* out_row = out + int64_t(tok) * a.C;
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      const acc_t vd = static_cast<acc_t>(v[d]);
+      for (uint32_t g = 0; g < G; ++g) {
+        const acc_t y = causal_conv_row(a, scales, tok, t, v, g, d);
+        const acc_t gate = static_cast<acc_t>(a.gate[int64_t(tok) * G + g]);
+        out_row[g * D + d] = static_cast<scalar_t>(gate * vd + silu_from_sigmoid(y, sigmoid(y)));
+      }
+    }
   }
 }
 
-// dy [tokens, C] = grad_out * SiLU'(y); one thread per element.
+// dy [tokens, C] = grad_out * SiLU'(y); one thread per (token, d), all G
+// branches (the 2-D grid above).
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_grad_y_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const scalar_t* grad_out,
                                          acc_t* dy) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.C) {
-    const int64_t tok = i / a.C, c = i - tok * a.C;
-    const acc_t y = causal_conv_at(a, scales, tok, c);
-    dy[i] = static_cast<acc_t>(grad_out[i]) * silu_grad_from_sigmoid(y, sigmoid(y));
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  const uint32_t G = static_cast<uint32_t>(a.G);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    uint32_t t;
+    const scalar_t* v = a.value_row32(tok, t);
+    const int64_t base = int64_t(tok) * a.C;
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      for (uint32_t g = 0; g < G; ++g) {
+        const acc_t y = causal_conv_row(a, scales, tok, t, v, g, d);
+        const int64_t e = base + g * D + d;
+        dy[e] = static_cast<acc_t>(grad_out[e]) * silu_grad_from_sigmoid(y, sigmoid(y));
+      }
+    }
   }
 }
 
 // du [tokens, C] = sum_i w[c, i] * dy[t + lag_i, c] (within the sequence);
-// one thread per element.
+// one thread per (token, d), all G branches (the 2-D grid above).
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_grad_u_kernel(ShortConvArgs<scalar_t> a, const acc_t* dy, acc_t* du) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.C) {
-    const int64_t tok = i / a.C, c = i - tok * a.C;
-    const int64_t t = tok % a.T;
-    acc_t sum = 0;
-    for (int64_t k = 0; k < a.kernel_size; ++k) {
-      const int64_t lag = conv_tap_lag(k, a.kernel_size, a.dilation);
-      if (t + lag >= a.T) continue;
-      sum += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + k]) * dy[i + lag * a.C];
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  const uint32_t G = static_cast<uint32_t>(a.G), T = static_cast<uint32_t>(a.T);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    const uint32_t t = tok % T;
+    const int64_t base = int64_t(tok) * a.C;
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      for (uint32_t g = 0; g < G; ++g) {
+        const int64_t c = int64_t(g) * D + d, i = base + c;
+        acc_t sum = 0;
+        for (int64_t k = 0; k < a.kernel_size; ++k) {
+          const int64_t lag = conv_tap_lag(k, a.kernel_size, a.dilation);
+          if (t + lag >= a.T) continue;
+          sum += static_cast<acc_t>(a.conv_weight[c * a.kernel_size + k]) * dy[i + lag * a.C];
+        }
+        du[i] = sum;
+      }
     }
-    du[i] = sum;
   }
 }
 
@@ -307,7 +354,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void short_conv_norm_rows_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const acc_t* du,
                                             const scalar_t* grad_out, scalar_t* grad_gate, acc_t* projection) {
   ENGRAM_ROW_STRIDE(r, a.tokens() * a.G) {
-    const int64_t tok = r / a.G, g = r - tok * a.G;
+    const uint32_t tok = static_cast<uint32_t>(r) / static_cast<uint32_t>(a.G);
+    const int64_t g = r - int64_t(tok) * a.G;
     const scalar_t* v = a.value_row(tok);
     const scalar_t* w = a.norm_weight + g * a.D;
     const acc_t* du_row = du + r * a.D;  // [tokens, G, D] = [rows, D]
@@ -334,22 +382,26 @@ __global__ void short_conv_norm_rows_kernel(ShortConvArgs<scalar_t> a, const acc
   }
 }
 
-// grad_value [tokens, D] = sum_g gate_g * d value_g; one thread per element.
+// grad_value [tokens, D] = sum_g gate_g * d value_g; one thread per element,
+// on the 2-D (d, token) grid.
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_grad_value_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const acc_t* du,
                                              const scalar_t* grad_out, const acc_t* projection,
                                              scalar_t* grad_value) {
-  ENGRAM_GRID_STRIDE(i, a.tokens() * a.D) {
-    const int64_t tok = i / a.D, d = i - tok * a.D;
-    const acc_t vd = static_cast<acc_t>(a.value_row(tok)[d]);
-    acc_t sum = 0;
-    for (int64_t g = 0; g < a.G; ++g) {
-      const int64_t r = tok * a.G + g, e = r * a.D + d;
-      const acc_t gate = static_cast<acc_t>(a.gate[r]), scale = scales[r];
-      sum += gate * gated_norm_grad_value(scale, du[e], static_cast<acc_t>(a.norm_weight[g * a.D + d]),
-                                          vd * (gate * scale), projection[r], static_cast<acc_t>(grad_out[e]));
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), D = static_cast<uint32_t>(a.D);
+  ENGRAM_TOKEN_STRIDE(tok, tokens) {
+    const scalar_t* v = a.value_row(tok);
+    ENGRAM_CHANNEL_STRIDE(d, D) {
+      const acc_t vd = static_cast<acc_t>(v[d]);
+      acc_t sum = 0;
+      for (int64_t g = 0; g < a.G; ++g) {
+        const int64_t r = int64_t(tok) * a.G + g, e = r * a.D + d;
+        const acc_t gate = static_cast<acc_t>(a.gate[r]), scale = scales[r];
+        sum += gate * gated_norm_grad_value(scale, du[e], static_cast<acc_t>(a.norm_weight[g * a.D + d]),
+                                            vd * (gate * scale), projection[r], static_cast<acc_t>(grad_out[e]));
+      }
+      grad_value[int64_t(tok) * D + d] = static_cast<scalar_t>(sum);
     }
-    grad_value[i] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -358,33 +410,60 @@ __global__ void short_conv_grad_value_kernel(ShortConvArgs<scalar_t> a, const ac
 //   [i * C + c]             d conv_weight[c, i] = sum dy[t, c] * u[t - lag_i, c]
 //   [kernel_size * C + c]   d norm_weight[c]    = sum du[t, c] * x_hat[t, c]
 // (tap-major, so that threads of neighbouring c read neighbouring memory);
-// one thread per (chunk, element).
+// one thread per (chunk, element) on a 3-D grid: x over c, y over chunks, z
+// over the kernel_size + 1 taps. The value row and position of a token are
+// stepped from the chunk's first token; c is split into (g, d) once per
+// thread, in 32 bits.
 template <typename scalar_t, typename acc_t>
 __global__ void short_conv_weight_partials_kernel(ShortConvArgs<scalar_t> a, const acc_t* scales, const acc_t* dy,
                                                   const acc_t* du, int64_t tokens_per_chunk, int64_t chunks,
                                                   acc_t* partial) {
-  const int64_t C = a.C, n = (a.kernel_size + 1) * C, tokens = a.tokens();
-  ENGRAM_GRID_STRIDE(i, chunks * n) {
-    const int64_t chunk = i / n, e = i - chunk * n;
-    const int64_t tap = e / C, c = e - tap * C;
-    const int64_t first = chunk * tokens_per_chunk;
-    const int64_t last = first + tokens_per_chunk < tokens ? first + tokens_per_chunk : tokens;
-    acc_t sum = 0;
-    if (tap < a.kernel_size) {
-      const int64_t lag = conv_tap_lag(tap, a.kernel_size, a.dilation);
-      for (int64_t tok = first; tok < last; ++tok) {
-        if (tok % a.T < lag) continue;
-        sum += dy[tok * C + c] * normalized_input(a, scales, tok - lag, c);
+  const uint32_t C = static_cast<uint32_t>(a.C), D = static_cast<uint32_t>(a.D), T = static_cast<uint32_t>(a.T);
+  const uint32_t tokens = static_cast<uint32_t>(a.tokens()), tap = blockIdx.z;
+  const int64_t n = (a.kernel_size + 1) * a.C;
+  const int64_t row_step = a.value_stride_t, seq_step = a.value_stride_b - (a.T - 1) * a.value_stride_t;
+  for (uint32_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const uint32_t first = chunk * static_cast<uint32_t>(tokens_per_chunk);
+    const uint32_t last = tokens - first > tokens_per_chunk ? first + static_cast<uint32_t>(tokens_per_chunk) : tokens;
+    uint32_t first_t;
+    const scalar_t* first_row = a.value_row32(first, first_t);
+    ENGRAM_CHANNEL_STRIDE(c, C) {
+      const uint32_t g = c / D, d = c - g * D;
+      const scalar_t* v = first_row;
+      uint32_t t = first_t;
+      acc_t sum = 0;
+      if (tap < a.kernel_size) {
+        const int64_t lag = conv_tap_lag(tap, a.kernel_size, a.dilation);
+        const acc_t w = static_cast<acc_t>(a.norm_weight[c]);
+        for (uint32_t tok = first; tok < last; ++tok) {
+          if (t >= lag) {
+            const int64_t r = (int64_t(tok) - lag) * a.G + g;
+            const acc_t u = static_cast<acc_t>(v[d - lag * a.value_stride_t]) *
+                            (static_cast<acc_t>(a.gate[r]) * scales[r]) * w;
+            sum += dy[int64_t(tok) * C + c] * u;
+          }
+          if (++t == T) {  // the next sequence starts
+            t = 0;
+            v += seq_step;
+          } else {
+            v += row_step;
+          }
+        }
+      } else {
+        for (uint32_t tok = first; tok < last; ++tok) {
+          const int64_t r = int64_t(tok) * a.G + g;
+          const acc_t x_hat = static_cast<acc_t>(v[d]) * (static_cast<acc_t>(a.gate[r]) * scales[r]);
+          sum += du[int64_t(tok) * C + c] * x_hat;
+          if (++t == T) {  // the next sequence starts
+            t = 0;
+            v += seq_step;
+          } else {
+            v += row_step;
+          }
+        }
       }
-    } else {
-      const int64_t g = c / a.D, d = c - g * a.D;
-      for (int64_t tok = first; tok < last; ++tok) {
-        const int64_t r = tok * a.G + g;
-        const acc_t x_hat = static_cast<acc_t>(a.value_row(tok)[d]) * (static_cast<acc_t>(a.gate[r]) * scales[r]);
-        sum += du[tok * C + c] * x_hat;
-      }
+      partial[int64_t(chunk) * n + int64_t(tap) * C + c] = sum;
     }
-    partial[i] = sum;
   }
 }
 

@@ -65,3 +65,12 @@ grep -E "warning" build/cuda-build.log | grep -E "csrc/|kernels/" && { echo "che
 tests=$PWD/tests
 (cd "$lib" && ENGRAM_EXPECT_CUDA=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   "$tests/test_build.py" -k "cuda_kernel or cpp_error or libstdcxx or cuda_sync")
+
+# SASS of the built kernels: registers, spills, and 64-bit division in loops
+# (scripts/check_sass.py). This toolkit has no cuobjdump; the pip wheels carry
+# it and nvdisasm (which it runs).
+if ! "$venv/bin/python" -c "import glob, nvidia, sys; sys.exit(not all(any(glob.glob(p + '/*/bin/' + t) for p in nvidia.__path__) for t in ('cuobjdump', 'nvdisasm')))" 2> /dev/null; then
+  echo "installing nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm into $venv"
+  "$venv/bin/python" -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+fi
+"$venv/bin/python" scripts/check_sass.py "$lib"engram/*.so

@@ -70,6 +70,9 @@ at::Tensor sum_chunks(const at::Tensor& partial, const at::Tensor& like, cudaStr
 template <typename scalar_t>
 cuda_layer::GateArgs<scalar_t> gate_args(const at::Tensor& key, const at::Tensor& hidden, const at::Tensor& wk,
                                          const at::Tensor& wq) {
+  // Rows4::row splits row indices, and the weight partials G * D, in 32 bits.
+  TORCH_CHECK(key.size(0) * key.size(1) * key.size(2) <= INT32_MAX && key.size(2) * key.size(3) <= INT32_MAX,
+              "context_gate: B * T * G and G * D must be at most 2^31 - 1 on CUDA, got ", key.sizes());
   return {rows4<scalar_t>(key), rows4<scalar_t>(hidden), wk.const_data_ptr<scalar_t>(),
           wq.const_data_ptr<scalar_t>(), key.size(0) * key.size(1) * key.size(2), key.size(2), key.size(3)};
 }
@@ -123,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_gate_backward
     const int64_t chunks = cuda_layer::chunk_count(tokens, cuda_layer::kTokensPerChunk);
     at::Tensor partial = at::empty({chunks, 2 * G * D}, acc_options);
     cuda_layer::context_gate_weight_partials_kernel<scalar_t, acc_t>
-        <<<blocks_for(partial.numel()), kThreads, 0, stream>>>(args, stats.const_data_ptr<acc_t>(), tokens,
+        <<<dim3(blocks_for(G * D), cuda_layer::token_blocks(chunks), 2), kThreads, 0, stream>>>(args, stats.const_data_ptr<acc_t>(), tokens,
                                                                cuda_layer::kTokensPerChunk, chunks,
                                                                partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -143,6 +146,10 @@ cuda_layer::ShortConvArgs<scalar_t> short_conv_args(const std::array<int64_t, 5>
                                                     const at::Tensor& gate, const at::Tensor& norm_weight,
                                                     const at::Tensor& conv_weight, int64_t dilation) {
   const int64_t B = shape[0], T = shape[1], G = shape[2], D = shape[3], K = shape[4];
+  // The kernels index tokens, (token, branch) rows and channels in 32 bits.
+  TORCH_CHECK(B * T * G <= INT32_MAX, "gated_short_conv: B * T * G must be at most 2^31 - 1 on CUDA, got B=", B,
+              ", T=", T, ", G=", G);
+  TORCH_CHECK(G * D <= INT32_MAX, "gated_short_conv: G * D must be at most 2^31 - 1 on CUDA, got G=", G, ", D=", D);
   // A tap whose lag reaches past the sequence start reads only zeros, so any
   // dilation >= T gives the result of dilation T (and lags stay small).
   return {value.const_data_ptr<scalar_t>(), value.stride(0), value.stride(1), gate.const_data_ptr<scalar_t>(),
@@ -175,7 +182,8 @@ at::Tensor gated_short_conv_cuda(const at::Tensor& value_in, const at::Tensor& g
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = short_conv_args<scalar_t>(shape, value, gate, w, taps, dilation);
     const at::Tensor scales = gated_rms_scales(args, eps, value, stream);
-    cuda_layer::gated_short_conv_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+    cuda_layer::gated_short_conv_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(args.D), cuda_layer::token_blocks(args.tokens())), kThreads, 0, stream>>>(
         args, scales.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -209,10 +217,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
     // dy = d loss / d conv output (before SiLU), du = d loss / d conv input.
     at::Tensor dy = at::empty({tokens, C}, acc_options);
     at::Tensor du = at::empty({tokens, C}, acc_options);
-    cuda_layer::short_conv_grad_y_kernel<scalar_t, acc_t><<<blocks_for(tokens * C), kThreads, 0, stream>>>(
+    cuda_layer::short_conv_grad_y_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, scale_ptr, go, dy.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda_layer::short_conv_grad_u_kernel<scalar_t, acc_t><<<blocks_for(tokens * C), kThreads, 0, stream>>>(
+    cuda_layer::short_conv_grad_u_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, dy.const_data_ptr<acc_t>(), du.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -222,15 +232,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_short_conv_back
                                                                       go, grad_gate.data_ptr<scalar_t>(),
                                                                       projection.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda_layer::short_conv_grad_value_kernel<scalar_t, acc_t><<<blocks_for(tokens * D), kThreads, 0, stream>>>(
+    cuda_layer::short_conv_grad_value_kernel<scalar_t, acc_t>
+        <<<dim3(blocks_for(D), cuda_layer::token_blocks(tokens)), kThreads, 0, stream>>>(
         args, scale_ptr, du.const_data_ptr<acc_t>(), go, projection.const_data_ptr<acc_t>(),
         grad_value.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const int64_t chunks = cuda_layer::chunk_count(tokens, cuda_layer::kTokensPerChunk);
     at::Tensor partial = at::empty({chunks, (K + 1) * C}, acc_options);
+    TORCH_CHECK(K + 1 <= 65535, op, ": kernel_size must be below 65535 on CUDA, got ", K);
     cuda_layer::short_conv_weight_partials_kernel<scalar_t, acc_t>
-        <<<blocks_for(partial.numel()), kThreads, 0, stream>>>(args, scale_ptr, dy.const_data_ptr<acc_t>(),
+        <<<dim3(blocks_for(C), cuda_layer::token_blocks(chunks), static_cast<unsigned>(K + 1)), kThreads, 0,
+           stream>>>(args, scale_ptr, dy.const_data_ptr<acc_t>(),
                                                                du.const_data_ptr<acc_t>(),
                                                                cuda_layer::kTokensPerChunk, chunks,
                                                                partial.data_ptr<acc_t>());

@@ -225,10 +225,13 @@ namespace {
 void launch_row_gather(const void* table, int64_t num_rows, int64_t row_bytes, const int64_t* ids,
                        const int64_t* offsets, int64_t K, int64_t entries, void* out, DeviceErrorSlot err,
                        cudaStream_t stream) {
+  // gather_rows_kernel indexes entries in 32 bits.
+  TORCH_CHECK(entries <= INT32_MAX, "gather: at most 2^31 - 1 ids on CUDA, got ", entries);
   auto gather = [&](auto chunk) {
     using chunk_t = decltype(chunk);
     const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
-    cuda::gather_rows_kernel<chunk_t><<<cuda::blocks_for(entries * chunks_per_row), cuda::kThreads, 0, stream>>>(
+    cuda::gather_rows_kernel<chunk_t>
+        <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
         static_cast<const chunk_t*>(table), num_rows, chunks_per_row, ids, offsets, K, entries,
         static_cast<chunk_t*>(out), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -350,6 +353,8 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
   at::Tensor ids = ids_in.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
   const int64_t Dh = grad.size(-1), entries = ids.numel();
+  // The kernels index entries in 32 bits.
+  TORCH_CHECK(entries <= INT32_MAX, "multihead_embedding_backward: at most 2^31 - 1 ids on CUDA, got ", entries);
   const DeviceErrorSlot err = device_error_slot(grad_in.device(), kOpEmbeddingBackward);
   at::Tensor result;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -365,7 +370,7 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     result = at::zeros({num_rows, Dh}, grad.options());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
       cuda::sum_sorted_runs_kernel<scalar_t, at::opmath_type<scalar_t>>
-          <<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
+          <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
               grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(),
               order.const_data_ptr<int64_t>(), entries, result.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -374,7 +379,7 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     result = at::zeros({num_rows, Dh}, grad.options());
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
       cuda::scatter_add_rows_kernel<scalar_t, scalar_t>
-          <<<cuda::blocks_for(entries * Dh), cuda::kThreads, 0, stream>>>(
+          <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
               grad.const_data_ptr<scalar_t>(), num_rows, Dh, ids.const_data_ptr<int64_t>(), offset_ptr, K, entries,
               result.data_ptr<scalar_t>(), err);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

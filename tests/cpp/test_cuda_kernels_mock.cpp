@@ -171,6 +171,12 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   EXPECT_EQ(overflow.record.extra, 7);
 }
 
+// The launch of gather_rows_kernel (csrc/cuda/ops.cu): a warp per entry.
+template <typename F>
+void launch_gather(int64_t entries, F body) {
+  simt::launch(simt::Dim3(1, gather_blocks(entries, g_block_cap)), simt::Dim3(kGatherLanes, kGatherEntries), body);
+}
+
 struct Chunk16 {  // stands in for uint4
   uint64_t lo, hi;
 };
@@ -185,7 +191,7 @@ void check_gather(int64_t dh) {
   const int64_t chunks = dh * static_cast<int64_t>(sizeof(scalar_t)) / static_cast<int64_t>(sizeof(chunk_t));
   std::vector<scalar_t> out(entries * dh, scalar_t(-1));
   ErrorSlot err;
-  launch_1d(entries * chunks, [&] {
+  launch_gather(entries, [&] {
     gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, ids.data(), offsets.data(),
                                 K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
   });
@@ -196,7 +202,7 @@ void check_gather(int64_t dh) {
   }
   // Row 4 + 5 = 9 is past the table: zeros, and a report of the row.
   const std::vector<int64_t> bad = {0, 1, 3, 4, 2, 3};
-  launch_1d(entries * chunks, [&] {
+  launch_gather(entries, [&] {
     gather_rows_kernel<chunk_t>(reinterpret_cast<const chunk_t*>(weight.data()), R, chunks, bad.data(), offsets.data(),
                                 K, entries, reinterpret_cast<chunk_t*>(out.data()), err.slot());
   });
@@ -228,7 +234,7 @@ int gather_like_the_launcher(const void* table, int64_t num_rows, int64_t row_by
   const auto gather = [&](auto chunk) {
     using chunk_t = decltype(chunk);
     const int64_t chunks = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
-    launch_1d(entries * chunks, [&] {
+    launch_gather(entries, [&] {
       gather_rows_kernel<chunk_t>(static_cast<const chunk_t*>(table), num_rows, chunks, ids, nullptr, 1, entries,
                                   static_cast<chunk_t*>(out), DeviceErrorSlot{nullptr, nullptr, 0});
     });
@@ -280,7 +286,7 @@ TEST(CudaKernelsMock, AnUncheckedGatherReadsBadRowsAsZerosAndReportsNothing) {
   const std::vector<float> weight = {1, 2, 3, 4, 5, 6};
   const std::vector<int64_t> rows = {2, 3, -1, 0};
   std::vector<float> out(8, -1.f);
-  launch_1d(4 * 2, [&] {
+  launch_gather(4, [&] {
     gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 3, 2, rows.data(), nullptr, 1, 4,
                                  reinterpret_cast<uint32_t*>(out.data()), DeviceErrorSlot{nullptr, nullptr, 0});
   });
@@ -293,7 +299,7 @@ TEST(CudaKernelsMock, GatherReportsAnOffsetOverflowWithItsHead) {
   const std::vector<int64_t> offsets = {0, INT64_MAX};
   std::vector<float> out(4 * 2);
   ErrorSlot err;
-  launch_1d(4 * 2, [&] {
+  launch_gather(4, [&] {
     gather_rows_kernel<uint32_t>(reinterpret_cast<const uint32_t*>(weight.data()), 4, 2, ids.data(), offsets.data(), 2,
                                  4, reinterpret_cast<uint32_t*>(out.data()), err.slot());
   });
@@ -311,7 +317,7 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i + 1);
   std::vector<float> acc(R * dh, 0.f);
   ErrorSlot err;
-  launch_1d(static_cast<int64_t>(ids.size()) * dh, [&] {
+  launch_gather(static_cast<int64_t>(ids.size()), [&] {
     scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
                                           static_cast<int64_t>(ids.size()), acc.data(), err.slot());
   });
@@ -349,7 +355,7 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   std::vector<float> grad(entries * dh);
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 7) - 2.5f;
   std::vector<float> out(R * dh, 0.f);
-  launch_1d(entries * dh, [&] {
+  launch_gather(entries, [&] {
     sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
   });
   std::vector<float> want(R * dh, 0.f);

@@ -38,6 +38,12 @@ void launch_1d(int64_t threads, F body) {
   simt::launch(blocks_for(threads, g_block_cap), kThreads, body);
 }
 
+// The 2-D launch of the (token, d) kernels: x over d, y over tokens.
+template <typename F>
+void launch_tokens_d(int64_t tokens, int64_t D, F body) {
+  simt::launch(simt::Dim3(blocks_for(D, g_block_cap), token_blocks(tokens, g_block_cap)), kThreads, body);
+}
+
 struct BlockCap {
   explicit BlockCap(int64_t cap) { g_block_cap = cap; }
   ~BlockCap() { g_block_cap = 65535; }
@@ -211,7 +217,8 @@ GateResults run_gate_kernels(const GateShape& s, const std::vector<double>& key,
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = 2 * s.G * s.D;
   std::vector<A> partial(chunks * n, A(-1));
   std::vector<T> total(n, T(-1.0));
-  launch_1d(chunks * n, [&] {
+  // as csrc/cuda/layer_ops.cu launches it: x over G * D, y over chunks, z the two sides
+  simt::launch(simt::Dim3(blocks_for(s.G * s.D, g_block_cap), token_blocks(chunks, g_block_cap), 2), kThreads, [&] {
     context_gate_weight_partials_kernel<T, A>(a, stats.data(), tokens, tokens_per_chunk, chunks, partial.data());
   });
   launch_1d(n, [&] { sum_chunks_kernel<A, T>(partial.data(), chunks, n, total.data()); });
@@ -378,20 +385,24 @@ struct ConvResults {
 };
 
 // Runs the kernels the way csrc/cuda/layer_ops.cu launches them, with value
-// rows padded (stride_t = D + 2) to exercise the strided reads.
+// rows padded (stride_t = D + 2, stride_b = T * stride_t + 5) to exercise the
+// strided reads.
 template <typename T>
 ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& value, const std::vector<double>& gate,
                              const std::vector<double>& nw, const std::vector<double>& cw,
                              const std::vector<double>& grad_out, int64_t tokens_per_chunk) {
-  const int64_t tokens = s.B * s.T, C = s.G * s.D, pitch = s.D + 2;
-  std::vector<T> value_buf(tokens * pitch, T(-7.0));
+  // A gap between sequences too (batch_pitch > T * pitch): a kernel that
+  // steps from one sequence into the next must use stride_b.
+  const int64_t tokens = s.B * s.T, C = s.G * s.D, pitch = s.D + 2, batch_pitch = s.T * pitch + 5;
+  std::vector<T> value_buf(s.B * batch_pitch, T(-7.0));
   for (int64_t tok = 0; tok < tokens; ++tok) {
-    for (int64_t d = 0; d < s.D; ++d) value_buf[tok * pitch + d] = static_cast<T>(value[tok * s.D + d]);
+    T* row = value_buf.data() + (tok / s.T) * batch_pitch + (tok % s.T) * pitch;
+    for (int64_t d = 0; d < s.D; ++d) row[d] = static_cast<T>(value[tok * s.D + d]);
   }
   const std::vector<T> gate_t = cast<T>(gate), nw_t = cast<T>(nw), cw_t = cast<T>(cw), go = cast<T>(grad_out);
   ShortConvArgs<T> a;
   a.value = value_buf.data();
-  a.value_stride_b = s.T * pitch;
+  a.value_stride_b = batch_pitch;
   a.value_stride_t = pitch;
   a.gate = gate_t.data();
   a.norm_weight = nw_t.data();
@@ -409,22 +420,24 @@ ConvResults run_conv_kernels(const ConvShape& s, const std::vector<double>& valu
   std::vector<A> scales(tokens * s.G, A(-1));
   std::vector<T> out(tokens * C, T(-1.0));
   launch_1d(tokens * kRowLanes, [&] { gated_rms_scales_kernel<T, A>(a, eps, scales.data()); });
-  launch_1d(tokens * C, [&] { gated_short_conv_kernel<T, A>(a, scales.data(), out.data()); });
+  launch_tokens_d(tokens, s.D, [&] { gated_short_conv_kernel<T, A>(a, scales.data(), out.data()); });
 
   std::vector<A> dy(tokens * C, A(-1)), du(tokens * C, A(-1)), projection(tokens * s.G, A(-1));
   std::vector<T> grad_gate(tokens * s.G, T(-1.0)), grad_value(tokens * s.D, T(-1.0));
-  launch_1d(tokens * C, [&] { short_conv_grad_y_kernel<T, A>(a, scales.data(), go.data(), dy.data()); });
-  launch_1d(tokens * C, [&] { short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data()); });
+  launch_tokens_d(tokens, s.D, [&] { short_conv_grad_y_kernel<T, A>(a, scales.data(), go.data(), dy.data()); });
+  launch_tokens_d(tokens, s.D, [&] { short_conv_grad_u_kernel<T, A>(a, dy.data(), du.data()); });
   launch_1d(tokens * s.G * kRowLanes, [&] {
     short_conv_norm_rows_kernel<T, A>(a, scales.data(), du.data(), go.data(), grad_gate.data(), projection.data());
   });
-  launch_1d(tokens * s.D, [&] {
+  launch_tokens_d(tokens, s.D, [&] {
     short_conv_grad_value_kernel<T, A>(a, scales.data(), du.data(), go.data(), projection.data(), grad_value.data());
   });
   const int64_t chunks = chunk_count(tokens, tokens_per_chunk), n = (s.K + 1) * C;
   std::vector<A> partial(chunks * n, A(-1));
   std::vector<T> total(n, T(-1.0));
-  launch_1d(chunks * n, [&] {
+  const simt::Dim3 partials_grid(blocks_for(C, g_block_cap), token_blocks(chunks, g_block_cap),
+                                 static_cast<unsigned>(s.K + 1));  // as csrc/cuda/layer_ops.cu launches it
+  simt::launch(partials_grid, kThreads, [&] {
     short_conv_weight_partials_kernel<T, A>(a, scales.data(), dy.data(), du.data(), tokens_per_chunk, chunks,
                                             partial.data());
   });
