@@ -64,7 +64,7 @@ grep -E "warning" build/cuda-build.log | grep -E "csrc/|kernels/" && { echo "che
 # From inside $lib, so that `import engram` is the CUDA build, not the CPU one in ./engram.
 tests=$PWD/tests
 (cd "$lib" && ENGRAM_EXPECT_CUDA=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  "$tests/test_build.py" -k "cuda_kernel or cpp_error or libstdcxx or cuda_sync")
+  "$tests/test_build.py" -k "cuda_kernel or cpp_error or libstdcxx or cuda_sync or links_no_python")
 
 # SASS of the built kernels: registers, spills, and 64-bit division in loops
 # (scripts/check_sass.py). This toolkit has no cuobjdump; the pip wheels carry
