@@ -11,6 +11,13 @@ training (the split is by file, not by line).
     python examples/train_tiny_lm.py --out runs/tiny        # ~5 min on 2 CPU cores
     python examples/train_tiny_lm.py --out runs/gpu --device cuda --d-model 512 --layers 8 \
         --steps 3000 --batch-size 64 --seq-len 256 --vocab-size 8192 --engram-layers 1,5
+    torchrun --nproc-per-node 2 examples/train_tiny_lm.py --out runs/sharded --shard-tables \
+        --table-optim rowwise-adam      # tables row-sharded over 2 processes (gloo on CPU)
+
+With --shard-tables (under torchrun) the Engram tables are row-sharded over
+the ranks (engram.distributed.shard_tables), the dense weights train with DDP
+(the tables left out of it), and each rank takes its slice of the global
+--batch-size, so the run follows the one-process run at the same batch size.
 
 Writes to --out: loss_curves.png, gate_heatmap.png, metrics.json.
 """
@@ -269,6 +276,12 @@ def table_optim_memory(model: nn.Module, opts: Sequence[torch.optim.Optimizer]) 
             "saved_bytes": dense - state}
 
 
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The cross entropy runs in float32 at least (bf16/fp16 logits upcast),
+    in float64 with --dtype float64."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10%."""
     if step < warmup:
@@ -303,7 +316,8 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch: int, device: torch.
     for i in range(0, windows.shape[0], batch):
         w = windows[i : i + batch].to(device)
         logits = model(w[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
+        logits = logits.flatten(0, 1).to(loss_dtype(logits))
+        total += F.cross_entropy(logits, w[:, 1:].flatten(), reduction="sum").item()
         count += w[:, 1:].numel()
     model.train()
     return total / count
@@ -490,6 +504,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-files", type=int, default=None, help="use an evenly spaced subset of the stdlib files")
     p.add_argument("--snippet-tokens", type=int, default=96, help="tokens in the gate heat map")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="parameter dtype (float64: for checking the sharded run against one process)")
+    p.add_argument("--shard-tables", action="store_true",
+                   help="run under torchrun: row-shard the Engram tables over the ranks, DDP for the dense "
+                   "weights, each rank training on its slice of --batch-size (needs --table-optim rowwise-*)")
     args = p.parse_args(argv)
     positive = ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "vocab_size", "eval_every",
                 "eval_windows", "engram_vocab_size", "engram_dim", "engram_heads", "snippet_tokens")
@@ -509,7 +528,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     bad = [i for i in args.engram_layer_ids if not 0 <= i < args.layers]
     if not args.engram_layer_ids or bad:
         p.error(f"--engram-layers={args.engram_layers!r}: expected ids in 0..{args.layers - 1}")
+    if args.shard_tables and args.table_optim == "dense":
+        p.error("--shard-tables needs --table-optim rowwise-sgd, rowwise-adagrad or rowwise-adam: a sharded "
+                "table trains row-wise (dense Adam would need the whole table's gradient)")
     return args
+
+
+def setup_distributed(args) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. With --shard-tables, joins
+    the process group torchrun describes (gloo on CPU, NCCL on CUDA)."""
+    if not args.shard_tables:
+        return 0, 1, torch.device(args.device)
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--shard-tables: RANK/WORLD_SIZE are not set; launch with torchrun, e.g. "
+                         "torchrun --nproc-per-node 2 examples/train_tiny_lm.py --shard-tables ...")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size={args.batch_size} must be a multiple of the world size {world} "
+                         "(each rank trains on an equal slice of the global batch)")
+    return rank, world, device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -518,7 +563,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    rank, world, device = setup_distributed(args)
+    dtype = getattr(torch, args.dtype)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 
@@ -530,7 +578,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     compression, compression_source = build_compression(tok)
     train_stream, val_stream = encode_stream(tok, train_texts), encode_stream(tok, val_texts)
     t_data = time.time() - t_start
-    print(
+    log(
         f"corpus: {len(train_files)} train / {len(val_files)} held-out files, "
         f"{train_stream.numel():,} / {val_stream.numel():,} tokens; vocab {tok.get_vocab_size()}, "
         f"{compression} ({t_data:.0f}s)"
@@ -554,16 +602,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if name == "engram":
             torch.manual_seed(args.seed + 1)
             m.add_engram(ecfg, compression, init=args.engram_init)
-        models[name] = m.to(device).train()
+        models[name] = m.to(device=device, dtype=dtype).train()
     params = {name: count_params(m) for name, m in models.items()}
+    if args.shard_tables:
+        from engram import distributed as edist
+
+        # Every rank built the same model from the same seed: each keeps its rows.
+        edist.shard_tables(models["engram"])
     for name, p in params.items():
-        print(f"{name}: {p['total']:,} params ({p['dense']:,} dense + {p['engram_tables']:,} in Engram tables)")
+        log(f"{name}: {p['total']:,} params ({p['dense']:,} dense + {p['engram_tables']:,} in Engram tables)")
     optims = {name: make_optimizers(m, args) for name, m in models.items()}
     table_memory = None
     if args.table_optim != "dense":
         table_memory = table_optim_memory(models["engram"], optims["engram"])
         mib = {k: v / 2**20 for k, v in table_memory.items()}
-        print(
+        log(
             f"table optimizer: {args.table_optim}, fused into backward (tables have no .grad; gradient clipping "
             f"covers the dense weights only). Held between steps: {mib['rowwise_state_bytes']:.1f} MiB of "
             f"optimizer state, against {mib['dense_grad_and_adam_state_bytes']:.1f} MiB for the dense table "
@@ -571,23 +624,40 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             f"({mib['table_bytes']:.1f} MiB of tables)"
         )
 
+    # What trains: the models themselves, or DDP wrappers with the sharded
+    # tables left out (their gradients travel in engram.distributed's exchange).
+    runners: Dict[str, nn.Module] = dict(models)
+    if args.shard_tables:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        edist.ddp_ignore_tables(models["engram"])
+        ids = None if device.type == "cpu" else [device.index]
+        runners = {name: DDP(m, device_ids=ids) for name, m in models.items()}
+        table_shards = [
+            [t.row_start, t.row_stop] for t in edist.sharded_tables(models["engram"])]
+        log(f"sharded tables over {world} ranks; rank 0 holds rows {table_shards}; "
+            f"{args.batch_size // world} of {args.batch_size} sequences per rank and step")
+
     # ---- training: identical batches, one step of each model per batch --
     gen = torch.Generator().manual_seed(args.seed)
     windows = eval_windows(val_stream, args.eval_windows, args.seq_len)
     history = {name: {"train": [], "val": []} for name in models}
     seconds = {name: 0.0 for name in models}
     warmup = min(args.warmup, max(1, args.steps // 10))
-    bar = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True, disable=not is_main)
+    local = args.batch_size // world
     for step in bar:
-        batch = random_batch(train_stream, args.batch_size, args.seq_len, gen).to(device)
+        batch = random_batch(train_stream, args.batch_size, args.seq_len, gen)  # the global batch, on every rank
+        batch = batch[rank * local : (rank + 1) * local].to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         factor = lr_factor(step, args.steps, warmup)
-        for name, model in models.items():
+        for name, model in runners.items():
             t0 = time.time()
             for opt in optims[name]:
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * factor
-            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype(logits)), y.flatten())
             for opt in optims[name]:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -597,6 +667,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[name] += time.time() - t0
+            if world > 1:  # the global batch's loss: the mean of the ranks' equal-sized slices
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= world
             history[name]["train"].append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             for name, model in models.items():
@@ -646,6 +720,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "data_seconds": round(t_data, 2),
         "wall_seconds": round(time.time() - t_start, 2),
         "device": str(device),
+        "dtype": args.dtype,
+        "world_size": world,
+        "shard_tables": args.shard_tables,
+        "train_losses": {k: h["train"] for k, h in history.items()},
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -661,6 +739,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "mean_gate_by_token_kind": gate_stats,
         "gate_snippet": {"tokens": pieces, "gates": {str(l): g.tolist() for l, g in gate_maps.items()}},
     }
+    if args.shard_tables:
+        # Every collective is behind us (the last were the gate passes); rank 0 writes.
+        torch.distributed.destroy_process_group()
+    if not is_main:
+        return metrics
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     title = (
