@@ -1,4 +1,5 @@
-"""Builds engram._C (the operator library) and engram._engine (pybind11 helpers).
+"""Builds engram/lib/libengram_ops.so (the operator library, free of Python)
+and engram._engine (pybind11 helpers of the prefetcher).
 
 Install torch first, then: pip install --no-build-isolation .
 CUDA sources are compiled only when a CUDA toolkit and a CUDA build of torch
@@ -10,6 +11,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -114,14 +116,26 @@ if want_cuda():
     define_macros.append(("ENGRAM_WITH_CUDA", "1"))
     extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
+
+def without_python(extension):
+    """The op library links no libpython and no libtorch_python, so that a C++
+    program can link or dlopen it (cpp_extension adds torch_python to every
+    extension). Its SONAME lets programs that link it find it by name."""
+    extension.libraries = [lib for lib in extension.libraries if lib != "torch_python"]
+    extension.extra_link_args = [*extension.extra_link_args, "-Wl,-soname,libengram_ops.so"]
+    return extension
+
+
 ext_modules = [
-    Extension(
-        "engram._C",
-        op_sources,
-        include_dirs=[ROOT],
-        define_macros=define_macros,
-        extra_compile_args=extra_compile_args,
-        extra_link_args=link_flags,
+    without_python(
+        Extension(
+            "engram.lib.libengram_ops",
+            op_sources,
+            include_dirs=[ROOT],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=link_flags,
+        )
     ),
     cpp_extension.CppExtension(
         "engram._engine",
@@ -132,17 +146,53 @@ ext_modules = [
     ),
 ]
 
-# ENGRAM_EXTENSIONS=_C (or _engine): build only that one, so that two builds
+def short_name(extension):
+    """What ENGRAM_EXTENSIONS calls an extension: ops or _engine."""
+    return "ops" if extension.name == "engram.lib.libengram_ops" else extension.name.split(".")[-1]
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Names the op library libengram_ops.so, not as a Python module
+    (libengram_ops.cpython-3xx-....so): it is a plain shared library that C++
+    programs link, and that engram/_loader.py loads."""
+
+    def get_ext_filename(self, fullname):
+        # setuptools asks with the full dotted name or with its last part.
+        if fullname == "engram.lib.libengram_ops":
+            return os.path.join("engram", "lib", "libengram_ops.so")
+        if fullname == "libengram_ops":
+            return "libengram_ops.so"
+        return super().get_ext_filename(fullname)
+
+    def copy_extensions_to_source(self):
+        # --inplace / editable: engram/lib is not a package, so nothing made it.
+        os.makedirs(os.path.join(ROOT, "engram", "lib"), exist_ok=True)
+        super().copy_extensions_to_source()
+
+
+class BuildPy(build_py):
+    """Ships the public C++ headers (include/engram) inside the package, where
+    engram/share/cmake/engram/engramConfig.cmake finds them in a wheel."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "engram", "include", "engram")
+        os.makedirs(target, exist_ok=True)
+        for header in glob.glob(os.path.join(ROOT, "include", "engram", "*.h")):
+            self.copy_file(header, os.path.join(target, os.path.basename(header)))
+
+
+# ENGRAM_EXTENSIONS=ops (or _engine): build only that one, so that two builds
 # can run side by side (benchmarks/gpu_check.sh), each with its own --build-temp.
 only = os.environ.get("ENGRAM_EXTENSIONS", "")
 if only:
-    names = {e.name.split(".")[-1] for e in ext_modules}
+    names = {short_name(e) for e in ext_modules}
     unknown = set(only.split(",")) - names
     if unknown:
         sys.exit(f"ENGRAM_EXTENSIONS={only!r}: unknown {sorted(unknown)}; expected a comma-separated subset of {sorted(names)}")
-    ext_modules = [e for e in ext_modules if e.name.split(".")[-1] in only.split(",")]
+    ext_modules = [e for e in ext_modules if short_name(e) in only.split(",")]
 
 setup(
     ext_modules=ext_modules,
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPy},
 )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (the device tool's H200, 16 cores, no
 # network), most important answers first, within 8 minutes:
-#   1. build      both extensions side by side (engram._C with CUDA, engram._engine),
+#   1. build      the op library (with CUDA) and engram._engine side by side,
 #                 in place, objects kept in build/gpu-check so a rerun is incremental
 #   2. smoke      benchmarks/gpu_smoke.py: every op once on CUDA against the CPU, an
 #                 EngramLayer forward+backward in float32 and bfloat16 (~20 s)
@@ -39,12 +39,12 @@ build_both() {
   local inc
   inc=$(python3 -c "import nvidia, os, glob; print(':'.join(glob.glob(os.path.join(nvidia.__path__[0], '*', 'include'))))" 2> /dev/null)
   [ -n "$inc" ] && export CPATH=$inc${CPATH:+:$CPATH}
-  # _engine is small: a few jobs; _C (with the .cu files) takes the rest.
+  # _engine is small: a few jobs; the op library (with the .cu files) takes the rest.
   build_one _engine 3 > "$ENGRAM_GPU_CHECK_WORK/build_engine.log" 2>&1 &
   local engine=$!
   local cores
   cores=$(nproc 2> /dev/null || echo 4)
-  build_one _C $(( cores > 4 ? cores - 3 : 1 ))
+  build_one ops $(( cores > 4 ? cores - 3 : 1 ))
   local rc_c=$?
   wait $engine
   local rc_e=$?
@@ -53,7 +53,7 @@ build_both() {
   [ $rc_c -eq 0 ] && [ $rc_e -eq 0 ] || return 1
   python3 -c "
 import torch, engram
-assert engram.ops._C._built_with_cuda(), 'engram._C was built without its CUDA kernels'
+assert engram.ops._C._built_with_cuda(), 'engram/lib/libengram_ops.so was built without its CUDA kernels'
 print('engram', engram.__file__, 'built with CUDA')"
 }
 sanitize() {  # sanitize TOOL: the smoke script under compute-sanitizer

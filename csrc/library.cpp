@@ -1,6 +1,5 @@
 // The engram operator library: every schema, in one TORCH_LIBRARY, and the
 // argument checks shared by the CPU and CUDA kernels.
-#include <Python.h>
 #include <torch/library.h>
 
 #include <array>
@@ -317,95 +316,4 @@ TORCH_LIBRARY(engram, m) {
   // check=False: the CUDA kernel neither reports nor reads an out-of-range
   // row (zeros); check=True reports it like every CUDA id error.
   m.def("gather_rows(Tensor table, Tensor rows, bool check=True) -> Tensor");
-}
-
-namespace {
-PyObject* empty_cpu_cache(PyObject* /*self*/, PyObject* /*unused*/) {
-  return PyLong_FromSize_t(engram::release_cached_cpu_blocks());
-}
-
-// The CPU ISA level (kernels/cpu_isa.h), as ints; engram/_cpu_isa.py names
-// the levels, reads ENGRAM_CPU_ISA and words the errors.
-PyObject* py_cpu_isa_state(PyObject* /*self*/, PyObject* /*unused*/) {
-  using namespace engram::cpu;
-  auto calls = [](CpuIsa isa) { return static_cast<long long>(cpu_isa_calls[static_cast<int>(isa)].load()); };
-  return Py_BuildValue("(ii(LLL))", static_cast<int>(current_cpu_isa()), static_cast<int>(best_cpu_isa()),
-                       calls(CpuIsa::kScalar), calls(CpuIsa::kAvx2), calls(CpuIsa::kAvx512));
-}
-
-PyObject* py_set_cpu_isa(PyObject* /*self*/, PyObject* arg) {
-  using namespace engram::cpu;
-  const long level = PyLong_AsLong(arg);
-  if (level == -1 && PyErr_Occurred()) return nullptr;
-  if (level < 0 || level >= kNumCpuIsas || !engram::cpu::set_cpu_isa(static_cast<CpuIsa>(level))) {
-    return PyErr_Format(PyExc_ValueError, "_set_cpu_isa: level %ld is not available; this CPU and build go up to %d",
-                        level, static_cast<int>(best_cpu_isa()));
-  }
-  Py_RETURN_NONE;
-}
-
-PyObject* set_cpu_cache_enabled(PyObject* /*self*/, PyObject* arg) {
-  const int enabled = PyObject_IsTrue(arg);
-  if (enabled < 0) return nullptr;
-  return PyLong_FromSize_t(engram::set_cpu_cache_enabled(enabled != 0));
-}
-
-PyObject* cpu_cache_enabled(PyObject* /*self*/, PyObject* /*unused*/) {
-  return PyBool_FromLong(engram::cpu_cache_enabled() ? 1 : 0);
-}
-
-PyObject* py_set_cuda_sync_checks(PyObject* /*self*/, PyObject* arg) {
-  const int enabled = PyObject_IsTrue(arg);
-  if (enabled < 0) return nullptr;
-  engram::set_cuda_sync_checks(enabled != 0);
-  Py_RETURN_NONE;
-}
-
-PyObject* py_cuda_sync_checks(PyObject* /*self*/, PyObject* /*unused*/) {
-  return PyBool_FromLong(engram::cuda_sync_checks() ? 1 : 0);
-}
-
-PyObject* py_built_with_cuda(PyObject* /*self*/, PyObject* /*unused*/) {
-#if defined(ENGRAM_WITH_CUDA)
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-
-// None, or (1 for IndexError / 2 for ValueError, message); engram/ops.py raises it.
-PyObject* py_take_cuda_error(PyObject* /*self*/, PyObject* /*unused*/) {
-  try {
-    const auto error = engram::take_cuda_error();
-    if (error.first == 0) Py_RETURN_NONE;
-    return Py_BuildValue("(is)", error.first, error.second.c_str());
-  } catch (const std::exception& e) {
-    return PyErr_Format(PyExc_RuntimeError, "engram: reading the CUDA error reports failed: %s", e.what());
-  }
-}
-
-PyMethodDef module_methods[] = {
-    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
-     "Frees the freed hash outputs and table gradients the CPU kernels keep for reuse; returns their bytes."},
-    {"_cpu_isa_state", py_cpu_isa_state, METH_NOARGS,
-     "(level in use, best level, (kernel calls per compiled level)) with levels 0 scalar, 1 avx2, 2 avx512."},
-    {"_set_cpu_isa", py_set_cpu_isa, METH_O,
-     "Sets the CPU ISA level (0 scalar, 1 avx2, 2 avx512) of later kernel calls."},
-    {"set_cpu_cache_enabled", set_cpu_cache_enabled, METH_O,
-     "Turns keeping freed CPU blocks for reuse on or off; turning it off frees what is kept and returns its bytes."},
-    {"cpu_cache_enabled", cpu_cache_enabled, METH_NOARGS, "Whether the CPU kernels keep freed blocks for reuse."},
-    {"set_cuda_sync_checks", py_set_cuda_sync_checks, METH_O,
-     "On: CUDA launches that check ids synchronise and raise at the call (off by default)."},
-    {"cuda_sync_checks", py_cuda_sync_checks, METH_NOARGS, "Whether CUDA id checks synchronise at each call."},
-    {"_built_with_cuda", py_built_with_cuda, METH_NOARGS, "Whether this build compiled the CUDA kernels."},
-    {"_take_cuda_error", py_take_cuda_error, METH_NOARGS,
-     "Takes a CUDA kernel's pending bad-id report: None or (1 IndexError / 2 ValueError, message)."},
-    {nullptr, nullptr, 0, nullptr}};
-}  // namespace
-
-// engram._C is imported for its side effect of registering the library, and
-// for the CPU block cache controls above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "engram operator library", -1, module_methods};
-  return PyModule_Create(&module_def);
 }

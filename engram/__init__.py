@@ -1,5 +1,7 @@
 """engram: Engram conditional-memory layers for PyTorch (arXiv 2601.07372)."""
 
+import os as _os
+
 from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
@@ -33,3 +35,9 @@ __all__ = [
     "tokenizer",
 ]
 __version__ = "0.1.0"
+
+# For C++: find_package(engram CONFIG) looks under this prefix (as
+# torch.utils.cmake_prefix_path is for Torch), and this is the op library a
+# C++ program links or loads (no Python in it).
+cmake_prefix_path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "share", "cmake")
+from ._loader import OPS_LIBRARY as ops_library_path  # noqa: E402

@@ -12,8 +12,12 @@ from . import _cpu_isa, _loader
 
 _C = _loader.load("_C")
 
-# The kinds engram._C._take_cuda_error() reports (csrc/ops.h, take_cuda_error).
-_CUDA_ERROR_TYPES = {1: IndexError, 2: ValueError}
+# The kinds a CUDA kernel reports (EngramErrorKind, include/engram/runtime.h).
+_CUDA_ERROR_TYPES = {
+    _loader.ErrorKind.INDEX: IndexError,
+    _loader.ErrorKind.VALUE: ValueError,
+    _loader.ErrorKind.INTERNAL: RuntimeError,
+}
 
 
 def empty_cpu_cache() -> int:

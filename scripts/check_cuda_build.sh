@@ -73,4 +73,4 @@ if ! "$venv/bin/python" -c "import glob, nvidia, sys; sys.exit(not all(any(glob.
   echo "installing nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm into $venv"
   "$venv/bin/python" -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 fi
-"$venv/bin/python" scripts/check_sass.py "$lib"engram/*.so
+"$venv/bin/python" scripts/check_sass.py "$lib"engram/*.so "$lib"engram/lib/*.so

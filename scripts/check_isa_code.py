@@ -1,4 +1,4 @@
-"""Checks the machine code of the per-level CPU kernels in the built engram._C.
+"""Checks the machine code of the per-level CPU kernels in the built op library (engram/lib/libengram_ops.so).
 
 For every wrapper cpu::run_scalar / run_avx2 / run_avx512 (kernels/cpu_isa.h)
 in the extension, from `objdump -d`:
@@ -10,7 +10,7 @@ in the extension, from `objdump -d`:
 This covers the levels a machine cannot run (e.g. AVX-512 on a CPU without
 it). Needs binutils' objdump; GCC x86-64 builds only.
 
-    python scripts/check_isa_code.py [path/to/_C.so]
+    python scripts/check_isa_code.py [path/to/libengram_ops.so]
 """
 
 import glob
@@ -78,9 +78,9 @@ def check(path):
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = sys.argv[1:] or glob.glob(os.path.join(root, "engram", "_C*.so"))
+    paths = sys.argv[1:] or glob.glob(os.path.join(root, "engram", "lib", "libengram_ops.so"))
     if len(paths) != 1:
-        sys.exit(f"check_isa_code: expected one engram/_C*.so, found {paths}; pass its path")
+        sys.exit(f"check_isa_code: expected engram/lib/libengram_ops.so, found {paths}; pass its path")
     counts, problems = check(paths[0])
     for p in problems:
         print("check_isa_code:", p)

@@ -15,7 +15,7 @@ a grid-stride loop, for one) and does not fail. Columns: regs, stack and
 local bytes (local > 0: spills or local arrays), div64 (all sites), inloop.
 No GPU needed.
 
-    python scripts/check_sass.py [lib.so ...]   # default: build/cuda/lib.*/engram/*.so
+    python scripts/check_sass.py [lib.so ...]   # default: build/cuda/lib.*/engram/{,lib/}*.so
 cuobjdump and nvdisasm are found on PATH, else in the pip wheels
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm of this interpreter.
 """
@@ -175,7 +175,7 @@ def count_div_sites(k: Kernel) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    libs = argv or sorted(glob.glob("build/cuda/lib.*/engram/*.so"))
+    libs = argv or sorted(glob.glob("build/cuda/lib.*/engram/*.so") + glob.glob("build/cuda/lib.*/engram/lib/*.so"))
     if not libs:
         sys.exit("check_sass: no CUDA extension found (build it with scripts/check_cuda_build.sh)")
     cuobjdump = find_tool("cuobjdump")

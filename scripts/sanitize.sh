@@ -7,7 +7,7 @@
 #                                       # ASan+UBSan build of the extension
 #
 # Any report fails the run: UBSan does not recover, ASan aborts on its first
-# error. The --python mode builds engram._C and engram._engine with
+# error. The --python mode builds the op library and engram._engine with
 # ENGRAM_SANITIZE=address into build/asan-py (the in-place build is left
 # alone), preloads libasan (and libstdc++) into python and turns leak
 # detection off there: the interpreter and torch keep memory until exit on
