@@ -185,12 +185,16 @@ class TinyLM(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def add_engram(self, config: engram.EngramConfig, compression: engram.CompressionTable, init: str = "scaled") -> None:
+    def add_engram(self, config: engram.EngramConfig, compression: engram.CompressionTable, init: str = "scaled",
+                   table_placement: str = "device", table_dir: Optional[str] = None) -> None:
+        """table_placement: see engram.EngramLayer; "mmap" keeps layer i's table in table_dir/engram_{i}.npy."""
         d_model = self.tok_emb.embedding_dim
         for layer_id in config.layer_ids:
             if not 0 <= layer_id < len(self.blocks):
                 raise ValueError(f"Engram layer id {layer_id} is outside the {len(self.blocks)}-layer backbone")
-            layer = engram.EngramLayer(config, layer_id, d_model, compression=compression)
+            path = os.path.join(table_dir, f"engram_{layer_id}.npy") if table_dir is not None else None
+            layer = engram.EngramLayer(config, layer_id, d_model, compression=compression,
+                                       table_placement=table_placement, table_path=path)
             if init == "scaled":
                 # The reference's N(0, 1) tables suit a residual stream of unit
                 # scale; this backbone's is 0.02 (GPT-2 init). With unit-scale

@@ -1,0 +1,153 @@
+"""Export the tiny LM of train_tiny_lm.py with torch.export and AOTInductor.
+
+Builds the Engram model of the training example (the same classes and
+builders; random weights, or a state_dict saved from it with --checkpoint),
+exports it in inference with a dynamic batch and sequence length, compiles an
+AOTInductor package (.pt2) in which the Engram tables are runtime inputs, not
+constants, then greedily decodes with the package and with eager PyTorch and
+compares the tokens. CPU only; nothing is downloaded.
+
+    python examples/export_tiny_lm.py --out runs/export                 # ~1-2 min on 2 CPU cores
+    python examples/export_tiny_lm.py --out runs/export --placement mmap
+
+Writes to --out: tiny_lm.pt2 (the package) and export_metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import engram
+import engram.export as ex
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_tiny_lm import SPECIAL_TOKENS, TinyLM  # noqa: E402  (the model of the training example)
+
+
+def build_model(args) -> TinyLM:
+    """The Engram model of train_tiny_lm.py with these dimensions, in eval mode."""
+    torch.manual_seed(args.seed)
+    model = TinyLM(args.vocab_size, args.d_model, args.layers, args.heads, args.max_len)
+    config = engram.EngramConfig(
+        engram_vocab_size=[args.engram_vocab_size] * (args.max_ngram - 1),
+        max_ngram_size=args.max_ngram,
+        n_embed_per_ngram=args.engram_dim,
+        n_head_per_ngram=args.engram_heads,
+        layer_ids=args.engram_layer_ids,
+        pad_id=SPECIAL_TOKENS.index("<pad>"),
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed + 1)
+    table_dir = None
+    if args.placement == "mmap":
+        table_dir = os.path.join(args.out, "tables")
+        os.makedirs(table_dir, exist_ok=True)
+    # The identity compression: a checkpoint does not hold the tokenizer's
+    # (hash_lookup is a non-persistent buffer), and export does not depend on it.
+    model.add_engram(config, engram.CompressionTable.identity(args.vocab_size),
+                     table_placement=args.placement, table_dir=table_dir)
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder for the package and export_metrics.json")
+    p.add_argument("--checkpoint", default=None, help="a state_dict of the Engram TinyLM (torch.save) to load")
+    p.add_argument("--placement", choices=engram.layer.TABLE_PLACEMENTS, default="device",
+                   help="where the Engram tables live (mmap: files under --out/tables)")
+    p.add_argument("--seed", type=int, default=0)
+    # The defaults of train_tiny_lm.py.
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=128, help="position embeddings (train_tiny_lm's --seq-len)")
+    p.add_argument("--engram-layers", default="1,3")
+    p.add_argument("--engram-vocab-size", type=int, default=20011)
+    p.add_argument("--engram-dim", type=int, default=64)
+    p.add_argument("--engram-heads", type=int, default=4)
+    p.add_argument("--max-ngram", type=int, default=3)
+    # Export and decoding.
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the package accepts")
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--decode-batch", type=int, default=2)
+    args = p.parse_args(argv)
+    try:
+        args.engram_layer_ids = [int(x) for x in args.engram_layers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--engram-layers={args.engram_layers!r}: expected comma-separated ints such as 1,3")
+    if args.prompt_len + args.new_tokens > args.max_len:
+        p.error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds --max-len={args.max_len}")
+    if not 1 <= args.decode_batch <= args.max_batch:
+        p.error(f"--decode-batch={args.decode_batch}: expected 1..--max-batch={args.max_batch}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    os.makedirs(args.out, exist_ok=True)
+    model = build_model(args)
+    tables = ex.table_tensors(model)
+    table_bytes = ex.table_bytes(tables)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} params, {len(tables)} Engram tables of "
+          f"{table_bytes / 2**20:.1f} MiB ({args.placement} placement)")
+
+    example = torch.randint(0, args.vocab_size, (2, args.prompt_len))
+    print("torch.export (dynamic batch and sequence length) ...", flush=True)
+    ep, export_s = ex.timed(ex.export, model, example, max_batch=args.max_batch, max_seq=args.max_len)
+    print(f"  {export_s:.1f}s")
+    print("AOTInductor compile and package (the slow step) ...", flush=True)
+    path = os.path.join(args.out, "tiny_lm.pt2")
+    path, compile_s = ex.timed(ex.compile_package, ep, path, model)
+    package_bytes = os.path.getsize(path)
+    print(f"  {compile_s:.1f}s; {path}: {package_bytes / 2**20:.2f} MiB, tables {table_bytes / 2**20:.1f} MiB "
+          f"(package / tables = {package_bytes / table_bytes:.3f})")
+
+    package = ex.load_package(path)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, args.vocab_size, (args.decode_batch, args.prompt_len), generator=gen)
+    with torch.no_grad():
+        # The logits of one forward pass, and greedy decoding step by step.
+        eager_logits = model(prompt)
+        package_logits = package(prompt, tables)
+        max_diff = (eager_logits - package_logits).abs().max().item()
+        ids = {"eager": prompt, "package": prompt}
+        steps = {"eager": model, "package": lambda x: package(x, tables)}
+        for _ in tqdm(range(args.new_tokens), desc="greedy decoding (eager and package)", unit="token"):
+            for name, step in steps.items():
+                logits = step(ids[name])
+                ids[name] = torch.cat([ids[name], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    same = torch.equal(ids["eager"], ids["package"])
+    print(f"one forward pass: logits bit-identical {torch.equal(eager_logits, package_logits)}, max |diff| {max_diff:.3g} "
+          f"(max |logit| {eager_logits.abs().max().item():.3g})")
+    print(f"greedy decoding, {args.decode_batch} x {args.new_tokens} tokens: package tokens == eager tokens: {same}")
+    metrics = {
+        "export_seconds": round(export_s, 2), "compile_seconds": round(compile_s, 2),
+        "package_bytes": package_bytes, "table_bytes": table_bytes, "placement": args.placement,
+        "logits_bit_identical": torch.equal(eager_logits, package_logits), "logits_max_abs_diff": max_diff,
+        "tokens_equal": same, "tokens": ids["package"].tolist(),
+        "torch": torch.__version__, "engram": engram.__version__, "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": {k: v for k, v in vars(args).items() if k != "engram_layer_ids"},
+    }
+    with open(os.path.join(args.out, "export_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    if not same:
+        sys.exit("package and eager decoded different tokens")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
