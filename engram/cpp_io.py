@@ -31,9 +31,35 @@ FORMAT = 1
 ENTRIES = ["compression", "config", "format", "layer", "state_dict"]
 CONFIG_FIELDS = sorted(f.name for f in dataclasses.fields(EngramConfig))
 LAYER_FIELDS = ["hc_mult", "hidden_size", "layer_id", "table_placement"]
-_INT_FIELDS = {"kernel_size", "max_ngram_size", "n_embed_per_ngram", "n_head_per_ngram", "pad_id", "seed"}
 _LIST_FIELDS = {"engram_vocab_size", "layer_ids"}
 _PARAMETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _int32(v: int) -> bool:
+    return -(2**31) <= v < 2**31
+
+
+def pickle_safe(value):
+    """`value` with every int outside int32 as a 0-d int64 tensor. Python
+    pickles such ints with the LONG1 opcode in as few bytes as they need, and
+    LibTorch's unpickler reads only 8-byte LONG1 values (a seed of 2**40 would
+    not load in C++); both readers take an int field in either form."""
+    if isinstance(value, dict):
+        return {k: pickle_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [pickle_safe(v) for v in value]
+    if _is_int(value) and not _int32(value):
+        return torch.tensor(value, dtype=torch.int64)
+    return value
+
+
+def _plain_int(v):
+    """An int field as read: an int, or the 0-d int64 tensor pickle_safe wrote (else None)."""
+    if _is_int(v):
+        return v
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.int64:
+        return int(v)
+    return None
 
 
 def save_layer(layer: EngramLayer, path) -> None:
@@ -51,13 +77,13 @@ def save_layer(layer: EngramLayer, path) -> None:
     torch.save(
         {
             "format": FORMAT,
-            "config": dataclasses.asdict(layer.config),
-            "layer": {
+            "config": pickle_safe(dataclasses.asdict(layer.config)),
+            "layer": pickle_safe({
                 "layer_id": layer.layer_id,
                 "hidden_size": layer.hidden_size,
                 "hc_mult": layer.hc_mult,
                 "table_placement": placement,
-            },
+            }),
             "compression": layer.compression.lookup.clone(),
             "state_dict": state,
         },
@@ -86,14 +112,17 @@ def _checked_dict(value, where: str, what: str, entry: str, entries: str, expect
 def _field(d, where: str, section: str, key: str):
     v = d[key]
     if key in _LIST_FIELDS:
-        if not isinstance(v, list) or not all(_is_int(x) for x in v):
+        items = [_plain_int(x) for x in v] if isinstance(v, list) else [None]
+        if None in items:
             raise ValueError(f"{where}: {section}[{key!r}] is not a list of ints")
-    elif key in ("hash", "table_placement"):
+        return items
+    if key in ("hash", "table_placement"):
         if not isinstance(v, str):
             raise ValueError(f"{where}: {section}[{key!r}] is not a string")
-    elif not _is_int(v):
+        return v
+    if _plain_int(v) is None:
         raise ValueError(f"{where}: {section}[{key!r}] is not an int")
-    return v
+    return _plain_int(v)
 
 
 def _with_context(where: str, make):

@@ -371,11 +371,21 @@ inline c10::impl::GenericDict checked_dict(const c10::IValue& v, const std::stri
   return dict;
 }
 
+// An int field: an int, or a 0-d int64 tensor (engram.cpp_io.pickle_safe
+// writes ints outside int32 so, since this unpickler reads only 8-byte LONG1
+// values).
+inline std::optional<int64_t> as_int(const c10::IValue& v) {
+  if (v.isInt()) return v.toInt();
+  if (v.isTensor() && v.toTensor().dim() == 0 && v.toTensor().scalar_type() == at::kLong)
+    return v.toTensor().item<int64_t>();
+  return std::nullopt;
+}
+
 inline int64_t int_field(const c10::impl::GenericDict& d, const std::string& where, const char* section,
                          const std::string& key) {
-  const c10::IValue v = d.at(key);
-  TORCH_CHECK_VALUE(v.isInt(), where, ": ", section, "[", py_repr(key), "] is not an int");
-  return v.toInt();
+  const auto v = as_int(d.at(key));
+  TORCH_CHECK_VALUE(v.has_value(), where, ": ", section, "[", py_repr(key), "] is not an int");
+  return *v;
 }
 
 inline std::string str_field(const c10::impl::GenericDict& d, const std::string& where, const char* section,
@@ -392,11 +402,12 @@ inline std::vector<int64_t> ints_field(const c10::impl::GenericDict& d, const st
   std::vector<int64_t> out;
   if (ok) {
     for (const c10::IValue& item : v.toListRef()) {
-      if (!item.isInt()) {
+      const auto i = as_int(item);
+      if (!i) {
         ok = false;
         break;
       }
-      out.push_back(item.toInt());
+      out.push_back(*i);
     }
   }
   TORCH_CHECK_VALUE(ok, where, ": ", section, "[", py_repr(key), "] is not a list of ints");

@@ -167,6 +167,38 @@ def broken_files(directory: str, good_path: str):
     return out
 
 
+def constructor_errors():
+    """Layers that cannot be built: (config fields, layer_id, hidden_size,
+    hc_mult, identity vocabulary) -> Python's error, from EngramConfig or EngramLayer."""
+    base = dict(engram_vocab_size=[31, 37], n_embed_per_ngram=12, n_head_per_ngram=3, layer_ids=[1, 15])
+    specs = [
+        ("layer_not_configured", {}, 7, 8, 1, 50),
+        ("hidden_size_zero", {}, 1, 0, 1, 50),
+        ("hc_mult_zero", {}, 1, 8, 0, 50),
+        ("heads_do_not_divide", {"n_head_per_ngram": 5}, 1, 8, 1, 50),
+        ("vocab_sizes_per_order", {"engram_vocab_size": [31]}, 1, 8, 1, 50),
+        ("vocab_size_one", {"engram_vocab_size": [31, 1]}, 1, 8, 1, 50),
+        ("max_ngram_size_one", {"max_ngram_size": 1}, 1, 8, 1, 50),
+        ("no_layers", {"layer_ids": []}, 1, 8, 1, 50),
+        ("negative_layer", {"layer_ids": [1, -2]}, 1, 8, 1, 50),
+        ("duplicate_layers", {"layer_ids": [1, 15, 1]}, 1, 8, 1, 50),
+        ("negative_pad", {"pad_id": -1}, 1, 8, 1, 50),
+        ("negative_seed", {"seed": -3}, 1, 8, 1, 50),
+        ("kernel_size_zero", {"kernel_size": 0}, 1, 8, 1, 50),
+        ("embed_zero", {"n_embed_per_ngram": 0}, 1, 8, 1, 50),
+        ("hash_family", {"hash": "it's"}, 1, 8, 1, 50),
+        ("pad_outside_vocab", {"pad_id": 60}, 1, 8, 1, 50),
+    ]
+    out = []
+    for name, changes, layer_id, hidden_size, hc_mult, vocab in specs:
+        fields = {**dataclasses.asdict(EngramConfig()), **base, **changes}
+        kind, text = message(lambda: EngramLayer(EngramConfig(**fields), layer_id, hidden_size, hc_mult,
+                                                 CompressionTable.identity(vocab)))
+        out.append({"name": name, "config": cpp_io.pickle_safe(fields), "layer_id": layer_id, "hidden_size": hidden_size,
+                    "hc_mult": hc_mult, "vocab_size": vocab, "type": kind, "message": text})
+    return out
+
+
 def layer_case(directory, name, config, layer_id, hidden_size, hc_mult, compression, batch, seq_len, dtype, seed):
     torch.manual_seed(seed)
     layer = EngramLayer(config, layer_id, hidden_size, hc_mult, compression)
@@ -191,7 +223,7 @@ def layer_case(directory, name, config, layer_id, hidden_size, hc_mult, compress
         "name": f"{name}_{str(dtype).split('.')[-1]}",
         "path": path,
         "dtype": str(dtype),
-        "config": dataclasses.asdict(config),
+        "config": cpp_io.pickle_safe(dataclasses.asdict(config)),
         "layer_id": layer_id,
         "hidden_size": hidden_size,
         "hc_mult": hc_mult,
@@ -260,7 +292,11 @@ def main() -> None:
             case["float32_path"] = cases[-1]["path"] if dtype == torch.float64 else ""
             cases.append(case)
             first = first or case["path"]
-    torch.save({"cases": cases, "file_errors": broken_files(directory, first)}, os.path.join(directory, "cases.pt"))
+    torch.save(
+        {"cases": cases, "file_errors": broken_files(directory, first), "constructor_errors": constructor_errors(),
+         "default_config": dataclasses.asdict(EngramConfig())},
+        os.path.join(directory, "cases.pt"),
+    )
     print(f"wrote {len(cases)} layer cases to {directory}")
     if args.bench:
         bench_fixture(directory, args.repeats)
