@@ -140,7 +140,8 @@ def load_layer(path) -> EngramLayer:
     try:
         file = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a zip archive, truncated, foreign pickle
-        raise ValueError(f"load_layer: cannot read {path!r} as a torch.save archive ({err})") from err
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"load_layer: cannot read {path!r} as a torch.save archive ({detail})") from err
     return load_layer_from(file, repr(path))
 
 

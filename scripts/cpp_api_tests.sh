@@ -38,6 +38,9 @@ stamp "built"
 env -u PYTHONPATH -u PYTHONHOME timeout 300 "$build/test_cpp_api" "$fixtures"
 stamp "GoogleTest passed"
 if [[ "${ENGRAM_CPP_BENCH:-0}" == 1 ]]; then
+  # Python and C++ in turn, twice: on a shared machine one pair alone misleads.
+  env -u PYTHONPATH -u PYTHONHOME timeout 300 "$build/cpp_api_bench" "$fixtures"
+  timeout 300 "$python" tests/cpp_api/make_fixtures.py "$fixtures" --time-python
   env -u PYTHONPATH -u PYTHONHOME timeout 300 "$build/cpp_api_bench" "$fixtures"
   stamp "bench done"
 fi
