@@ -198,6 +198,8 @@ class EngramLayerImpl : public detail::ModuleBase {
   int64_t layer_id() const { return layer_id_; }
   int64_t hidden_size() const { return hidden_size_; }
   int64_t hc_mult() const { return hc_mult_; }
+  // The dtype forward expects hidden_states in: that of the layer's weights.
+  torch::Dtype dtype() const { return param(*value_proj, "weight").scalar_type(); }
 
   // [B, T] token ids -> [B, T, K] hash ids of this layer (without offsets).
   torch::Tensor hash(const torch::Tensor& input_ids) const {
@@ -288,7 +290,7 @@ class EngramLayerImpl : public detail::ModuleBase {
     TORCH_CHECK_VALUE(input_ids.sizes() == hidden_states.sizes().slice(0, 2), "EngramLayer: input_ids has shape ",
                       input_ids.sizes(), "; expected [B, T] = ", hidden_states.sizes().slice(0, 2),
                       " to match hidden_states");
-    const auto weight_dtype = param(*value_proj, "weight").scalar_type();
+    const auto weight_dtype = dtype();
     TORCH_CHECK_TYPE(hidden_states.scalar_type() == weight_dtype, "EngramLayer: hidden_states is ",
                      detail::py_dtype(hidden_states.scalar_type()), " but the layer's weights are ",
                      detail::py_dtype(weight_dtype), "; expected one dtype (convert the layer with .to(dtype))");
