@@ -16,7 +16,8 @@ start=$(date +%s)
 stamp() { echo "cpp_api_tests: $1 ($(( $(date +%s) - start )) s)"; }
 
 # The engram Python imports is the one whose library and headers CMake uses.
-prefix=$("$python" -c 'import torch.utils, engram; print(torch.utils.cmake_prefix_path + ";" + engram.cmake_prefix_path)')
+prefix=$("$python" -c 'import torch.utils, engram
+print(torch.utils.cmake_prefix_path + ";" + engram.cmake_prefix_path)')
 
 rm -rf "$fixtures"
 bench=()

@@ -177,12 +177,14 @@ class EngramLayerImpl : public detail::ModuleBase {
                       " is not supported by the C++ API; expected 'device' (the table as a parameter)");
     const int64_t n = cfg.max_ngram_size;
     const int64_t engram_dim = (n - 1) * cfg.n_embed_per_ngram;
-    multi_head_embedding =
-        register_module("multi_head_embedding", MultiHeadEmbedding(hasher_.head_sizes(layer_id), cfg.head_dim(), initialize));
+    multi_head_embedding = register_module(
+        "multi_head_embedding", MultiHeadEmbedding(hasher_.head_sizes(layer_id), cfg.head_dim(), initialize));
     short_conv = register_module("short_conv", ShortConv(hidden_size, hc_mult, cfg.kernel_size, n, initialize));
     value_proj = register_module("value_proj", detail::make_linear(engram_dim, hidden_size, initialize));
     key_projs = register_module("key_projs", torch::nn::ModuleList());
-    for (int64_t g = 0; g < hc_mult; ++g) key_projs->push_back(detail::make_linear(engram_dim, hidden_size, initialize));
+    for (int64_t g = 0; g < hc_mult; ++g) {
+      key_projs->push_back(detail::make_linear(engram_dim, hidden_size, initialize));
+    }
     norm1 = register_module("norm1", detail::make_rms_norms(hc_mult, hidden_size));
     norm2 = register_module("norm2", detail::make_rms_norms(hc_mult, hidden_size));
     // The Python layer's non-persistent buffers hash_lookup, hash_keys and

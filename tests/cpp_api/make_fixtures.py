@@ -118,6 +118,7 @@ def broken_files(directory: str, good_path: str):
         return path
 
     state = good["state_dict"]
+    rows, cols = state["value_proj.weight"].shape
     files = [
         ("missing_file", os.path.join(directory, "no_such_layer.pt"), True),
         ("truncated", raw_file("truncated", raw[: len(raw) // 2]), False),
@@ -142,13 +143,12 @@ def broken_files(directory: str, good_path: str):
         ("pad_outside_vocab", variant("pad_outside_vocab", lambda d: d.update(compression=torch.arange(2))), True),
         ("compression_not_tensor", variant("compression_not_tensor", lambda d: d.update(compression=[0, 1])), True),
         ("state_missing_key", variant("state_missing_key", lambda d: d["state_dict"].pop("value_proj.bias")), True),
-        ("state_extra_key", variant("state_extra_key", lambda d: d["state_dict"].update({"gate.weight": torch.ones(3)})),
-         True),
+        ("state_extra_key",
+         variant("state_extra_key", lambda d: d["state_dict"].update({"gate.weight": torch.ones(3)})), True),
         ("state_not_tensor", variant("state_not_tensor", lambda d: d["state_dict"].update({"norm1.0.weight": 1.0})),
          True),
         ("state_wrong_shape", variant("state_wrong_shape", lambda d: d["state_dict"].update(
-            {"value_proj.weight": torch.zeros(state["value_proj.weight"].shape[0], 1 + state["value_proj.weight"].shape[1])})),
-         True),
+            {"value_proj.weight": torch.zeros(rows, cols + 1)})), True),
         ("state_int_weight", variant("state_int_weight", lambda d: d["state_dict"].update(
             {"norm2.0.weight": torch.ones(state["norm2.0.weight"].shape, dtype=torch.int64)})), True),
         ("state_float_offsets", variant("state_float_offsets", lambda d: d["state_dict"].update(
@@ -193,8 +193,8 @@ def constructor_errors():
         fields = {**dataclasses.asdict(EngramConfig()), **base, **changes}
         kind, text = message(lambda: EngramLayer(EngramConfig(**fields), layer_id, hidden_size, hc_mult,
                                                  CompressionTable.identity(vocab)))
-        out.append({"name": name, "config": cpp_io.pickle_safe(fields), "layer_id": layer_id, "hidden_size": hidden_size,
-                    "hc_mult": hc_mult, "vocab_size": vocab, "type": kind, "message": text})
+        out.append({"name": name, "config": cpp_io.pickle_safe(fields), "layer_id": layer_id,
+                    "hidden_size": hidden_size, "hc_mult": hc_mult, "vocab_size": vocab, "type": kind, "message": text})
     return out
 
 

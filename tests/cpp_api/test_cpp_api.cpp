@@ -77,7 +77,9 @@ std::string dtype_name(at::ScalarType t) { return engram::detail::py_dtype(t); }
     if (type == "ValueError") type_ok = dynamic_cast<const c10::ValueError*>(&e) != nullptr;
     if (type == "IndexError" || type == "KeyError") type_ok = dynamic_cast<const c10::IndexError*>(&e) != nullptr;
     if (type == "TypeError") type_ok = dynamic_cast<const c10::TypeError*>(&e) != nullptr;
-    if (!type_ok) return ::testing::AssertionFailure() << "Python raises " << type << ", C++ another c10::Error: " << got;
+    if (!type_ok) {
+      return ::testing::AssertionFailure() << "Python raises " << type << ", C++ another c10::Error: " << got;
+    }
     const bool text_ok = exact ? got == message : got.rfind(message, 0) == 0 && got.size() > message.size() + 1;
     if (!text_ok)
       return ::testing::AssertionFailure() << "message differs\n  C++:    " << got << "\n  Python: " << message
