@@ -20,6 +20,7 @@ prefix=$("$python" -c 'import torch.utils, engram
 print(torch.utils.cmake_prefix_path + ";" + engram.cmake_prefix_path)')
 
 rm -rf "$fixtures"
+mkdir -p "$build"
 bench=()
 if [[ "${ENGRAM_CPP_BENCH:-0}" == 1 ]]; then bench=(--bench); fi
 timeout 600 "$python" tests/cpp_api/make_fixtures.py "$fixtures" "${bench[@]}"
