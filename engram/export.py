@@ -25,12 +25,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._loader import OPS_ABI_VERSION
 from .layer import EngramLayer, MultiHeadEmbedding
 
 # Keys of the package metadata (strings, readable from C++ through
 # AOTIModelPackageLoader::get_metadata()).
 METADATA_TABLES = "engram.tables"
 METADATA_FORMAT = "engram.export_format"
+# The op library's ABI version (include/engram/runtime.h) the package's calls
+# of engram ops were compiled against: another library may have other schemas.
+METADATA_OPS_ABI = "engram.ops_abi_version"
 EXPORT_FORMAT = "1"
 
 
@@ -172,9 +176,25 @@ def compile_package(ep: torch.export.ExportedProgram, path: str, model: Optional
     table_vals = [placeholders[s.arg.name].meta["val"] for s in specs[1:]]
     table_vals = [v for v in table_vals if isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point()]
     names = table_names(model) if model is not None else [f"table_{i}" for i in range(len(table_vals))]
-    metadata = {METADATA_FORMAT: EXPORT_FORMAT, METADATA_TABLES: json.dumps(_table_records(table_vals, names))}
+    metadata = {METADATA_FORMAT: EXPORT_FORMAT, METADATA_OPS_ABI: str(OPS_ABI_VERSION),
+                METADATA_TABLES: json.dumps(_table_records(table_vals, names))}
     configs = {"aot_inductor.metadata": metadata, **(inductor_configs or {})}
     return torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=configs)
+
+
+def check_metadata(meta: Dict[str, str], path: str) -> List[Dict]:
+    """The table records of a package's metadata, after checking that it is a
+    compile_package package for the op library loaded now; raises ValueError
+    naming the package, the key, what it holds and what was expected."""
+    if meta.get(METADATA_FORMAT) != EXPORT_FORMAT:
+        raise ValueError(f"engram.export: {path!r} is not a package of engram.export.compile_package format "
+                         f"{EXPORT_FORMAT} (metadata {METADATA_FORMAT}={meta.get(METADATA_FORMAT)!r})")
+    abi = meta.get(METADATA_OPS_ABI)
+    if abi != str(OPS_ABI_VERSION):
+        got = "no op library ABI version" if abi is None else f"op library ABI version {abi}"
+        raise ValueError(f"engram.export: {path!r} was exported for {got} (metadata {METADATA_OPS_ABI}); the "
+                         f"loaded engram op library has version {OPS_ABI_VERSION}. Export it again with this engram")
+    return json.loads(meta[METADATA_TABLES])
 
 
 class Package:
@@ -184,11 +204,7 @@ class Package:
     def __init__(self, path: str) -> None:
         self.path = path
         self.runner = torch._inductor.aoti_load_package(path)
-        meta = self.runner.get_metadata()
-        if meta.get(METADATA_FORMAT) != EXPORT_FORMAT:
-            raise ValueError(f"engram.export: {path!r} is not a package of engram.export.compile_package format "
-                             f"{EXPORT_FORMAT} (metadata {METADATA_FORMAT}={meta.get(METADATA_FORMAT)!r})")
-        self.tables: List[Dict] = json.loads(meta[METADATA_TABLES])
+        self.tables: List[Dict] = check_metadata(self.runner.get_metadata(), path)
 
     def check_tables(self, tables: Sequence[torch.Tensor]) -> None:
         if len(tables) != len(self.tables):

@@ -10,7 +10,13 @@ compares the tokens. CPU only; nothing is downloaded.
     python examples/export_tiny_lm.py --out runs/export                 # ~1-2 min on 2 CPU cores
     python examples/export_tiny_lm.py --out runs/export --placement mmap
 
-Writes to --out: tiny_lm.pt2 (the package) and export_metrics.json.
+Writes to --out: tiny_lm.pt2 (the package), export_metrics.json (times,
+sizes, the prompt and the eager tokens) and tables.json, the manifest of the
+tables the package takes as .npy files (under --out/tables; with --placement
+mmap, the model's own table files), which the C++ runner examples/cpp/generate
+reads without Python:
+
+    examples/cpp/build/generate runs/export/tiny_lm.pt2 runs/export/tables.json "5,9,2;7,1,3" 32
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 import engram
@@ -57,6 +64,40 @@ def build_model(args) -> TinyLM:
     return model.eval()
 
 
+def write_tables(model, out: str) -> str:
+    """tables.json in out: [{"name", "path"}] of model's tables, in the order
+    the package takes them, each an .npy file (path relative to out) that a
+    C++ program maps without Python. An mmap table is its own file; the others
+    are written to out/tables/<name>.npy. Returns the manifest's path."""
+    entries = []
+    for name, (_, m), t in zip(ex.table_names(model), ex._table_modules(model), ex.table_tensors(model)):
+        if m.placement == "mmap":
+            m.flush()  # the file is what the C++ runner reads
+            path = m.table_path
+        else:
+            if t.dtype not in (torch.float16, torch.float32, torch.float64):
+                raise ValueError(f"table {name!r} is {t.dtype}; .npy holds float16, float32 or float64 tables")
+            path = os.path.join(out, "tables", f"{name}.npy")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path, t.cpu().numpy())
+        entries.append({"name": name, "path": os.path.relpath(path, out)})
+    manifest = os.path.join(out, "tables.json")
+    with open(manifest, "w") as f:
+        json.dump({"tables": entries}, f, indent=1)
+    return manifest
+
+
+def median_seconds(fn, x, repeats: int) -> float:
+    """Median wall time of fn(x) over repeats calls, after one warm-up call."""
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -81,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--decode-batch", type=int, default=2)
+    p.add_argument("--timing-repeats", type=int, default=20,
+                   help="forward passes (of the decoded ids) whose median time is reported")
     args = p.parse_args(argv)
     try:
         args.engram_layer_ids = [int(x) for x in args.engram_layers.split(",") if x.strip()]
@@ -129,15 +172,25 @@ def main(argv=None) -> dict:
             for name, step in steps.items():
                 logits = step(ids[name])
                 ids[name] = torch.cat([ids[name], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        # One forward pass of the whole decoded sequence, timed like the C++ runner times it.
+        eager_s = median_seconds(model, ids["eager"], args.timing_repeats)
+        package_s = median_seconds(lambda x: package(x, tables), ids["eager"], args.timing_repeats)
     same = torch.equal(ids["eager"], ids["package"])
     print(f"one forward pass: logits bit-identical {torch.equal(eager_logits, package_logits)}, max |diff| {max_diff:.3g} "
           f"(max |logit| {eager_logits.abs().max().item():.3g})")
     print(f"greedy decoding, {args.decode_batch} x {args.new_tokens} tokens: package tokens == eager tokens: {same}")
+    print(f"one forward pass of {list(ids['eager'].shape)} ids (median of {args.timing_repeats}, "
+          f"{torch.get_num_threads()} threads): eager {eager_s * 1e3:.2f} ms, package {package_s * 1e3:.2f} ms")
+    manifest = write_tables(model, args.out)
+    print(f"tables for the C++ runner: {manifest}")
     metrics = {
         "export_seconds": round(export_s, 2), "compile_seconds": round(compile_s, 2),
         "package_bytes": package_bytes, "table_bytes": table_bytes, "placement": args.placement,
         "logits_bit_identical": torch.equal(eager_logits, package_logits), "logits_max_abs_diff": max_diff,
         "tokens_equal": same, "tokens": ids["package"].tolist(),
+        "prompt": prompt.tolist(), "eager_tokens": ids["eager"].tolist(), "new_tokens": args.new_tokens,
+        "forward_shape": list(ids["eager"].shape), "timing_repeats": args.timing_repeats,
+        "eager_forward_seconds": eager_s, "package_forward_seconds": package_s,
         "torch": torch.__version__, "engram": engram.__version__, "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "args": {k: v for k, v in vars(args).items() if k != "engram_layer_ids"},
