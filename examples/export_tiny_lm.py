@@ -57,7 +57,7 @@ def build_model(args) -> TinyLM:
         os.makedirs(table_dir, exist_ok=True)
     # The identity compression: a checkpoint does not hold the tokenizer's
     # (hash_lookup is a non-persistent buffer), and export does not depend on it.
-    model.add_engram(config, engram.CompressionTable.identity(args.vocab_size),
+    model.add_engram(config, engram.CompressionTable.identity(args.vocab_size), init=args.engram_init,
                      table_placement=args.placement, table_dir=table_dir)
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
@@ -106,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--placement", choices=engram.layer.TABLE_PLACEMENTS, default="device",
                    help="where the Engram tables live (mmap: files under --out/tables)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engram-init", choices=("scaled", "reference"), default="scaled",
+                   help="TinyLM.add_engram's init; untrained, 'reference' (N(0, 1) rows) makes the Engram branch "
+                        "steer decoding, so the tokens depend on the table lookups")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     # The defaults of train_tiny_lm.py.
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=192)
@@ -140,6 +144,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args)
     tables = ex.table_tensors(model)
@@ -168,9 +175,15 @@ def main(argv=None) -> dict:
         max_diff = (eager_logits - package_logits).abs().max().item()
         ids = {"eager": prompt, "package": prompt}
         steps = {"eager": model, "package": lambda x: package(x, tables)}
+        # The smallest gap between the two largest eager logits of a step: how
+        # far the package's (or a C++ runner's) rounding is from flipping a token.
+        min_gap = float("inf")
         for _ in tqdm(range(args.new_tokens), desc="greedy decoding (eager and package)", unit="token"):
             for name, step in steps.items():
                 logits = step(ids[name])
+                if name == "eager":
+                    top2 = logits[:, -1].topk(2, dim=-1).values
+                    min_gap = min(min_gap, (top2[:, 0] - top2[:, 1]).min().item())
                 ids[name] = torch.cat([ids[name], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         # One forward pass of the whole decoded sequence, timed like the C++ runner times it.
         eager_s = median_seconds(model, ids["eager"], args.timing_repeats)
@@ -178,7 +191,8 @@ def main(argv=None) -> dict:
     same = torch.equal(ids["eager"], ids["package"])
     print(f"one forward pass: logits bit-identical {torch.equal(eager_logits, package_logits)}, max |diff| {max_diff:.3g} "
           f"(max |logit| {eager_logits.abs().max().item():.3g})")
-    print(f"greedy decoding, {args.decode_batch} x {args.new_tokens} tokens: package tokens == eager tokens: {same}")
+    print(f"greedy decoding, {args.decode_batch} x {args.new_tokens} tokens: package tokens == eager tokens: {same} "
+          f"(smallest top-1 - top-2 eager logit gap {min_gap:.3g})")
     print(f"one forward pass of {list(ids['eager'].shape)} ids (median of {args.timing_repeats}, "
           f"{torch.get_num_threads()} threads): eager {eager_s * 1e3:.2f} ms, package {package_s * 1e3:.2f} ms")
     manifest = write_tables(model, args.out)
@@ -187,7 +201,7 @@ def main(argv=None) -> dict:
         "export_seconds": round(export_s, 2), "compile_seconds": round(compile_s, 2),
         "package_bytes": package_bytes, "table_bytes": table_bytes, "placement": args.placement,
         "logits_bit_identical": torch.equal(eager_logits, package_logits), "logits_max_abs_diff": max_diff,
-        "tokens_equal": same, "tokens": ids["package"].tolist(),
+        "tokens_equal": same, "min_top2_logit_gap": min_gap, "tokens": ids["package"].tolist(),
         "prompt": prompt.tolist(), "eager_tokens": ids["eager"].tolist(), "new_tokens": args.new_tokens,
         "forward_shape": list(ids["eager"].shape), "timing_repeats": args.timing_repeats,
         "eager_forward_seconds": eager_s, "package_forward_seconds": package_s,
