@@ -6,8 +6,9 @@
 #  2. builds examples/cpp (find_package(Torch), find_package(engram), Ninja);
 #  3. runs examples/cpp/generate on the package, outside Python, and fails
 #     unless its tokens equal the Python eager tokens;
-#  4. checks that a table of another shape, and a package of another op
-#     library ABI version, are refused with a message naming what differs.
+#  4. checks that a table of another shape, a sequence longer than the
+#     package takes and a package of another op library ABI version are
+#     refused with a message naming what differs.
 # Prints the export and AOTInductor compile times, the package size against
 # the table size and the C++ against the Python forward time. ~1-2 min on 2
 # cores. Output under build/cpp_examples (CPP_EXAMPLES_OUT to change);
@@ -114,6 +115,10 @@ table_name=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['t
 expect_refusal "a table of another shape" \
   "table '${table_name//./\\.}' .* of shape \[[0-9]+, [0-9]+\]; the package .* table of shape \[[0-9]+, [0-9]+\]" \
   "$run/tiny_lm.pt2" "$run/tables_wrong_shape.json" "$prompt" 1
+
+expect_refusal "a sequence longer than the package takes" \
+  "PROMPT of [0-9]+ ids \+ NEW_TOKENS 1000 = [0-9]+ ids; the package .* takes sequences of up to 64 \(export's max_seq\)" \
+  "$run/tiny_lm.pt2" "$run/tables.json" "$prompt" 1000
 
 # A package of another op library ABI version: the same package with its
 # metadata's engram.ops_abi_version changed (AOTInductor reads the metadata

@@ -50,6 +50,7 @@ namespace {
 const char* const kMetadataFormat = "engram.export_format";
 const char* const kMetadataOpsAbi = "engram.ops_abi_version";
 const char* const kMetadataTables = "engram.tables";
+const char* const kMetadataInput = "engram.input_ids";
 const char* const kExportFormat = "1";
 
 struct Error : std::runtime_error {
@@ -327,6 +328,23 @@ struct TableRecord {
   std::vector<int64_t> shape;
 };
 
+// The largest input_ids the package takes: export's max_batch and max_seq
+// (0: not recorded).
+struct InputBounds {
+  int64_t max_batch = 0, max_seq = 0;
+};
+
+InputBounds input_bounds(const std::unordered_map<std::string, std::string>& meta, const std::string& package) {
+  InputBounds b;
+  const auto it = meta.find(kMetadataInput);
+  if (it == meta.end()) return b;
+  const Json v = JsonParser(it->second, std::string("metadata ") + kMetadataInput + " of " + package).parse();
+  const Json *batch = v.find("max_batch"), *seq = v.find("max_seq");
+  if (batch) b.max_batch = static_cast<int64_t>(batch->number);
+  if (seq) b.max_seq = static_cast<int64_t>(seq->number);
+  return b;
+}
+
 // The metadata checks of engram.export.check_metadata; returns the package's
 // table records.
 std::vector<TableRecord> check_metadata(const std::unordered_map<std::string, std::string>& meta,
@@ -486,8 +504,18 @@ int run(int argc, char** argv) {
                 "; this program was built against engram/runtime.h version " + std::to_string(ENGRAM_OPS_ABI_VERSION) +
                 ". Rebuild it against the installed engram");
   // Metadata first: a mismatched package is refused before its code is loaded.
+  if (access(package.c_str(), R_OK) != 0)
+    throw Error("package " + package + ": cannot open (" + std::strerror(errno) + ")");
   const auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package, "model");
   const std::vector<TableRecord> records = check_metadata(meta, package);
+  const InputBounds bounds = input_bounds(meta, package);
+  if (bounds.max_batch && prompt.size(0) > bounds.max_batch)
+    throw Error("PROMPT has " + std::to_string(prompt.size(0)) + " rows; the package " + package +
+                " takes batches of up to " + std::to_string(bounds.max_batch) + " (export's max_batch)");
+  if (bounds.max_seq && prompt.size(1) + new_tokens > bounds.max_seq)
+    throw Error("PROMPT of " + std::to_string(prompt.size(1)) + " ids + NEW_TOKENS " + std::to_string(new_tokens) +
+                " = " + std::to_string(prompt.size(1) + new_tokens) + " ids; the package " + package +
+                " takes sequences of up to " + std::to_string(bounds.max_seq) + " (export's max_seq)");
   const std::vector<at::Tensor> tables = load_tables(manifest, records, package);
   torch::inductor::AOTIModelPackageLoader loader(package);
 
@@ -525,15 +553,21 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
+// A LibTorch error's message without the C++ backtrace that follows it.
+std::string first_part(const std::string& message) {
+  const size_t at = message.find("\nException raised from");
+  return at == std::string::npos ? message : message.substr(0, at);
+}
+
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const Error& e) {
     std::cerr << "generate: error: " << e.what() << "\n";
   } catch (const c10::Error& e) {
-    std::cerr << "generate: error: " << e.what_without_backtrace() << "\n";
+    std::cerr << "generate: error: " << first_part(e.what_without_backtrace()) << "\n";
   } catch (const std::exception& e) {
-    std::cerr << "generate: error: " << e.what() << "\n";
+    std::cerr << "generate: error: " << first_part(e.what()) << "\n";
   }
   return 1;
 }
