@@ -140,34 +140,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from tqdm.auto import tqdm
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
-    os.makedirs(args.out, exist_ok=True)
-    model = build_model(args)
+def export_package(model, example: torch.Tensor, max_batch: int, max_seq: int, path: str) -> dict:
+    """torch.export then AOTInductor package of model at path; returns times and sizes."""
     tables = ex.table_tensors(model)
     table_bytes = ex.table_bytes(tables)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} params, {len(tables)} Engram tables of "
-          f"{table_bytes / 2**20:.1f} MiB ({args.placement} placement)")
-
-    example = torch.randint(0, args.vocab_size, (2, args.prompt_len))
     print("torch.export (dynamic batch and sequence length) ...", flush=True)
-    ep, export_s = ex.timed(ex.export, model, example, max_batch=args.max_batch, max_seq=args.max_len)
+    ep, export_s = ex.timed(ex.export, model, example, max_batch=max_batch, max_seq=max_seq)
     print(f"  {export_s:.1f}s")
     print("AOTInductor compile and package (the slow step) ...", flush=True)
-    path = os.path.join(args.out, "tiny_lm.pt2")
     path, compile_s = ex.timed(ex.compile_package, ep, path, model)
     package_bytes = os.path.getsize(path)
     print(f"  {compile_s:.1f}s; {path}: {package_bytes / 2**20:.2f} MiB, tables {table_bytes / 2**20:.1f} MiB "
           f"(package / tables = {package_bytes / table_bytes:.3f})")
+    return {"path": path, "export_seconds": round(export_s, 2), "compile_seconds": round(compile_s, 2),
+            "package_bytes": package_bytes, "table_bytes": table_bytes}
 
+
+def compare_decoding(model, path: str, prompt: torch.Tensor, new_tokens: int, timing_repeats: int) -> dict:
+    """Greedy decoding with model (eager: model(ids) -> logits) and with the
+    package at path, and the median time of one forward pass of the decoded
+    ids with each; the metrics the C++ runner is checked against."""
+    from tqdm.auto import tqdm
+
+    tables = ex.table_tensors(model)
     package = ex.load_package(path)
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, args.vocab_size, (args.decode_batch, args.prompt_len), generator=gen)
     with torch.no_grad():
         # The logits of one forward pass, and greedy decoding step by step.
         eager_logits = model(prompt)
@@ -178,7 +174,7 @@ def main(argv=None) -> dict:
         # The smallest gap between the two largest eager logits of a step: how
         # far the package's (or a C++ runner's) rounding is from flipping a token.
         min_gap = float("inf")
-        for _ in tqdm(range(args.new_tokens), desc="greedy decoding (eager and package)", unit="token"):
+        for _ in tqdm(range(new_tokens), desc="greedy decoding (eager and package)", unit="token"):
             for name, step in steps.items():
                 logits = step(ids[name])
                 if name == "eager":
@@ -186,33 +182,52 @@ def main(argv=None) -> dict:
                     min_gap = min(min_gap, (top2[:, 0] - top2[:, 1]).min().item())
                 ids[name] = torch.cat([ids[name], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         # One forward pass of the whole decoded sequence, timed like the C++ runner times it.
-        eager_s = median_seconds(model, ids["eager"], args.timing_repeats)
-        package_s = median_seconds(lambda x: package(x, tables), ids["eager"], args.timing_repeats)
+        eager_s = median_seconds(model, ids["eager"], timing_repeats)
+        package_s = median_seconds(lambda x: package(x, tables), ids["eager"], timing_repeats)
     same = torch.equal(ids["eager"], ids["package"])
     print(f"one forward pass: logits bit-identical {torch.equal(eager_logits, package_logits)}, max |diff| {max_diff:.3g} "
           f"(max |logit| {eager_logits.abs().max().item():.3g})")
-    print(f"greedy decoding, {args.decode_batch} x {args.new_tokens} tokens: package tokens == eager tokens: {same} "
+    print(f"greedy decoding, {prompt.shape[0]} x {new_tokens} tokens: package tokens == eager tokens: {same} "
           f"(smallest top-1 - top-2 eager logit gap {min_gap:.3g})")
-    print(f"one forward pass of {list(ids['eager'].shape)} ids (median of {args.timing_repeats}, "
+    print(f"one forward pass of {list(ids['eager'].shape)} ids (median of {timing_repeats}, "
           f"{torch.get_num_threads()} threads): eager {eager_s * 1e3:.2f} ms, package {package_s * 1e3:.2f} ms")
-    manifest = write_tables(model, args.out)
-    print(f"tables for the C++ runner: {manifest}")
-    metrics = {
-        "export_seconds": round(export_s, 2), "compile_seconds": round(compile_s, 2),
-        "package_bytes": package_bytes, "table_bytes": table_bytes, "placement": args.placement,
+    return {
         "logits_bit_identical": torch.equal(eager_logits, package_logits), "logits_max_abs_diff": max_diff,
         "tokens_equal": same, "min_top2_logit_gap": min_gap, "tokens": ids["package"].tolist(),
-        "prompt": prompt.tolist(), "eager_tokens": ids["eager"].tolist(), "new_tokens": args.new_tokens,
-        "forward_shape": list(ids["eager"].shape), "timing_repeats": args.timing_repeats,
+        "prompt": prompt.tolist(), "eager_tokens": ids["eager"].tolist(), "new_tokens": new_tokens,
+        "forward_shape": list(ids["eager"].shape), "timing_repeats": timing_repeats,
         "eager_forward_seconds": eager_s, "package_forward_seconds": package_s,
         "torch": torch.__version__, "engram": engram.__version__, "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "args": {k: v for k, v in vars(args).items() if k != "engram_layer_ids"},
     }
-    with open(os.path.join(args.out, "export_metrics.json"), "w") as f:
+
+
+def write_metrics(out: str, metrics: dict) -> None:
+    with open(os.path.join(out, "export_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    if not same:
+    if not metrics["tokens_equal"]:
         sys.exit("package and eager decoded different tokens")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    os.makedirs(args.out, exist_ok=True)
+    model = build_model(args)
+    tables = ex.table_tensors(model)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} params, {len(tables)} Engram tables of "
+          f"{ex.table_bytes(tables) / 2**20:.1f} MiB ({args.placement} placement)")
+    example = torch.randint(0, args.vocab_size, (2, args.prompt_len))
+    metrics = export_package(model, example, args.max_batch, args.max_len, os.path.join(args.out, "tiny_lm.pt2"))
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, args.vocab_size, (args.decode_batch, args.prompt_len), generator=gen)
+    metrics.update(compare_decoding(model, metrics["path"], prompt, args.new_tokens, args.timing_repeats))
+    print(f"tables for the C++ runner: {write_tables(model, args.out)}")
+    metrics["placement"] = args.placement
+    metrics["args"] = {k: v for k, v in vars(args).items() if k != "engram_layer_ids"}
+    write_metrics(args.out, metrics)
     return metrics
 
 
