@@ -30,7 +30,7 @@ import engram.export as ex
 from engram.integrations import add_engram_layers, engram_layers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export_tiny_lm import compare_decoding, export_package, write_metrics, write_tables  # noqa: E402
+from export_tiny_lm import compare_decoding, export_package, time_only, write_metrics, write_tables  # noqa: E402
 
 
 class CausalLMLogits(nn.Module):
@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-batch", type=int, default=2)
     p.add_argument("--timing-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--time-only", action="store_true",
+                   help="no export: time one forward pass of --out's package and of eager on its decoded ids")
     args = p.parse_args(argv)
     try:
         args.engram_layer_ids = [int(x) for x in args.engram_layers.split(",") if x.strip()]
@@ -112,6 +114,8 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     lm = build_model(args)
     model = CausalLMLogits(lm).eval()
+    if args.time_only:
+        return time_only(model, args.out, "model.pt2", args.timing_repeats)
     tables = ex.table_tensors(model)
     print(f"transformers {transformers.__version__} Llama: {sum(p.numel() for p in model.parameters()):,} params, "
           f"Engram layers at blocks {sorted(engram_layers(lm))}, {len(tables)} tables of "

@@ -110,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TinyLM.add_engram's init; untrained, 'reference' (N(0, 1) rows) makes the Engram branch "
                         "steer decoding, so the tokens depend on the table lookups")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--time-only", action="store_true",
+                   help="no export: time one forward pass of --out's package and of eager on its decoded ids")
     # The defaults of train_tiny_lm.py.
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=192)
@@ -156,6 +158,27 @@ def export_package(model, example: torch.Tensor, max_batch: int, max_seq: int, p
             "package_bytes": package_bytes, "table_bytes": table_bytes}
 
 
+@torch.no_grad()
+def time_forward(model, package, ids: torch.Tensor, repeats: int):
+    """(eager, package) median seconds of one forward pass of ids, timed like
+    the C++ runner times it."""
+    tables = ex.table_tensors(model)
+    return median_seconds(model, ids, repeats), median_seconds(lambda x: package(x, tables), ids, repeats)
+
+
+def time_only(model, out: str, package_name: str, repeats: int) -> dict:
+    """--time-only: the forward times of out's package (already exported) and
+    of model on out's decoded ids, printed as JSON; a fresh process next to a
+    C++ run times both under the same machine load."""
+    with open(os.path.join(out, "export_metrics.json")) as f:
+        ids = torch.tensor(json.load(f)["eager_tokens"])
+    eager_s, package_s = time_forward(model, ex.load_package(os.path.join(out, package_name)), ids, repeats)
+    times = {"shape": list(ids.shape), "threads": torch.get_num_threads(), "repeats": repeats,
+             "eager_ms": eager_s * 1e3, "package_ms": package_s * 1e3}
+    print(json.dumps(times))
+    return times
+
+
 def compare_decoding(model, path: str, prompt: torch.Tensor, new_tokens: int, timing_repeats: int) -> dict:
     """Greedy decoding with model (eager: model(ids) -> logits) and with the
     package at path, and the median time of one forward pass of the decoded
@@ -181,9 +204,7 @@ def compare_decoding(model, path: str, prompt: torch.Tensor, new_tokens: int, ti
                     top2 = logits[:, -1].topk(2, dim=-1).values
                     min_gap = min(min_gap, (top2[:, 0] - top2[:, 1]).min().item())
                 ids[name] = torch.cat([ids[name], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        # One forward pass of the whole decoded sequence, timed like the C++ runner times it.
-        eager_s = median_seconds(model, ids["eager"], timing_repeats)
-        package_s = median_seconds(lambda x: package(x, tables), ids["eager"], timing_repeats)
+        eager_s, package_s = time_forward(model, package, ids["eager"], timing_repeats)
     same = torch.equal(ids["eager"], ids["package"])
     print(f"one forward pass: logits bit-identical {torch.equal(eager_logits, package_logits)}, max |diff| {max_diff:.3g} "
           f"(max |logit| {eager_logits.abs().max().item():.3g})")
@@ -216,6 +237,8 @@ def main(argv=None) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args)
+    if args.time_only:
+        return time_only(model, args.out, "tiny_lm.pt2", args.timing_repeats)
     tables = ex.table_tensors(model)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} params, {len(tables)} Engram tables of "
           f"{ex.table_bytes(tables) / 2**20:.1f} MiB ({args.placement} placement)")

@@ -37,39 +37,53 @@ generate=$out/cmake/generate
 cpp() { env $(env | grep -o '^PYTHON[A-Za-z0-9_]*' | sed 's/^/-u /') timeout 300 "$generate" "$@"; }
 metric() { python3 -c "import json, sys; m = json.load(open(sys.argv[1])); print(eval(sys.argv[2], {'m': m}))" "$@"; }
 
-# decode_and_compare RUN PACKAGE: runs generate on RUN's package with RUN's
-# prompt, twice (the second with glibc's default malloc policy, for the forward
-# time it costs), fails unless the tokens equal RUN's Python eager tokens, and
-# prints the numbers.
+# decode_and_compare RUN PACKAGE EXPORT_SCRIPT ARGS...: runs generate on RUN's
+# package with RUN's prompt and fails unless its tokens equal RUN's Python
+# eager tokens; then times one forward pass of the decoded ids in rounds of
+# C++, C++ with glibc's default malloc policy and Python (EXPORT_SCRIPT ARGS
+# --time-only, a fresh process), back to back so that all see the same load
+# of a shared machine, and prints the numbers (the best round of each).
 decode_and_compare() {
-  local run=$1 package=$2 prompt new_tokens
+  local run=$1 package=$2 prompt new_tokens full round
+  shift 2
   prompt=$(metric "$run/export_metrics.json" "';'.join(','.join(map(str, r)) for r in m['prompt'])")
+  full=$(metric "$run/export_metrics.json" "';'.join(','.join(map(str, r)) for r in m['eager_tokens'])")
   new_tokens=$(metric "$run/export_metrics.json" "m['new_tokens']")
-  cpp "$run/$package" "$run/tables.json" "$prompt" "$new_tokens" --threads "$threads" --repeats 50 \
+  cpp "$run/$package" "$run/tables.json" "$prompt" "$new_tokens" --threads "$threads" --repeats 1 \
     | tee "$run/cpp_stdout.txt"
-  cpp "$run/$package" "$run/tables.json" "$prompt" "$new_tokens" --threads "$threads" --repeats 50 \
-    --default-malloc > "$run/cpp_default_malloc_stdout.txt"
+  rm -f "$run"/timing_*.txt
+  for round in 1 2 3; do
+    cpp "$run/$package" "$run/tables.json" "$full" 0 --threads "$threads" --repeats 50 | tail -1 >> "$run/timing_cpp.txt"
+    cpp "$run/$package" "$run/tables.json" "$full" 0 --threads "$threads" --repeats 50 --default-malloc \
+      | tail -1 >> "$run/timing_cpp_default_malloc.txt"
+    timeout 300 python3 "$@" --out "$run" --threads "$threads" --timing-repeats 50 --time-only 2> /dev/null \
+      | tail -1 >> "$run/timing_python.txt"
+  done
   python3 - "$run" <<'EOF'
 import json, os, re, sys
 run = sys.argv[1]
 m = json.load(open(os.path.join(run, "export_metrics.json")))
+text = open(os.path.join(run, "cpp_stdout.txt")).read()
+rows = [[int(v) for v in line.split(":", 1)[1].split()] for line in text.splitlines() if line.startswith("tokens[")]
+if rows != m["eager_tokens"]:
+    sys.exit(f"FAIL: C++ tokens ({run})\n  {rows}\ndiffer from the Python eager tokens\n  {m['eager_tokens']}")
 
 
-def parse(name):
-    """(tokens, median forward ms) of a generate output."""
-    text = open(os.path.join(run, name)).read()
-    rows = [[int(v) for v in line.split(":", 1)[1].split()] for line in text.splitlines() if line.startswith("tokens[")]
-    forward = re.search(r"^forward \[(.*)\]: median ([0-9.e+-]+) ms", text, re.M)
-    if rows != m["eager_tokens"]:
-        sys.exit(f"FAIL: C++ tokens ({run}/{name})\n  {rows}\ndiffer from the Python eager tokens\n  {m['eager_tokens']}")
-    if forward is None or [int(v) for v in forward.group(1).split(",")] != m["forward_shape"]:
-        sys.exit(f"FAIL: no forward time of shape {m['forward_shape']} in {run}/{name}")
-    return rows, float(forward.group(2))
+def cpp_times(name):
+    times = []
+    for line in open(os.path.join(run, name)):
+        forward = re.match(r"forward \[(.*)\]: median ([0-9.e+-]+) ms", line)
+        if forward is None or [int(v) for v in forward.group(1).split(",")] != m["forward_shape"]:
+            sys.exit(f"FAIL: {run}/{name}: {line!r} is not a forward time of shape {m['forward_shape']}")
+        times.append(float(forward.group(2)))
+    return times
 
 
-rows, cpp_ms = parse("cpp_stdout.txt")
-_, cpp_default_ms = parse("cpp_default_malloc_stdout.txt")
-eager_ms, package_ms = m["eager_forward_seconds"] * 1e3, m["package_forward_seconds"] * 1e3
+cpp_ms, cpp_default_ms = cpp_times("timing_cpp.txt"), cpp_times("timing_cpp_default_malloc.txt")
+python = [json.loads(line) for line in open(os.path.join(run, "timing_python.txt"))]
+if len(python) != len(cpp_ms) or any(p["shape"] != m["forward_shape"] for p in python):
+    sys.exit(f"FAIL: {run}/timing_python.txt: expected {len(cpp_ms)} timings of shape {m['forward_shape']}")
+eager_ms, package_ms = [p["eager_ms"] for p in python], [p["package_ms"] for p in python]
 mib = 2 ** 20
 print(f"C++ tokens == Python eager tokens ({len(rows)} x {m['new_tokens']} new; smallest top-1 - top-2 logit gap "
       f"{m['min_top2_logit_gap']:.3g}, max |eager - package| logit {m['logits_max_abs_diff']:.2g})")
@@ -78,11 +92,13 @@ print(f"export (torch.export)        {m['export_seconds']:.1f} s")
 print(f"AOTInductor compile+package  {m['compile_seconds']:.1f} s")
 print(f"package                      {m['package_bytes'] / mib:.2f} MiB; Engram tables (not in it) "
       f"{m['table_bytes'] / mib:.2f} MiB; package / tables = {m['package_bytes'] / m['table_bytes']:.3f}")
-print(f"forward pass {m['forward_shape']}, {m['threads']} thread(s), median of {m['timing_repeats']}:")
-print(f"  C++ package                {cpp_ms:.3f} ms (C++ / Python eager = {cpp_ms / eager_ms:.2f})")
-print(f"  C++, glibc default malloc  {cpp_default_ms:.3f} ms")
-print(f"  Python package             {package_ms:.3f} ms")
-print(f"  Python eager               {eager_ms:.3f} ms")
+print(f"forward pass {m['forward_shape']}, {python[0]['threads']} thread(s), median of {python[0]['repeats']}, "
+      f"best of {len(python)} rounds (all rounds):")
+show = lambda ts: f"{min(ts):.3f} ms ({', '.join(f'{t:.3f}' for t in ts)})"
+print(f"  C++ package                {show(cpp_ms)}; C++ / Python eager = {min(cpp_ms) / min(eager_ms):.2f}")
+print(f"  C++, glibc default malloc  {show(cpp_default_ms)}")
+print(f"  Python package             {show(package_ms)}")
+print(f"  Python eager               {show(eager_ms)}")
 EOF
 }
 
@@ -92,12 +108,13 @@ rm -rf "$tiny"
 # reference init: untrained, the Engram branch then steers the tokens, so
 # equal tokens mean equal table lookups (the scaled init decodes one token
 # over and over).
-timeout 900 python3 examples/export_tiny_lm.py --out "$tiny" --vocab-size 512 --d-model 64 --layers 2 --heads 2 \
-  --max-len 64 --engram-layers 1 --engram-vocab-size 100003 --engram-dim 32 --engram-heads 4 --max-batch 4 \
-  --prompt-len 8 --new-tokens 24 --decode-batch 2 --engram-init reference --threads "$threads" \
-  --timing-repeats 50 2>&1 | grep -v "greedy decoding (eager and package):"
+tiny_lm=(examples/export_tiny_lm.py --vocab-size 512 --d-model 64 --layers 2 --heads 2 --max-len 64
+  --engram-layers 1 --engram-vocab-size 100003 --engram-dim 32 --engram-heads 4 --max-batch 4 --prompt-len 8
+  --new-tokens 24 --decode-batch 2 --engram-init reference)
+timeout 900 python3 "${tiny_lm[@]}" --out "$tiny" --threads "$threads" --timing-repeats 50 2>&1 \
+  | grep -v "greedy decoding (eager and package):"
 echo "== the tiny LM: C++ greedy decoding"
-decode_and_compare "$tiny" tiny_lm.pt2
+decode_and_compare "$tiny" tiny_lm.pt2 "${tiny_lm[@]}"
 
 if python3 -c "import transformers" 2> /dev/null; then
   echo "== a transformers Llama with Engram layers: export, Python eager decoding"
@@ -106,7 +123,7 @@ if python3 -c "import transformers" 2> /dev/null; then
   timeout 900 python3 examples/export_hf_decoder.py --out "$hf" --threads "$threads" --timing-repeats 50 2>&1 \
     | grep -v "greedy decoding (eager and package):"
   echo "== a transformers Llama with Engram layers: C++ greedy decoding"
-  decode_and_compare "$hf" model.pt2
+  decode_and_compare "$hf" model.pt2 examples/export_hf_decoder.py
 else
   echo "== transformers is not installed: skipping the Hugging Face decoder (pip install transformers)"
 fi
