@@ -25,12 +25,19 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._loader import OPS_ABI_VERSION
 from .layer import EngramLayer, MultiHeadEmbedding
 
 # Keys of the package metadata (strings, readable from C++ through
 # AOTIModelPackageLoader::get_metadata()).
 METADATA_TABLES = "engram.tables"
 METADATA_FORMAT = "engram.export_format"
+# The op library's ABI version (include/engram/runtime.h) the package's calls
+# of engram ops were compiled against: another library may have other schemas.
+METADATA_OPS_ABI = "engram.ops_abi_version"
+# JSON {"max_batch": B, "max_seq": T}: the largest input_ids the program takes
+# (export's max_batch and max_seq), for a runner to check before it calls.
+METADATA_INPUT = "engram.input_ids"
 EXPORT_FORMAT = "1"
 
 
@@ -172,9 +179,28 @@ def compile_package(ep: torch.export.ExportedProgram, path: str, model: Optional
     table_vals = [placeholders[s.arg.name].meta["val"] for s in specs[1:]]
     table_vals = [v for v in table_vals if isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point()]
     names = table_names(model) if model is not None else [f"table_{i}" for i in range(len(table_vals))]
-    metadata = {METADATA_FORMAT: EXPORT_FORMAT, METADATA_TABLES: json.dumps(_table_records(table_vals, names))}
+    ids_shape = placeholders[specs[0].arg.name].meta["val"].shape
+    bounds = [int(d) if isinstance(d, int) else int(ep.range_constraints[d.node.expr].upper) for d in ids_shape]
+    metadata = {METADATA_FORMAT: EXPORT_FORMAT, METADATA_OPS_ABI: str(OPS_ABI_VERSION),
+                METADATA_TABLES: json.dumps(_table_records(table_vals, names)),
+                METADATA_INPUT: json.dumps({"max_batch": bounds[0], "max_seq": bounds[1]})}
     configs = {"aot_inductor.metadata": metadata, **(inductor_configs or {})}
     return torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=configs)
+
+
+def check_metadata(meta: Dict[str, str], path: str) -> List[Dict]:
+    """The table records of a package's metadata, after checking that it is a
+    compile_package package for the op library loaded now; raises ValueError
+    naming the package, the key, what it holds and what was expected."""
+    if meta.get(METADATA_FORMAT) != EXPORT_FORMAT:
+        raise ValueError(f"engram.export: {path!r} is not a package of engram.export.compile_package format "
+                         f"{EXPORT_FORMAT} (metadata {METADATA_FORMAT}={meta.get(METADATA_FORMAT)!r})")
+    abi = meta.get(METADATA_OPS_ABI)
+    if abi != str(OPS_ABI_VERSION):
+        got = "no op library ABI version" if abi is None else f"op library ABI version {abi}"
+        raise ValueError(f"engram.export: {path!r} was exported for {got} (metadata {METADATA_OPS_ABI}); the "
+                         f"loaded engram op library has version {OPS_ABI_VERSION}. Export it again with this engram")
+    return json.loads(meta[METADATA_TABLES])
 
 
 class Package:
@@ -185,10 +211,8 @@ class Package:
         self.path = path
         self.runner = torch._inductor.aoti_load_package(path)
         meta = self.runner.get_metadata()
-        if meta.get(METADATA_FORMAT) != EXPORT_FORMAT:
-            raise ValueError(f"engram.export: {path!r} is not a package of engram.export.compile_package format "
-                             f"{EXPORT_FORMAT} (metadata {METADATA_FORMAT}={meta.get(METADATA_FORMAT)!r})")
-        self.tables: List[Dict] = json.loads(meta[METADATA_TABLES])
+        self.tables: List[Dict] = check_metadata(meta, path)
+        self.max_input: Optional[Dict] = json.loads(meta[METADATA_INPUT]) if METADATA_INPUT in meta else None
 
     def check_tables(self, tables: Sequence[torch.Tensor]) -> None:
         if len(tables) != len(self.tables):
@@ -205,6 +229,11 @@ class Package:
 
     def __call__(self, input_ids: torch.Tensor, tables: Sequence[torch.Tensor], **kwargs):
         self.check_tables(tables)
+        if self.max_input is not None and (input_ids.shape[0] > self.max_input["max_batch"]
+                                           or input_ids.shape[-1] > self.max_input["max_seq"]):
+            raise ValueError(f"engram.export: input_ids of shape {list(input_ids.shape)}; the package {self.path!r} "
+                             f"takes up to [{self.max_input['max_batch']}, {self.max_input['max_seq']}] "
+                             "(export's max_batch, max_seq)")
         return self.runner(input_ids, tuple(tables), **kwargs)
 
 

@@ -390,8 +390,12 @@ def _make_block_hook(ctx: _Context, layer: EngramLayer):
             window_in = torch.cat([previous[ctx.rows].to(hidden.dtype), hidden], dim=1)
             update = layer(window_in, ctx.ids[:, -window_in.shape[1] :])[:, -t:]
         # A copy, not a view: a view would keep the whole block input alive.
-        keep = ctx.window + min(t, ctx.rollback_limit)
-        ctx.tails[layer_id] = window_in[:, -keep:].detach().clone()
+        # Not under torch.export: an exported program keeps no state between
+        # calls (it takes whole sequences), and the slice's symbolic length
+        # would add a guard export cannot prove.
+        if not torch.compiler.is_exporting():
+            keep = ctx.window + min(t, ctx.rollback_limit)
+            ctx.tails[layer_id] = window_in[:, -keep:].detach().clone()
         hidden = hidden + update
         if where == "arg":
             return (hidden,) + tuple(args[1:]), kwargs
