@@ -121,6 +121,29 @@ def test_package_checks_tables(model, package):
         package(x, (tables[0].double(),))
 
 
+def test_package_refuses_input_ids_beyond_its_export_bounds(model, package):
+    tables = ex.table_tensors(model)
+    assert package.max_input == {"max_batch": MAX_BATCH, "max_seq": MAX_LEN}
+    for shape in ((MAX_BATCH + 1, 4), (1, MAX_LEN + 1)):
+        with pytest.raises(ValueError, match=rf"input_ids of shape \[{shape[0]}, {shape[1]}\].*takes up to "
+                                             rf"\[{MAX_BATCH}, {MAX_LEN}\]"):
+            package(ids(*shape), tables)
+
+
+def test_package_of_another_op_library_version_is_refused(package):
+    meta = package.runner.get_metadata()
+    assert meta[ex.METADATA_OPS_ABI] == str(engram._loader.OPS_ABI_VERSION)
+    assert ex.check_metadata(dict(meta), "p.pt2") == package.tables
+    with pytest.raises(ValueError, match=r"'p.pt2' was exported for op library ABI version 999 .*has version "
+                                         + str(engram._loader.OPS_ABI_VERSION)):
+        ex.check_metadata({**meta, ex.METADATA_OPS_ABI: "999"}, "p.pt2")
+    without = {k: v for k, v in meta.items() if k != ex.METADATA_OPS_ABI}
+    with pytest.raises(ValueError, match=r"exported for no op library ABI version"):
+        ex.check_metadata(without, "p.pt2")
+    with pytest.raises(ValueError, match=r"is not a package of engram.export.compile_package format"):
+        ex.check_metadata({}, "p.pt2")
+
+
 @pytest.mark.parametrize("placement", ["host", "mmap"])
 def test_host_and_mmap_tables_export(placement, model, package, tmp_path):
     other = build(placement, str(tmp_path) if placement == "mmap" else None)
@@ -163,3 +186,21 @@ def test_bad_export_arguments(model, kw, msg):
     args = {"max_batch": MAX_BATCH, "max_seq": MAX_LEN, **kw}
     with pytest.raises(ValueError, match=msg):
         ex.export(model, ids(1, 4), **args)
+
+
+def test_hugging_face_decoder_with_engram_exports_with_dynamic_shapes():
+    """A transformers Llama with engram.integrations' layers goes through
+    engram.export (the block hooks keep no KV-cache tail while exporting) and
+    the exported program equals eager at sizes other than the example's."""
+    pytest.importorskip("transformers", reason="transformers is not installed (the [test] extra has it)")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from export_hf_decoder import CausalLMLogits, build_model, parse_args
+
+    model = CausalLMLogits(build_model(parse_args(["--out", "unused"])))
+    program = ex.export(model, ids(2, 8), max_batch=MAX_BATCH, max_seq=MAX_LEN)
+    tables = ex.table_tensors(model)
+    assert len(tables) == len(ex.table_names(model)) >= 1
+    with torch.no_grad():
+        for b, t in ((1, 3), (3, 11)):
+            x = ids(b, t, seed=t)
+            assert torch.equal(program.module()(x, tables), model(x))
