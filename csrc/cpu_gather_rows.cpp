@@ -7,24 +7,23 @@
 
 #include <cstring>
 
-#include "csrc/gather_rows.h"
+#include "csrc/checks.h"
 
 namespace engram {
 namespace {
 
 at::Tensor gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows_in, bool check) {
   (void)check;  // rows are always checked here: it costs no sync on the CPU
-  check_gather_rows_args(table, rows_in);
+  const std::vector<int64_t> shape = check_gather_rows_args(table, rows_in);
   TORCH_CHECK(table.device().is_cpu(), "gather_rows: table is on ", table.device(),
               " but rows is on the CPU; expected a CPU table");
   const at::Tensor rows = rows_in.contiguous();
-  at::Tensor out = new_gather_rows_output(table, rows, rows.device());
+  at::Tensor out = at::empty(shape, table.options());
   const int64_t n = rows.numel(), num_rows = table.size(0);
   const int64_t* row = rows.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(row[i] >= 0 && row[i] < num_rows, "gather_rows: rows holds ", row[i], " at flat index ", i,
-                      "; expected values in [0, ", num_rows,
-                      ") for table.size(0)=", num_rows);
+    TORCH_CHECK_INDEX(row[i] >= 0 && row[i] < num_rows,
+                      id_out_of_range_message({"gather_rows", "rows", "table.size(0)"}, row[i], i, num_rows));
   }
   const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
   const char* src = static_cast<const char*>(table.const_data_ptr());

@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "csrc/ops.h"
+#include "csrc/checks.h"
 #include "kernels/cpu_isa.h"
 #include "kernels/layer_math.h"
 

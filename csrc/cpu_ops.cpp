@@ -107,7 +107,7 @@ at::Tensor compress_ids_cpu(const at::Tensor& input_ids, const at::Tensor& looku
   at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
   if (!compress_into(ids.data_ptr<int64_t>(), ids.numel(), table.data_ptr<int64_t>(), table.numel(),
                      out.data_ptr<int64_t>())) {
-    report_id_out_of_range("compress_ids", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
+    report_id_out_of_range({"compress_ids", "input_ids", "vocab_size", true}, ids, std::nullopt, table.numel());
   }
   return out;
 }
@@ -126,7 +126,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   at::Tensor canonical = at::empty({B, T}, ids.options());
   int64_t* x = canonical.data_ptr<int64_t>();
   if (!compress_into(ids.data_ptr<int64_t>(), B * T, table.data_ptr<int64_t>(), table.numel(), x)) {
-    report_id_out_of_range("ngram_hash", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
+    report_id_out_of_range({"ngram_hash", "input_ids", "vocab_size", true}, ids, std::nullopt, table.numel());
   }
   at::Tensor sizes = head_sizes.contiguous();
   const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
@@ -173,9 +173,7 @@ inline int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, 
 
 at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& ids_in,
                                    const std::optional<at::Tensor>& offsets, bool /*sparse*/) {
-  constexpr const char* op = "multihead_embedding";
-  const int64_t K = check_embedding_args(op, weight, "weight", ids_in, offsets);
-  ENGRAM_CHECK_DIM(op, "weight", weight, 2);
+  const int64_t K = check_multihead_embedding_args(weight, ids_in, offsets);
   at::Tensor table = weight.contiguous();
   at::Tensor ids = ids_in.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
@@ -201,7 +199,7 @@ at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& i
       std::memcpy(dst + e * row_bytes, src + row * row_bytes, row_bytes);
     }
   });
-  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, R, "weight.size(0)");
+  if (!ok.load()) report_id_out_of_range({"multihead_embedding", "ids", "weight.size(0)"}, ids, offsets, R);
   return out;
 }
 
@@ -264,7 +262,6 @@ at::Tensor zeros_table_gradient(int64_t rows, int64_t Dh, const at::TensorOption
 
 at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at::Tensor& ids_in,
                                             const std::optional<at::Tensor>& offsets, int64_t num_rows) {
-  constexpr const char* op = "multihead_embedding_backward";
   const int64_t K = check_embedding_backward_args(grad_in, ids_in, offsets, num_rows);
   at::Tensor grad = grad_in.contiguous();
   at::Tensor ids = ids_in.contiguous();
@@ -318,7 +315,7 @@ at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at:
       }
     });
   });
-  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  if (!ok.load()) report_id_out_of_range({"multihead_embedding_backward", "ids", "num_rows"}, ids, offsets, num_rows);
   return result;
 }
 

@@ -17,7 +17,6 @@
 #include <tuple>
 
 #include "csrc/checks.h"
-#include "csrc/ops.h"
 #include "kernels/layer_cuda.cuh"
 
 namespace engram {

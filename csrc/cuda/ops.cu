@@ -11,14 +11,12 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "csrc/checks.h"
 #include "csrc/cuda/device_errors.h"
 #include "csrc/cuda/update_checks.h"
-#include "csrc/gather_rows.h"
 #include "csrc/ops.h"
 #include "kernels/cuda_kernels.cuh"
 #include "kernels/update_rows_cuda.cuh"
@@ -28,22 +26,17 @@ namespace engram {
 // --- deferred error reports (csrc/cuda/device_errors.h) -----------------------
 namespace {
 
-struct OpNames {
-  const char* op;
-  const char* arg;
-  const char* limit_name;
-  bool negatives_allowed;  // compress: negative ids pass through
-};
-constexpr OpNames kOpNames[kNumDeviceErrorOps] = {
+// What each op's ids index, for the messages (csrc/checks.h words them).
+constexpr IdRange kOpRanges[kNumDeviceErrorOps] = {
     {"compress_ids", "input_ids", "vocab_size", true},
     {"ngram_hash", "input_ids", "vocab_size", true},
-    {"multihead_embedding", "ids", "weight.size(0)", false},
-    {"multihead_embedding_backward", "ids", "num_rows", false},
-    {"gather_rows", "rows", "table.size(0)", false},
-    {"rowwise_sgd_update", "rows", "weight.size(0)", false},
-    {"rowwise_adagrad_update", "rows", "weight.size(0)", false},
-    {"rowwise_adam_update", "rows", "weight.size(0)", false},
-    {"dedup_row_grads_padded", "ids", "num_rows", false},
+    {"multihead_embedding", "ids", "weight.size(0)"},
+    {"multihead_embedding_backward", "ids", "num_rows"},
+    {"gather_rows", "rows", "table.size(0)"},
+    {"rowwise_sgd_update", "rows", "weight.size(0)"},
+    {"rowwise_adagrad_update", "rows", "weight.size(0)"},
+    {"rowwise_adam_update", "rows", "weight.size(0)"},
+    {"dedup_row_grads_padded", "ids", "num_rows"},
 };
 
 struct DeviceErrorState {
@@ -91,37 +84,19 @@ DeviceErrorState& device_error_state(int device) {
 }
 
 std::string format_device_error(const DeviceErrorRecord& r) {
-  const OpNames& names = kOpNames[r.op >= 0 && r.op < kNumDeviceErrorOps ? r.op : 0];
-  std::ostringstream message;
-  message << names.op << ": ";
+  const IdRange& range = kOpRanges[r.op >= 0 && r.op < kNumDeviceErrorOps ? r.op : 0];
   switch (r.kind) {
     case kHeadSizeInvalid:
-      message << "head_sizes holds " << r.value << " at flat index " << r.index << "; expected table sizes >= 1";
-      break;
+      return head_size_message(range.op, r.value, r.index);
     case kHeadOffsetOverflow:
-      message << "offsets holds " << r.value << " at flat index " << r.index << "; with head_sizes " << r.extra
-              << " its ids would overflow int64";
-      break;
+      return head_offset_overflow_message(range.op, r.value, r.index, r.extra);
     case kIdOffsetOverflow:
-      message << names.arg << " holds " << r.value << " at flat index " << r.index << "; adding offsets[" << r.head
-              << "]=" << r.extra << " overflows int64; expected rows in [0, " << r.limit << ") for "
-              << names.limit_name << "=" << r.limit;
-      break;
-    case cuda::kUpdateRowOutOfRange:  // worded as the CPU ops word it (csrc/cpu_optim.cpp)
-      message << "rows holds " << r.value << " at index " << r.index << "; expected values in [0, " << r.limit
-              << ") for weight.size(0)=" << r.limit;
-      break;
+      return id_offset_overflow_message(range, r.value, r.index, r.head, r.extra, r.limit);
     case cuda::kUpdateRowsUnordered:
-      message << "rows holds " << r.value << " then " << r.extra << " at indices " << r.index - 1 << " and "
-              << r.index << "; expected strictly increasing rows, each once (as dedup_row_grads returns them)";
-      break;
-    default:
-      message << names.arg << " holds " << r.value << " at flat index " << r.index
-              << (r.head >= 0 ? " (after adding offsets)" : "") << "; expected values "
-              << (names.negatives_allowed ? "< " : "in [0, ") << r.limit << (names.negatives_allowed ? "" : ")")
-              << " for " << names.limit_name << "=" << r.limit;
+      return rows_unordered_message(range.op, r.value, r.extra, r.index);
+    default:  // kIdOutOfRange, cuda::kUpdateRowOutOfRange
+      return id_out_of_range_message(range, r.value, r.index, r.limit, r.head >= 0);
   }
-  return message.str();
 }
 
 bool is_value_error(int kind) {
@@ -325,9 +300,7 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
 
 at::Tensor multihead_embedding_cuda(const at::Tensor& weight, const at::Tensor& ids_in,
                                     const std::optional<at::Tensor>& offsets, bool /*sparse*/) {
-  constexpr const char* op = "multihead_embedding";
-  const int64_t K = check_embedding_args(op, weight, "weight", ids_in, offsets);
-  ENGRAM_CHECK_DIM(op, "weight", weight, 2);
+  const int64_t K = check_multihead_embedding_args(weight, ids_in, offsets);
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   at::Tensor table = weight.contiguous();
   at::Tensor ids = ids_in.contiguous();
@@ -406,11 +379,11 @@ const void* device_address(const at::Tensor& table, at::Device device) {
 // check=false: a row out of range is not read (zeros) and not reported; the
 // prefetcher's rows come from ngram_hash, in range by construction.
 at::Tensor gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows_in, bool check) {
-  check_gather_rows_args(table, rows_in);
+  const std::vector<int64_t> shape = check_gather_rows_args(table, rows_in);
   TORCH_CHECK(rows_in.is_cuda(), "gather_rows: rows is on ", rows_in.device(), "; expected a CUDA tensor here");
   const c10::cuda::OptionalCUDAGuard guard(rows_in.device());
   const at::Tensor rows = rows_in.contiguous();
-  at::Tensor out = new_gather_rows_output(table, rows, rows.device());
+  at::Tensor out = at::empty(shape, table.options().device(rows.device()));
   if (rows.numel() == 0 || table.size(1) == 0) return out;
   const void* src = device_address(table, rows.device());
   const DeviceErrorSlot err =

@@ -13,8 +13,6 @@
 
 #include "csrc/checks.h"
 #include "csrc/cuda/update_checks.h"
-#include "csrc/ops.h"
-#include "csrc/optim.h"
 #include "kernels/optim_cuda.cuh"
 
 namespace engram {
@@ -64,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cuda(const at::Tensor& grad_i
   // One synchronisation: the number of rows and pieces, and the range flag.
   const at::Tensor totals = at::cat({scans.select(1, E - 1), bad.to(at::kLong)}).to(at::kCPU);
   const int64_t* total_ptr = totals.const_data_ptr<int64_t>();
-  if (total_ptr[2] != 0) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  if (total_ptr[2] != 0) report_id_out_of_range({op, "ids", "num_rows"}, ids, offsets, num_rows);
   const int64_t U = total_ptr[0], pieces = total_ptr[1];
 
   at::Tensor unique_rows = at::empty({U}, long_options);
@@ -181,9 +179,7 @@ at::Tensor check_update_rows_cuda(RowwiseRule rule, const at::Tensor& rows, int6
 void rowwise_sgd_update_cuda(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& row_grads_in,
                              double lr, double weight_decay) {
   constexpr const char* op = "rowwise_sgd_update";
-  const int64_t U = check_update_args(op, weight, {}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  const int64_t U = check_sgd_update_args(weight, rows_in, row_grads_in, lr, weight_decay);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
@@ -204,14 +200,8 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
                               double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                               int64_t step) {
   constexpr const char* op = "rowwise_adam_update";
-  const int64_t U = check_update_args(
-      op, weight, {{"exp_avg", exp_avg, false}, {"exp_avg_sq", exp_avg_sq, false}}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_beta(op, "beta1", beta1);
-  check_beta(op, "beta2", beta2);
-  check_positive(op, "eps", eps);
-  check_nonnegative(op, "weight_decay", weight_decay);
-  check_step(op, step);
+  const int64_t U = check_adam_update_args(weight, exp_avg, exp_avg_sq, rows_in, row_grads_in, lr, beta1, beta2, eps,
+                                           weight_decay, step);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
@@ -232,10 +222,7 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
 void rowwise_adagrad_update_cuda(at::Tensor& weight, at::Tensor& sum_sq, const at::Tensor& rows_in,
                                  const at::Tensor& row_grads_in, double lr, double eps, double weight_decay) {
   constexpr const char* op = "rowwise_adagrad_update";
-  const int64_t U = check_update_args(op, weight, {{"sum_sq", sum_sq, true}}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_positive(op, "eps", eps);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  const int64_t U = check_adagrad_update_args(weight, sum_sq, rows_in, row_grads_in, lr, eps, weight_decay);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
