@@ -5,7 +5,7 @@
 
 #include <atomic>
 
-#include "csrc/ops.h"
+#include "csrc/runtime.h"
 
 namespace engram {
 
@@ -91,7 +91,7 @@ TORCH_LIBRARY(engram, m) {
       "bool decoupled_weight_decay, int step) -> ()");
   // --- end engram.optim ---------------------------------------------------------
 
-  // --- engram.Prefetcher (csrc/cpu_gather_rows.cpp, csrc/cuda/ops.cu) ---------------
+  // --- engram.Prefetcher (csrc/cpu_hash_embedding_ops.cpp, csrc/cuda/hash_embedding_ops.cu) ---
   // table [R, Dh] (on the CPU: pinned for the CUDA kernel, which reads it over
   // UVA) and rows [...] int64 -> table[rows] [..., Dh] on the rows' device.
   // check=False: the CUDA kernel neither reports nor reads an out-of-range

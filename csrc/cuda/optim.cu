@@ -12,8 +12,9 @@
 #include <tuple>
 
 #include "csrc/checks.h"
-#include "csrc/cuda/update_checks.h"
+#include "csrc/cuda/device_errors.h"
 #include "kernels/optim_cuda.cuh"
+#include "kernels/update_rows_cuda.cuh"
 
 namespace engram {
 namespace {
@@ -170,9 +171,13 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_padded_cuda(const at::Tensor&
 // host sync (so a training step can be captured); on a bad row the update
 // writes nothing and the error is raised like every deferred CUDA error
 // (device_errors.h). Returns the skip flag for the update kernel.
-at::Tensor check_update_rows_cuda(RowwiseRule rule, const at::Tensor& rows, int64_t num_rows) {
+at::Tensor check_update_rows_cuda(DeviceErrorOp op, const at::Tensor& rows, int64_t num_rows) {
   at::Tensor skip = at::zeros({1}, rows.options().dtype(at::kInt));
-  check_update_rows_on_device(rule, rows, num_rows, skip.data_ptr<int>(), at::cuda::getCurrentCUDAStream());
+  const DeviceErrorSlot err = device_error_slot(rows.device(), op);
+  const int64_t n = rows.numel();
+  cuda::check_update_rows_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      rows.const_data_ptr<int64_t>(), n, num_rows, skip.data_ptr<int>(), err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return skip;
 }
 
@@ -183,7 +188,7 @@ void rowwise_sgd_update_cuda(at::Tensor& weight, const at::Tensor& rows_in, cons
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kSgd, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(kOpSgdUpdate, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
@@ -205,7 +210,7 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kAdam, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(kOpAdamUpdate, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
@@ -226,7 +231,7 @@ void rowwise_adagrad_update_cuda(at::Tensor& weight, at::Tensor& sum_sq, const a
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kAdagrad, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(kOpAdagradUpdate, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {

@@ -17,7 +17,7 @@ bool cuda_sync_checks();
 std::pair<int, std::string> take_cuda_error();
 
 // Frees the blocks the CPU kernels keep for reuse (hash outputs, table
-// gradients); returns how many bytes that was (cpu_ops.cpp).
+// gradients); returns how many bytes that was (cpu_hash_embedding_ops.cpp).
 size_t release_cached_cpu_blocks();
 
 // Keeping freed blocks for reuse is on by default (engram/ops.py turns it
