@@ -1,6 +1,8 @@
 // Every argument check of the engram ops (defined in csrc/checks.cpp): the
-// CPU and CUDA kernels call them first. Each message names the op, the
-// argument, the value seen and what was expected.
+// CPU and CUDA kernels call them first, and the Meta kernels (checks.cpp,
+// what torch.compile, torch.export and meta tensors run) are those checks and
+// the output shapes. Each message names the op, the argument, the value seen
+// and what was expected.
 //
 // The messages of errors found in the values (an id out of range, a bad head
 // size, rows out of order) are worded once, by the formatters below: the CPU
