@@ -1,31 +1,153 @@
-// Input checks shared by every op: each names the op, the argument, the value
-// seen and what was expected.
+// Every argument check of the engram ops (defined in csrc/checks.cpp): the
+// CPU and CUDA kernels call them first, and the Meta kernels (checks.cpp,
+// what torch.compile, torch.export and meta tensors run) are those checks and
+// the output shapes. Each message names the op, the argument, the value seen
+// and what was expected.
+//
+// The messages of errors found in the values (an id out of range, a bad head
+// size, rows out of order) are worded once, by the formatters below: the CPU
+// checks, the CUDA deferred reports (csrc/cuda/device_errors.cu) and the
+// prefetch engine (csrc/prefetch.h, another library, hence inline) use them.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/StringUtil.h>
 
-#define ENGRAM_CHECK_DTYPE(op, name, t, dtype)                                                    \
-  TORCH_CHECK_TYPE((t).scalar_type() == (dtype), op, ": ", name, " must be ", dtype, ", got ", \
-                   (t).scalar_type())
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
 
-#define ENGRAM_CHECK_DIM(op, name, t, ndim)                                                     \
-  TORCH_CHECK_VALUE((t).dim() == (ndim), op, ": ", name, " must have ", ndim, " dims, got shape ", \
-                    (t).sizes())
+namespace engram {
 
-#define ENGRAM_CHECK_NONEMPTY(op, name, t)                                                        \
-  TORCH_CHECK_VALUE((t).numel() > 0, op, ": ", name, " is empty (shape ", (t).sizes(),           \
-                    "); expected at least one element")
+// --- errors found in the values: the one wording of each --------------------
 
-#define ENGRAM_CHECK_SAME_DEVICE(op, name_a, a, name_b, b)                                       \
-  TORCH_CHECK((a).device() == (b).device(), op, ": ", name_b, " is on ", (b).device(), " but ", \
-              name_a, " is on ", (a).device(), "; expected both on the same device")
+// Who reports a bad id: `arg` of `op` indexes something of `limit_name` rows.
+// negatives_allowed: negative ids pass through (compress_ids, ngram_hash).
+struct IdRange {
+  const char* op;
+  const char* arg;
+  const char* limit_name;
+  bool negatives_allowed = false;
+};
 
-// The floating dtypes every kernel dispatches on (not the float8 types).
-inline bool engram_is_compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
+// "op: arg holds value at flat index i; expected values in [0, limit) for limit_name=limit"
+inline std::string id_out_of_range_message(const IdRange& r, int64_t value, int64_t index, int64_t limit,
+                                           bool after_offsets = false) {
+  return c10::str(r.op, ": ", r.arg, " holds ", value, " at flat index ", index,
+                  after_offsets ? " (after adding offsets)" : "", "; expected values ",
+                  r.negatives_allowed ? "< " : "in [0, ", limit, r.negatives_allowed ? "" : ")", " for ",
+                  r.limit_name, "=", limit);
 }
 
-#define ENGRAM_CHECK_FLOATING(op, name, t)                                                          \
-  TORCH_CHECK_TYPE(engram_is_compute_dtype((t).scalar_type()), op, ": ", name,                    \
-                   " must be a floating-point tensor, got ", (t).scalar_type(),                    \
-                   "; expected Half, BFloat16, Float or Double")
+// An id whose head offset (offsets[head]) does not fit int64 once added.
+inline std::string id_offset_overflow_message(const IdRange& r, int64_t id, int64_t index, int64_t head,
+                                              int64_t offset, int64_t limit) {
+  return c10::str(r.op, ": ", r.arg, " holds ", id, " at flat index ", index, "; adding offsets[", head, "]=", offset,
+                  " overflows int64; expected rows in [0, ", limit, ") for ", r.limit_name, "=", limit);
+}
+
+inline std::string head_size_message(const char* op, int64_t size, int64_t index) {
+  return c10::str(op, ": head_sizes holds ", size, " at flat index ", index, "; expected table sizes >= 1");
+}
+
+inline std::string head_offset_overflow_message(const char* op, int64_t offset, int64_t index, int64_t size) {
+  return c10::str(op, ": offsets holds ", offset, " at flat index ", index, "; with head_sizes ", size,
+                  " its ids would overflow int64");
+}
+
+// Rows of a row-wise update that are not strictly increasing.
+inline std::string rows_unordered_message(const char* op, int64_t previous, int64_t row, int64_t index) {
+  return c10::str(op, ": rows holds ", previous, " then ", row, " at indices ", index - 1, " and ", index,
+                  "; expected strictly increasing rows, each once (as dedup_row_grads returns them)");
+}
+
+// The rows of the row-wise update ops index weight.
+inline IdRange update_rows_range(const char* op) { return {op, "rows", "weight.size(0)"}; }
+
+// --- hash and embedding ops --------------------------------------------------
+
+enum class HashFamily { DeepSeek, XXH64 };
+
+struct NgramHashShape {
+  HashFamily family;
+  int64_t num_layers;       // L
+  int64_t max_ngram_size;   // N
+  int64_t heads_per_order;  // H
+  int64_t num_heads;        // K = (N-1) * H
+};
+
+HashFamily parse_hash_family(std::string_view family);
+
+// Checks dtypes, ranks, devices and the hash table sizes; returns L, N, H, K.
+NgramHashShape check_ngram_hash_args(const at::Tensor& ids, const at::Tensor& lookup, const at::Tensor& keys,
+                                     const at::Tensor& head_sizes, const std::optional<at::Tensor>& offsets,
+                                     int64_t pad_id, std::string_view family);
+
+void check_compress_args(const at::Tensor& ids, const at::Tensor& lookup);
+
+// head_sizes >= 1 and, with offsets, offsets + head_sizes - 1 <= INT64_MAX
+// for `count` heads (host pointers; offsets may be null).
+void check_head_table(const char* op, const int64_t* sizes, const int64_t* offsets, int64_t count);
+
+// rows_like [..., Dh] floating, ids [..., K] int64 (+ offsets [K]) on one
+// device; returns K.
+int64_t check_embedding_args(const char* op, const at::Tensor& rows_like, const char* rows_name,
+                             const at::Tensor& ids, const std::optional<at::Tensor>& offsets);
+
+// check_embedding_args with weight [R, Dh]; returns K.
+int64_t check_multihead_embedding_args(const at::Tensor& weight, const at::Tensor& ids,
+                                       const std::optional<at::Tensor>& offsets);
+
+// check_embedding_args for a gradient, plus grad = ids.shape + [Dh] and
+// num_rows >= 1 (and, for the dense backward, a [num_rows, Dh] gradient
+// whose bytes fit int64); returns K.
+int64_t check_embedding_backward_args(const at::Tensor& grad, const at::Tensor& ids,
+                                      const std::optional<at::Tensor>& offsets, int64_t num_rows);
+int64_t check_dedup_args(const at::Tensor& grad, const at::Tensor& ids, const std::optional<at::Tensor>& offsets,
+                         int64_t num_rows);
+
+// Reports the first id outside [0, vocab) (or row outside [0, num_rows) once
+// offsets are added); call after a kernel saw one.
+[[noreturn]] void report_id_out_of_range(const IdRange& range, const at::Tensor& ids,
+                                         const std::optional<at::Tensor>& offsets, int64_t limit);
+
+// gather_rows: table [R, Dh] contiguous, rows int64; returns the output
+// shape rows.shape + [Dh].
+std::vector<int64_t> check_gather_rows_args(const at::Tensor& table, const at::Tensor& rows);
+
+// --- layer ops (spec §5-6) -----------------------------------------------------
+
+// Returns B, T, G, D.
+std::array<int64_t, 4> check_context_gate_args(const char* op, const at::Tensor& key, const at::Tensor& hidden,
+                                               const at::Tensor& key_norm_weight,
+                                               const at::Tensor& hidden_norm_weight, std::optional<double> eps);
+// Returns B, T, G, D, kernel_size.
+std::array<int64_t, 5> check_gated_short_conv_args(const char* op, const at::Tensor& value, const at::Tensor& gate,
+                                                   const at::Tensor& norm_weight, const at::Tensor& conv_weight,
+                                                   int64_t dilation, double eps);
+void check_grad_like(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
+                     at::IntArrayRef expected);
+
+// --- row-wise update ops (engram.optim) ------------------------------------------
+
+// weight [R, Dh] float32/float64, contiguous (updated in place); each state
+// on weight's device and dtype, contiguous, shaped [R, Dh] (sum_sq: [R]);
+// rows int64 [U], row_grads [U, Dh] in weight's dtype; nothing written
+// overlaps anything else; hyperparameters finite and in range. Returns U.
+// Row values are checked by the kernels.
+int64_t check_sgd_update_args(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& row_grads,
+                              double lr, double weight_decay);
+int64_t check_adagrad_update_args(const at::Tensor& weight, const at::Tensor& sum_sq, const at::Tensor& rows,
+                                  const at::Tensor& row_grads, double lr, double eps, double weight_decay);
+int64_t check_adam_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                               const at::Tensor& rows, const at::Tensor& row_grads, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, int64_t step);
+
+// After a kernel saw a row outside [0, num_rows) or rows not strictly
+// increasing: reports the first such position.
+[[noreturn]] void report_bad_update_rows(const char* op, const at::Tensor& rows, int64_t num_rows);
+
+}  // namespace engram

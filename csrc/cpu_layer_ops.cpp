@@ -12,13 +12,13 @@
 
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "csrc/ops.h"
+#include "csrc/checks.h"
+#include "csrc/layer_helpers.h"
 #include "kernels/cpu_isa.h"
 #include "kernels/layer_math.h"
 
@@ -31,12 +31,6 @@ constexpr int64_t kElementsPerChunk = 1 << 15;
 
 int64_t rows_per_chunk(int64_t row_elements) {
   return std::max<int64_t>(1, kElementsPerChunk / std::max<int64_t>(1, row_elements));
-}
-
-// The layer feeds views of one fused projection (last dim contiguous, rows
-// strided); reading them in place saves a copy. Anything else is copied.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 // Weight gradients are sums over all tokens. To get the same bits for any
@@ -70,11 +64,6 @@ at::Tensor sum_block_partials(const at::Tensor& partials, at::ScalarType dtype) 
     }
   });
   return total.to(dtype);
-}
-
-template <typename scalar_t>
-at::ScalarType acc_dtype() {
-  return c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
 }
 
 // Rows are widened to acc_t once, by a plain conversion loop, so that the row
@@ -120,41 +109,17 @@ void store_row(const acc_t* row, int64_t n, scalar_t* dst) {
 // context gate
 // ---------------------------------------------------------------------------
 
-// Strided access to the [B, T, G, D] rows of key and hidden.
-template <typename scalar_t>
-struct GateRows {
-  const scalar_t* data;
-  int64_t stride_b, stride_t, stride_g, T, G;
-
-  explicit GateRows(const at::Tensor& t)
-      : data(t.const_data_ptr<scalar_t>()),
-        stride_b(t.stride(0)), stride_t(t.stride(1)), stride_g(t.stride(2)), T(t.size(1)), G(t.size(2)) {}
-
-  // row r of the flattened (b, t, g) index
-  const scalar_t* row(int64_t r) const {
-    const int64_t g = r % G, bt = r / G;
-    return data + (bt / T) * stride_b + (bt % T) * stride_t + g * stride_g;
-  }
-};
-
-template <typename scalar_t>
-at::opmath_type<scalar_t> resolve_eps(std::optional<double> eps) {
-  // nn.RMSNorm(eps=None) uses torch.finfo(input.dtype).eps.
-  return static_cast<at::opmath_type<scalar_t>>(
-      eps.has_value() ? *eps : static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
-}
-
 template <typename scalar_t>
 struct GateArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  GateRows<scalar_t> keys, queries;
+  Rows4<scalar_t> keys, queries;  // key, hidden
   std::vector<acc_t> key_weight, query_weight;  // [G, D], widened
   int64_t G, D;
   acc_t eps;
 
   GateArgs(const at::Tensor& key, const at::Tensor& hidden, const at::Tensor& wk, const at::Tensor& wq,
            std::optional<double> eps_opt)
-      : keys(key), queries(hidden), key_weight(widen_tensor<scalar_t>(wk)), query_weight(widen_tensor<scalar_t>(wq)),
+      : keys(rows4<scalar_t>(key)), queries(rows4<scalar_t>(hidden)), key_weight(widen_tensor<scalar_t>(wk)), query_weight(widen_tensor<scalar_t>(wq)),
         G(key.size(2)), D(key.size(3)), eps(resolve_eps<scalar_t>(eps_opt)) {}
 };
 

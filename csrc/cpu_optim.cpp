@@ -1,10 +1,8 @@
 // Row-wise sparse optimizers for Engram tables (engram.optim), CPU kernels:
 // deduplication + per-row gradient sums, and the in-place row updates (SGD,
 // row-wise Adagrad, Adam / AdamW). The math is in kernels/optim_math.h.
-// Also defines the argument checks csrc/optim.h declares (used by CUDA too).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,102 +19,10 @@
 #endif
 
 #include "csrc/checks.h"
-#include "csrc/ops.h"
-#include "csrc/optim.h"
 #include "kernels/layer_math.h"  // ENGRAM_RESTRICT
 #include "kernels/optim_math.h"
 
 namespace engram {
-
-// --- argument checks (shared with the CUDA kernels) -------------------------
-
-int64_t check_dedup_args(const at::Tensor& grad, const at::Tensor& ids, const std::optional<at::Tensor>& offsets,
-                         int64_t num_rows) {
-  constexpr const char* op = "dedup_row_grads";
-  const int64_t num_heads = check_embedding_args(op, grad, "grad", ids, offsets);
-  TORCH_CHECK_VALUE(grad.dim() == ids.dim() + 1 && grad.sizes().slice(0, ids.dim()) == ids.sizes(), op,
-                    ": grad has shape ", grad.sizes(), "; expected ids.shape + [Dh] with ids.shape ", ids.sizes());
-  TORCH_CHECK_VALUE(num_rows >= 1, op, ": num_rows=", num_rows, "; expected >= 1");
-  return num_heads;
-}
-
-namespace {
-
-void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
-                      const at::Tensor& b) {
-  TORCH_CHECK_VALUE(at::get_overlap_status(a, b) == at::MemOverlapStatus::No, op, ": ", name_a, " and ", name_b,
-                    " share memory; expected separate tensors (", name_a, " is written in place)");
-}
-
-}  // namespace
-
-int64_t check_update_args(const char* op, const at::Tensor& weight, std::initializer_list<StateArg> states,
-                          const at::Tensor& rows, const at::Tensor& row_grads) {
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
-                   ": weight must be Float or Double, got ", weight.scalar_type());
-  ENGRAM_CHECK_DIM(op, "weight", weight, 2);
-  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight (shape ", weight.sizes(), ", strides ", weight.strides(),
-                    ") must be contiguous: it is updated in place");
-  const int64_t R = weight.size(0), Dh = weight.size(1);
-  for (const StateArg& s : states) {
-    ENGRAM_CHECK_SAME_DEVICE(op, "weight", weight, s.name, s.tensor);
-    TORCH_CHECK_TYPE(s.tensor.scalar_type() == weight.scalar_type(), op, ": ", s.name, " is ",
-                     s.tensor.scalar_type(), " but weight is ", weight.scalar_type(), "; expected one dtype");
-    if (s.per_row) {
-      TORCH_CHECK_VALUE(s.tensor.dim() == 1 && s.tensor.size(0) == R, op, ": ", s.name, " has shape ",
-                        s.tensor.sizes(), "; expected [R] = [", R, "], one value per row of weight");
-    } else {
-      TORCH_CHECK_VALUE(s.tensor.sizes() == weight.sizes(), op, ": ", s.name, " has shape ", s.tensor.sizes(),
-                        "; expected the shape of weight ", weight.sizes());
-    }
-    TORCH_CHECK_VALUE(s.tensor.is_contiguous(), op, ": ", s.name, " must be contiguous: it is updated in place");
-    check_no_overlap(op, "weight", weight, s.name, s.tensor);
-  }
-  for (auto a = states.begin(); a != states.end(); ++a) {
-    for (auto b = a + 1; b != states.end(); ++b) check_no_overlap(op, a->name, a->tensor, b->name, b->tensor);
-  }
-  ENGRAM_CHECK_SAME_DEVICE(op, "weight", weight, "rows", rows);
-  ENGRAM_CHECK_DTYPE(op, "rows", rows, at::kLong);
-  ENGRAM_CHECK_DIM(op, "rows", rows, 1);
-  const int64_t U = rows.size(0);
-  ENGRAM_CHECK_SAME_DEVICE(op, "weight", weight, "row_grads", row_grads);
-  TORCH_CHECK_TYPE(row_grads.scalar_type() == weight.scalar_type(), op, ": row_grads is ", row_grads.scalar_type(),
-                   " but weight is ", weight.scalar_type(), "; expected one dtype");
-  TORCH_CHECK_VALUE(row_grads.dim() == 2 && row_grads.size(0) == U && row_grads.size(1) == Dh, op,
-                    ": row_grads has shape ", row_grads.sizes(), "; expected [U, Dh] = [", U, ", ", Dh,
-                    "] (U = rows.numel(), Dh = weight.size(1))");
-  check_no_overlap(op, "weight", weight, "row_grads", row_grads);
-  for (const StateArg& s : states) check_no_overlap(op, s.name, s.tensor, "row_grads", row_grads);
-  return U;
-}
-
-void check_nonnegative(const char* op, const char* name, double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, op, ": ", name, "=", value, "; expected a finite value >= 0");
-}
-
-void check_positive(const char* op, const char* name, double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value > 0, op, ": ", name, "=", value, "; expected a finite value > 0");
-}
-
-void check_beta(const char* op, const char* name, double value) {
-  TORCH_CHECK_VALUE(value >= 0 && value < 1, op, ": ", name, "=", value, "; expected a value in [0, 1)");
-}
-
-void check_step(const char* op, int64_t step) {
-  TORCH_CHECK_VALUE(step >= 1, op, ": step=", step, "; expected >= 1 (the number of this update, counting from 1)");
-}
-
-void report_bad_update_rows(const char* op, const at::Tensor& rows_in, int64_t num_rows) {
-  const at::Tensor rows = rows_in.to(at::kCPU).contiguous();
-  const int64_t* r = rows.const_data_ptr<int64_t>();
-  for (int64_t u = 0; u < rows.numel(); ++u) {
-    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < num_rows, op, ": rows holds ", r[u], " at index ", u,
-                      "; expected values in [0, ", num_rows, ") for weight.size(0)=", num_rows);
-    TORCH_CHECK_VALUE(u == 0 || r[u - 1] < r[u], op, ": rows holds ", r[u - 1], " then ", r[u], " at indices ", u - 1,
-                      " and ", u, "; expected strictly increasing rows, each once (as dedup_row_grads returns them)");
-  }
-  TORCH_CHECK(false, op, ": internal error: a kernel reported a bad row but none was found");
-}
 
 namespace {
 
@@ -225,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cpu(const at::Tensor& grad_in
     }
     if (!good) ok.store(false, std::memory_order_relaxed);
   });
-  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  if (!ok.load()) report_id_out_of_range({op, "ids", "num_rows"}, ids, offsets, num_rows);
 
   // 2. Sort by row, entries of a row in entry order.
   const uint64_t* sorted =
@@ -476,9 +382,7 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_padded_cpu(const at::Tensor& 
 void rowwise_sgd_update_cpu(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& row_grads_in, double lr,
                             double weight_decay) {
   constexpr const char* op = "rowwise_sgd_update";
-  const int64_t entries = check_update_args(op, weight, {}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  const int64_t entries = check_sgd_update_args(weight, rows_in, row_grads_in, lr, weight_decay);
   if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
   const int64_t U = check_update_rows(op, rows, weight.size(0));
@@ -497,14 +401,8 @@ void rowwise_adam_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
                              double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                              int64_t step) {
   constexpr const char* op = "rowwise_adam_update";
-  const int64_t entries = check_update_args(
-      op, weight, {{"exp_avg", exp_avg, false}, {"exp_avg_sq", exp_avg_sq, false}}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_beta(op, "beta1", beta1);
-  check_beta(op, "beta2", beta2);
-  check_positive(op, "eps", eps);
-  check_nonnegative(op, "weight_decay", weight_decay);
-  check_step(op, step);
+  const int64_t entries = check_adam_update_args(weight, exp_avg, exp_avg_sq, rows_in, row_grads_in, lr, beta1, beta2,
+                                                 eps, weight_decay, step);
   if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
   const int64_t U = check_update_rows(op, rows, weight.size(0));
@@ -525,10 +423,7 @@ void rowwise_adam_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
 void rowwise_adagrad_update_cpu(at::Tensor& weight, at::Tensor& sum_sq, const at::Tensor& rows_in,
                                 const at::Tensor& row_grads_in, double lr, double eps, double weight_decay) {
   constexpr const char* op = "rowwise_adagrad_update";
-  const int64_t entries = check_update_args(op, weight, {{"sum_sq", sum_sq, true}}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_positive(op, "eps", eps);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  const int64_t entries = check_adagrad_update_args(weight, sum_sq, rows_in, row_grads_in, lr, eps, weight_decay);
   if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
   const int64_t U = check_update_rows(op, rows, weight.size(0));

@@ -29,6 +29,8 @@
 #include <thread>
 #include <vector>
 
+#include "csrc/checks.h"
+
 #ifdef __linux__
 #include <pthread.h>
 #include <sched.h>
@@ -142,8 +144,8 @@ inline at::Tensor add_offsets(const at::Tensor& ids, const at::Tensor& offsets) 
 }
 
 inline void check_row(int64_t row, int64_t position, int64_t num_rows) {
-  TORCH_CHECK_INDEX(row >= 0 && row < num_rows, "engram.Prefetcher: row ", row, " at position ", position,
-                    " is outside the table's ", num_rows, " rows");
+  TORCH_CHECK_INDEX(row >= 0 && row < num_rows,
+                    id_out_of_range_message({"engram.Prefetcher", "rows", "table.size(0)"}, row, position, num_rows));
 }
 
 // staged = table[ids]: the lookup's output itself, for a consumer on the CPU

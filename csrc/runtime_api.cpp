@@ -7,7 +7,7 @@
 #include <exception>
 #include <string>
 
-#include "csrc/ops.h"
+#include "csrc/runtime.h"
 #include "kernels/cpu_isa.h"
 
 namespace {

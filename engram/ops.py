@@ -1,7 +1,8 @@
-"""Typed wrappers over torch.ops.engram.*, with fake kernels and autograd.
+"""Typed wrappers over torch.ops.engram.*, with autograd.
 
-The C++ schemas live in csrc/library.cpp; this module gives each op the
-Python-side pieces torch.compile and autograd need.
+The C++ schemas live in csrc/library.cpp and the Meta kernels torch.compile
+traces with in csrc/checks.cpp; this module gives each op the Python-side
+pieces autograd needs, and gather_rows its fake kernel.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, _loader
+from . import _loader
 
 _C = _loader.load("_C")
 
@@ -65,40 +66,29 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, check: bool = True) -> 
 
 
 # --------------------------------------------------------------------------
-# fake kernels: the C++ argument checks (engram/_checks.py), then shapes,
-# dtypes and devices. They also run for any call that mixes the meta device
-# with another one, so they must reject what the real kernels reject.
+# fake kernels: the Meta kernels in csrc/checks.cpp (the C++ argument checks
+# and the output shapes) serve torch.compile, torch.export and meta tensors
+# for every op but gather_rows, here, and dedup_row_grads (engram/optim.py).
 # --------------------------------------------------------------------------
 
 
-@torch.library.register_fake("engram::compress_ids")
-def _compress_ids_fake(input_ids, lookup):
-    _checks.compress_args(input_ids, lookup)
-    return torch.empty_like(input_ids, memory_format=torch.contiguous_format)
+def _dtype_name(dtype: torch.dtype) -> str:
+    """ATen's name of a dtype ("Long", "Int"), as the C++ checks print it."""
+    return torch.empty(0, dtype=dtype, device="meta").type().rsplit(".", 1)[-1][: -len("Tensor")]
 
 
-@torch.library.register_fake("engram::ngram_hash")
-def _ngram_hash_fake(input_ids, lookup, keys, head_sizes, offsets, pad_id, family):
-    shape = _checks.ngram_hash_args(input_ids, lookup, keys, head_sizes, offsets, pad_id, family)
-    return input_ids.new_empty(shape)
-
-
-@torch.library.register_fake("engram::multihead_embedding")
-def _multihead_embedding_fake(weight, ids, offsets=None, sparse=False):
-    _checks.multihead_embedding_args(weight, ids, offsets)
-    return weight.new_empty((*ids.shape, weight.shape[1]))
-
-
+# In Python because its output is on the rows' device, which may not be the
+# table's: a Meta kernel cannot say so. The checks of check_gather_rows_args
+# (csrc/checks.cpp), with its messages.
 @torch.library.register_fake("engram::gather_rows")
 def _gather_rows_fake(table, rows, check=True):
-    _checks.gather_rows_args(table, rows)
+    if table.dim() != 2:
+        raise ValueError(f"gather_rows: table must have 2 dims, got shape {list(table.shape)}")
+    torch._check_value(table.is_contiguous(), lambda: "gather_rows: table must be contiguous (row-major [R, Dh]), "
+                       f"got strides {list(table.stride())}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"gather_rows: rows must be Long, got {_dtype_name(rows.dtype)}")
     return table.new_empty((*rows.shape, table.shape[1]), device=rows.device)
-
-
-@torch.library.register_fake("engram::multihead_embedding_backward")
-def _multihead_embedding_backward_fake(grad, ids, offsets, num_rows):
-    _checks.multihead_embedding_backward_args(grad, ids, offsets, num_rows)
-    return grad.new_empty((num_rows, grad.shape[-1]))
 
 
 # --------------------------------------------------------------------------
@@ -169,37 +159,6 @@ def gated_short_conv(
     x = gate * value per branch, x + SiLU(causal depthwise conv over T of
     RMSNorm_g(x)); norm_weight [G, D], conv_weight [G*D, kernel_size]."""
     return _ops.gated_short_conv(value, gate, norm_weight, conv_weight, dilation, eps)
-
-
-@torch.library.register_fake("engram::context_gate")
-def _context_gate_fake(key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
-    b, t, g, _ = _checks.context_gate_args("context_gate", key, hidden, key_norm_weight, hidden_norm_weight, eps)
-    return key.new_empty((b, t, g))
-
-
-@torch.library.register_fake("engram::context_gate_backward")
-def _context_gate_backward_fake(grad_gate, key, hidden, key_norm_weight, hidden_norm_weight, eps=None):
-    op = "context_gate_backward"
-    b, t, g, _ = _checks.context_gate_args(op, key, hidden, key_norm_weight, hidden_norm_weight, eps)
-    _checks.grad_like_args(op, "grad_gate", grad_gate, key, (b, t, g))
-    return (key.new_empty(key.shape), key.new_empty(key.shape), key_norm_weight.new_empty(key_norm_weight.shape),
-            hidden_norm_weight.new_empty(hidden_norm_weight.shape))
-
-
-@torch.library.register_fake("engram::gated_short_conv")
-def _gated_short_conv_fake(value, gate, norm_weight, conv_weight, dilation, eps):
-    b, t, g, d, _ = _checks.gated_short_conv_args("gated_short_conv", value, gate, norm_weight, conv_weight,
-                                                  dilation, eps)
-    return value.new_empty((b, t, g, d))
-
-
-@torch.library.register_fake("engram::gated_short_conv_backward")
-def _gated_short_conv_backward_fake(grad_out, value, gate, norm_weight, conv_weight, dilation, eps):
-    op = "gated_short_conv_backward"
-    b, t, g, d, _ = _checks.gated_short_conv_args(op, value, gate, norm_weight, conv_weight, dilation, eps)
-    _checks.grad_like_args(op, "grad_out", grad_out, value, (b, t, g, d))
-    return (value.new_empty(value.shape), gate.new_empty(gate.shape), norm_weight.new_empty(norm_weight.shape),
-            conv_weight.new_empty(conv_weight.shape))
 
 
 # Both backward kernels recompute the few per-row reductions instead of saving

@@ -44,12 +44,12 @@ accumulation over micro-batches updates the table each time).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import _checks, ops
+from . import ops
 
 _ops = torch.ops.engram
 
@@ -122,51 +122,14 @@ def rowwise_adam_update(
 # --------------------------------------------------------------------------
 
 
+# The other optim ops have Meta kernels in C++ (csrc/checks.cpp). U, the
+# number of distinct rows, is only known once the ids are read: a size only a
+# Python fake can make. The padded op's Meta kernel makes this op's checks.
 @torch.library.register_fake("engram::dedup_row_grads")
 def _dedup_row_grads_fake(grad, ids, offsets, num_rows):
-    for name, t in (("ids", ids), ("offsets", offsets)):
-        _checks.check_same_device("dedup_row_grads", "grad", grad, name, t)
-    if grad.dim() != ids.dim() + 1:
-        raise ValueError(
-            f"dedup_row_grads: grad has shape {list(grad.shape)}; expected ids.shape + [Dh] with ids.shape "
-            f"{list(ids.shape)}"
-        )
-    # U, the number of distinct rows, is only known once the ids are read.
+    _ops.dedup_row_grads_padded(grad, ids, offsets, num_rows)
     num_unique = torch.library.get_ctx().new_dynamic_size()
     return ids.new_empty((num_unique,)), grad.new_empty((num_unique, grad.shape[-1]))
-
-
-@torch.library.register_fake("engram::dedup_row_grads_padded")
-def _dedup_row_grads_padded_fake(grad, ids, offsets, num_rows):
-    for name, t in (("ids", ids), ("offsets", offsets)):
-        _checks.check_same_device("dedup_row_grads_padded", "grad", grad, name, t)
-    if grad.dim() != ids.dim() + 1:
-        raise ValueError(
-            f"dedup_row_grads_padded: grad has shape {list(grad.shape)}; expected ids.shape + [Dh] with ids.shape "
-            f"{list(ids.shape)}"
-        )
-    # Sized by the entries: known statically (the point of the padded op).
-    entries = ids.numel()
-    return ids.new_empty((entries,)), grad.new_empty((entries, grad.shape[-1]))
-
-
-def _update_fake(op: str, names: Sequence[str]):
-    def fake(weight, *args):
-        tensors = {name: t for name, t in zip(names, args) if isinstance(t, torch.Tensor)}
-        for name, t in tensors.items():
-            _checks.check_same_device(op, "weight", weight, name, t)
-        return None
-
-    return fake
-
-
-torch.library.register_fake("engram::rowwise_sgd_update")(_update_fake("rowwise_sgd_update", ["rows", "row_grads"]))
-torch.library.register_fake("engram::rowwise_adagrad_update")(
-    _update_fake("rowwise_adagrad_update", ["sum_sq", "rows", "row_grads"])
-)
-torch.library.register_fake("engram::rowwise_adam_update")(
-    _update_fake("rowwise_adam_update", ["exp_avg", "exp_avg_sq", "rows", "row_grads"])
-)
 
 
 # --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // Freed host blocks kept for the next request of the same size, torch-free
-// (the CPU ops in csrc/cpu_ops.cpp use it; GoogleTest checks it under the
+// (the CPU ops in csrc/cpu_hash_embedding_ops.cpp use it; GoogleTest checks it under the
 // sanitizers).
 //
 // Fresh blocks of megabytes come from mmap, and the OS faulting in and

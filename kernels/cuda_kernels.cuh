@@ -1,9 +1,10 @@
 // Torch-free CUDA kernels of the hash and embedding ops. Launchers (guards,
-// streams, checks, allocation) live in csrc/cuda/ops.cu.
+// streams, checks, allocation) live in csrc/cuda/hash_embedding_ops.cu.
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/device_error_record.cuh"
 #include "kernels/hash.h"
 
 namespace engram {
@@ -18,50 +19,6 @@ inline unsigned blocks_for(int64_t work, int64_t max_blocks = 65535) {
 
 #define ENGRAM_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
-
-// --- Deferred error reports -------------------------------------------------
-// A kernel that meets a bad id cannot throw, and reading a device flag after
-// every launch would cost a host sync. Instead the first thread that meets
-// one claims a device word and writes what it saw into page-locked host
-// memory mapped into the device's address space; the host reads that record
-// at the next engram call on the device without any CUDA call
-// (csrc/cuda/device_errors.h).
-enum DeviceErrorKind : int {
-  kIdOutOfRange = 1,       // value outside [0, limit) (or >= limit where negatives pass)
-  kIdOffsetOverflow = 2,   // value + extra (the head's offset) overflows int64
-  kHeadSizeInvalid = 3,    // head_sizes holds value < 1
-  kHeadOffsetOverflow = 4  // offsets holds value; with head size extra the ids overflow
-};
-
-struct DeviceErrorRecord {
-  int ready;  // written last, after a system-wide fence
-  int op;     // csrc/cuda/device_errors.h: DeviceErrorOp
-  int kind;   // DeviceErrorKind
-  int64_t index, value, extra, limit;
-  int64_t head;  // the head whose offset was added, or -1 without offsets
-};
-
-struct DeviceErrorSlot {
-  int* claimed;               // device memory, 0 until a kernel reports
-  DeviceErrorRecord* record;  // mapped host memory
-  int op;
-};
-
-__device__ __forceinline__ void report_device_error(const DeviceErrorSlot& slot, int kind, int64_t index,
-                                                    int64_t value, int64_t extra, int64_t limit, int64_t head) {
-  if (slot.claimed == nullptr) return;  // an unchecked launch
-  if (atomicCAS(slot.claimed, 0, 1) != 0) return;  // one report per device until the host takes it
-  volatile DeviceErrorRecord* r = slot.record;
-  r->op = slot.op;
-  r->kind = kind;
-  r->head = head;
-  r->index = index;
-  r->value = value;
-  r->extra = extra;
-  r->limit = limit;
-  __threadfence_system();
-  r->ready = 1;
-}
 
 // ids >= vocab are reported (and read as id 0); negative ids pass through.
 __global__ void compress_kernel(const int64_t* ids, int64_t n, const int64_t* lookup, int64_t vocab, int64_t* out,

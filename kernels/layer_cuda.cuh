@@ -82,23 +82,6 @@ __device__ __forceinline__ T lane_sum(T v) {
   return v;
 }
 
-// [B, T, G, D] rows with a contiguous last dim (the layer passes views of
-// one fused projection).
-template <typename scalar_t>
-struct Rows4 {
-  const scalar_t* data;
-  int64_t stride_b, stride_t, stride_g, T, G;
-
-  // row r of the flattened (b, t, g) index, split in 32-bit math (the
-  // launcher checks that B * T * G fits in int32): a 64-bit divide is a
-  // ~20-instruction subroutine call on the GPU.
-  ENGRAM_HD const scalar_t* row(int64_t r) const {
-    const uint32_t r32 = static_cast<uint32_t>(r), G32 = static_cast<uint32_t>(G), T32 = static_cast<uint32_t>(T);
-    const uint32_t bt = r32 / G32, g = r32 - bt * G32, b = bt / T32, t = bt - b * T32;
-    return data + b * stride_b + t * stride_t + g * stride_g;
-  }
-};
-
 // ---------------------------------------------------------------------------
 // Stage 2 of the weight-gradient sums
 // ---------------------------------------------------------------------------
@@ -129,8 +112,8 @@ struct GateArgs {
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ GateRowState<acc_t> gate_row_state_lanes(const GateArgs<scalar_t>& a, int64_t r,
                                                                     acc_t eps) {
-  const scalar_t* key = a.keys.row(r);
-  const scalar_t* query = a.queries.row(r);
+  const scalar_t* key = a.keys.row32(r);
+  const scalar_t* query = a.queries.row32(r);
   const int64_t g = static_cast<uint32_t>(r) % static_cast<uint32_t>(a.G);
   const scalar_t* wk = a.key_weight + g * a.D;
   const scalar_t* wq = a.query_weight + g * a.D;
@@ -166,8 +149,8 @@ __global__ void context_gate_backward_rows_kernel(GateArgs<scalar_t> a, const sc
     const acc_t grad_dot = gate_grad_dot(static_cast<acc_t>(grad_gate[r]), st.score, a.D);
     const acc_t dot_over_d = st.dot / static_cast<acc_t>(a.D);
     const acc_t rk = st.key_scale, rq = st.query_scale;
-    const scalar_t* key = a.keys.row(r);
-    const scalar_t* query = a.queries.row(r);
+    const scalar_t* key = a.keys.row32(r);
+    const scalar_t* query = a.queries.row32(r);
     const int64_t g = static_cast<uint32_t>(r) % static_cast<uint32_t>(a.G);
     const scalar_t* wk_row = a.key_weight + g * a.D;
     const scalar_t* wq_row = a.query_weight + g * a.D;
@@ -205,8 +188,8 @@ __global__ void context_gate_weight_partials_kernel(GateArgs<scalar_t> a, const 
       for (int64_t tok = first; tok < last; ++tok) {
         const int64_t r = tok * a.G + g;
         const acc_t grad_dot = stats[r * kGateStats + 0];
-        const acc_t k_hat = static_cast<acc_t>(a.keys.row(r)[d]) * stats[r * kGateStats + 1];
-        const acc_t q_hat = static_cast<acc_t>(a.queries.row(r)[d]) * stats[r * kGateStats + 2];
+        const acc_t k_hat = static_cast<acc_t>(a.keys.row32(r)[d]) * stats[r * kGateStats + 1];
+        const acc_t q_hat = static_cast<acc_t>(a.queries.row32(r)[d]) * stats[r * kGateStats + 2];
         sum += query_side ? grad_dot * (k_hat * wk) * q_hat : grad_dot * (q_hat * wq) * k_hat;
       }
       partial[(int64_t(chunk) * 2 + blockIdx.z) * GD + gd] = sum;

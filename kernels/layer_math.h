@@ -32,6 +32,29 @@
 
 namespace engram {
 
+// [B, T, G, D] rows with a contiguous last dim (the layer passes views of
+// one fused projection), read in place by the CPU and CUDA kernels.
+template <typename scalar_t>
+struct Rows4 {
+  const scalar_t* data;
+  int64_t stride_b, stride_t, stride_g, T, G;
+
+  // row r of the flattened (b, t, g) index
+  ENGRAM_HD const scalar_t* row(int64_t r) const {
+    const int64_t g = r % G, bt = r / G;
+    return data + (bt / T) * stride_b + (bt % T) * stride_t + g * stride_g;
+  }
+
+  // row(r), split in 32-bit math for the CUDA kernels (their launcher checks
+  // that B * T * G fits in int32): a 64-bit divide is a ~20-instruction
+  // subroutine call on the GPU.
+  ENGRAM_HD const scalar_t* row32(int64_t r) const {
+    const uint32_t r32 = static_cast<uint32_t>(r), G32 = static_cast<uint32_t>(G), T32 = static_cast<uint32_t>(T);
+    const uint32_t bt = r32 / G32, g = r32 - bt * G32, b = bt / T32, t = bt - b * T32;
+    return data + b * stride_b + t * stride_t + g * stride_g;
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Scalar formulas
 // ---------------------------------------------------------------------------

@@ -1,20 +1,19 @@
 // The range and order check of the rows of the row-wise update ops on CUDA
 // (csrc/cuda/optim.cu), reported through the deferred error record
-// (kernels/cuda_kernels.cuh) instead of a flag the host reads: the update then
-// needs no host sync and can be captured in a CUDA graph. Included by
-// csrc/cuda/ops.cu only (it owns the record).
+// (kernels/device_error_record.cuh) instead of a flag the host reads: the
+// update then needs no host sync and can be captured in a CUDA graph.
 #pragma once
 
 #include <cstdint>
 
-#include "kernels/cuda_kernels.cuh"
+#include "kernels/device_error_record.cuh"
+
+// Same text as in kernels/cuda_kernels.cuh, so both headers may be included.
+#define ENGRAM_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 namespace engram {
 namespace cuda {
-
-// DeviceErrorKind values of the update ops (after cuda_kernels.cuh's).
-constexpr int kUpdateRowOutOfRange = 5;  // rows[index] = value outside [0, limit)
-constexpr int kUpdateRowsUnordered = 6;  // rows[index - 1] = value, rows[index] = extra: not increasing
 
 // *skip = 1 (and one report) if a row is outside [0, num_rows) or the rows are
 // not strictly increasing; the update kernels then write nothing, as the CPU

@@ -345,8 +345,8 @@ def test_update_opcheck(rule):
     "rule, change, error, pattern",
     [
         ("sgd", lambda a: (a[0], torch.tensor([0, 5, 12]), *a[2:]), IndexError,
-         r"rowwise_sgd_update: rows holds 12 at index 2; expected values in \[0, 12\)"),
-        ("adam", lambda a: (*a[:3], torch.tensor([0, -1, 11]), *a[4:]), IndexError, r"rows holds -1 at index 1"),
+         r"rowwise_sgd_update: rows holds 12 at flat index 2; expected values in \[0, 12\) for weight.size\(0\)=12"),
+        ("adam", lambda a: (*a[:3], torch.tensor([0, -1, 11]), *a[4:]), IndexError, r"rows holds -1 at flat index 1"),
         ("adam", lambda a: (*a[:3], torch.tensor([0, 5, 5]), *a[4:]), ValueError,
          r"rows holds 5 then 5 at indices 1 and 2; expected strictly increasing rows"),
         ("adagrad", lambda a: (a[0], a[1], torch.tensor([5, 0, 11]), *a[3:]), ValueError,

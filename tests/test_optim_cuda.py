@@ -82,7 +82,7 @@ def test_update_errors_on_cuda():
     try:
         with pytest.raises(ValueError, match=r"rows holds 3 then 3 at indices 0 and 1"):
             optim.rowwise_sgd_update(w, torch.tensor([3, 3], device="cuda"), zeros, 0.1)
-        with pytest.raises(IndexError, match=r"rows holds 10 at index 1"):
+        with pytest.raises(IndexError, match=r"rows holds 10 at flat index 1"):
             optim.rowwise_sgd_update(w, torch.tensor([3, 10], device="cuda"), zeros, 0.1)
     finally:
         engram.set_cuda_sync_checks(False)

@@ -129,6 +129,20 @@ def test_gather_rows_cpu_matches_reference():
         ops.gather_rows(table.t(), rows)
 
 
+def test_gather_rows_fake_kernel_raises_the_cpu_kernels_errors():
+    """gather_rows is the one op whose fake kernel is Python (engram/ops.py): its
+    checks must read as the C++ ones do, on meta tensors as in a trace."""
+    table, rows = torch.randn(30, 4), torch.randint(0, 30, (2, 3))
+    faults = [(table[0], rows), (table.t().contiguous().t(), rows), (table, rows.int())]
+    for args in faults:
+        with pytest.raises((TypeError, ValueError)) as cpu:
+            ops.gather_rows(*args)
+        with pytest.raises(type(cpu.value)) as meta:
+            ops.gather_rows(*(a.to("meta") for a in args))
+        assert str(meta.value) == str(cpu.value)
+    assert ops.gather_rows(table.to("meta"), rows.to("meta")).shape == (2, 3, 4)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype,dh", [(torch.float32, 32), (torch.bfloat16, 64), (torch.float16, 3),
                                       (torch.float32, 5)])

@@ -55,10 +55,10 @@ def test_engine_errors_surface_in_the_caller():
     table = torch.randn(10, 4)
     pool = _engine.GatherPool(2)
     ticket = pool.submit(table, torch.tensor([[1, 2], [3, 99]]))
-    with pytest.raises(IndexError, match=r"row 99 at position 3 is outside the table's 10 rows"):
+    with pytest.raises(IndexError, match=r"^engram.Prefetcher: rows holds 99 at flat index 3; expected values in \[0, 10\) for table.size\(0\)=10$"):
         ticket.wait()
     assert ticket.ready()
-    with pytest.raises(IndexError, match="row -1"):
+    with pytest.raises(IndexError, match="rows holds -1 at flat index 0"):
         pool.submit(table, torch.tensor([-1])).wait()
     with pytest.raises(ValueError, match="ids must be contiguous int64"):
         pool.submit(table, torch.tensor([1], dtype=torch.int32))
@@ -227,7 +227,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
         module.offsets += 10**9  # rows beyond the table
     queues.set_layer(0, layer_spec(layer), [])
     queues.prefetch(ids)
-    with pytest.raises(IndexError, match="is outside the table's"):
+    with pytest.raises(IndexError, match=r"rows holds \d+ at flat index \d+; expected values in \[0, \d+\) for table.size\(0\)"):
         queues.take(0, ids)
     assert not queues.pending(0)
     module.offsets -= 10**9
@@ -436,7 +436,7 @@ def test_prefetcher_worker_error_surfaces_in_forward():
         good = module.offsets.clone()
         module.offsets += 10**9  # rows beyond the table: the worker's bound check fails
         prefetcher.prefetch(ids)
-        with pytest.raises(IndexError, match="is outside the table's"):
+        with pytest.raises(IndexError, match=r"rows holds \d+ at flat index \d+; expected values in \[0, \d+\) for table.size\(0\)"):
             model(ids)
         module.offsets.copy_(good)
         prefetcher.prefetch(ids)

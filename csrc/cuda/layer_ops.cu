@@ -12,12 +12,11 @@
 
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <optional>
 #include <tuple>
 
 #include "csrc/checks.h"
-#include "csrc/ops.h"
+#include "csrc/layer_helpers.h"
 #include "kernels/layer_cuda.cuh"
 
 namespace engram {
@@ -26,29 +25,6 @@ namespace {
 using cuda_layer::blocks_for;
 using cuda_layer::kRowLanes;
 using cuda_layer::kThreads;
-
-// As on the CPU: views of one fused projection (last dim contiguous, rows
-// strided) are read in place; anything else is copied.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
-template <typename scalar_t>
-at::ScalarType acc_dtype() {
-  return c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
-}
-
-template <typename scalar_t>
-at::opmath_type<scalar_t> resolve_eps(std::optional<double> eps) {
-  // nn.RMSNorm(eps=None) uses torch.finfo(input.dtype).eps.
-  return static_cast<at::opmath_type<scalar_t>>(
-      eps.has_value() ? *eps : static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
-}
-
-template <typename scalar_t>
-cuda_layer::Rows4<scalar_t> rows4(const at::Tensor& t) {
-  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.size(1), t.size(2)};
-}
 
 // Stage 2 of a weight-gradient sum: partial [chunks, n] (acc_t) -> [n] in the
 // dtype of `like`.

@@ -12,10 +12,9 @@
 #include <tuple>
 
 #include "csrc/checks.h"
-#include "csrc/cuda/update_checks.h"
-#include "csrc/ops.h"
-#include "csrc/optim.h"
+#include "csrc/cuda/device_errors.h"
 #include "kernels/optim_cuda.cuh"
+#include "kernels/update_rows_cuda.cuh"
 
 namespace engram {
 namespace {
@@ -64,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_cuda(const at::Tensor& grad_i
   // One synchronisation: the number of rows and pieces, and the range flag.
   const at::Tensor totals = at::cat({scans.select(1, E - 1), bad.to(at::kLong)}).to(at::kCPU);
   const int64_t* total_ptr = totals.const_data_ptr<int64_t>();
-  if (total_ptr[2] != 0) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  if (total_ptr[2] != 0) report_id_out_of_range({op, "ids", "num_rows"}, ids, offsets, num_rows);
   const int64_t U = total_ptr[0], pieces = total_ptr[1];
 
   at::Tensor unique_rows = at::empty({U}, long_options);
@@ -172,22 +171,24 @@ std::tuple<at::Tensor, at::Tensor> dedup_row_grads_padded_cuda(const at::Tensor&
 // host sync (so a training step can be captured); on a bad row the update
 // writes nothing and the error is raised like every deferred CUDA error
 // (device_errors.h). Returns the skip flag for the update kernel.
-at::Tensor check_update_rows_cuda(RowwiseRule rule, const at::Tensor& rows, int64_t num_rows) {
+at::Tensor check_update_rows_cuda(DeviceErrorOp op, const at::Tensor& rows, int64_t num_rows) {
   at::Tensor skip = at::zeros({1}, rows.options().dtype(at::kInt));
-  check_update_rows_on_device(rule, rows, num_rows, skip.data_ptr<int>(), at::cuda::getCurrentCUDAStream());
+  const DeviceErrorSlot err = device_error_slot(rows.device(), op);
+  const int64_t n = rows.numel();
+  cuda::check_update_rows_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      rows.const_data_ptr<int64_t>(), n, num_rows, skip.data_ptr<int>(), err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return skip;
 }
 
 void rowwise_sgd_update_cuda(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& row_grads_in,
                              double lr, double weight_decay) {
   constexpr const char* op = "rowwise_sgd_update";
-  const int64_t U = check_update_args(op, weight, {}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  const int64_t U = check_sgd_update_args(weight, rows_in, row_grads_in, lr, weight_decay);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kSgd, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(kOpSgdUpdate, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
@@ -204,18 +205,12 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
                               double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                               int64_t step) {
   constexpr const char* op = "rowwise_adam_update";
-  const int64_t U = check_update_args(
-      op, weight, {{"exp_avg", exp_avg, false}, {"exp_avg_sq", exp_avg_sq, false}}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_beta(op, "beta1", beta1);
-  check_beta(op, "beta2", beta2);
-  check_positive(op, "eps", eps);
-  check_nonnegative(op, "weight_decay", weight_decay);
-  check_step(op, step);
+  const int64_t U = check_adam_update_args(weight, exp_avg, exp_avg_sq, rows_in, row_grads_in, lr, beta1, beta2, eps,
+                                           weight_decay, step);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kAdam, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(kOpAdamUpdate, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
@@ -232,14 +227,11 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
 void rowwise_adagrad_update_cuda(at::Tensor& weight, at::Tensor& sum_sq, const at::Tensor& rows_in,
                                  const at::Tensor& row_grads_in, double lr, double eps, double weight_decay) {
   constexpr const char* op = "rowwise_adagrad_update";
-  const int64_t U = check_update_args(op, weight, {{"sum_sq", sum_sq, true}}, rows_in, row_grads_in);
-  check_nonnegative(op, "lr", lr);
-  check_positive(op, "eps", eps);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  const int64_t U = check_adagrad_update_args(weight, sum_sq, rows_in, row_grads_in, lr, eps, weight_decay);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
-  const at::Tensor skip = check_update_rows_cuda(RowwiseRule::kAdagrad, rows, weight.size(0));
+  const at::Tensor skip = check_update_rows_cuda(kOpAdagradUpdate, rows, weight.size(0));
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {

@@ -1,6 +1,6 @@
 // The hash, compress and embedding CUDA kernels (kernels/cuda_kernels.cuh) run
 // in the SIMT emulator (tests/cpp/simt.h) at the launch shapes of
-// csrc/cuda/ops.cu, against the host hash functions and plain loops: what
+// csrc/cuda/hash_embedding_ops.cu, against the host hash functions and plain loops: what
 // each kernel writes, and the error record it leaves. Each launch runs twice:
 // at the launcher's block cap, and with the grid capped at 2 blocks so that
 // the grid-stride loops wrap as they do past 65,535 blocks.
@@ -171,7 +171,7 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   EXPECT_EQ(overflow.record.extra, 7);
 }
 
-// The launch of gather_rows_kernel (csrc/cuda/ops.cu): a warp per entry.
+// The launch of gather_rows_kernel (csrc/cuda/hash_embedding_ops.cu): a warp per entry.
 template <typename F>
 void launch_gather(int64_t entries, F body) {
   simt::launch(simt::Dim3(1, gather_blocks(entries, g_block_cap)), simt::Dim3(kGatherLanes, kGatherEntries), body);
@@ -225,7 +225,7 @@ TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
   });
 }
 
-// launch_row_gather (csrc/cuda/ops.cu): the widest chunk that divides the row
+// launch_row_gather (csrc/cuda/hash_embedding_ops.cu): the widest chunk that divides the row
 // bytes and both addresses. Returns the chunk width used.
 int gather_like_the_launcher(const void* table, int64_t num_rows, int64_t row_bytes, const int64_t* ids,
                              int64_t entries, void* out) {

@@ -1,5 +1,6 @@
-// CUDA launchers of the hash and embedding ops: checks, guard, stream,
-// allocation; the kernels are in kernels/cuda_kernels.cuh.
+// CUDA launchers of the hash and embedding ops (compress_ids, ngram_hash,
+// multihead_embedding and its backward) and of gather_rows: checks, guard,
+// stream, allocation; the kernels are in kernels/cuda_kernels.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -8,189 +9,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstring>
-#include <mutex>
-#include <sstream>
-#include <string>
+#include <cstdint>
 #include <vector>
 
 #include "csrc/checks.h"
 #include "csrc/cuda/device_errors.h"
-#include "csrc/cuda/update_checks.h"
-#include "csrc/gather_rows.h"
-#include "csrc/ops.h"
 #include "kernels/cuda_kernels.cuh"
-#include "kernels/update_rows_cuda.cuh"
 
 namespace engram {
-
-// --- deferred error reports (csrc/cuda/device_errors.h) -----------------------
-namespace {
-
-struct OpNames {
-  const char* op;
-  const char* arg;
-  const char* limit_name;
-  bool negatives_allowed;  // compress: negative ids pass through
-};
-constexpr OpNames kOpNames[kNumDeviceErrorOps] = {
-    {"compress_ids", "input_ids", "vocab_size", true},
-    {"ngram_hash", "input_ids", "vocab_size", true},
-    {"multihead_embedding", "ids", "weight.size(0)", false},
-    {"multihead_embedding_backward", "ids", "num_rows", false},
-    {"gather_rows", "rows", "table.size(0)", false},
-    {"rowwise_sgd_update", "rows", "weight.size(0)", false},
-    {"rowwise_adagrad_update", "rows", "weight.size(0)", false},
-    {"rowwise_adam_update", "rows", "weight.size(0)", false},
-    {"dedup_row_grads_padded", "ids", "num_rows", false},
-};
-
-struct DeviceErrorState {
-  int* claimed = nullptr;
-  DeviceErrorRecord* record = nullptr;  // page-locked, mapped
-};
-
-constexpr int kMaxDevices = 64;
-std::mutex device_error_mutex;
-DeviceErrorState device_errors[kMaxDevices];
-
-// Whether the current stream of `device` is being captured into a CUDA graph:
-// then nothing may allocate, synchronise or re-arm the record (a memset would
-// be recorded into the graph and run at each replay instead of now).
-bool capturing(int device) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)),
-                                       &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
-// Allocated on a device's first checked launch and kept for the process. That
-// launch must not be under capture: allocating page-locked memory and the
-// synchronous memset are not allowed there.
-DeviceErrorState& device_error_state(int device) {
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "engram: CUDA device index ", device, " is beyond the ",
-              kMaxDevices, " devices engram supports");
-  const std::lock_guard<std::mutex> lock(device_error_mutex);
-  DeviceErrorState& state = device_errors[device];
-  if (state.record == nullptr) {
-    TORCH_CHECK(!capturing(device), "engram: the first engram CUDA op on cuda:", device,
-                " is being captured into a CUDA graph, but its error record must be set up outside capture; "
-                "run the captured code once before capturing (the warm-up PyTorch asks for anyway)");
-    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    void* host = nullptr;
-    C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(DeviceErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable));
-    std::memset(host, 0, sizeof(DeviceErrorRecord));
-    void* claimed = nullptr;
-    C10_CUDA_CHECK(cudaMalloc(&claimed, sizeof(int)));
-    C10_CUDA_CHECK(cudaMemset(claimed, 0, sizeof(int)));
-    state.claimed = static_cast<int*>(claimed);
-    state.record = static_cast<DeviceErrorRecord*>(host);
-  }
-  return state;
-}
-
-std::string format_device_error(const DeviceErrorRecord& r) {
-  const OpNames& names = kOpNames[r.op >= 0 && r.op < kNumDeviceErrorOps ? r.op : 0];
-  std::ostringstream message;
-  message << names.op << ": ";
-  switch (r.kind) {
-    case kHeadSizeInvalid:
-      message << "head_sizes holds " << r.value << " at flat index " << r.index << "; expected table sizes >= 1";
-      break;
-    case kHeadOffsetOverflow:
-      message << "offsets holds " << r.value << " at flat index " << r.index << "; with head_sizes " << r.extra
-              << " its ids would overflow int64";
-      break;
-    case kIdOffsetOverflow:
-      message << names.arg << " holds " << r.value << " at flat index " << r.index << "; adding offsets[" << r.head
-              << "]=" << r.extra << " overflows int64; expected rows in [0, " << r.limit << ") for "
-              << names.limit_name << "=" << r.limit;
-      break;
-    case cuda::kUpdateRowOutOfRange:  // worded as the CPU ops word it (csrc/cpu_optim.cpp)
-      message << "rows holds " << r.value << " at index " << r.index << "; expected values in [0, " << r.limit
-              << ") for weight.size(0)=" << r.limit;
-      break;
-    case cuda::kUpdateRowsUnordered:
-      message << "rows holds " << r.value << " then " << r.extra << " at indices " << r.index - 1 << " and "
-              << r.index << "; expected strictly increasing rows, each once (as dedup_row_grads returns them)";
-      break;
-    default:
-      message << names.arg << " holds " << r.value << " at flat index " << r.index
-              << (r.head >= 0 ? " (after adding offsets)" : "") << "; expected values "
-              << (names.negatives_allowed ? "< " : "in [0, ") << r.limit << (names.negatives_allowed ? "" : ")")
-              << " for " << names.limit_name << "=" << r.limit;
-  }
-  return message.str();
-}
-
-bool is_value_error(int kind) {
-  return kind == kHeadSizeInvalid || kind == kHeadOffsetOverflow || kind == cuda::kUpdateRowsUnordered;
-}
-
-// The pending report of `device`, cleared for the next one; kind 0 if none.
-// Under capture a report stays pending (re-arming would have to be recorded
-// into the graph): the first call after the capture raises it.
-std::pair<int, std::string> take_device_error(int device, bool deferred) {
-  if (capturing(device)) return {0, std::string()};
-  DeviceErrorState& state = device_error_state(device);
-  volatile DeviceErrorRecord* live = state.record;
-  if (live->ready == 0) return {0, std::string()};
-  DeviceErrorRecord r;
-  r.op = live->op;
-  r.kind = live->kind;
-  r.index = live->index;
-  r.value = live->value;
-  r.extra = live->extra;
-  r.limit = live->limit;
-  r.head = live->head;
-  live->ready = 0;
-  // Re-arm the device word behind any work already queued; no host sync.
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  C10_CUDA_CHECK(cudaMemsetAsync(state.claimed, 0, sizeof(int), at::cuda::getCurrentCUDAStream(device)));
-  std::string message = format_device_error(r);
-  if (deferred) {
-    message += " (found by a CUDA kernel of an earlier engram call on cuda:" + std::to_string(device) +
-               ", which read that entry as zeros; set ENGRAM_CUDA_SYNC_CHECKS=1 to raise at that call instead)";
-  }
-  return {is_value_error(r.kind) ? 2 : 1, message};
-}
-
-[[noreturn]] void raise_device_error(const std::pair<int, std::string>& error) {
-  if (error.first == 2) TORCH_CHECK_VALUE(false, error.second);
-  TORCH_CHECK_INDEX(false, error.second);
-}
-
-}  // namespace
-
-DeviceErrorSlot device_error_slot(const at::Device& device, DeviceErrorOp op) {
-  const auto pending = take_device_error(device.index(), /*deferred=*/true);
-  if (pending.first != 0) raise_device_error(pending);
-  const DeviceErrorState& state = device_error_state(device.index());
-  return DeviceErrorSlot{state.claimed, state.record, static_cast<int>(op)};
-}
-
-void finish_checked_launch(const at::Device& device, cudaStream_t stream) {
-  if (!cuda_sync_checks()) return;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;  // a sync would break the capture
-  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const auto error = take_device_error(device.index(), /*deferred=*/false);
-  if (error.first != 0) raise_device_error(error);
-}
-
-void check_update_rows_on_device(RowwiseRule rule, const at::Tensor& rows, int64_t num_rows, int* skip,
-                                 cudaStream_t stream) {
-  const DeviceErrorOp op = rule == RowwiseRule::kSgd       ? kOpSgdUpdate
-                           : rule == RowwiseRule::kAdagrad ? kOpAdagradUpdate
-                                                           : kOpAdamUpdate;
-  const DeviceErrorSlot err = device_error_slot(rows.device(), op);
-  const int64_t n = rows.numel();
-  cuda::check_update_rows_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, stream>>>(
-      rows.const_data_ptr<int64_t>(), n, num_rows, skip, err);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 void check_entry_rows_on_device(const at::Tensor& ids, const int64_t* offsets, int64_t K, int64_t num_rows,
                                 cudaStream_t stream) {
@@ -200,21 +26,6 @@ void check_entry_rows_on_device(const at::Tensor& ids, const int64_t* offsets, i
   cuda::entry_rows_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, stream>>>(
       ids.const_data_ptr<int64_t>(), offsets, K, n, num_rows, rows.data_ptr<int64_t>(), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::pair<int, std::string> take_cuda_error() {
-  const int devices = std::min(static_cast<int>(at::cuda::device_count()), kMaxDevices);
-  for (int device = 0; device < devices; ++device) {
-    bool allocated;
-    {
-      const std::lock_guard<std::mutex> lock(device_error_mutex);
-      allocated = device_errors[device].record != nullptr;
-    }
-    if (!allocated) continue;  // no checked launch ran there
-    auto error = take_device_error(device, /*deferred=*/true);
-    if (error.first != 0) return error;
-  }
-  return {0, std::string()};
 }
 
 namespace {
@@ -325,9 +136,7 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
 
 at::Tensor multihead_embedding_cuda(const at::Tensor& weight, const at::Tensor& ids_in,
                                     const std::optional<at::Tensor>& offsets, bool /*sparse*/) {
-  constexpr const char* op = "multihead_embedding";
-  const int64_t K = check_embedding_args(op, weight, "weight", ids_in, offsets);
-  ENGRAM_CHECK_DIM(op, "weight", weight, 2);
+  const int64_t K = check_multihead_embedding_args(weight, ids_in, offsets);
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   at::Tensor table = weight.contiguous();
   at::Tensor ids = ids_in.contiguous();
@@ -406,11 +215,11 @@ const void* device_address(const at::Tensor& table, at::Device device) {
 // check=false: a row out of range is not read (zeros) and not reported; the
 // prefetcher's rows come from ngram_hash, in range by construction.
 at::Tensor gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows_in, bool check) {
-  check_gather_rows_args(table, rows_in);
+  const std::vector<int64_t> shape = check_gather_rows_args(table, rows_in);
   TORCH_CHECK(rows_in.is_cuda(), "gather_rows: rows is on ", rows_in.device(), "; expected a CUDA tensor here");
   const c10::cuda::OptionalCUDAGuard guard(rows_in.device());
   const at::Tensor rows = rows_in.contiguous();
-  at::Tensor out = new_gather_rows_output(table, rows, rows.device());
+  at::Tensor out = at::empty(shape, table.options().device(rows.device()));
   if (rows.numel() == 0 || table.size(1) == 0) return out;
   const void* src = device_address(table, rows.device());
   const DeviceErrorSlot err =

@@ -1,5 +1,6 @@
-// CPU kernels of the engram ops: validation, allocation and threading here,
-// per-token math in kernels/.
+// CPU kernels of the hash and embedding ops (compress_ids, ngram_hash,
+// multihead_embedding and its backward) and of gather_rows: validation,
+// allocation and threading here, per-token math in kernels/.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -26,7 +27,7 @@
 #endif
 
 #include "csrc/checks.h"
-#include "csrc/ops.h"
+#include "csrc/runtime.h"
 #include "kernels/block_cache.h"
 #include "kernels/hash.h"
 #include "kernels/hash_cpu.h"
@@ -107,7 +108,7 @@ at::Tensor compress_ids_cpu(const at::Tensor& input_ids, const at::Tensor& looku
   at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
   if (!compress_into(ids.data_ptr<int64_t>(), ids.numel(), table.data_ptr<int64_t>(), table.numel(),
                      out.data_ptr<int64_t>())) {
-    report_id_out_of_range("compress_ids", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
+    report_id_out_of_range({"compress_ids", "input_ids", "vocab_size", true}, ids, std::nullopt, table.numel());
   }
   return out;
 }
@@ -126,7 +127,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   at::Tensor canonical = at::empty({B, T}, ids.options());
   int64_t* x = canonical.data_ptr<int64_t>();
   if (!compress_into(ids.data_ptr<int64_t>(), B * T, table.data_ptr<int64_t>(), table.numel(), x)) {
-    report_id_out_of_range("ngram_hash", "input_ids", ids, std::nullopt, table.numel(), "vocab_size", true);
+    report_id_out_of_range({"ngram_hash", "input_ids", "vocab_size", true}, ids, std::nullopt, table.numel());
   }
   at::Tensor sizes = head_sizes.contiguous();
   const int64_t* sizes_ptr = sizes.data_ptr<int64_t>();
@@ -173,9 +174,7 @@ inline int64_t table_row(const int64_t* ids, const int64_t* offsets, int64_t K, 
 
 at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& ids_in,
                                    const std::optional<at::Tensor>& offsets, bool /*sparse*/) {
-  constexpr const char* op = "multihead_embedding";
-  const int64_t K = check_embedding_args(op, weight, "weight", ids_in, offsets);
-  ENGRAM_CHECK_DIM(op, "weight", weight, 2);
+  const int64_t K = check_multihead_embedding_args(weight, ids_in, offsets);
   at::Tensor table = weight.contiguous();
   at::Tensor ids = ids_in.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
@@ -201,7 +200,7 @@ at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& i
       std::memcpy(dst + e * row_bytes, src + row * row_bytes, row_bytes);
     }
   });
-  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, R, "weight.size(0)");
+  if (!ok.load()) report_id_out_of_range({"multihead_embedding", "ids", "weight.size(0)"}, ids, offsets, R);
   return out;
 }
 
@@ -264,7 +263,6 @@ at::Tensor zeros_table_gradient(int64_t rows, int64_t Dh, const at::TensorOption
 
 at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at::Tensor& ids_in,
                                             const std::optional<at::Tensor>& offsets, int64_t num_rows) {
-  constexpr const char* op = "multihead_embedding_backward";
   const int64_t K = check_embedding_backward_args(grad_in, ids_in, offsets, num_rows);
   at::Tensor grad = grad_in.contiguous();
   at::Tensor ids = ids_in.contiguous();
@@ -318,8 +316,37 @@ at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at:
       }
     });
   });
-  if (!ok.load()) report_id_out_of_range(op, "ids", ids, offsets, num_rows, "num_rows");
+  if (!ok.load()) report_id_out_of_range({"multihead_embedding_backward", "ids", "num_rows"}, ids, offsets, num_rows);
   return result;
+}
+
+// out = table[rows], row by row with memcpy over 64-bit offsets (tables
+// beyond 2^31 elements). The op exists for its CUDA kernel (zero-copy reads
+// of pinned host rows, csrc/cuda/hash_embedding_ops.cu); on the CPU it is the
+// same gather the prefetch engine does.
+at::Tensor gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows_in, bool check) {
+  (void)check;  // rows are always checked here: it costs no sync on the CPU
+  const std::vector<int64_t> shape = check_gather_rows_args(table, rows_in);
+  TORCH_CHECK(table.device().is_cpu(), "gather_rows: table is on ", table.device(),
+              " but rows is on the CPU; expected a CPU table");
+  const at::Tensor rows = rows_in.contiguous();
+  at::Tensor out = at::empty(shape, table.options());
+  const int64_t n = rows.numel(), num_rows = table.size(0);
+  const int64_t* row = rows.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(row[i] >= 0 && row[i] < num_rows,
+                      id_out_of_range_message({"gather_rows", "rows", "table.size(0)"}, row[i], i, num_rows));
+  }
+  const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
+  const char* src = static_cast<const char*>(table.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(dst + static_cast<size_t>(i) * row_bytes, src + static_cast<size_t>(row[i]) * row_bytes,
+                  row_bytes);
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -340,6 +367,7 @@ TORCH_LIBRARY_IMPL(engram, CPU, m) {
   m.impl("ngram_hash", &ngram_hash_cpu);
   m.impl("multihead_embedding", &multihead_embedding_cpu);
   m.impl("multihead_embedding_backward", &multihead_embedding_backward_cpu);
+  m.impl("gather_rows", &gather_rows_cpu);
 }
 
 }  // namespace engram

@@ -1,0 +1,29 @@
+// Process-wide switches of the op library and the deferred CUDA error
+// reports, behind the C API of include/engram/runtime.h (csrc/runtime_api.cpp).
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <utility>
+
+namespace engram {
+
+// Deferred error reports of the CUDA kernels (csrc/cuda/device_errors.h).
+// The sync-check switch lives in library.cpp so that CPU builds have it too.
+void set_cuda_sync_checks(bool enabled);
+bool cuda_sync_checks();
+// Takes the pending report of any CUDA device, clearing it: {0, ""} when
+// there is none, else {1, message} for an IndexError, {2, message} for a ValueError.
+std::pair<int, std::string> take_cuda_error();
+
+// Frees the blocks the CPU kernels keep for reuse (hash outputs, table
+// gradients); returns how many bytes that was (cpu_hash_embedding_ops.cpp).
+size_t release_cached_cpu_blocks();
+
+// Keeping freed blocks for reuse is on by default (engram/ops.py turns it
+// off at import under ENGRAM_CPU_CACHE=0). Turning it off frees what is kept
+// (returns its bytes) and keeps nothing more; thread-safe.
+size_t set_cpu_cache_enabled(bool enabled);
+bool cpu_cache_enabled();
+
+}  // namespace engram
