@@ -138,7 +138,7 @@ def test_unsharded_mmap_table_truncated_or_replaced_raises(tmp_path):
             with pytest.raises(TableFileChangedError) as err:
                 call()
             message = str(err.value)
-            assert f"layer_id=0" in message and repr(str(path)) in message and f"was {change}" in message, message
+            assert "layer_id=0" in message and repr(str(path)) in message and f"was {change}" in message, message
             assert f"before {what}" in message and f"{size} bytes" in message, message
         del opt
 
@@ -462,6 +462,13 @@ def scenario_faults(rank, world, tmp):
         assert "differ" in str(err), err
     else:
         raise AssertionError("ranks with different tables were sharded")
+    # So is a placement mismatch (an mmap shard's backward runs one more exchange).
+    try:
+        ed.shard_tables(_model(placement="host" if rank == 0 else "device"))
+    except ValueError as err:
+        assert "placement is " in str(err), err
+    else:
+        raise AssertionError("ranks with different placements were sharded")
 
     ids, hidden = _local(rank, world, *_data(0))
     # A rank that stays alive but never joins: the others fail after the timeout set here.
