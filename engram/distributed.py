@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer import EngramLayer, MultiHeadEmbedding
+from .layer import EngramLayer, MultiHeadEmbedding, TableFileChangedError, file_change, file_identity
 
 __all__ = [
     "shard_tables",
@@ -181,6 +181,59 @@ def _collective(module: "ShardedMultiHeadEmbedding", what: str, fn, *args):
         ) from err
 
 
+# Error records exchanged with the counts (forward) or alone (before an mmap
+# shard's update): [kind, value, recorded file size, current file size].
+_OK, _BAD_ID, _FILE = 0, 1, 2
+_FILE_CHANGES = ("removed", "replaced", "truncated", "resized")
+
+
+def _file_record(module: "ShardedMultiHeadEmbedding") -> Tuple[Optional[str], List[int]]:
+    """This rank's shard file check: (its error message or None, its error record)."""
+    if module.placement != "mmap":
+        return None, [_OK, 0, 0, 0]
+    now = file_identity(module.table_path)
+    change = file_change(module._file_id, now)
+    if change is None:
+        return None, [_OK, 0, 0, 0]
+    return change, [_FILE, _FILE_CHANGES.index(change), module._file_id[2], -1 if now is None else now[2]]
+
+
+def _raise_flagged(module: "ShardedMultiHeadEmbedding", recv: torch.Tensor, when: str) -> None:
+    """Raises on every rank if any rank flagged an error: each rank gets the same
+    records, so no rank goes on to a collective that the others skip."""
+    kinds = recv[:, 0].tolist()
+    if not any(kinds):
+        return
+    where = f"engram.distributed: table {module.table_name!r} (layer_id={module.layer_id})"
+    if kinds[module.rank] == _FILE:  # this rank's own file: the full story, path included
+        own = module.table_file_problem(when) or f"the mmap shard file {module.table_path!r} changed"
+        raise TableFileChangedError(
+            f"{own} ({where}, rank {module.rank} of {module.world_size}; every rank "
+            f"raises an error)")
+    src = next(r for r, k in enumerate(kinds) if k)
+    value, recorded, now = (int(v) for v in recv[src, 1:])
+    if kinds[src] == _BAD_ID:
+        raise ValueError(
+            f"{where}: rank {src} looked up hash id {value}, out of range for its head (head sizes "
+            f"{module.head_sizes}); every rank raises this error"
+        )
+    raise TableFileChangedError(
+        f"{where}: rank {src}'s mmap shard file was {_FILE_CHANGES[value]} while in use (found before {when}): "
+        f"{recorded} bytes when opened, {'none' if now < 0 else f'{now} bytes'} now; rank {src}'s error names the "
+        f"file; every rank raises this error, and nothing was read or written"
+    )
+
+
+def _check_before_update(module: "ShardedMultiHeadEmbedding", device) -> None:
+    """Before an mmap shard's gradients are exchanged (and its rows written): one
+    small exchange of the ranks' file checks, so a changed file stops every rank."""
+    _, record = _file_record(module)
+    send = torch.tensor([record] * module.world_size, dtype=torch.int64, device=device)
+    recv = torch.empty_like(send)
+    _collective(module, "file check", dist.all_to_all_single, recv, send)
+    _raise_flagged(module, recv, "a row-wise update")
+
+
 def _exchange_ids(module: "ShardedMultiHeadEmbedding", global_ids: torch.Tensor, bad: Optional[int]) -> _Exchange:
     world, device = module.world_size, global_ids.device
     ex = _Exchange()
@@ -188,23 +241,20 @@ def _exchange_ids(module: "ShardedMultiHeadEmbedding", global_ids: torch.Tensor,
     # Owners of sorted rows are non-decreasing: the per-owner runs are contiguous.
     owner = torch.bucketize(ex.unique, module.shard_starts[1:].to(device), right=True)
     send_counts = torch.bincount(owner, minlength=world)
-    # Column 1 carries an error flag, column 2 the offending id, so that every rank
-    # raises on an out-of-range id that only one rank saw (no rank waits forever).
-    send = torch.zeros((world, 3), dtype=torch.int64, device=device)
+    # Columns 1-4 carry an error record (an out-of-range id, or this rank's mmap
+    # shard file changed), so that every rank raises on an error only one rank
+    # saw (no rank waits forever).
+    send = torch.zeros((world, 5), dtype=torch.int64, device=device)
     send[:, 0] = send_counts
-    if bad is not None:
+    _, record = _file_record(module)
+    if bad is not None and record[0] == _OK:
+        record = [_BAD_ID, bad, 0, 0]
+    if record[0] != _OK:
         send[:, 0] = 0
-        send[:, 1], send[:, 2] = 1, bad
+        send[:, 1:] = torch.tensor(record, dtype=torch.int64)
     recv = torch.empty_like(send)
     _collective(module, "count", dist.all_to_all_single, recv, send)
-    flags = recv[:, 1].tolist()
-    if any(flags):
-        src = flags.index(1)
-        raise ValueError(
-            f"engram.distributed: table {module.table_name!r} (layer_id={module.layer_id}): rank {src} looked up "
-            f"hash id {int(recv[src, 2])}, out of range for its head (head sizes {module.head_sizes}); every rank "
-            f"raises this error"
-        )
+    _raise_flagged(module, recv[:, 1:], "a lookup")
     ex.send_splits = send_counts.tolist()
     ex.recv_splits = recv[:, 0].tolist()
     recv_ids = torch.empty(sum(ex.recv_splits), dtype=torch.int64, device=device)
@@ -233,6 +283,8 @@ class _ShardedLookup(torch.autograd.Function):
         module, ex = ctx.module, ctx.ex
         (global_ids,) = ctx.saved_tensors
         dim = grad.shape[-1]
+        if module.placement == "mmap":  # every rank's shard is mmap: shard_tables checked
+            _check_before_update(module, grad.device)
         # Summed per unique row in entry order; rows come back sorted, i.e. == ex.unique.
         _, row_grads = torch.ops.engram.dedup_row_grads(grad.contiguous(), global_ids, None, module.num_rows)
         recv = row_grads.new_empty((len(ex.recv_local), dim))
@@ -356,7 +408,8 @@ def shard_tables(model: nn.Module, group=None, *, init_seed: Optional[int] = Non
 
     # The layout check, on every rank before any step: all ranks must shard equal tables.
     layers = _layers_by_table(model)
-    records = [_table_record(name, m, layers.get(id(m))) for name, m in tables]
+    # The placement too: an mmap shard's backward runs one more exchange.
+    records = [dict(_table_record(name, m, layers.get(id(m))), placement=m.placement) for name, m in tables]
     everyone: List[Optional[list]] = [None] * world
     dist.all_gather_object(everyone, records, group=group)
     for other_rank, other in enumerate(everyone):
@@ -384,6 +437,7 @@ def shard_tables(model: nn.Module, group=None, *, init_seed: Optional[int] = Non
             array = np.lib.format.open_memmap(path, mode="w+", dtype=local.numpy().dtype, shape=tuple(local.shape))
             array[:] = local.numpy()
             module._file_array, module.table_path = array, path
+            module.record_table_file()
             local = torch.from_numpy(array)
         else:
             local = local.to(device)
@@ -439,7 +493,20 @@ def gather_table(module: "ShardedMultiHeadEmbedding", dst: Optional[int] = None)
     rank ``dst`` (None elsewhere)."""
     if not isinstance(module, ShardedMultiHeadEmbedding):
         raise ValueError(f"gather_table: module must be a ShardedMultiHeadEmbedding, got {type(module).__name__}")
+    _check_files(module.group, [module], "gather_table")
     return _gather_rows(module, module.embedding.weight, dst)
+
+
+def _check_files(group, tables, when: str) -> None:
+    """Collective: raises TableFileChangedError on every rank if any rank's mmap
+    shard file changed since it was written (before a read or write of all rows)."""
+    mine = [m.table_file_problem(when) for m in tables]
+    everyone: List[Optional[list]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, problems in enumerate(everyone):
+        for problem in problems:
+            if problem is not None:
+                raise TableFileChangedError(f"engram.distributed: rank {rank}: {problem}; every rank raises this error")
 
 
 def _gather_rows(module, local: torch.Tensor, dst):
@@ -512,19 +579,26 @@ _META = "engram_fingerprint.json"
 def save(path: str, model: nn.Module, optimizer=None) -> None:
     """Collective: writes the sharded tables of ``model`` (and ``optimizer``'s
     state) to the folder ``path`` with torch.distributed.checkpoint, plus the
-    tables' fingerprint. Written to ``path + '.partial'`` and renamed once
-    complete: an existing checkpoint at ``path`` is replaced only after the
-    new one is whole (between the two renames, on rank 0, neither name holds
-    it: the old one is at ``path + '.old'`` then)."""
+    tables' fingerprint. Written to ``path + '.partial'`` (the fingerprint
+    last) and renamed once complete: an existing checkpoint at ``path`` is
+    replaced only after the new one is whole. Between rank 0's two renames the
+    old one is at ``path + '.old'``; :func:`load` falls back to it and the next
+    save moves it back first, so a save killed at any point leaves the previous
+    checkpoint loadable. A leftover ``path + '.partial'`` is deleted here and
+    never read by :func:`load`."""
     import torch.distributed.checkpoint as dcp
 
     tables = sharded_tables(model)
     if not tables:
         raise ValueError("save: model holds no sharded Engram table; call shard_tables first")
     group, rank = tables[0].group, tables[0].rank
-    partial = os.fspath(path) + ".partial"
-    if rank == 0 and os.path.exists(partial):
-        shutil.rmtree(partial)
+    _check_files(group, tables, "save")
+    partial, old = os.fspath(path) + ".partial", os.fspath(path) + ".old"
+    if rank == 0:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        if not os.path.exists(path) and os.path.exists(os.path.join(old, _META)):
+            os.rename(old, path)  # a save died between its renames: the old checkpoint is the current one
     dist.barrier(group=group)
     dcp.save(state_dict(model, optimizer), checkpoint_id=partial, process_group=group)
     if rank == 0:
@@ -535,7 +609,6 @@ def save(path: str, model: nn.Module, optimizer=None) -> None:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
-        old = os.fspath(path) + ".old"
         if os.path.exists(path):
             if os.path.exists(old):
                 shutil.rmtree(old)
@@ -558,6 +631,10 @@ def load(path: str, model: nn.Module, optimizer=None) -> None:
     if not tables:
         raise ValueError("load: model holds no sharded Engram table; call shard_tables first")
     meta_path = os.path.join(os.fspath(path), _META)
+    old = os.fspath(path) + ".old"
+    if not os.path.exists(os.fspath(path)) and os.path.exists(os.path.join(old, _META)):
+        # A save died between its renames: path + '.old' is the last complete checkpoint.
+        path, meta_path = old, os.path.join(old, _META)
     if not os.path.exists(meta_path):
         raise ValueError(f"load: path={os.fspath(path)!r} holds no engram checkpoint (no {_META}); expected a "
                          "folder written by engram.distributed.save")
@@ -571,6 +648,7 @@ def load(path: str, model: nn.Module, optimizer=None) -> None:
     if optimizer is not None and meta["optimizer"] != rule:
         raise ValueError(f"load: the checkpoint holds optimizer state of rule {meta['optimizer']!r}; optimizer's "
                          f"rule is {rule!r}")
+    _check_files(tables[0].group, tables, "load")
     sd = state_dict(model, optimizer)
     dcp.load(sd, checkpoint_id=os.fspath(path), process_group=tables[0].group)
     load_state_dict(model, optimizer, sd)

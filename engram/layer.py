@@ -49,6 +49,55 @@ def _file_table(path: str, rows: int, dim: int, dtype: torch.dtype) -> Tuple[np.
     return array, False
 
 
+class TableFileChangedError(RuntimeError):
+    """An mmap table's file was truncated, replaced or removed while the table
+    is in use (raised instead of reading or writing rows that may no longer be
+    backed by the file, which would kill the process with SIGBUS)."""
+
+
+def file_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """(st_dev, st_ino, st_size) of the file at `path`, or None if there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def file_change(recorded: Tuple[int, int, int], now: Optional[Tuple[int, int, int]]) -> Optional[str]:
+    """How the file changed from `recorded` to `now` ("removed", "replaced",
+    "truncated", "resized"), or None if it did not."""
+    if now is None:
+        return "removed"
+    if now[:2] != recorded[:2]:
+        return "replaced"
+    if now[2] < recorded[2]:
+        return "truncated"
+    if now[2] != recorded[2]:
+        return "resized"
+    return None
+
+
+def _describe(identity: Optional[Tuple[int, int, int]]) -> str:
+    if identity is None:
+        return "no file"
+    return f"device {identity[0]}, inode {identity[1]}, {identity[2]} bytes"
+
+
+def _file_change_message(owner: str, path: str, recorded, now, change: str, when: str) -> str:
+    consequence = {
+        "truncated": "rows past the new end are no longer backed by the file (touching them would raise SIGBUS)",
+        "resized": "another writer changed it",
+        "replaced": "this table still maps the old file, whose updates would no longer reach the path",
+        "removed": "this table still maps the unlinked old file, whose updates would be lost",
+    }[change]
+    return (
+        f"{owner}: the mmap table file {path!r} was {change} while in use (found before {when}): opened as "
+        f"({_describe(recorded)}), now ({_describe(now)}); {consequence}. Nothing was read or written; restore "
+        f"the file or rebuild the layer from it"
+    )
+
+
 class MultiHeadEmbedding(nn.Module):
     """K hashed heads in one table of sum(sizes) rows (spec §4).
 
@@ -84,6 +133,7 @@ class MultiHeadEmbedding(nn.Module):
                 table, created = torch.empty((rows, head_dim), dtype=dtype, pin_memory=_pin_memory()), True
             else:
                 self._file_array, created = _file_table(self.table_path, rows, head_dim, dtype)
+                self.record_table_file()
                 table = torch.from_numpy(self._file_array)
             if created:
                 # nn.Embedding's own initialisation, drawn from the same
@@ -101,6 +151,32 @@ class MultiHeadEmbedding(nn.Module):
         self.row_source = None
         self._update_listeners: "collections.OrderedDict" = collections.OrderedDict()  # weakref-able, for RemovableHandle
 
+    # Named in a changed-file error; EngramLayer sets its layer id here.
+    file_owner = "MultiHeadEmbedding"
+
+    def record_table_file(self) -> None:
+        """Records the identity (device, inode, size) of the mmap table's file, just
+        mapped: every lookup and update first checks the path still has it."""
+        self._file_id = file_identity(self.table_path)
+
+    def table_file_problem(self, when: str = "a lookup") -> Optional[str]:
+        """None if this is not an mmap table or its file is as it was opened; else
+        the error message (one os.stat: cheap next to any gather). A window
+        remains: the file can still change between this check and the access."""
+        if self.placement != "mmap":
+            return None
+        now = file_identity(self.table_path)
+        change = file_change(self._file_id, now)
+        if change is None:
+            return None
+        return _file_change_message(self.file_owner, self.table_path, self._file_id, now, change, when)
+
+    def check_table_file(self, when: str = "a lookup") -> None:
+        """Raises TableFileChangedError if the mmap table's file changed since it was opened."""
+        problem = self.table_file_problem(when)
+        if problem is not None:
+            raise TableFileChangedError(problem)
+
     def add_update_listener(self, listener) -> "torch.utils.hooks.RemovableHandle":
         """listener(table, update, rows) runs each fused row-wise update of this
         table: it must call update() once, and may order work around it (a
@@ -111,6 +187,7 @@ class MultiHeadEmbedding(nn.Module):
 
     def run_table_update(self, update, rows: torch.Tensor) -> None:
         """Runs a fused row-wise update of rows of the table through the listeners."""
+        self.check_table_file("a row-wise update")
         table = self.embedding.weight
         for listener in reversed(list(self._update_listeners.values())):
             update = (lambda listener, inner: lambda: listener(table, inner, rows))(listener, update)
@@ -132,6 +209,7 @@ class MultiHeadEmbedding(nn.Module):
         """Writes an mmap table's changed pages to its file (the OS does so
         eventually anyway); a no-op for other placements."""
         if self.placement == "mmap":
+            self.check_table_file("a flush")
             self._file_array.flush()
 
     def lookup(self, weight: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.Tensor,
@@ -145,11 +223,13 @@ class MultiHeadEmbedding(nn.Module):
         the owning EngramLayer; a prefetcher may match them (a few KB) instead
         of the hash ids."""
         if self.row_source is not None:
+            self.check_table_file()
             return self.row_source(self, hash_ids, input_ids)
         return self.direct_forward(hash_ids)
 
     def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """forward without a prefetcher: the rows are read from the table now."""
+        self.check_table_file()
         weight = self.embedding.weight
         if weight.device != hash_ids.device:  # host / mmap table, layer on an accelerator
             out = self.lookup(weight, hash_ids.to(weight.device), self.offsets.to(weight.device))
@@ -228,6 +308,7 @@ class EngramLayer(nn.Module):
         self.multi_head_embedding = MultiHeadEmbedding(
             self.hasher.head_sizes(layer_id), config.head_dim, table_placement, table_path
         )
+        self.multi_head_embedding.file_owner = f"EngramLayer layer_id={layer_id}"
         self.short_conv = ShortConv(hidden_size, hc_mult, config.kernel_size, dilation=n)
         self.value_proj = nn.Linear(engram_dim, hidden_size)
         self.key_projs = nn.ModuleList([nn.Linear(engram_dim, hidden_size) for _ in range(hc_mult)])

@@ -81,6 +81,83 @@ def test_faults_raise_on_every_rank_without_hanging(tmp_path):
     assert results[1][0] == -signal.SIGKILL, results[1][1]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_host_and_mmap_shards_train_as_unsharded_and_changed_files_raise_everywhere(tmp_path, world):
+    assert_all_pass(launch("placements", world, tmp_path))
+
+
+@pytest.mark.parametrize("when", ["after-data", "between-renames"])
+def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, when):
+    results = launch("killsave", 2, tmp_path, when)
+    # Every rank (rank 0 only, between the renames) killed itself inside the second save.
+    assert results[0][0] == -signal.SIGKILL, results[0][1]
+    assert all(rc != 0 and "PASS" not in out for rc, out in results), results
+    ckpt = tmp_path / "ckpt"
+    if when == "after-data":  # the new checkpoint's data, without its fingerprint, in .partial only
+        assert (tmp_path / "ckpt.partial").is_dir() and not (tmp_path / "ckpt.partial" / "engram_fingerprint.json").exists()
+        assert (ckpt / "engram_fingerprint.json").exists()
+    else:  # the new one complete in .partial, the previous one moved to .old
+        assert (tmp_path / "ckpt.partial" / "engram_fingerprint.json").exists()
+        assert not ckpt.exists() and (tmp_path / "ckpt.old" / "engram_fingerprint.json").exists()
+    # A new job (another world size) loads the previous checkpoint, equal to what was saved,
+    # then saves over the leftovers.
+    assert_all_pass(launch("killsave_check", 3, tmp_path))
+    assert ckpt.is_dir() and not (tmp_path / "ckpt.partial").exists() and not (tmp_path / "ckpt.old").exists()
+
+
+def _mmap_layer(path):
+    import engram
+
+    return engram.EngramLayer(_config(), 0, HIDDEN, compression=engram.CompressionTable.identity(500),
+                              table_placement="mmap", table_path=str(path))
+
+
+def test_unsharded_mmap_table_truncated_or_replaced_raises(tmp_path):
+    import numpy as np
+
+    from engram.layer import TableFileChangedError
+    from engram.optim import make_rowwise
+
+    ids, hidden = _data(0)
+    for change in ("truncated", "replaced", "removed"):
+        path = tmp_path / f"{change}.npy"
+        layer = _mmap_layer(path)
+        opt = make_rowwise(layer, "adagrad", lr=0.1)
+        size = path.stat().st_size
+        layer(hidden, ids).pow(2).mean().backward()
+        out = layer(hidden, ids)
+        if change == "truncated":
+            os.truncate(path, 200)
+        elif change == "replaced":
+            np.save(tmp_path / "other.npy", np.zeros((4, 4)))
+            os.replace(tmp_path / "other.npy", path)
+        else:
+            os.unlink(path)
+        for what, call in (("a row-wise update", lambda: out.pow(2).mean().backward()),
+                           ("a lookup", lambda: layer(hidden, ids)), ("a flush", layer.multi_head_embedding.flush)):
+            with pytest.raises(TableFileChangedError) as err:
+                call()
+            message = str(err.value)
+            assert "layer_id=0" in message and repr(str(path)) in message and f"was {change}" in message, message
+            assert f"before {what}" in message and f"{size} bytes" in message, message
+        del opt
+
+
+def test_truncated_mmap_table_would_sigbus_without_the_check(tmp_path):
+    """The control: the same truncation read past the check kills the process (so
+    the check, not luck, is what keeps the test above alive)."""
+    code = (
+        "import os, sys, torch; sys.path.insert(0, %r); import test_distributed as t; from engram import ops\n"
+        "layer = t._mmap_layer(%r); w = layer.multi_head_embedding.embedding.weight\n"
+        "os.truncate(%r, 200)\n"
+        "ops.multihead_embedding(w, torch.tensor([[w.shape[0] - 1]]), torch.zeros(1, dtype=torch.int64))\n"
+        "print('read past the end')\n"
+    ) % (os.path.dirname(os.path.abspath(__file__)), str(tmp_path / "t.npy"), str(tmp_path / "t.npy"))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stdout, proc.stderr)
+
+
 def test_bad_arguments_name_the_argument():
     from engram import distributed as ed
 
@@ -137,12 +214,13 @@ def _config(vocab=(101, 103)):
 class _Tiny(torch.nn.Module):
     """An Engram layer plus a dense head: dense parameters for DDP / FSDP2."""
 
-    def __init__(self, vocab=(101, 103), compression_vocab=500):
+    def __init__(self, vocab=(101, 103), compression_vocab=500, placement="device", path=None):
         super().__init__()
         import engram
 
         self.engram = engram.EngramLayer(_config(vocab), 0, HIDDEN,
-                                         compression=engram.CompressionTable.identity(compression_vocab))
+                                         compression=engram.CompressionTable.identity(compression_vocab),
+                                         table_placement=placement, table_path=path)
         self.head = torch.nn.Linear(HIDDEN, HIDDEN)
 
     def forward(self, hidden, ids):
@@ -384,6 +462,13 @@ def scenario_faults(rank, world, tmp):
         assert "differ" in str(err), err
     else:
         raise AssertionError("ranks with different tables were sharded")
+    # So is a placement mismatch (an mmap shard's backward runs one more exchange).
+    try:
+        ed.shard_tables(_model(placement="host" if rank == 0 else "device"))
+    except ValueError as err:
+        assert "placement is " in str(err), err
+    else:
+        raise AssertionError("ranks with different placements were sharded")
 
     ids, hidden = _local(rank, world, *_data(0))
     # A rank that stays alive but never joins: the others fail after the timeout set here.
@@ -415,6 +500,167 @@ def scenario_faults(rank, world, tmp):
         print(f"peer death noticed after {elapsed:.1f} s")
     else:
         raise AssertionError("no error after a rank died")
+
+
+def _expect_file_error(call, *fragments):
+    from engram.layer import TableFileChangedError
+
+    try:
+        call()
+    except TableFileChangedError as err:
+        for fragment in fragments:
+            assert fragment in str(err), (fragment, str(err))
+        return str(err)
+    raise AssertionError(f"no TableFileChangedError ({fragments})")
+
+
+def scenario_placements(rank, world, tmp):
+    """Host and mmap shards: forward, backward and training equal the unsharded
+    layer of the same placement; a truncated or replaced mmap shard raises on
+    every rank, in the forward, in the backward's update and in save."""
+    import numpy as np
+
+    import torch.distributed as dist
+
+    from engram import distributed as ed
+    from engram.optim import make_rowwise
+
+    torch.set_default_dtype(torch.float64)
+    count = iter(range(1000))
+
+    def kw(placement):
+        if placement == "host":
+            return dict(placement="host")
+        return dict(placement="mmap", path=os.path.join(tmp, f"rank{rank}-{next(count)}.npy"))
+
+    ids, hidden = _data(0)
+    my_ids, my_hidden = _local(rank, world, ids, hidden)
+    for placement in ("host", "mmap"):
+        ref, model = _model(**kw(placement)), ed.shard_tables(_model(**kw(placement)))
+        shard = ed.sharded_tables(model)[0]
+        weight = shard.embedding.weight
+        assert shard.placement == placement and weight.device.type == "cpu"
+        assert weight.shape[0] == shard.row_stop - shard.row_start
+        if placement == "mmap":
+            assert shard.table_path.endswith(f".rows{shard.row_start}-{shard.row_stop}.npy"), shard.table_path
+            assert np.shares_memory(weight.detach().numpy(), shard._file_array)
+        ref_mhe = ref.engram.multi_head_embedding
+        _close(ed.gather_table(shard), ref_mhe.embedding.weight.detach(), f"{placement} copied table", 0)
+        rows = model.engram.multi_head_embedding(model.engram.hash(my_ids))
+        assert torch.equal(rows, _local(rank, world, ref_mhe(ref.engram.hash(ids)))[0])
+        out, ref_out = model(my_hidden, my_ids), ref(hidden, ids)
+        _close(out, _local(rank, world, ref_out)[0], f"{placement} output", 1e-13)
+        out.pow(2).mean().backward()
+        ref_out.pow(2).mean().backward()
+        _close(weight.grad.to_dense(), ref_mhe.embedding.weight.grad[shard.row_start:shard.row_stop],
+               f"{placement} table gradient")
+        for rule in ("adagrad", "adam"):
+            ref, ref_opt, ref_losses = _train_reference(rule, model=_model(**kw(placement)))
+            model = ed.shard_tables(_model(**kw(placement)))
+            opt = make_rowwise(model, rule, **RULES[rule])
+            losses = _train_sharded(model, opt, rank, world, STEPS)
+            _close(torch.tensor(losses), torch.tensor(ref_losses), f"{placement} {rule} losses")
+            _check_tables(model, ref, opt, ref_opt)
+            if placement == "mmap":  # the trained rows are in the shard's file
+                shard = ed.sharded_tables(model)[0]
+                shard.flush()
+                _close(torch.from_numpy(np.load(shard.table_path)), shard.embedding.weight.detach(),
+                       "mmap shard file", 0)
+
+    # A shard file changed on one rank only: every rank raises, none hangs.
+    for change, culprit in (("truncated", world - 1), ("replaced", 0)):
+        model = ed.shard_tables(_model(**kw("mmap")))
+        opt = make_rowwise(model, "adagrad", **RULES["adagrad"])
+        shard = ed.sharded_tables(model)[0]
+        model(my_hidden, my_ids).pow(2).mean().backward()  # fine before the change
+        out = model(my_hidden, my_ids)
+        dist.barrier()
+        if rank == culprit:
+            if change == "truncated":
+                os.truncate(shard.table_path, 100)
+            else:
+                np.save(shard.table_path + ".new.npy", np.zeros((2, 2)))
+                os.replace(shard.table_path + ".new.npy", shard.table_path)
+        dist.barrier()
+        mine = (repr(shard.table_path), "layer_id=0", f"was {change}")
+        theirs = (f"rank {culprit}'s mmap shard file was {change}", "layer_id=0", "every rank raises")
+        expect = mine if rank == culprit else theirs
+        start = time.monotonic()
+        _expect_file_error(lambda: out.pow(2).mean().backward(), "before a row-wise update", *expect)
+        _expect_file_error(lambda: model(my_hidden, my_ids), "before a lookup", *expect)
+        with torch.no_grad():
+            _expect_file_error(lambda: model(my_hidden, my_ids), "before a lookup", *expect)
+        save_to = os.path.join(tmp, f"ckpt-{change}")
+        _expect_file_error(lambda: ed.save(save_to, model, opt), f"rank {culprit}:", f"was {change}",
+                           "before save")
+        assert not os.path.exists(save_to) and not os.path.exists(save_to + ".partial")
+        assert time.monotonic() - start < 20
+        dist.barrier()
+
+
+def _killsave_model():
+    from engram import distributed as ed
+    from engram.optim import make_rowwise
+
+    model = ed.shard_tables(_model())
+    return model, make_rowwise(model, "adam", **RULES["adam"])
+
+
+def scenario_killsave(rank, world, tmp, when):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from engram import distributed as ed
+
+    torch.set_default_dtype(torch.float64)
+    path = os.path.join(tmp, "ckpt")
+    model, opt = _killsave_model()
+    _train_sharded(model, opt, rank, world, STEPS)
+    ed.save(path, model, opt)
+    expected = {k: ed._gather_rows(ed.sharded_tables(model)[0], v.to_local(), 0)
+                for k, v in ed.state_dict(model, opt).items() if hasattr(v, "to_local")}
+    if rank == 0:
+        torch.save(expected, os.path.join(tmp, "expected.pt"))
+    _train_sharded(model, opt, rank, world, 1, first=STEPS)  # the state the killed save was writing
+    dist.barrier()
+    if when == "after-data":
+        real_save = dcp.save
+
+        def save_then_die(*args, **kwargs):
+            real_save(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)  # the data is written, the fingerprint and renames not yet
+
+        dcp.save = save_then_die
+    else:
+        real_rename = os.rename
+
+        def rename_then_die(src, dst):
+            real_rename(src, dst)
+            if os.fspath(dst).endswith(".old"):
+                os.kill(os.getpid(), signal.SIGKILL)  # the old checkpoint moved aside, the new one not in place
+
+        os.rename = rename_then_die
+    ed.save(path, model, opt)
+    raise AssertionError("the save was not killed")
+
+
+def scenario_killsave_check(rank, world, tmp):
+    from engram import distributed as ed
+
+    torch.set_default_dtype(torch.float64)
+    path = os.path.join(tmp, "ckpt")
+    model, opt = _killsave_model()
+    ed.load(path, model, opt)
+    expected = torch.load(os.path.join(tmp, "expected.pt"))
+    got = {k: ed._gather_rows(ed.sharded_tables(model)[0], v.to_local(), None)
+           for k, v in ed.state_dict(model, opt).items() if hasattr(v, "to_local")}
+    assert sorted(got) == sorted(expected), (sorted(got), sorted(expected))
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key  # the previous checkpoint, bit for bit
+    state = opt.state[ed.sharded_tables(model)[0].embedding.weight]
+    assert all(v == STEPS for v in state.values() if not torch.is_tensor(v)), state
+    ed.save(path, model, opt)  # over the leftovers of the killed save
+    ed.load(path, model, opt)
 
 
 def _worker(argv):
