@@ -8,7 +8,7 @@ from . import ops
 from .ops import check_cuda_errors, cpu_cache_enabled, cpu_isa, cuda_sync_checks, empty_cpu_cache
 from .ops import set_cpu_cache_enabled, set_cuda_sync_checks
 from .hashing import NgramHasher
-from .layer import EngramLayer
+from .layer import EngramLayer, TableFileChangedError
 from .prefetch import Prefetcher
 from . import optim
 from . import moe
@@ -20,6 +20,7 @@ __all__ = [
     "CompressionTable",
     "NgramHasher",
     "EngramLayer",
+    "TableFileChangedError",
     "Prefetcher",
     "build_compression",
     "check_cuda_errors",
