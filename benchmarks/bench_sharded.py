@@ -13,7 +13,10 @@ step:
 then a model of the exchange at the paper's scale (8 and 64 GPUs) next to
 the compute time of a block, with every assumption printed.
 
-    python3 benchmarks/bench_sharded.py [--steps 20] [--worlds 1,2,3]
+    python3 benchmarks/bench_sharded.py [--steps 20] [--worlds 1,2,3] [--idle-ms 0]
+
+and the same loop with engram.Prefetcher (batch i+1 prefetched during batch
+i): the lookup's time with and without, i.e. the share of it hidden.
 """
 
 from __future__ import annotations
@@ -62,29 +65,58 @@ def worker(args) -> None:
         return plain(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
     dist.all_to_all_single = counting
-    g = torch.Generator().manual_seed(1)
-    local = args.batch // world
-    minimum = 0
-    times = []
-    for step in range(args.steps + 2):
-        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)[rank * local:(rank + 1) * local]
-        hidden = torch.randn(local, args.seq, args.hidden, generator=g)
-        if step == 2:  # the first two warm up
-            sent["bytes"] = 0
-        if step >= 2:
-            rows = torch.unique(layer.hash(ids) + shard.offsets)
-            remote = ((rows < shard.row_start) | (rows >= shard.row_stop)).sum().item()
-            minimum += 2 * remote * row_bytes
-        dist.barrier()
+
+    # The lookup's own time (the exchange on the step's critical path), measured in its forward.
+    lookup_times = []
+    direct = shard.forward
+
+    def timed_forward(*a, **kw):
         start = time.perf_counter()
-        layer(hidden, ids).pow(2).mean().backward()
-        dist.barrier()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    result = {"rank": rank, "world": world, "sent": sent["bytes"] / args.steps, "minimum": minimum / args.steps,
-              "step_s": times[len(times) // 2], "local_rows": shard.row_stop - shard.row_start,
-              "rows": shard.num_rows, "row_bytes": row_bytes}
+        out = direct(*a, **kw)
+        lookup_times.append(time.perf_counter() - start)
+        return out
+
+    shard.forward = timed_forward
+
+    def run(prefetcher):
+        g = torch.Generator().manual_seed(1)
+        local = args.batch // world
+        batches = [(torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)[rank * local:(rank + 1) * local],
+                    torch.randn(local, args.seq, args.hidden, generator=g)) for _ in range(args.steps + 2)]
+        minimum, times = 0, []
+        lookup_times.clear()
+        if prefetcher is not None:
+            prefetcher.prefetch(batches[0][0])
+        for step, (ids, hidden) in enumerate(batches):
+            if step == 2:  # the first two warm up
+                sent["bytes"] = 0
+                lookup_times.clear()
+            if step >= 2:
+                rows = torch.unique(layer.hash(ids) + shard.offsets)
+                remote = ((rows < shard.row_start) | (rows >= shard.row_stop)).sum().item()
+                minimum += 2 * remote * row_bytes
+            dist.barrier()
+            start = time.perf_counter()
+            if prefetcher is not None and step + 1 < len(batches):  # batch i+1 during batch i
+                prefetcher.prefetch(batches[step + 1][0])
+            if args.idle_ms:  # earlier layers computing on an accelerator: the host is idle meanwhile
+                time.sleep(args.idle_ms / 1e3)
+            layer(hidden, ids).pow(2).mean().backward()
+            dist.barrier()
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+        if prefetcher is not None:
+            prefetcher.wait()
+        return sorted(times)[len(times) // 2], sorted(lookup_times)[len(lookup_times) // 2], sent["bytes"], minimum
+
+    step_s, lookup_s, sent_bytes, minimum = run(None)
+    with engram.Prefetcher(layer) as prefetcher:
+        pf_step_s, pf_lookup_s, pf_sent, _ = run(prefetcher)
+        hits = prefetcher.stats.hits
+    result = {"rank": rank, "world": world, "sent": sent_bytes / args.steps, "minimum": minimum / args.steps,
+              "step_s": step_s, "lookup_s": lookup_s, "prefetch_step_s": pf_step_s, "prefetch_lookup_s": pf_lookup_s,
+              "prefetch_sent": pf_sent / args.steps, "prefetch_hits": hits,
+              "local_rows": shard.row_stop - shard.row_start, "rows": shard.num_rows, "row_bytes": row_bytes}
     print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)
 
@@ -151,6 +183,9 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=128, help="n_embed_per_ngram")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--idle-ms", type=float, default=0.0,
+                   help="sleep this long per step before the forward, as a host waits on accelerator compute "
+                        "(0: none; on this CPU-only machine the ranks' compute leaves no idle core otherwise)")
     p.add_argument("--paper-tokens-per-gpu", type=int, default=16384)
     p.add_argument("--paper-row-width", type=int, default=1280)
     p.add_argument("--nvlink-gbs", type=float, default=450.0)
@@ -168,13 +203,29 @@ def main(argv=None) -> None:
           f"float32, gloo")
     print("\n| processes | step time (median) | sent per rank per step | minimum | sent / minimum |")
     print("|---:|---:|---:|---:|---:|")
+    runs = {}
     for world in (int(w) for w in args.worlds.split(",")):
-        results = launch(world, forward)
+        results = runs[world] = launch(world, forward)
         step = max(r["step_s"] for r in results)
         sent = sum(r["sent"] for r in results) / world
         minimum = sum(r["minimum"] for r in results) / world
         ratio = f"{sent / minimum:.3f}" if minimum else "n/a (one rank: nothing is remote)"
         print(f"| {world} | {step * 1e3:.1f} ms | {sent / 1e3:.1f} KB | {minimum / 1e3:.1f} KB | {ratio} |")
+    print("\nengram.Prefetcher (batch i+1's id exchange and remote gather issued during batch i, on the "
+          "prefetcher's own process group); lookup = the sharded table's forward (medians, slowest rank), "
+          "hidden share = 1 - prefetched / direct lookup:")
+    print("\n| processes | lookup direct | lookup prefetched | hidden share | step direct | step prefetched | "
+          "hits |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for world, results in runs.items():
+        if world < 2:
+            continue
+        direct = max(r["lookup_s"] for r in results)
+        staged = max(r["prefetch_lookup_s"] for r in results)
+        print(f"| {world} | {direct * 1e3:.2f} ms | {staged * 1e3:.2f} ms | {1 - staged / direct:.2f} | "
+              f"{max(r['step_s'] for r in results) * 1e3:.1f} ms | "
+              f"{max(r['prefetch_step_s'] for r in results) * 1e3:.1f} ms | "
+              f"{min(r['prefetch_hits'] for r in results)}/{args.steps + 2} |")
     paper_model(args)
 
 

@@ -26,12 +26,17 @@ DDP's convention), so training equals one process at the global batch.
 
 from __future__ import annotations
 
+import collections
 import datetime
+import functools
 import hashlib
 import json
 import math
+import operator
 import os
+import queue
 import shutil
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -168,11 +173,12 @@ class _Exchange:
     __slots__ = ("unique", "inverse", "send_splits", "recv_splits", "recv_local")
 
 
-def _collective(module: "ShardedMultiHeadEmbedding", what: str, fn, *args):
-    """Runs a collective; a peer that died or raised (so never joined) becomes an
-    error naming the layer and the group's timeout instead of a bare gloo/NCCL one."""
+def _collective(module: "ShardedMultiHeadEmbedding", what: str, fn, *args, group=None):
+    """Runs a collective on ``group`` (default: the table's); a peer that died or
+    raised (so never joined) becomes an error naming the layer and the group's
+    timeout instead of a bare gloo/NCCL one."""
     try:
-        fn(*args, group=module.group)
+        fn(*args, group=module.group if group is None else group)
     except RuntimeError as err:
         raise RuntimeError(
             f"engram.distributed: the {what} exchange of table {module.table_name!r} failed on rank "
@@ -234,7 +240,22 @@ def _check_before_update(module: "ShardedMultiHeadEmbedding", device) -> None:
     _raise_flagged(module, recv, "a row-wise update")
 
 
-def _exchange_ids(module: "ShardedMultiHeadEmbedding", global_ids: torch.Tensor, bad: Optional[int]) -> _Exchange:
+def _records_to_send(module: "ShardedMultiHeadEmbedding", first_column, bad: Optional[int], device) -> torch.Tensor:
+    """[W, 5]: column 0 per rank (counts, or a prefetch's index), columns 1-4
+    this rank's error record (0 in column 0 then), the same for every rank."""
+    send = torch.zeros((module.world_size, 5), dtype=torch.int64, device=device)
+    send[:, 0] = first_column
+    _, record = _file_record(module)
+    if bad is not None and record[0] == _OK:
+        record = [_BAD_ID, bad, 0, 0]
+    if record[0] != _OK:
+        send[:, 0] = 0
+        send[:, 1:] = torch.tensor(record, dtype=torch.int64)
+    return send
+
+
+def _exchange_ids(module: "ShardedMultiHeadEmbedding", global_ids: torch.Tensor, bad: Optional[int],
+                  group=None) -> _Exchange:
     world, device = module.world_size, global_ids.device
     ex = _Exchange()
     ex.unique, ex.inverse = torch.unique(global_ids.reshape(-1), sorted=True, return_inverse=True)
@@ -244,21 +265,15 @@ def _exchange_ids(module: "ShardedMultiHeadEmbedding", global_ids: torch.Tensor,
     # Columns 1-4 carry an error record (an out-of-range id, or this rank's mmap
     # shard file changed), so that every rank raises on an error only one rank
     # saw (no rank waits forever).
-    send = torch.zeros((world, 5), dtype=torch.int64, device=device)
-    send[:, 0] = send_counts
-    _, record = _file_record(module)
-    if bad is not None and record[0] == _OK:
-        record = [_BAD_ID, bad, 0, 0]
-    if record[0] != _OK:
-        send[:, 0] = 0
-        send[:, 1:] = torch.tensor(record, dtype=torch.int64)
+    send = _records_to_send(module, send_counts, bad, device)
     recv = torch.empty_like(send)
-    _collective(module, "count", dist.all_to_all_single, recv, send)
+    _collective(module, "count", dist.all_to_all_single, recv, send, group=group)
     _raise_flagged(module, recv[:, 1:], "a lookup")
     ex.send_splits = send_counts.tolist()
     ex.recv_splits = recv[:, 0].tolist()
     recv_ids = torch.empty(sum(ex.recv_splits), dtype=torch.int64, device=device)
-    _collective(module, "id", dist.all_to_all_single, recv_ids, ex.unique, ex.recv_splits, ex.send_splits)
+    _collective(module, "id", dist.all_to_all_single, recv_ids, ex.unique, ex.recv_splits, ex.send_splits,
+                group=group)
     ex.recv_local = recv_ids - module.row_start
     return ex
 
@@ -269,8 +284,9 @@ class _ShardedLookup(torch.autograd.Function):
     row) order, then the fused row-wise update (or a sparse local gradient)."""
 
     @staticmethod
-    def forward(ctx, weight, global_ids, module, ex):
-        rows = module.gather_local(ex.recv_local).to(global_ids.device)
+    def forward(ctx, weight, global_ids, module, ex, rows=None):
+        # rows: what this rank owes the others, gathered ahead by a prefetcher.
+        rows = (module.gather_local(ex.recv_local) if rows is None else rows).to(global_ids.device)
         got = rows.new_empty((ex.unique.numel(), weight.shape[1]))
         _collective(module, "row", dist.all_to_all_single, got, rows, ex.send_splits, ex.recv_splits)
         ctx.module, ctx.ex = module, ex
@@ -298,12 +314,13 @@ class _ShardedLookup(torch.autograd.Function):
             sums = sums / module.world_size
         optimizer = _fused_optimizer(module)
         if optimizer is not None:
-            optimizer.update(weight, rows, sums)
-            return None, None, None, None
+            # Through the listeners: a prefetcher patches the rows it staged.
+            module.run_table_update(lambda: optimizer.update(weight, rows, sums), rows)
+            return None, None, None, None, None
         # rows are strictly increasing: already a coalesced COO tensor.
         grad_weight = torch.sparse_coo_tensor(rows[None], sums, weight.shape, is_coalesced=True,
                                               check_invariants=False)
-        return grad_weight, None, None, None
+        return grad_weight, None, None, None, None
 
 
 def _fused_optimizer(module):
@@ -321,7 +338,15 @@ class ShardedMultiHeadEmbedding(MultiHeadEmbedding):
         with torch.no_grad():
             return weight.index_select(0, local_rows.to(weight.device))
 
-    def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hash_ids: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # No local file check here (the base class's): a sharded lookup checks
+        # in its first exchange, so that every rank raises.
+        if self.row_source is not None:
+            return self.row_source(self, hash_ids, input_ids)
+        return self.direct_forward(hash_ids)
+
+    def global_ids(self, hash_ids: torch.Tensor) -> Tuple[torch.Tensor, Optional[int]]:
+        """(hash_ids + head offsets, the first out-of-range hash id or None)."""
         if hash_ids.dtype != torch.int64 or hash_ids.dim() < 1 or hash_ids.shape[-1] != len(self.head_sizes):
             raise ValueError(
                 f"engram.distributed: table {self.table_name!r}: hash_ids is a {hash_ids.dtype} tensor of shape "
@@ -330,17 +355,197 @@ class ShardedMultiHeadEmbedding(MultiHeadEmbedding):
         sizes = torch.tensor(self.head_sizes, device=hash_ids.device)
         out_of_range = (hash_ids < 0) | (hash_ids >= sizes)
         bad = int(hash_ids[out_of_range][0]) if bool(out_of_range.any()) else None
-        global_ids = hash_ids + self.offsets.to(hash_ids.device)
-        ex = _exchange_ids(self, global_ids, bad)
+        return hash_ids + self.offsets.to(hash_ids.device), bad
+
+    def direct_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        global_ids, bad = self.global_ids(hash_ids)
+        return self.exchanged_lookup(global_ids, _exchange_ids(self, global_ids, bad))
+
+    def exchanged_lookup(self, global_ids: torch.Tensor, ex: _Exchange, rows=None) -> torch.Tensor:
+        """The lookup once the ids are exchanged (now, or ahead by a prefetcher
+        that also gathered ``rows``): the rows' exchange, then autograd."""
         weight = self.embedding.weight
         if torch.is_grad_enabled() and weight.requires_grad:
-            return _ShardedLookup.apply(weight, global_ids, self, ex)
+            return _ShardedLookup.apply(weight, global_ids, self, ex, rows)
         with torch.no_grad():
-            return _ShardedLookup.forward(_NoCtx(), weight, global_ids, self, ex)
+            return _ShardedLookup.forward(_NoCtx(), weight, global_ids, self, ex, rows)
 
     def extra_repr(self) -> str:
         return (f"rows={self.row_start}:{self.row_stop} of {self.num_rows}, rank={self.rank}/{self.world_size}, "
                 f"placement={self.placement!r}")
+
+
+# Prefetched batches a lookup can choose from (a bit each in one int64).
+_MASK_BITS = 62
+
+
+class _Staged:
+    """One sharded lookup prefetched: its ids exchanged on the prefetch group
+    and the rows this rank owes the others gathered, by the prefetch thread.
+    ``version`` / ``log_at``: the shard's version and update-log length just
+    before the gather, to find the rows updated since."""
+
+    __slots__ = ("hash_ids", "global_ids", "bad", "done", "ex", "rows", "version", "log_at", "error")
+
+    def __init__(self, hash_ids, global_ids, bad):
+        self.hash_ids, self.global_ids, self.bad = hash_ids, global_ids, bad
+        self.done, self.ex, self.rows, self.version, self.log_at, self.error = threading.Event(), None, None, 0, 0, None
+
+
+class ShardPrefetch:
+    """engram.Prefetcher's part for sharded tables (made by it; collective:
+    every rank of the tables' group builds it, and then prefetches and looks
+    up the same sequence of batches, each its own).
+
+    ``prefetch`` hashes a batch and queues, on one background thread, the id
+    exchange (counts, then ids) and the owner-side gather of the requested rows
+    on a process group of its own, so that it never queues behind DDP's
+    all-reduces or the lookups' own exchanges. A lookup then costs one small
+    exchange (every rank's choice of prefetched batch and its error record, in
+    the place of the counts) and the rows' exchange. Rows updated in between
+    (fused row-wise updates, seen through the module's update listener) are
+    gathered again at use; any other change of the shard (a torch.optim step,
+    a load) regathers them all (version counter).
+    """
+
+    def __init__(self, layers: Sequence[EngramLayer], max_pending: int, stats=None) -> None:
+        self.modules = [layer.multi_head_embedding for layer in layers]
+        self.max_pending, self.stats, self.enabled = max_pending, stats, True
+        self._hash = {layer.multi_head_embedding: layer.hash for layer in layers}
+        self._groups: Dict[int, object] = {}
+        self._group_of = {}
+        for module in self.modules:
+            key = id(module.group)
+            if key not in self._groups:  # new_group is collective: the same order on every rank
+                kwargs = {} if module.exchange_timeout is None else {"timeout": module.exchange_timeout}
+                self._groups[key] = dist.new_group(ranks=dist.get_process_group_ranks(module.group),
+                                                   backend=dist.get_backend(module.group), **kwargs)
+            self._group_of[module] = self._groups[key]
+        self._pending = {m: collections.deque() for m in self.modules}
+        # Per module: fused updates as (version before, version after, rows); log_base: entries dropped.
+        self._log = {m: [] for m in self.modules}
+        self._log_base = {m: 0 for m in self.modules}
+        self._lock = threading.Lock()
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._handles = [m.add_update_listener(self._listener(m)) for m in self.modules]
+        self._thread = threading.Thread(target=self._run, name="engram-shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def _listener(self, module):
+        def before_update(table, update, rows):
+            before = table._version
+            update()
+            with self._lock:
+                self._log[module].append((before, table._version, rows))
+        return before_update
+
+    def prefetch(self, input_ids: torch.Tensor) -> None:
+        for module in self.modules:
+            hash_ids = self._hash[module](input_ids)
+            global_ids, bad = module.global_ids(hash_ids)
+            staged = _Staged(hash_ids, global_ids, bad)
+            pending = self._pending[module]
+            pending.append(staged)
+            while len(pending) > self.max_pending:  # every rank drops the same one
+                pending.popleft()
+            self._jobs.put((module, staged))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            module, staged = job
+            try:
+                ex = _exchange_ids(module, staged.global_ids, staged.bad, group=self._group_of[module])
+                with self._lock:
+                    staged.version = module.embedding.weight._version
+                    staged.log_at = self._log_base[module] + len(self._log[module])
+                staged.rows, staged.ex = module.gather_local(ex.recv_local), ex
+            except BaseException as err:  # raised at use (or the lookup is done directly)
+                staged.error = err
+            finally:
+                staged.done.set()
+
+    def lookup(self, module: "ShardedMultiHeadEmbedding", hash_ids: torch.Tensor) -> torch.Tensor:
+        pending = self._pending[module]
+        # This rank's usable prefetched batches (those of its ids), as a bit mask.
+        mask = 0
+        for i, staged in enumerate(list(pending)[:_MASK_BITS] if self.enabled else []):
+            if staged.hash_ids.shape == hash_ids.shape and torch.equal(staged.hash_ids, hash_ids):
+                staged.done.wait()
+                if isinstance(staged.error, RuntimeError) and "exchange of table" in str(staged.error):
+                    raise staged.error  # a peer died or timed out on the prefetch group
+                if staged.error is None:  # else (a bad id, a changed file) the direct lookup raises it everywhere
+                    mask |= 1 << i
+        global_ids, bad = module.global_ids(hash_ids)
+        # Every rank's mask, with the error records: all ranks use the first
+        # batch usable on every rank (one index: the same exchange), or all look
+        # up directly.
+        send = _records_to_send(module, mask, bad, hash_ids.device)
+        recv = torch.empty_like(send)
+        _collective(module, "prefetch choice", dist.all_to_all_single, recv, send)
+        _raise_flagged(module, recv[:, 1:], "a lookup")
+        common = functools.reduce(operator.and_, recv[:, 0].tolist())
+        if common == 0:
+            if self.stats is not None:
+                self.stats.misses += 1
+            return module.direct_forward(hash_ids)
+        index = (common & -common).bit_length() - 1
+        staged = pending[index]
+        for _ in range(index + 1):
+            pending.popleft()
+        rows = self._current_rows(module, staged)
+        if self.stats is not None:
+            self.stats.hits += 1
+            self.stats.rows_looked_up += hash_ids.numel()
+            self.stats.rows_gathered += int(staged.ex.unique.numel())
+        return module.exchanged_lookup(global_ids, staged.ex, rows)
+
+    def _current_rows(self, module, staged: _Staged) -> torch.Tensor:
+        """The staged rows, with those updated since the gather read again."""
+        with self._lock:
+            log, base = self._log[module], self._log_base[module]
+            updates = log[staged.log_at - base:]
+            # Entries no prefetched batch can need any more go.
+            keep = min([s.log_at for s in self._pending[module] if s.done.is_set()] + [base + len(log)])
+            del log[: keep - base]
+            self._log_base[module] = keep
+        weight, rows, ex = module.embedding.weight, staged.rows, staged.ex
+        expected, changed, untracked = staged.version, [], False
+        for before, after, updated in updates:
+            if before != expected:  # a change in between that no listener saw
+                untracked = True
+                break
+            expected = after
+            changed.append(updated)
+        if untracked or weight._version != expected:  # changed by other means than a fused update: all again
+            if self.stats is not None:
+                self.stats.regathers += 1
+            return module.gather_local(ex.recv_local)
+        if changed:
+            local = ex.recv_local.to(weight.device)
+            stale = torch.isin(local, torch.cat(changed).to(weight.device)).nonzero().squeeze(1)
+            if stale.numel():
+                rows[stale.to(rows.device)] = module.gather_local(local[stale]).to(rows.device)
+                if self.stats is not None:
+                    self.stats.patched_rows += int(stale.numel())
+        return rows
+
+    def wait(self) -> None:
+        for pending in self._pending.values():
+            for staged in list(pending):
+                staged.done.wait()
+
+    def close(self) -> None:
+        """Stops the thread after the queued exchanges (the peers run them too,
+        so they finish, or fail at the group's timeout)."""
+        for handle in self._handles:
+            handle.remove()
+        self._jobs.put(None)
+        self._thread.join()
+        for pending in self._pending.values():
+            pending.clear()
 
 
 class _NoCtx:
@@ -454,6 +659,7 @@ def shard_tables(model: nn.Module, group=None, *, init_seed: Optional[int] = Non
         module.table_name = name or type(module).__name__
         module.layer_id = layer.layer_id if layer is not None else None
         module.average_gradients = bool(average_gradients)
+        module.exchange_timeout = timeout  # for a prefetcher's own group (None: the backend's default)
     return model
 
 

@@ -70,6 +70,7 @@ directly.
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional
@@ -241,6 +242,12 @@ class Prefetcher:
         for layer in self.layers:
             if layer.multi_head_embedding.row_source is not None:
                 raise ValueError("Prefetcher: a layer of this model already has a Prefetcher; close() it first")
+        # Sharded tables (engram.distributed) are prefetched by their own part:
+        # an id exchange and a remote gather ahead, not a local gather.
+        distributed = sys.modules.get("engram.distributed")  # not imported: nothing is sharded
+        sharded = [l for l in self.layers if distributed is not None
+                   and isinstance(l.multi_head_embedding, distributed.ShardedMultiHeadEmbedding)]
+        self.layers = [l for l in self.layers if not any(l is s for s in sharded)]
         if num_threads is None:
             num_threads = max(1, min(len(self.layers), (os.cpu_count() or 2) // 2))
         if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
@@ -279,6 +286,7 @@ class Prefetcher:
         self.stats = PrefetchStats()
         self.enabled = True
         self._closed = False
+        self._sharded = distributed.ShardPrefetch(sharded, max_pending, self.stats) if sharded else None
         ref = weakref.ref(self)
 
         def lookup(module, hash_ids, input_ids=None):
@@ -295,7 +303,17 @@ class Prefetcher:
                 return update()
             prefetcher._update_table(table, update, rows, patch=True)
 
+        def sharded_lookup(module, hash_ids, input_ids=None):
+            prefetcher = ref()
+            if prefetcher is None or prefetcher._closed:
+                return module.direct_forward(hash_ids)
+            prefetcher._sharded.enabled = prefetcher.enabled
+            return prefetcher._sharded.lookup(module, hash_ids)
+
         self._hook = lookup
+        self._sharded_hook = sharded_lookup
+        for layer in sharded:
+            layer.multi_head_embedding.row_source = sharded_lookup
         self._listener_handles = []
         for layer in self.layers:
             layer.multi_head_embedding.row_source = lookup
@@ -361,6 +379,10 @@ class Prefetcher:
         self._check_open()
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"Prefetcher.prefetch: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if self._sharded is not None:
+            self._sharded.prefetch(input_ids)
+            if not self.layers:
+                return
         if (input_ids.device.type == "cpu" and input_ids.dtype == torch.int64 and input_ids.dim() == 2
                 and not self.hot_rows):
             self._prefetch_hashing_on_workers(input_ids)
@@ -467,6 +489,8 @@ class Prefetcher:
         for index in range(len(self.layers)):
             for ticket in self._queues.pending(index):
                 _wait_quietly(ticket)
+        if self._sharded is not None:
+            self._sharded.wait()
 
     def close(self) -> None:
         """Cancels queued gathers, joins the workers and detaches from the
@@ -483,6 +507,11 @@ class Prefetcher:
         for layer in self.layers:
             if layer.multi_head_embedding.row_source is self._hook:
                 layer.multi_head_embedding.row_source = None
+        if self._sharded is not None:
+            for module in self._sharded.modules:
+                if module.row_source is self._sharded_hook:
+                    module.row_source = None
+            self._sharded.close()
 
     def __enter__(self) -> "Prefetcher":
         return self

@@ -68,6 +68,11 @@ def test_forward_backward_training_equal_unsharded(tmp_path, world):
     assert_all_pass(launch("main", world, tmp_path))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_prefetcher_with_sharded_tables_trains_as_unsharded(tmp_path, world):
+    assert_all_pass(launch("prefetch", world, tmp_path))
+
+
 def test_checkpoint_reshards_2_3_1(tmp_path):
     assert_all_pass(launch("reshard", 2, tmp_path, "", "ckpt2"))
     assert_all_pass(launch("reshard", 3, tmp_path, "ckpt2", "ckpt3"))
@@ -406,6 +411,111 @@ def _composition(rank, world):
     _check_tables(model, ref, opt, ref_opt)
     for p, q in zip(dense, _dense(ref)):
         _close(p.full_tensor(), q, "FSDP2 dense parameter")
+
+
+def _train_prefetched(model, opt, rank, world, steps, prefetcher, table_opt=None):
+    """_train_sharded with batch i+1 prefetched during batch i (before its
+    backward and updates: the staged rows must be patched or regathered)."""
+    import torch.distributed as dist
+
+    dense = torch.optim.SGD(_dense(model), lr=0.1)
+    losses = []
+    prefetcher.prefetch(_local(rank, world, *_data(0))[0])
+    for step in range(steps):
+        ids, hidden = _local(rank, world, *_data(step))
+        if step + 1 < steps:
+            prefetcher.prefetch(_local(rank, world, *_data(step + 1))[0])
+        loss = model(hidden, ids).pow(2).mean()
+        dense.zero_grad()
+        if table_opt is not None:
+            table_opt.zero_grad()
+        loss.backward()
+        for p in dense.param_groups[0]["params"]:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        dense.step()
+        (opt if table_opt is None else table_opt).step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def scenario_prefetch(rank, world, tmp):
+    import engram
+    from engram import distributed as ed
+    from engram.optim import make_rowwise
+
+    torch.set_default_dtype(torch.float64)
+    # 1. Row-wise training with batch i+1 prefetched during batch i: every lookup a hit, the rows
+    # updated in between read again (patched), losses / tables / state equal one process's.
+    for rule in ("adam", "sgd"):
+        ref, ref_opt, ref_losses = _train_reference(rule)
+        model = ed.shard_tables(_model())
+        opt = make_rowwise(model, rule, **RULES[rule])
+        with engram.Prefetcher(model) as prefetcher:
+            losses = _train_prefetched(model, opt, rank, world, STEPS, prefetcher)
+            _close(torch.tensor(losses), torch.tensor(ref_losses), f"prefetched {rule} losses")
+            _check_tables(model, ref, opt, ref_opt)
+            stats = prefetcher.stats
+            assert stats.hits == STEPS and stats.misses == 0 and stats.patched_rows > 0, stats
+            assert stats.regathers == 0, stats
+        assert model.engram.multi_head_embedding.row_source is None  # closed: direct again
+
+    # 2. A torch.optim step on the shard's sparse gradient (no listener sees it): the staged rows
+    # are all gathered again (version counter), still equal to one process's SGD.
+    torch.manual_seed(0)
+    ref = _model()
+    ref_table = torch.optim.SGD([ref.engram.multi_head_embedding.embedding.weight], lr=0.5)
+    ref_dense = torch.optim.SGD(_dense(ref), lr=0.1)
+    ref_losses = []
+    for step in range(STEPS):
+        ids, hidden = _data(step)
+        loss = ref(hidden, ids).pow(2).mean()
+        ref_dense.zero_grad()
+        ref_table.zero_grad()
+        loss.backward()
+        ref_dense.step()
+        ref_table.step()
+        ref_losses.append(loss.item())
+    model = ed.shard_tables(_model())
+    table_opt = torch.optim.SGD([ed.sharded_tables(model)[0].embedding.weight], lr=0.5)
+    with engram.Prefetcher(model) as prefetcher:
+        losses = _train_prefetched(model, None, rank, world, STEPS, prefetcher, table_opt=table_opt)
+        _close(torch.tensor(losses), torch.tensor(ref_losses), "prefetched torch.optim SGD losses")
+        assert prefetcher.stats.hits == STEPS and prefetcher.stats.regathers == STEPS - 1, prefetcher.stats
+    _close(ed.gather_table(ed.sharded_tables(model)[0]), ref.engram.multi_head_embedding.embedding.weight.detach(),
+           "table after torch.optim SGD")
+
+    # 3. One rank prefetched other ids (or nothing matches): every rank looks up directly, same rows.
+    model = ed.shard_tables(_model())
+    layer = model.engram
+    ids, _ = _local(rank, world, *_data(0))
+    expected = layer.multi_head_embedding(layer.hash(ids))
+    with engram.Prefetcher(model) as prefetcher:
+        prefetcher.prefetch(_local(rank, world, *_data(1))[0] if rank == 0 else ids)
+        assert torch.equal(layer.multi_head_embedding(layer.hash(ids)), expected)
+        assert prefetcher.stats.misses == 1 and prefetcher.stats.hits == 0, prefetcher.stats
+        # enabled = False: direct lookups, whatever was prefetched.
+        prefetcher.prefetch(ids)
+        prefetcher.enabled = False
+        assert torch.equal(layer.multi_head_embedding(layer.hash(ids)), expected)
+        assert prefetcher.stats.misses == 2, prefetcher.stats
+        prefetcher.enabled = True
+        assert torch.equal(layer.multi_head_embedding(layer.hash(ids)), expected)  # still queued: a hit
+        assert prefetcher.stats.hits == 1, prefetcher.stats
+        # 4. An out-of-range id in the last rank's lookup only, the others' matching their prefetched
+        # batch: the choice exchange carries the error, every rank raises.
+        bad = layer.hash(ids)
+        if rank == world - 1:
+            bad[0, 0, 1] = ed.sharded_tables(model)[0].head_sizes[1]
+        prefetcher.prefetch(ids)
+        try:
+            layer.multi_head_embedding(bad)
+        except ValueError as err:
+            assert f"hash id {ed.sharded_tables(model)[0].head_sizes[1]}" in str(err) and "layer_id=0" in str(err), err
+        else:
+            raise AssertionError("no error on an out-of-range id")
 
 
 def scenario_reshard(rank, world, tmp, src, dst):
