@@ -525,7 +525,12 @@ class ShardPrefetch:
             return module.gather_local(ex.recv_local)
         if changed:
             local = ex.recv_local.to(weight.device)
-            stale = torch.isin(local, torch.cat(changed).to(weight.device)).nonzero().squeeze(1)
+            # A fused update's rows are sorted and unique: a binary search each
+            # (several updates: merged first).
+            updated = changed[0] if len(changed) == 1 else torch.unique(torch.cat(changed))
+            updated = updated.to(weight.device)
+            at = torch.searchsorted(updated, local).clamp_(max=max(updated.numel() - 1, 0))
+            stale = (updated[at] == local).nonzero().squeeze(1) if updated.numel() else local[:0]
             if stale.numel():
                 rows[stale.to(rows.device)] = module.gather_local(local[stale]).to(rows.device)
                 if self.stats is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import collections
 import os
+import weakref
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import lookup as _lookup
 from . import ops
@@ -98,6 +100,23 @@ def _file_change_message(owner: str, path: str, recorded, now, change: str, when
     )
 
 
+# mmap tables alive, for the optimizer step pre-hook below: a torch.optim step
+# writes the mapping outside any lookup, so it checks the files first.
+_MMAP_TABLES: "weakref.WeakSet" = weakref.WeakSet()
+_step_hook = None
+
+
+def _check_mmap_tables_before_step(optimizer, args, kwargs) -> None:
+    if not _MMAP_TABLES:
+        return
+    tables = {id(m.embedding.weight): m for m in list(_MMAP_TABLES) if m.placement == "mmap"}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            module = tables.get(id(param))
+            if module is not None:
+                module.check_table_file(f"an optimizer step ({type(optimizer).__name__})")
+
+
 class MultiHeadEmbedding(nn.Module):
     """K hashed heads in one table of sum(sizes) rows (spec §4).
 
@@ -158,6 +177,16 @@ class MultiHeadEmbedding(nn.Module):
         """Records the identity (device, inode, size) of the mmap table's file, just
         mapped: every lookup and update first checks the path still has it."""
         self._file_id = file_identity(self.table_path)
+        global _step_hook
+        if _step_hook is None:
+            _step_hook = register_optimizer_step_pre_hook(_check_mmap_tables_before_step)
+        _MMAP_TABLES.add(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict copies into the mapping outside any lookup.
+        if self.placement == "mmap" and prefix + "embedding.weight" in state_dict:
+            self.check_table_file("load_state_dict")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def table_file_problem(self, when: str = "a lookup") -> Optional[str]:
         """None if this is not an mmap table or its file is as it was opened; else

@@ -86,6 +86,13 @@ def test_faults_raise_on_every_rank_without_hanging(tmp_path):
     assert results[1][0] == -signal.SIGKILL, results[1][1]
 
 
+def test_prefetcher_peer_death_raises_without_hanging(tmp_path):
+    results = launch("prefetch_fault", 2, tmp_path)
+    rc0, out0 = results[0]
+    assert rc0 == 0 and "PASS" in out0, out0
+    assert results[1][0] == -signal.SIGKILL, results[1][1]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_host_and_mmap_shards_train_as_unsharded_and_changed_files_raise_everywhere(tmp_path, world):
     assert_all_pass(launch("placements", world, tmp_path))
@@ -146,6 +153,35 @@ def test_unsharded_mmap_table_truncated_or_replaced_raises(tmp_path):
             assert "layer_id=0" in message and repr(str(path)) in message and f"was {change}" in message, message
             assert f"before {what}" in message and f"{size} bytes" in message, message
         del opt
+
+
+def test_mmap_table_changed_before_an_optimizer_step_or_a_load_raises(tmp_path):
+    """The accesses outside a lookup: a torch.optim step on the table's gradient
+    and load_state_dict into it check the file first."""
+    import numpy as np
+
+    from engram.layer import TableFileChangedError
+
+    ids, hidden = _data(0)
+    for change in ("truncated", "replaced"):
+        path = tmp_path / f"{change}.npy"
+        layer = _mmap_layer(path)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer(hidden, ids).pow(2).mean().backward()
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        if change == "truncated":
+            os.truncate(path, 200)
+        else:
+            np.save(tmp_path / "other.npy", np.zeros((4, 4)))
+            os.replace(tmp_path / "other.npy", path)
+        for what, call in (("an optimizer step (SGD)", opt.step), ("load_state_dict",
+                                                                   lambda: layer.load_state_dict(state))):
+            with pytest.raises(TableFileChangedError) as err:
+                call()
+            message = str(err.value)
+            assert repr(str(path)) in message and f"was {change}" in message and f"before {what}" in message, message
+        # An optimizer over other parameters only is not stopped by this table.
+        torch.optim.SGD(layer.value_proj.parameters(), lr=0.1).step()
 
 
 def test_truncated_mmap_table_would_sigbus_without_the_check(tmp_path):
@@ -516,6 +552,36 @@ def scenario_prefetch(rank, world, tmp):
             assert f"hash id {ed.sharded_tables(model)[0].head_sizes[1]}" in str(err) and "layer_id=0" in str(err), err
         else:
             raise AssertionError("no error on an out-of-range id")
+
+
+def scenario_prefetch_fault(rank, world, tmp):
+    """A rank dies with prefetches queued: the survivor's lookup fails with the
+    layer's message within the tables' timeout, never hangs."""
+    import torch.distributed as dist
+
+    import engram
+    from engram import distributed as ed
+
+    model = ed.shard_tables(_model(), timeout=datetime.timedelta(seconds=10))
+    ids, hidden = _local(rank, world, *_data(0))
+    prefetcher = engram.Prefetcher(model)
+    prefetcher.prefetch(ids)
+    model(hidden, ids)  # one prefetched lookup works
+    assert prefetcher.stats.hits == 1, prefetcher.stats
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)
+    prefetcher.prefetch(ids)  # its exchange runs (and fails) on the prefetcher's thread
+    start = time.monotonic()
+    try:
+        model(hidden, ids)
+    except RuntimeError as err:
+        elapsed = time.monotonic() - start
+        assert "exchange of table" in str(err) and elapsed < 30, (elapsed, err)
+        print(f"peer death noticed after {elapsed:.1f} s: {str(err)[:160]}")
+    else:
+        raise AssertionError("no error after a rank died")
 
 
 def scenario_reshard(rank, world, tmp, src, dst):
