@@ -71,6 +71,7 @@ def worker(args) -> None:
     direct = shard.forward
 
     def timed_forward(*a, **kw):
+        dist.barrier()  # the lookup's own time, not the wait for a slower rank to arrive
         start = time.perf_counter()
         out = direct(*a, **kw)
         lookup_times.append(time.perf_counter() - start)
@@ -212,7 +213,8 @@ def main(argv=None) -> None:
         ratio = f"{sent / minimum:.3f}" if minimum else "n/a (one rank: nothing is remote)"
         print(f"| {world} | {step * 1e3:.1f} ms | {sent / 1e3:.1f} KB | {minimum / 1e3:.1f} KB | {ratio} |")
     print("\nengram.Prefetcher (batch i+1's id exchange and remote gather issued during batch i, on the "
-          "prefetcher's own process group); lookup = the sharded table's forward (medians, slowest rank), "
+          "prefetcher's own process group); lookup = the sharded table's forward after a barrier (medians, slowest "
+          "rank), "
           "hidden share = 1 - prefetched / direct lookup:")
     print("\n| processes | lookup direct | lookup prefetched | hidden share | step direct | step prefetched | "
           "hits |")
