@@ -497,6 +497,19 @@ def scenario_prefetch(rank, world, tmp):
             assert stats.hits == STEPS and stats.misses == 0 and stats.patched_rows > 0, stats
             assert stats.regathers == 0, stats
         assert model.engram.multi_head_embedding.row_source is None  # closed: direct again
+    # Host and mmap shards prefetch the same way.
+    for placement in ("host", "mmap"):
+        kw = dict(placement=placement, path=os.path.join(tmp, f"prefetch-rank{rank}.npy") if placement == "mmap"
+                  else None)
+        ref, ref_opt, ref_losses = _train_reference("adam", model=_model(**kw))
+        kw["path"] = kw["path"] and kw["path"] + ".sharded.npy"
+        model = ed.shard_tables(_model(**kw))
+        opt = make_rowwise(model, "adam", **RULES["adam"])
+        with engram.Prefetcher(model) as prefetcher:
+            losses = _train_prefetched(model, opt, rank, world, STEPS, prefetcher)
+            assert prefetcher.stats.hits == STEPS, prefetcher.stats
+        _close(torch.tensor(losses), torch.tensor(ref_losses), f"prefetched {placement} adam losses")
+        _check_tables(model, ref, opt, ref_opt)
 
     # 2. A torch.optim step on the shard's sparse gradient (no listener sees it): the staged rows
     # are all gathered again (version counter), still equal to one process's SGD.
