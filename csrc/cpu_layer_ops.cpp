@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <array>
+#include <iterator>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -325,14 +327,43 @@ void causal_conv_tokens(const ShortConvShape& s, const acc_t* taps, const acc_t*
   }
 }
 
-// Per-thread scratch rows of one chunk.
+// Scratch a thread keeps between calls, up to this size: a fresh block per
+// call cost more than the kernel at small batches (zero-filled, and page
+// faults once glibc hands ~0.5 MB back to the OS after each pass).
+constexpr size_t kKeptScratchBytes = size_t(8) << 20;
+
+// Per-thread scratch rows of one chunk, uninitialised: every row is written
+// before it is read.
 template <typename acc_t>
 struct ShortConvScratch {
-  std::vector<acc_t> u, scales, y, sig, value_row, row_a, row_b;
+  struct Rows {
+    acc_t* ptr = nullptr;
+    acc_t* data() const { return ptr; }
+    acc_t& operator[](int64_t i) const { return ptr[i]; }
+  };
+  Rows u, scales, y, sig, value_row, row_a, row_b;
+  std::unique_ptr<acc_t[]> owned;  // when larger than what a thread keeps
 
-  ShortConvScratch(const ShortConvShape& s, int64_t chunk, int64_t reach)
-      : u((chunk + 2 * reach) * s.C), scales((chunk + 2 * reach) * s.G), y((chunk + reach) * s.C),
-        sig((chunk + reach) * s.C), value_row(s.D), row_a(s.C), row_b(s.C) {}
+  ShortConvScratch(const ShortConvShape& s, int64_t chunk, int64_t reach) {
+    const int64_t sizes[] = {(chunk + 2 * reach) * s.C, (chunk + 2 * reach) * s.G, (chunk + reach) * s.C,
+                             (chunk + reach) * s.C, s.D, s.C, s.C};
+    Rows* rows[] = {&u, &scales, &y, &sig, &value_row, &row_a, &row_b};
+    size_t total = 0;
+    for (int64_t n : sizes) total += static_cast<size_t>(n);
+    thread_local std::vector<acc_t> kept;
+    acc_t* next;
+    if (total * sizeof(acc_t) <= kKeptScratchBytes) {
+      if (kept.size() < total) kept.resize(total);
+      next = kept.data();
+    } else {
+      owned.reset(new acc_t[total]);
+      next = owned.get();
+    }
+    for (size_t i = 0; i < std::size(sizes); ++i) {
+      rows[i]->ptr = next;
+      next += sizes[i];
+    }
+  }
 };
 
 // out = gate * value + SiLU(conv(u)) for tokens [first, last).
