@@ -322,7 +322,8 @@ SymInt adagrad_update_sizes(const at::Tensor& weight, const at::Tensor& sum_sq, 
 
 SymInt adam_update_sizes(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                          const at::Tensor& rows, const at::Tensor& row_grads, double lr, double beta1, double beta2,
-                         double eps, double weight_decay, int64_t step) {
+                         double eps, double weight_decay, int64_t step,
+                         const std::optional<at::Tensor>& step_count) {
   constexpr const char* op = "rowwise_adam_update";
   SymInt U = check_update_args(op, weight, {{"exp_avg", exp_avg, false}, {"exp_avg_sq", exp_avg_sq, false}}, rows,
                                row_grads, lr);
@@ -330,7 +331,18 @@ SymInt adam_update_sizes(const at::Tensor& weight, const at::Tensor& exp_avg, co
   check_beta(op, "beta2", beta2);
   check_positive(op, "eps", eps);
   check_nonnegative(op, "weight_decay", weight_decay);
-  TORCH_CHECK_VALUE(step >= 1, op, ": step=", step, "; expected >= 1 (the number of this update, counting from 1)");
+  if (step_count.has_value()) {
+    // Its value is read by the kernel (on CUDA, on the device: no host sync).
+    const at::Tensor& t = *step_count;
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() == 0, op, ": step_count is a ", t.scalar_type(),
+                      " tensor of shape ", t.sizes(), "; expected a 0-dim int64 tensor (the number of this update)");
+    TORCH_CHECK_VALUE(t.device() == weight.device(), op, ": step_count is on ", t.device(), " but weight is on ",
+                      weight.device(), "; expected the same device");
+    TORCH_CHECK_VALUE(step == 0, op, ": step=", step, " with step_count given; expected step=0 (the count is read "
+                      "from step_count)");
+  } else {
+    TORCH_CHECK_VALUE(step >= 1, adam_step_message(op, "step=", step));
+  }
   return U;
 }
 
@@ -469,8 +481,10 @@ int64_t check_adagrad_update_args(const at::Tensor& weight, const at::Tensor& su
 
 int64_t check_adam_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                const at::Tensor& rows, const at::Tensor& row_grads, double lr, double beta1,
-                               double beta2, double eps, double weight_decay, int64_t step) {
-  return adam_update_sizes(weight, exp_avg, exp_avg_sq, rows, row_grads, lr, beta1, beta2, eps, weight_decay, step)
+                               double beta2, double eps, double weight_decay, int64_t step,
+                               const std::optional<at::Tensor>& step_count) {
+  return adam_update_sizes(weight, exp_avg, exp_avg_sq, rows, row_grads, lr, beta1, beta2, eps, weight_decay, step,
+                           step_count)
       .expect_int();
 }
 
@@ -581,8 +595,10 @@ void rowwise_adagrad_update_meta(at::Tensor& weight, at::Tensor& sum_sq, const a
 
 void rowwise_adam_update_meta(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows,
                               const at::Tensor& row_grads, double lr, double beta1, double beta2, double eps,
-                              double weight_decay, bool /*decoupled_weight_decay*/, int64_t step) {
-  adam_update_sizes(weight, exp_avg, exp_avg_sq, rows, row_grads, lr, beta1, beta2, eps, weight_decay, step);
+                              double weight_decay, bool /*decoupled_weight_decay*/, int64_t step,
+                              const std::optional<at::Tensor>& step_count) {
+  adam_update_sizes(weight, exp_avg, exp_avg_sq, rows, row_grads, lr, beta1, beta2, eps, weight_decay, step,
+                    step_count);
 }
 
 }  // namespace

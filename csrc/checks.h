@@ -64,6 +64,11 @@ inline std::string rows_unordered_message(const char* op, int64_t previous, int6
                   "; expected strictly increasing rows, each once (as dedup_row_grads returns them)");
 }
 
+// An Adam step count below 1: `what` is "step=" (the int) or "step_count holds " (the tensor).
+inline std::string adam_step_message(const char* op, const char* what, int64_t step) {
+  return c10::str(op, ": ", what, step, "; expected >= 1 (the number of this update, counting from 1)");
+}
+
 // The rows of the row-wise update ops index weight.
 inline IdRange update_rows_range(const char* op) { return {op, "rows", "weight.size(0)"}; }
 
@@ -144,7 +149,8 @@ int64_t check_adagrad_update_args(const at::Tensor& weight, const at::Tensor& su
                                   const at::Tensor& row_grads, double lr, double eps, double weight_decay);
 int64_t check_adam_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                const at::Tensor& rows, const at::Tensor& row_grads, double lr, double beta1,
-                               double beta2, double eps, double weight_decay, int64_t step);
+                               double beta2, double eps, double weight_decay, int64_t step,
+                               const std::optional<at::Tensor>& step_count);
 
 // After a kernel saw a row outside [0, num_rows) or rows not strictly
 // increasing: reports the first such position.

@@ -399,10 +399,14 @@ void rowwise_sgd_update_cpu(at::Tensor& weight, const at::Tensor& rows_in, const
 void rowwise_adam_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                              const at::Tensor& rows_in, const at::Tensor& row_grads_in, double lr, double beta1,
                              double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                             int64_t step) {
+                             int64_t step, const std::optional<at::Tensor>& step_count) {
   constexpr const char* op = "rowwise_adam_update";
   const int64_t entries = check_adam_update_args(weight, exp_avg, exp_avg_sq, rows_in, row_grads_in, lr, beta1, beta2,
-                                                 eps, weight_decay, step);
+                                                 eps, weight_decay, step, step_count);
+  if (step_count.has_value()) {
+    step = step_count->item<int64_t>();  // on the CPU: a read, no sync
+    TORCH_CHECK_VALUE(step >= 1, adam_step_message(op, "step_count holds ", step));
+  }
   if (entries == 0) return;
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
   const int64_t U = check_update_rows(op, rows, weight.size(0));

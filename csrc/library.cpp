@@ -84,11 +84,13 @@ TORCH_LIBRARY(engram, m) {
       "rowwise_adagrad_update(Tensor(a!) weight, Tensor(b!) sum_sq, Tensor rows, Tensor row_grads, float lr, "
       "float eps, float weight_decay=0.0) -> ()");
   // exp_avg, exp_avg_sq [R, Dh]; step = this update's number (1, 2, ...) for
-  // the bias corrections; decoupled_weight_decay: AdamW.
+  // the bias corrections; decoupled_weight_decay: AdamW. step_count: that
+  // number as a 0-dim int64 tensor on weight's device instead (step=0),
+  // read by the kernel: a captured CUDA graph then replays each replay's count.
   m.def(
       "rowwise_adam_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, "
       "Tensor row_grads, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool decoupled_weight_decay, int step) -> ()");
+      "bool decoupled_weight_decay, int step, Tensor? step_count=None) -> ()");
   // --- end engram.optim ---------------------------------------------------------
 
   // --- engram.Prefetcher (csrc/cpu_hash_embedding_ops.cpp, csrc/cuda/hash_embedding_ops.cu) ---

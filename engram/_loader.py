@@ -15,7 +15,7 @@ import os
 
 OPS_LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", "libengram_ops.so")
 # include/engram/runtime.h's ENGRAM_OPS_ABI_VERSION, which this package expects.
-OPS_ABI_VERSION = 2
+OPS_ABI_VERSION = 3
 
 
 class ErrorKind(enum.IntEnum):

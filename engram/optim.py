@@ -108,12 +108,14 @@ def rowwise_adagrad_update(weight, sum_sq, rows, row_grads, lr: float, eps: floa
 
 def rowwise_adam_update(
     weight, exp_avg, exp_avg_sq, rows, row_grads, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, decoupled_weight_decay: bool, step: int,
+    weight_decay: float, decoupled_weight_decay: bool, step: int, step_count: Optional[torch.Tensor] = None,
 ) -> None:
     """Adam (AdamW if decoupled_weight_decay) on the rows `rows` of weight and its
-    moments, in place; step (>= 1) sets the bias corrections."""
+    moments, in place; step (>= 1) sets the bias corrections, or step_count
+    (a 0-dim int64 tensor on weight's device, read by the kernel; then step=0)."""
     _ops.rowwise_adam_update(
-        weight, exp_avg, exp_avg_sq, rows, row_grads, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step
+        weight, exp_avg, exp_avg_sq, rows, row_grads, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+        step, step_count,
     )
 
 
@@ -249,6 +251,10 @@ class RowwiseOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 expected = self._new_state(p, group)
                 state = self.state.get(p, {})
+                if "step" in state:  # a step count kept the way this group counts it (see RowwiseAdam)
+                    step = state["step"]
+                    state["step"] = (torch.as_tensor(int(step), dtype=torch.int64, device=p.device).clone()
+                                     if torch.is_tensor(expected["step"]) else int(step))
                 for name, tensor in expected.items():
                     got = state.get(name)
                     if torch.is_tensor(tensor) and (not torch.is_tensor(got) or got.shape != tensor.shape):
@@ -326,14 +332,19 @@ class RowwiseAdam(RowwiseOptimizer):
     """Adam on the touched rows with per-element moments (state ``exp_avg``,
     ``exp_avg_sq``, shaped like the table): torch.optim.SparseAdam's update,
     plus optional L2 ``weight_decay`` (added to the touched rows' gradients).
-    See the module docstring for how it differs from dense Adam."""
+    See the module docstring for how it differs from dense Adam.
+    ``capturable``: count the steps in a tensor on the table's device (read by
+    the kernel), so that a training step captured as a CUDA graph replays
+    with each replay's bias corrections (torch.optim.Adam's ``capturable``)."""
 
     rule = "adam"
     _decoupled = False
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, capturable: bool = False) -> None:
         name = type(self).__name__
+        if not isinstance(capturable, bool):
+            raise ValueError(f"{name}: capturable={capturable!r}; expected True or False")
         _check_hyperparameter(name, "lr", lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"{name}: betas={betas!r}; expected two numbers in [0, 1)")
@@ -341,17 +352,27 @@ class RowwiseAdam(RowwiseOptimizer):
         _check_hyperparameter(name, "betas[1]", betas[1], high=1.0)
         _check_hyperparameter(name, "eps", eps, strict=True)
         _check_hyperparameter(name, "weight_decay", weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      capturable=capturable))
 
     def _new_state(self, p, group):
-        return {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
+        # capturable: the step count is a 0-dim tensor beside the table, counted
+        # and read on the device, so a captured CUDA graph replays each step's
+        # bias corrections instead of the captured step's (torch.optim.Adam's
+        # capturable=True); a Python int otherwise.
+        step = torch.zeros((), dtype=torch.int64, device=p.device) if group.get("capturable") else 0
+        return {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format)}
 
     def _apply(self, p, group, state, rows, row_grads):
         beta1, beta2 = group["betas"]
+        step = state["step"]
+        if group.get("capturable") and not torch.is_tensor(step):  # turned on after a load
+            step = state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
+        on_device = torch.is_tensor(step)
         _ops.rowwise_adam_update(
             p, state["exp_avg"], state["exp_avg_sq"], rows, row_grads, group["lr"], beta1, beta2, group["eps"],
-            group["weight_decay"], self._decoupled, state["step"],
+            group["weight_decay"], self._decoupled, 0 if on_device else step, step if on_device else None,
         )
 
 
@@ -363,8 +384,8 @@ class RowwiseAdamW(RowwiseAdam):
     _decoupled = True
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 1e-2, capturable: bool = False) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, capturable=capturable)
 
 
 _RULES = {"sgd": RowwiseSGD, "adagrad": RowwiseAdagrad, "adam": RowwiseAdam, "adamw": RowwiseAdamW}

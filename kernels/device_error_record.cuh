@@ -24,6 +24,7 @@ enum DeviceErrorKind : int {
 // DeviceErrorKind values of the row-wise update ops (kernels/update_rows_cuda.cuh).
 constexpr int kUpdateRowOutOfRange = 5;  // rows[index] = value outside [0, limit)
 constexpr int kUpdateRowsUnordered = 6;  // rows[index - 1] = value, rows[index] = extra: not increasing
+constexpr int kAdamStepInvalid = 7;      // the device step count holds value < limit (1)
 
 struct DeviceErrorRecord {
   int ready;  // written last, after a system-wide fence

@@ -144,10 +144,14 @@ __global__ void sgd_rows_kernel(T* weight, const int64_t* rows, const T* row_gra
   }
 }
 
+// device_neg_step_size: when set, replaces c.neg_step_size (the step count
+// is on the device: adam_step_size_kernel ran before on the stream).
 template <typename T>
 __global__ void adam_rows_kernel(T* weight, T* exp_avg, T* exp_avg_sq, const int64_t* rows, const T* row_grads,
-                                 int64_t n, int64_t dim, optim::AdamCoeffs<T> c, const int* skip) {
+                                 int64_t n, int64_t dim, optim::AdamCoeffs<T> c, const int* skip,
+                                 const T* device_neg_step_size = nullptr) {
   if (*skip) return;
+  if (device_neg_step_size != nullptr) c.neg_step_size = *device_neg_step_size;
   const int lane = threadIdx.x % kWarp;
   ENGRAM_WARP_STRIDE(u, n) {
     if (rows[u] < 0) continue;

@@ -124,13 +124,19 @@ struct AdamCoeffs {
   bool decoupled;
 };
 
+// -step_size for update number `step`, the same double expressions as
+// SparseAdam's Python lines; on the host, or on the device from a step count
+// held there (a captured CUDA graph replays it with the count of each replay).
+ENGRAM_HD double adam_neg_step_size(double lr, double beta1, double beta2, int64_t step) {
+  const double bias_correction1 = 1.0 - pow(beta1, static_cast<double>(step));
+  const double bias_correction2 = 1.0 - pow(beta2, static_cast<double>(step));
+  return -(lr * sqrt(bias_correction2) / bias_correction1);
+}
+
 template <typename T>
 inline AdamCoeffs<T> adam_coeffs(double lr, double beta1, double beta2, double eps, double weight_decay,
                                  bool decoupled, int64_t step) {
-  // The same double expressions as SparseAdam's Python lines.
-  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const double step_size = lr * std::sqrt(bias_correction2) / bias_correction1;
+  const double step_size = -adam_neg_step_size(lr, beta1, beta2, step);
   AdamCoeffs<T> c;
   c.one_minus_beta1 = static_cast<T>(1.0 - beta1);
   c.one_minus_beta2 = static_cast<T>(1.0 - beta2);

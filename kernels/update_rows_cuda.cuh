@@ -1,4 +1,5 @@
-// The range and order check of the rows of the row-wise update ops on CUDA
+// The range and order check of the rows of the row-wise update ops on CUDA,
+// and Adam's step size from a step count on the device
 // (csrc/cuda/optim.cu), reported through the deferred error record
 // (kernels/device_error_record.cuh) instead of a flag the host reads: the
 // update then needs no host sync and can be captured in a CUDA graph.
@@ -7,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/device_error_record.cuh"
+#include "kernels/optim_math.h"
 
 // Same text as in kernels/cuda_kernels.cuh, so both headers may be included.
 #define ENGRAM_GRID_STRIDE(i, n) \
@@ -31,6 +33,22 @@ static __global__ void check_update_rows_kernel(const int64_t* rows, int64_t n, 
       report_device_error(err, kUpdateRowsUnordered, u, rows[u - 1], r, num_rows, -1);
     }
   }
+}
+
+// One thread: out[0] = -step_size for the update number *step (read on the
+// device, so a captured graph replays each replay's count); a count < 1
+// sets the skip flag (nothing is written) and is reported.
+template <typename T>
+__global__ void adam_step_size_kernel(const int64_t* step, double lr, double beta1, double beta2, T* out, int* skip,
+                                      DeviceErrorSlot err) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const int64_t t = *step;
+  if (t < 1) {
+    *skip = 1;
+    report_device_error(err, kAdamStepInvalid, 0, t, 0, 1, -1);
+    return;
+  }
+  out[0] = static_cast<T>(optim::adam_neg_step_size(lr, beta1, beta2, t));
 }
 
 }  // namespace cuda

@@ -153,6 +153,69 @@ def test_training_step_captured_by_hand():
         assert_same_step(replay, want, exact=True, table_atol=reorder_bound(B * T, seen["max_term"]))
 
 
+@pytest.mark.parametrize("rule", ["adam", "adagrad", "sgd"])
+def test_whole_training_step_with_fused_rowwise_update_captured(rule):
+    """Forward, backward, the fused row-wise table update inside it and a dense
+    optimizer step, captured once as a CUDA graph and replayed over several
+    batches: each replay equals an eager twin's step (Adam's step count lives on
+    the device: capturable=True), with no host sync while it runs."""
+    from engram import optim
+
+    hyper = {"lr": 0.05, "capturable": True} if rule == "adam" else {"lr": 0.05}
+    graphed, eager = make_layer(), make_layer()
+    graphed_table = optim.make_rowwise(graphed, rule, **hyper)
+    optim.make_rowwise(eager, rule, **{k: v for k, v in hyper.items() if k != "capturable"})
+    dense = [p for p in graphed.parameters() if p is not graphed.multi_head_embedding.embedding.weight]
+    eager_dense = [p for p in eager.parameters() if p is not eager.multi_head_embedding.embedding.weight]
+    graphed_opt = torch.optim.SGD(dense, lr=0.1)
+    eager_opt = torch.optim.SGD(eager_dense, lr=0.1)
+    hidden, ids = make_inputs(seed=1)
+    static_hidden, static_ids = hidden.clone(), ids.clone()
+
+    def step(layer, opt, hidden_in, ids_in):
+        opt.zero_grad(set_to_none=False)
+        loss = layer(hidden_in, ids_in).square().mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    # Warm-up on a side stream (allocations, error slots, cuBLAS), as torch's docs ask; the twin takes the
+    # same steps eagerly.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for seed in (11, 12):
+            warm_hidden, warm_ids = make_inputs(seed=seed)
+            static_hidden.copy_(warm_hidden)
+            static_ids.copy_(warm_ids)
+            step(graphed, graphed_opt, static_hidden, static_ids)
+    torch.cuda.current_stream().wait_stream(side)
+    for seed in (11, 12):
+        step(eager, eager_opt, *make_inputs(seed=seed))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, graphed_opt, static_hidden, static_ids)
+    # Capturing records the kernels without running them: the layer is still at its warm-up state.
+    batches = [make_inputs(seed=seed) for seed in (2, 3, 4)]  # copied to the GPU before the sync check
+    replays = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for new_hidden, new_ids in batches:
+            static_hidden.copy_(new_hidden)
+            static_ids.copy_(new_ids)
+            graph.replay()
+            replays.append((static_loss.clone(), graphed.multi_head_embedding.embedding.weight.detach().clone()))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (loss, table), (new_hidden, new_ids) in zip(replays, batches):
+        want = step(eager, eager_opt, new_hidden, new_ids)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(table, eager.multi_head_embedding.embedding.weight.detach(), rtol=1e-5, atol=1e-6)
+    if rule == "adam":  # counted on the device, once per replay: warm-up 2 + replays 3
+        assert int(graphed_table.state[graphed.multi_head_embedding.embedding.weight]["step"]) == 5
+    engram.check_cuda_errors()
+
+
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     layer = make_layer()

@@ -339,6 +339,30 @@ def test_update_opcheck(rule):
     for dtype in (torch.float32, torch.float64):
         op, args = update_args(rule, dtype)
         opcheck(op, args)
+        if rule.startswith("adam"):  # the step count as a tensor
+            opcheck(op, (*args[:11], 0, torch.tensor(3)))
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_step_count_tensor_equals_the_int_step(decoupled, dtype):
+    """step_count (read by the kernel: what a CUDA graph replays) gives the int
+    step's update bit for bit, over several steps."""
+    op, args = update_args("adamw" if decoupled else "adam", dtype)
+    w, m, v, rows, grads = args[:5]
+    by_int = [t.clone() for t in (w, m, v)]
+    by_tensor = [t.clone() for t in (w, m, v)]
+    count = torch.zeros((), dtype=torch.int64)
+    for step in range(1, 5):
+        op(*by_int, rows, grads * step, *args[5:11], step)
+        count += 1
+        op(*by_tensor, rows, grads * step, *args[5:11], 0, count)
+        for a, b in zip(by_int, by_tensor):
+            assert torch.equal(a, b), step
+    ref_w, _, _ = ref.rowwise_adam(w, m, v, rows, grads, 0.1, (0.9, 0.999), 1e-8, 0.0, decoupled, 1)
+    once = [t.clone() for t in (w, m, v)]
+    op(*once, rows, grads, *args[5:11], 0, torch.tensor(1))
+    torch.testing.assert_close(once[0].double(), ref_w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -368,6 +392,15 @@ def test_update_opcheck(rule):
         ("adam", lambda a: (a[0], a[0], *a[2:]), ValueError, r"weight and exp_avg share memory"),
         ("adam", lambda a: (*a[:6], 1.0, *a[7:]), ValueError, r"beta1=1; expected a value in \[0, 1\)"),
         ("adam", lambda a: (*a[:11], 0), ValueError, r"step=0; expected >= 1"),
+        ("adam", lambda a: (*a[:11], 0, torch.tensor(0)), ValueError,
+         r"rowwise_adam_update: step_count holds 0; expected >= 1 \(the number of this update"),
+        ("adam", lambda a: (*a[:11], 0, torch.tensor([2])), ValueError,
+         r"step_count is a Long tensor of shape \[1\]; expected a 0-dim int64 tensor"),
+        ("adam", lambda a: (*a[:11], 0, torch.tensor(2.0)), ValueError, r"step_count is a Float tensor"),
+        ("adam", lambda a: (*a[:11], 0, torch.tensor(2, device="meta")), ValueError,
+         r"step_count is on meta but weight is on cpu"),
+        ("adam", lambda a: (*a[:11], 2, torch.tensor(2)), ValueError,
+         r"step=2 with step_count given; expected step=0"),
         ("adam", lambda a: (a[0], a[1].double(), *a[2:]), TypeError, r"exp_avg is Double but weight is Float"),
     ],
 )
@@ -552,6 +585,38 @@ def test_resume_from_checkpoint_is_bit_identical(rule):
         assert sa["state"][key]["step"] == sb["state"][key]["step"] == 6
         for name, value in sa["state"][key].items():
             assert torch.equal(value, sb["state"][key][name]) if torch.is_tensor(value) else value == sb["state"][key][name]
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw"])
+def test_capturable_adam_counts_on_the_device_and_trains_identically(rule):
+    """capturable=True keeps the step count as a 0-dim tensor beside the table
+    (what a captured CUDA graph needs); on the CPU it trains bit for bit like the
+    int count, and checkpoints move between the two."""
+    plain_layer, capt_layer = small_layer(), small_layer()
+    plain = optim.make_rowwise(plain_layer, rule, lr=0.05)
+    capt = optim.make_rowwise(capt_layer, rule, lr=0.05, capturable=True)
+    for x, ids in layer_batches(4):
+        plain_layer(x, ids).square().mean().backward()
+        capt_layer(x, ids).square().mean().backward()
+    assert torch.equal(table_of(plain_layer), table_of(capt_layer))
+    step = capt.state[table_of(capt_layer)]["step"]
+    assert torch.is_tensor(step) and step.dtype == torch.int64 and step.dim() == 0 and int(step) == 4
+    assert plain.state[table_of(plain_layer)]["step"] == 4
+    # Checkpoints carry the flag (as torch.optim.Adam's do) and the count in its form; turned on
+    # after a load, the next step counts on the device.
+    capt.load_state_dict(plain.state_dict())
+    assert capt.state[table_of(capt_layer)]["step"] == 4 and not capt.param_groups[0]["capturable"]
+    capt.param_groups[0]["capturable"] = True
+    x, ids = layer_batches(1, seed=5)[0]
+    capt_layer(x, ids).square().mean().backward()
+    plain_layer(x, ids).square().mean().backward()
+    assert torch.equal(table_of(plain_layer), table_of(capt_layer))
+    assert torch.is_tensor(capt.state[table_of(capt_layer)]["step"]) and int(capt.state[table_of(capt_layer)]["step"]) == 5
+    plain.load_state_dict(capt.state_dict())
+    loaded = plain.state[table_of(plain_layer)]["step"]
+    assert torch.is_tensor(loaded) and int(loaded) == 5 and plain.param_groups[0]["capturable"]
+    with pytest.raises(ValueError, match="capturable='yes'; expected True or False"):
+        optim.RowwiseAdam([torch.zeros(4, 2)], capturable="yes")
 
 
 def test_state_dict_before_any_step_is_complete_and_load_copies():

@@ -86,13 +86,16 @@ std::string format_device_error(const DeviceErrorRecord& r) {
       return id_offset_overflow_message(range, r.value, r.index, r.head, r.extra, r.limit);
     case cuda::kUpdateRowsUnordered:
       return rows_unordered_message(range.op, r.value, r.extra, r.index);
+    case cuda::kAdamStepInvalid:
+      return adam_step_message(range.op, "step_count holds ", r.value);
     default:  // cuda::kIdOutOfRange, cuda::kUpdateRowOutOfRange
       return id_out_of_range_message(range, r.value, r.index, r.limit, r.head >= 0);
   }
 }
 
 bool is_value_error(int kind) {
-  return kind == cuda::kHeadSizeInvalid || kind == cuda::kHeadOffsetOverflow || kind == cuda::kUpdateRowsUnordered;
+  return kind == cuda::kHeadSizeInvalid || kind == cuda::kHeadOffsetOverflow || kind == cuda::kUpdateRowsUnordered ||
+         kind == cuda::kAdamStepInvalid;
 }
 
 // The pending report of `device`, cleared for the next one; kind 0 if none.

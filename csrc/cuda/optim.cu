@@ -203,10 +203,10 @@ void rowwise_sgd_update_cuda(at::Tensor& weight, const at::Tensor& rows_in, cons
 void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                               const at::Tensor& rows_in, const at::Tensor& row_grads_in, double lr, double beta1,
                               double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                              int64_t step) {
+                              int64_t step, const std::optional<at::Tensor>& step_count) {
   constexpr const char* op = "rowwise_adam_update";
   const int64_t U = check_adam_update_args(weight, exp_avg, exp_avg_sq, rows_in, row_grads_in, lr, beta1, beta2, eps,
-                                           weight_decay, step);
+                                           weight_decay, step, step_count);
   if (U == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
   const at::Tensor rows = rows_in.contiguous(), row_grads = row_grads_in.contiguous();
@@ -214,11 +214,22 @@ void rowwise_adam_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
   const int64_t Dh = weight.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), op, [&] {
+    // A step count on the device: the step size is computed there too (no
+    // host read), into a one-element buffer the update kernel reads.
+    at::Tensor device_step_size;
+    if (step_count.has_value()) {
+      device_step_size = at::empty({1}, weight.options());
+      cuda::adam_step_size_kernel<scalar_t><<<1, 1, 0, stream>>>(
+          step_count->const_data_ptr<int64_t>(), lr, beta1, beta2, device_step_size.data_ptr<scalar_t>(),
+          skip.data_ptr<int>(), device_error_slot(weight.device(), kOpAdamUpdate));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     cuda_optim::adam_rows_kernel<scalar_t><<<blocks_for(U * kWarp), kThreads, 0, stream>>>(
         weight.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
         rows.const_data_ptr<int64_t>(), row_grads.const_data_ptr<scalar_t>(), U, Dh,
-        optim::adam_coeffs<scalar_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, step),
-        skip.const_data_ptr<int>());
+        optim::adam_coeffs<scalar_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                                     step_count.has_value() ? 1 : step),
+        skip.const_data_ptr<int>(), step_count.has_value() ? device_step_size.const_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   finish_checked_launch(weight.device(), stream);

@@ -22,9 +22,10 @@ extern "C" {
 #endif
 
 // Bumped whenever an op's schema, its Meta kernel or these functions change
-// (2: the checks and fakes moved into the library's Meta kernels); a package or a
-// program built against another version refuses to run with this library.
-#define ENGRAM_OPS_ABI_VERSION 2
+// (2: the checks and fakes moved into the library's Meta kernels; 3:
+// rowwise_adam_update takes a step count tensor); a package or a program built
+// against another version refuses to run with this library.
+#define ENGRAM_OPS_ABI_VERSION 3
 ENGRAM_API int engram_ops_abi_version(void);
 // 1 if this build holds the CUDA kernels.
 ENGRAM_API int engram_built_with_cuda(void);
