@@ -206,21 +206,145 @@ __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, in
   }
 }
 
-// out[row, d] = sum of grad[order[q], d] over the run of q with
-// sorted_rows[q] == row, in acc_t, summed in entry order (the sort is stable)
-// by the warp of the run's first position; out starts zeroed. The gather's
-// launch shape: a warp per position p, its lanes over d (contiguous values).
+// The dense gradient of a 16-bit table: out[row, d] = the sum of
+// grad[order[q], d] over the run of positions q with sorted_rows[q] == row
+// (a stable sort, so a run is in entry order), in acc_t; out starts zeroed and
+// rows < 0 (bad entries) are skipped. A run can be long (the pad row's grows
+// with every pad token), so the positions are cut into fixed pieces of
+// kRunPiece, one warp each, and two kernels sum them:
+//   sorted_run_pieces_kernel: each run that starts in a piece and ends in it
+//     is summed there (in order) and written; the piece's last run, if it
+//     goes on into the next piece, is summed over its positions in this piece
+//     into partial[piece].
+//   sorted_run_totals_kernel: the warp of a run's last piece adds, in order,
+//     partial[first piece], the partials of the whole pieces between, then
+//     its own positions one by one, and writes the row.
+// So each row's sum has a fixed order (deterministic for any schedule, no
+// atomics); a run within at most two pieces is the CPU's plain entry-order
+// sum, bit for bit. No division: pieces are 32 positions (shifts), and no
+// host sync: partial is [pieces, dh] with pieces = ceil(entries / 32).
+// Launch both as <<<dim3(1, gather_blocks(pieces)), dim3(kGatherLanes,
+// kGatherEntries)>>>: a warp (threadIdx.y) per piece, its lanes over d; the
+// launcher checks entries < 2^31.
+constexpr int kRunPiece = 32;  // = the warp: lane l holds position piece * 32 + l
+constexpr unsigned kFullMask = 0xffffffffu;
+
+inline int64_t run_pieces(int64_t entries) { return (entries + kRunPiece - 1) / kRunPiece; }
+
+// The lowest set bit of a nonzero lane mask.
+__device__ __forceinline__ unsigned lowest_lane(unsigned mask) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<unsigned>(__ffs(static_cast<int>(mask)) - 1);
+#else
+  return static_cast<unsigned>(__builtin_ctz(mask));
+#endif
+}
+
+// Position base + lane of a piece: its row (-2 past the end: no run), its
+// order entry, and whether it is its run's first or last position.
+struct RunLane {
+  int64_t row;
+  int64_t entry;
+  bool first, last;
+};
+
+__device__ __forceinline__ RunLane run_lane(const int64_t* sorted_rows, const int64_t* order, uint32_t n,
+                                            uint32_t base, unsigned lane) {
+  const uint32_t p = base + lane;
+  RunLane r;
+  r.row = p < n ? sorted_rows[p] : -2;
+  r.entry = p < n ? order[p] : 0;
+  int64_t before = __shfl_up_sync(kFullMask, r.row, 1);
+  int64_t after = __shfl_down_sync(kFullMask, r.row, 1);
+  if (lane == 0) before = base > 0 ? sorted_rows[base - 1] : -2;
+  if (lane == kRunPiece - 1) after = p + 1 < n ? sorted_rows[p + 1] : -2;
+  r.first = r.row >= 0 && before != r.row;
+  r.last = r.row >= 0 && after != r.row;
+  return r;
+}
+
+// Adds grad[entry(q), d] for the piece's positions q = a..b, in order, to
+// sum; every lane takes part (the entries come by shuffle), d < dh or not.
 template <typename scalar_t, typename acc_t>
-__global__ void sum_sorted_runs_kernel(const scalar_t* grad, int64_t dh, const int64_t* sorted_rows,
-                                       const int64_t* order, int64_t entries, scalar_t* out) {
-  const uint32_t n = static_cast<uint32_t>(entries);  // the launcher checks entries < 2^31
-  for (uint32_t p = blockIdx.y * blockDim.y + threadIdx.y; p < n; p += gridDim.y * blockDim.y) {
-    const int64_t row = sorted_rows[p];
-    if (row < 0 || (p > 0 && sorted_rows[p - 1] == row)) continue;  // a bad entry, or not a run's first
-    for (int64_t d = threadIdx.x; d < dh; d += blockDim.x) {
+__device__ __forceinline__ acc_t add_positions(acc_t sum, const scalar_t* grad, int64_t dh, int64_t d,
+                                               int64_t entry, unsigned a, unsigned b) {
+  for (unsigned q = a; q <= b; ++q) {
+    const int64_t e = __shfl_sync(kFullMask, entry, static_cast<int>(q));
+    if (d < dh) sum += static_cast<acc_t>(grad[e * dh + d]);
+  }
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void sorted_run_pieces_kernel(const scalar_t* grad, int64_t dh, const int64_t* sorted_rows,
+                                         const int64_t* order, int64_t entries, scalar_t* out, acc_t* partial) {
+  const uint32_t n = static_cast<uint32_t>(entries), pieces = static_cast<uint32_t>(run_pieces(entries));
+  const unsigned lane = threadIdx.x;
+  for (uint32_t j = blockIdx.y * blockDim.y + threadIdx.y; j < pieces; j += gridDim.y * blockDim.y) {
+    const RunLane me = run_lane(sorted_rows, order, n, j * kRunPiece, lane);
+    const unsigned firsts = __ballot_sync(kFullMask, me.first);
+    const unsigned lasts = __ballot_sync(kFullMask, me.last);
+    const unsigned valid = __ballot_sync(kFullMask, me.row >= 0);
+    // The runs in the piece, by their first lane here: lane 0 too when it
+    // goes on a run from the piece before (summed here only if the run also
+    // goes on past this piece: otherwise the totals kernel sums it).
+    unsigned starts = firsts | (valid & ~firsts & 1u);
+    while (starts != 0) {  // warp-uniform: ballots
+      const unsigned a = lowest_lane(starts);
+      starts &= starts - 1;
+      const unsigned ends = lasts >> a;
+      const bool goes_on = ends == 0;  // past the piece's end
+      if (!(firsts >> a & 1u) && !goes_on) continue;
+      const unsigned b = goes_on ? kRunPiece - 1 : a + lowest_lane(ends);
+      const int64_t row = __shfl_sync(kFullMask, me.row, static_cast<int>(a));
+      for (int64_t d0 = 0; d0 < dh; d0 += kRunPiece) {
+        const int64_t d = d0 + lane;
+        const acc_t sum = add_positions<scalar_t, acc_t>(acc_t(0), grad, dh, d, me.entry, a, b);
+        if (d >= dh) continue;
+        if (goes_on) {
+          partial[int64_t(j) * dh + d] = sum;
+        } else {
+          out[row * dh + d] = static_cast<scalar_t>(sum);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void sorted_run_totals_kernel(const scalar_t* grad, int64_t dh, const int64_t* sorted_rows,
+                                         const int64_t* order, int64_t entries, const acc_t* partial,
+                                         scalar_t* out) {
+  const uint32_t n = static_cast<uint32_t>(entries), pieces = static_cast<uint32_t>(run_pieces(entries));
+  const unsigned lane = threadIdx.x;
+  for (uint32_t j = blockIdx.y * blockDim.y + threadIdx.y; j < pieces; j += gridDim.y * blockDim.y) {
+    const RunLane me = run_lane(sorted_rows, order, n, j * kRunPiece, lane);
+    const unsigned lasts = __ballot_sync(kFullMask, me.last);
+    // Only a run that came from an earlier piece and ends in this one.
+    const bool from_before = __shfl_sync(kFullMask, static_cast<int>(me.row >= 0 && !me.first), 0) != 0;
+    if (!from_before || lasts == 0) continue;
+    const unsigned b = lowest_lane(lasts);
+    const int64_t row = __shfl_sync(kFullMask, me.row, 0);
+    // The run's first position: the first q < j * 32 with sorted_rows[q] == row.
+    uint32_t lo = 0, hi = j * kRunPiece;
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (sorted_rows[mid] < row) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    const uint32_t first_piece = lo / kRunPiece;
+    for (int64_t d0 = 0; d0 < dh; d0 += kRunPiece) {
+      const int64_t d = d0 + lane;
       acc_t sum = 0;
-      for (uint32_t q = p; q < n && sorted_rows[q] == row; ++q) sum += static_cast<acc_t>(grad[order[q] * dh + d]);
-      out[row * dh + d] = static_cast<scalar_t>(sum);
+      if (d < dh) {
+        sum = partial[int64_t(first_piece) * dh + d];
+        for (uint32_t k = first_piece + 1; k < j; ++k) sum += partial[int64_t(k) * dh + d];
+      }
+      sum = add_positions<scalar_t, acc_t>(sum, grad, dh, d, me.entry, 0, b);
+      if (d < dh) out[row * dh + d] = static_cast<scalar_t>(sum);
     }
   }
 }

@@ -177,11 +177,20 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto [sorted_rows, order] = rows.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
     result = at::zeros({num_rows, Dh}, grad.options());
+    // Long runs (the pad row's) are summed in pieces of 32 positions, then
+    // per row in a fixed order (kernels/cuda_kernels.cuh): no host sync.
+    const int64_t pieces = cuda::run_pieces(entries);
+    const dim3 grid(1, cuda::gather_blocks(pieces)), block(cuda::kGatherLanes, cuda::kGatherEntries);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
-      cuda::sum_sorted_runs_kernel<scalar_t, at::opmath_type<scalar_t>>
-          <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
-              grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(),
-              order.const_data_ptr<int64_t>(), entries, result.data_ptr<scalar_t>());
+      using acc_t = at::opmath_type<scalar_t>;
+      at::Tensor partial = at::empty({pieces, Dh}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      cuda::sorted_run_pieces_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+          entries, result.data_ptr<scalar_t>(), partial.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::sorted_run_totals_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+          entries, partial.const_data_ptr<acc_t>(), result.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -332,6 +333,24 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   EXPECT_EQ(err.record.value, 7);
 }
 
+// The 16-bit backward's run sums as multihead_embedding_backward_cuda
+// launches them: both kernels at the gather's shape, a warp per piece.
+template <typename scalar_t, typename acc_t>
+void sum_sorted_runs(const std::vector<scalar_t>& grad, int64_t dh, const std::vector<int64_t>& sorted_rows,
+                     const std::vector<int64_t>& order, std::vector<scalar_t>& out) {
+  const int64_t entries = static_cast<int64_t>(sorted_rows.size()), pieces = run_pieces(entries);
+  std::vector<acc_t> partial(static_cast<size_t>(pieces * dh), acc_t(-777));  // unwritten slots are never read
+  const simt::Dim3 grid(1, gather_blocks(pieces, g_block_cap)), block(kGatherLanes, kGatherEntries);
+  simt::launch(grid, block, [&] {
+    sorted_run_pieces_kernel<scalar_t, acc_t>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data(),
+                                              partial.data());
+  });
+  simt::launch(grid, block, [&] {
+    sorted_run_totals_kernel<scalar_t, acc_t>(grad.data(), dh, sorted_rows.data(), order.data(), entries,
+                                              partial.data(), out.data());
+  });
+}
+
 TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   // The 16-bit dense gradient: rows per entry (bad ones -1 and reported), a
   // stable sort by row (std::stable_sort standing in for the device sort),
@@ -355,15 +374,131 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   std::vector<float> grad(entries * dh);
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 7) - 2.5f;
   std::vector<float> out(R * dh, 0.f);
-  launch_gather(entries, [&] {
-    sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
-  });
+  sum_sorted_runs<float, double>(grad, dh, sorted_rows, order, out);
   std::vector<float> want(R * dh, 0.f);
   for (int64_t e = 0; e < entries; ++e) {
     if (rows[e] < 0) continue;
     for (int64_t d = 0; d < dh; ++d) want[rows[e] * dh + d] += grad[e * dh + d];
   }
   EXPECT_EQ(out, want);
+}
+
+// Runs of every length against the pieces of 32 positions: one far longer
+// than several pieces (the pad row's), runs that end or start exactly at a
+// piece's edge or straddle it, bad entries (-1, sorted first), at odd dh
+// (below 32, past 32 and not a multiple, one), at both grid caps and under
+// three schedules.
+TEST(CudaKernelsMock, LongSortedRunsAreSummedInPiecesExactlyAndDeterministically) {
+  const int64_t R = 12;
+  // Run lengths of rows 0..R-1 (0: untouched), plus 3 bad entries.
+  const std::vector<int64_t> lengths = {1, 0, 2, 31, 32, 33, 230, 5, 64, 65, 0, 3};
+  std::vector<int64_t> rows;
+  for (int b = 0; b < 3; ++b) rows.push_back(-1);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < lengths[r]; ++i) rows.push_back(r);
+  }
+  const int64_t entries = static_cast<int64_t>(rows.size());
+  ASSERT_GT(lengths[6], 6 * kRunPiece);
+  // The entries in a shuffled order, as the stable sort's permutation.
+  std::mt19937_64 rng(11);
+  std::vector<int64_t> order(entries);
+  for (int64_t e = 0; e < entries; ++e) order[e] = e;
+  std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int64_t> sorted_rows = rows;
+  // Keep each run's order ascending in entry index (a stable sort's).
+  for (int64_t q = 0; q < entries;) {
+    int64_t end = q;
+    while (end < entries && rows[end] == rows[q]) ++end;
+    std::sort(order.begin() + q, order.begin() + end);
+    q = end;
+  }
+  for (int64_t dh : {1, 3, 31, 33, 70}) {
+    SCOPED_TRACE(testing::Message() << "dh " << dh);
+    // Integer-valued gradients: every sum is exact in any order, so the
+    // kernels must equal the CPU's entry-order sum bit for bit.
+    std::vector<float> exact(entries * dh), noisy(entries * dh);
+    for (size_t i = 0; i < exact.size(); ++i) {
+      exact[i] = static_cast<float>(static_cast<int64_t>(rng() % 17) - 8);
+      noisy[i] = std::ldexp(static_cast<float>(rng() % (1u << 24)), -20) - 8.f;
+    }
+    std::vector<float> want_exact(R * dh, 0.f), want_serial(R * dh, 0.f);
+    for (int64_t q = 0; q < entries; ++q) {
+      if (sorted_rows[q] < 0) continue;
+      for (int64_t d = 0; d < dh; ++d) {
+        want_exact[sorted_rows[q] * dh + d] += exact[order[q] * dh + d];
+        want_serial[sorted_rows[q] * dh + d] += noisy[order[q] * dh + d];
+      }
+    }
+    // The documented order of a run over pieces j0..j1: the run's positions
+    // in piece j0 in order, each whole piece between as one partial sum, then
+    // the positions in piece j1 one by one.
+    std::vector<float> want_pieces(R * dh, 0.f);
+    for (int64_t q = 0; q < entries;) {
+      int64_t end = q;
+      while (end < entries && sorted_rows[end] == sorted_rows[q]) ++end;
+      if (sorted_rows[q] >= 0) {
+        const int64_t j0 = q / kRunPiece, j1 = (end - 1) / kRunPiece;
+        for (int64_t d = 0; d < dh; ++d) {
+          float sum = 0.f;
+          for (int64_t p = q; p < std::min(end, (j0 + 1) * kRunPiece); ++p) sum += noisy[order[p] * dh + d];
+          for (int64_t j = j0 + 1; j < j1; ++j) {
+            float part = 0.f;
+            for (int64_t p = j * kRunPiece; p < (j + 1) * kRunPiece; ++p) part += noisy[order[p] * dh + d];
+            sum += part;
+          }
+          if (j1 > j0) {
+            for (int64_t p = j1 * kRunPiece; p < end; ++p) sum += noisy[order[p] * dh + d];
+          }
+          want_pieces[sorted_rows[q] * dh + d] = sum;
+        }
+      }
+      q = end;
+    }
+    std::vector<float> first_noisy;
+    at_both_caps([&] {
+      for (simt::Schedule sched : {simt::Schedule::kForward, simt::Schedule::kReverse, simt::Schedule::kShuffled}) {
+        simt::set_schedule(sched, 5);
+        std::vector<float> out(R * dh, 0.f);
+        sum_sorted_runs<float, float>(exact, dh, sorted_rows, order, out);
+        ASSERT_EQ(out, want_exact);
+        std::fill(out.begin(), out.end(), 0.f);
+        sum_sorted_runs<float, float>(noisy, dh, sorted_rows, order, out);
+        ASSERT_EQ(out, want_pieces);
+        if (first_noisy.empty()) first_noisy = out;
+        ASSERT_EQ(out, first_noisy);  // the same bits at every cap and schedule
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t d = 0; d < dh; ++d) {
+            const float got = out[r * dh + d], serial = want_serial[r * dh + d];
+            if (lengths[r] <= kRunPiece + 1) {
+              // Within at most two pieces: the CPU's entry-order sum exactly.
+              ASSERT_EQ(got, serial) << "row " << r << " d " << d;
+            } else {
+              ASSERT_NEAR(got, serial, 1e-4 * lengths[r]) << "row " << r << " d " << d;
+            }
+          }
+        }
+      }
+    });
+    simt::set_schedule(simt::Schedule::kForward);
+  }
+}
+
+// One entry, and a single run that fills whole pieces exactly.
+TEST(CudaKernelsMock, SortedRunsOfOneEntryAndOfWholePieces) {
+  for (int64_t entries : {int64_t{1}, int64_t{2} * kRunPiece, int64_t{3} * kRunPiece}) {
+    const int64_t dh = 5;
+    std::vector<int64_t> sorted_rows(entries, 2), order(entries);
+    for (int64_t e = 0; e < entries; ++e) order[e] = e;
+    std::vector<float> grad(entries * dh);
+    for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 5) + 1.f;
+    std::vector<float> want(4 * dh, 0.f);
+    for (int64_t e = 0; e < entries; ++e) {
+      for (int64_t d = 0; d < dh; ++d) want[2 * dh + d] += grad[e * dh + d];
+    }
+    std::vector<float> out(4 * dh, 0.f);
+    sum_sorted_runs<float, float>(grad, dh, sorted_rows, order, out);
+    EXPECT_EQ(out, want) << entries << " entries";
+  }
 }
 
 // The update ops' row check (kernels/update_rows_cuda.cuh), here since it includes cuda_kernels.cuh.
