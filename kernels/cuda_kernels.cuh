@@ -37,9 +37,14 @@ __global__ void compress_kernel(const int64_t* ids, int64_t n, const int64_t* lo
 // The L*K reduction constants of ngram_hash, built on the device so that the
 // launcher never reads head_sizes back to the host. A bad size is reported
 // and replaced by 1, which keeps the hash kernel free of a division by zero.
+// One thread per head and no loop (FastMod::make divides in 64 bits once):
+// launch with hash_mods_blocks(count), which covers every head.
+inline unsigned hash_mods_blocks(int64_t count) { return blocks_for(count, INT32_MAX); }
+
 __global__ void hash_mods_kernel(const int64_t* head_sizes, const int64_t* offsets, int64_t count, FastMod* mods,
                                  DeviceErrorSlot err) {
-  ENGRAM_GRID_STRIDE(i, count) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < count) {
     int64_t size = head_sizes[i];
     if (size < 1) {
       report_device_error(err, kHeadSizeInvalid, i, size, 0, 1, -1);
@@ -63,12 +68,35 @@ struct HashArgs {
   int64_t* out;            // [L, B, T, K]
 };
 
+// u / d and u % d over the hash kernel's index type: the hardware's 32-bit
+// division, or for 64-bit indices FastMod's multiply-high (a 64-bit / or % is
+// a ~20-instruction slow-path call per use); built once per thread.
+template <typename index_t>
+struct IndexDivider;
+
+template <>
+struct IndexDivider<uint32_t> {
+  uint32_t d;
+  __device__ explicit IndexDivider(uint32_t divisor) : d(divisor) {}
+  __device__ uint32_t div(uint32_t u, uint32_t* rem) const {
+    *rem = u % d;
+    return u / d;
+  }
+};
+
+template <>
+struct IndexDivider<uint64_t> {
+  FastMod m;
+  __device__ explicit IndexDivider(uint64_t divisor) : m(FastMod::make(divisor)) {}
+  __device__ uint64_t div(uint64_t u, uint64_t* rem) const { return m.div_u64(u, rem); }
+};
+
 // One thread per output id (layer l, token i, head k), in the output's order
 // [L, B, T, K]: adjacent threads write adjacent ids, so every warp's stores
 // are contiguous. An order's few multiply-xor steps (or its XXH64) are
 // recomputed by each of its H heads instead of shared; the hash is bound by
-// the stores, not by that arithmetic. index_t is uint32_t when L*B*T*K fits:
-// its divisions are several times cheaper than 64-bit ones.
+// the stores, not by that arithmetic. index_t is uint32_t when L*B*T*K fits
+// (the hardware's 32-bit division), else uint64_t (IndexDivider: FastMod).
 template <typename index_t>
 __global__ void ngram_hash_kernel(HashArgs a) {
   const index_t tokens = static_cast<index_t>(a.batch * a.seq_len);
@@ -76,12 +104,15 @@ __global__ void ngram_hash_kernel(HashArgs a) {
   const index_t seq_len = static_cast<index_t>(a.seq_len);
   const int N = a.max_ngram_size;
   const int64_t total = static_cast<int64_t>(a.num_layers) * a.batch * a.seq_len * a.num_heads;
+  const IndexDivider<index_t> by_heads(K), by_tokens(tokens), by_seq_len(seq_len);
   ENGRAM_GRID_STRIDE(idx64, total) {
     const index_t idx = static_cast<index_t>(idx64);
-    const index_t k = idx % K, layer_token = idx / K;
-    const index_t i = layer_token % tokens, l = layer_token / tokens;
-    const index_t t = i % seq_len;
-    const int n = 2 + static_cast<int>(k / H);  // this head's n-gram order
+    index_t k, i, t;
+    const index_t layer_token = by_heads.div(idx, &k);
+    const index_t l = by_tokens.div(layer_token, &i);
+    by_seq_len.div(i, &t);
+    // k < K, an int: this head's n-gram order in 32 bits
+    const int n = 2 + static_cast<int>(static_cast<uint32_t>(k) / static_cast<uint32_t>(H));
     const int64_t pad = a.lookup[a.pad_id];
     int64_t window[kMaxNgramSize];
     for (int j = 0; j < n; ++j) window[j] = t >= static_cast<index_t>(j) ? a.canonical[i - j] : pad;

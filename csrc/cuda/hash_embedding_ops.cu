@@ -101,7 +101,7 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
   at::Tensor mods = at::empty({words}, input_ids.options());
   at::Tensor size_table = head_sizes.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  cuda::hash_mods_kernel<<<cuda::blocks_for(L * K), cuda::kThreads, 0, stream>>>(
+  cuda::hash_mods_kernel<<<cuda::hash_mods_blocks(L * K), cuda::kThreads, 0, stream>>>(
       size_table.const_data_ptr<int64_t>(), offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr,
       L * K, reinterpret_cast<FastMod*>(mods.data_ptr<int64_t>()), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -42,6 +42,12 @@ void at_both_caps(F test) {
   g_block_cap = 65535;
 }
 
+// hash_mods_kernel's launch: a thread per head, no grid-stride loop.
+template <typename F>
+void launch_mods(int64_t heads, F body) {
+  simt::launch(hash_mods_blocks(heads), kThreads, body);
+}
+
 struct ErrorSlot {
   int claimed = 0;
   DeviceErrorRecord record{};
@@ -99,7 +105,7 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
     std::vector<int64_t> canonical(B * T);
     launch_1d(B * T, [&] { compress_kernel(ids.data(), B * T, lookup.data(), vocab, canonical.data(), err.slot()); });
     std::vector<FastMod> mods(L * K);
-    launch_1d(L * K, [&] { hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot()); });
+    launch_mods(L * K, [&] { hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot()); });
     std::vector<int64_t> out(static_cast<size_t>(L) * B * T * K, -1), out64(out.size(), -2);
     HashArgs a{};
     a.canonical = canonical.data();
@@ -155,17 +161,26 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   const std::vector<int64_t> sizes = {5, 0, 7};
   std::vector<FastMod> mods(3);
   ErrorSlot err;
-  launch_1d(3, [&] { hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot()); });
+  launch_mods(3, [&] { hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot()); });
   EXPECT_EQ(err.record.kind, kHeadSizeInvalid);
   EXPECT_EQ(err.record.index, 1);
   EXPECT_EQ(err.record.value, 0);
   EXPECT_EQ(mods[1].divisor, 1u);  // no division by zero in the hash kernel
   EXPECT_EQ(mods[2].divisor, 7u);
 
+  // Heads over several blocks: every one gets its constants.
+  std::vector<int64_t> many(600);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int64_t>(i) + 2;
+  std::vector<FastMod> many_mods(many.size());
+  ErrorSlot none;
+  launch_mods(600, [&] { hash_mods_kernel(many.data(), nullptr, 600, many_mods.data(), none.slot()); });
+  EXPECT_EQ(none.record.ready, 0);
+  for (size_t i = 0; i < many.size(); ++i) ASSERT_EQ(many_mods[i].divisor, static_cast<uint64_t>(many[i])) << i;
+
   const std::vector<int64_t> offsets = {0, 5, INT64_MAX - 3};
   const std::vector<int64_t> good_sizes = {5, 6, 7};
   ErrorSlot overflow;
-  launch_1d(3, [&] { hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot()); });
+  launch_mods(3, [&] { hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot()); });
   EXPECT_EQ(overflow.record.kind, kHeadOffsetOverflow);
   EXPECT_EQ(overflow.record.index, 2);
   EXPECT_EQ(overflow.record.value, INT64_MAX - 3);
