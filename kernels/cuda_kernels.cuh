@@ -12,6 +12,14 @@ namespace cuda {
 
 constexpr int kThreads = 256;
 
+// #pragma unroll for nvcc; the host compilers (the SIMT emulator) ignore it.
+#if defined(__CUDACC__)
+#define ENGRAM_UNROLL _Pragma("unroll")
+#else
+#define ENGRAM_UNROLL
+#endif
+constexpr unsigned kFullMask = 0xffffffffu;
+
 inline unsigned blocks_for(int64_t work, int64_t max_blocks = 65535) {
   const int64_t b = (work + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
@@ -163,37 +171,89 @@ __device__ __forceinline__ void report_bad_row_of_head(const DeviceErrorSlot& er
 }
 
 
-// Block shape of gather_rows_kernel: kGatherLanes threads (a warp) per entry
-// copy its row's chunks c, c + 32, ... (several per thread on long rows), and
-// kGatherEntries entries per block; the grid's y covers the entries.
+// Block shape of the warp-per-item kernels (the gather, the scatter, the
+// run sums): kGatherLanes threads (a warp, threadIdx.x) per item and
+// kGatherEntries warps per block (threadIdx.y); the grid's y covers the items.
 constexpr int kGatherLanes = 32, kGatherEntries = kThreads / kGatherLanes;
 
-inline unsigned gather_blocks(int64_t entries, int64_t max_blocks = 65535) {
-  const int64_t b = (entries + kGatherEntries - 1) / kGatherEntries;
+inline unsigned gather_blocks(int64_t items, int64_t max_blocks = 65535) {
+  const int64_t b = (items + kGatherEntries - 1) / kGatherEntries;
   return static_cast<unsigned>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
 }
 
-// out[e, :] = weight[row(e), :], a warp per entry (above), launched as
-// <<<dim3(1, gather_blocks(entries)), dim3(kGatherLanes, kGatherEntries)>>>.
-// The entry's row is found once per warp, in 32-bit math for its head (the
-// launcher checks entries < 2^31); the chunks are stepped, not divided. The
-// copy is of bytes, so chunk_t is a plain word of the element's size, or uint4
-// (16 bytes) when rows allow it: one 16-byte load and store instead of 4-8.
+// gather_rows_kernel: a warp per group of kGatherGroup consecutive entries,
+// each lane copying kGatherUnroll chunks per step (their loads in flight
+// together).
+constexpr int kGatherGroup = 32, kGatherUnroll = 4;
+
+inline unsigned gather_group_blocks(int64_t entries, int64_t max_blocks = 65535) {
+  return gather_blocks((entries + kGatherGroup - 1) / kGatherGroup, max_blocks);
+}
+
+// out[e, :] = weight[row(e), :], launched as
+// <<<dim3(1, gather_group_blocks(entries)), dim3(kGatherLanes, kGatherEntries)>>>
+// (the launcher checks entries < 2^31). A warp takes 32 entries at a time:
+// lane l finds the row of entry base + l (its id, offset and head: loaded by
+// every lane at once, in 32-bit math), reports it if bad (once) and reads it
+// as zeros. The group's output is count * chunks_per_row contiguous chunks;
+// lane l copies chunks f = l, l + 32, ..., kGatherUnroll per step, the row
+// of f's entry coming by shuffle, and (entry, chunk) of f stepped, not
+// divided. So short rows keep every lane busy (a 64-byte row: 8 entries per
+// warp step) and long ones have several loads per lane in flight. The copy is
+// of bytes: chunk_t is a plain word of the element's size, or uint4 (16
+// bytes) when rows allow it.
 template <typename chunk_t>
 __global__ void gather_rows_kernel(const chunk_t* weight, int64_t num_rows, int64_t chunks_per_row,
                                    const int64_t* ids, const int64_t* offsets, int64_t K, int64_t entries,
                                    chunk_t* out, DeviceErrorSlot err) {
   const uint32_t n = static_cast<uint32_t>(entries), heads = static_cast<uint32_t>(K);
-  for (uint32_t e = blockIdx.y * blockDim.y + threadIdx.y; e < n; e += gridDim.y * blockDim.y) {
-    const uint32_t k = offsets ? e % heads : 0;
-    const int64_t row = table_row_of_head(ids, offsets, e, k);
-    chunk_t* dst = out + int64_t(e) * chunks_per_row;
-    if (row < 0 || row >= num_rows) {
-      if (threadIdx.x == 0) report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
-      for (int64_t c = threadIdx.x; c < chunks_per_row; c += blockDim.x) dst[c] = chunk_t{};
-    } else {
-      const chunk_t* src = weight + row * chunks_per_row;
-      for (int64_t c = threadIdx.x; c < chunks_per_row; c += blockDim.x) dst[c] = src[c];
+  const uint32_t groups = (n + kGatherGroup - 1) / kGatherGroup;
+  const unsigned lane = threadIdx.x;
+  const int64_t cpr = chunks_per_row;
+  // Lane l's first chunk f = l is (entry l / cpr, chunk l % cpr); a step of
+  // 32 chunks moves (32 / cpr, 32 % cpr) further, with a carry.
+  uint32_t first_entry = 0, step_entries = 0;
+  int64_t first_chunk = lane, step_chunks = kGatherLanes;
+  if (cpr > 0 && cpr <= kGatherLanes) {
+    const uint32_t c32 = static_cast<uint32_t>(cpr);
+    first_entry = lane / c32;
+    first_chunk = lane % c32;
+    step_entries = kGatherLanes / c32;
+    step_chunks = kGatherLanes % c32;
+  }
+  for (uint32_t g = blockIdx.y * blockDim.y + threadIdx.y; g < groups; g += gridDim.y * blockDim.y) {
+    const uint32_t base = g * kGatherGroup;
+    const uint32_t count = n - base < kGatherGroup ? n - base : kGatherGroup;
+    int64_t row = -1;  // the row of entry base + lane; -1: none, or bad (zeros)
+    if (lane < count) {
+      const uint32_t e = base + lane;
+      const uint32_t k = offsets ? e % heads : 0;
+      row = table_row_of_head(ids, offsets, e, k);
+      if (row < 0 || row >= num_rows) {
+        report_bad_row_of_head(err, ids, offsets, e, k, num_rows);
+        row = -1;
+      }
+    }
+    chunk_t* group_out = out + int64_t(base) * cpr;
+    const int64_t total = int64_t(count) * cpr;
+    uint32_t i = first_entry;
+    int64_t c = first_chunk;
+    for (int64_t f0 = 0; f0 < total; f0 += int64_t(kGatherLanes) * kGatherUnroll) {  // warp-uniform
+      chunk_t v[kGatherUnroll];
+ENGRAM_UNROLL
+      for (int u = 0; u < kGatherUnroll; ++u) {
+        const int64_t r = __shfl_sync(kFullMask, row, static_cast<int>(i % kGatherGroup));
+        const bool live = f0 + u * kGatherLanes + lane < total;
+        v[u] = live && r >= 0 ? weight[r * cpr + c] : chunk_t{};
+        i += step_entries;
+        c += step_chunks;
+        if (c >= cpr) c -= cpr, ++i;
+      }
+ENGRAM_UNROLL
+      for (int u = 0; u < kGatherUnroll; ++u) {
+        const int64_t f = f0 + u * kGatherLanes + lane;
+        if (f < total) group_out[f] = v[u];
+      }
     }
   }
 }
@@ -258,7 +318,6 @@ __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, in
 // kGatherEntries)>>>: a warp (threadIdx.y) per piece, its lanes over d; the
 // launcher checks entries < 2^31.
 constexpr int kRunPiece = 32;  // = the warp: lane l holds position piece * 32 + l
-constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t run_pieces(int64_t entries) { return (entries + kRunPiece - 1) / kRunPiece; }
 

@@ -146,11 +146,13 @@ def test_embedding_row_out_of_range_on_cuda_deferred():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("dh", [1, 3, 8, 64])
-def test_embedding_gather_every_row_width(dtype, dh):
-    # 16-byte chunks where a row allows them, element words otherwise.
+@pytest.mark.parametrize("dh", [1, 3, 8, 64, 300])
+@pytest.mark.parametrize("tokens", [7, 333])
+def test_embedding_gather_every_row_width(dtype, dh, tokens):
+    # 16-byte chunks where a row allows them, element words otherwise; a warp
+    # per 32 entries (333 x 2: 21 groups, the last one partial).
     weight = torch.randn(50, dh, device="cuda").to(dtype)
-    ids = torch.randint(0, 24, (7, 2), device="cuda")
+    ids = torch.randint(0, 24, (tokens, 2), device="cuda")
     offsets = torch.tensor([0, 25], device="cuda")
     assert torch.equal(ops.multihead_embedding(weight, ids, offsets), weight[ids + offsets])
     assert torch.equal(ops.multihead_embedding(weight[1:], ids, offsets), weight[1:][ids + offsets])  # unaligned

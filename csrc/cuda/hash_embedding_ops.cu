@@ -42,7 +42,7 @@ void launch_row_gather(const void* table, int64_t num_rows, int64_t row_bytes, c
     using chunk_t = decltype(chunk);
     const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
     cuda::gather_rows_kernel<chunk_t>
-        <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
+        <<<dim3(1, cuda::gather_group_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
         static_cast<const chunk_t*>(table), num_rows, chunks_per_row, ids, offsets, K, entries,
         static_cast<chunk_t*>(out), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

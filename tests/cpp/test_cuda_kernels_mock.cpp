@@ -187,9 +187,16 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   EXPECT_EQ(overflow.record.extra, 7);
 }
 
-// The launch of gather_rows_kernel (csrc/cuda/hash_embedding_ops.cu): a warp per entry.
+// The launch of gather_rows_kernel (csrc/cuda/hash_embedding_ops.cu): a warp per 32 entries.
 template <typename F>
 void launch_gather(int64_t entries, F body) {
+  simt::launch(simt::Dim3(1, gather_group_blocks(entries, g_block_cap)), simt::Dim3(kGatherLanes, kGatherEntries),
+               body);
+}
+
+// The scatter's launch: a warp per entry.
+template <typename F>
+void launch_scatter(int64_t entries, F body) {
   simt::launch(simt::Dim3(1, gather_blocks(entries, g_block_cap)), simt::Dim3(kGatherLanes, kGatherEntries), body);
 }
 
@@ -239,6 +246,63 @@ TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
     check_gather<uint16_t, uint16_t>(7);
     check_gather<uint32_t, float>(301);  // rows longer than a block: the grid wraps at cap 2
   });
+}
+
+// The warp-per-32-entries gather against a plain CPU gather: groups that are
+// full or not (1, 31, 33, 1000 entries), rows of 1 to 130 chunks (shorter
+// than a warp step, exactly 32, past 4 x 32: several steps), 3 heads with
+// offsets, one bad id (zeros, reported once and exactly), at both grid caps
+// (1000 entries: 4 blocks, so cap 2 wraps) and under three schedules.
+TEST(CudaKernelsMock, GatherLoadsIdsPerWarpAndCopiesEveryChunkOfOddRows) {
+  const int64_t R = 40, K = 3;
+  const std::vector<int64_t> offsets = {0, 13, 26};
+  std::mt19937_64 rng(17);
+  at_both_caps([&] {
+    for (simt::Schedule sched : {simt::Schedule::kForward, simt::Schedule::kReverse, simt::Schedule::kShuffled}) {
+      simt::set_schedule(sched, 3);
+      for (int64_t entries : {1, 31, 33, 1000}) {
+        for (int64_t cpr : {1, 3, 31, 32, 33, 70, 130}) {
+          SCOPED_TRACE(testing::Message() << "entries " << entries << " chunks " << cpr << " schedule "
+                                          << static_cast<int>(sched));
+          std::vector<uint32_t> weight(R * cpr);
+          for (auto& w : weight) w = static_cast<uint32_t>(rng());
+          std::vector<int64_t> ids(entries);
+          for (auto& id : ids) id = static_cast<int64_t>(rng() % 13);
+          const int64_t bad_at = entries > 1 ? static_cast<int64_t>(rng() % static_cast<uint64_t>(entries)) : -1;
+          if (bad_at >= 0) ids[bad_at] = 14;  // + offsets[bad_at % 3]: row 14, 27 or 40 (40 is past the table)
+          std::vector<uint32_t> want(entries * cpr, 0);
+          int64_t first_bad = -1;
+          for (int64_t e = 0; e < entries; ++e) {
+            const int64_t row = ids[e] + offsets[e % K];
+            if (row >= R) {
+              if (first_bad < 0) first_bad = e;
+              continue;
+            }
+            std::copy(weight.begin() + row * cpr, weight.begin() + (row + 1) * cpr, want.begin() + e * cpr);
+          }
+          std::vector<uint32_t> out(entries * cpr + 1, 0xdeadbeefu);
+          ErrorSlot err;
+          launch_gather(entries, [&] {
+            gather_rows_kernel<uint32_t>(weight.data(), R, cpr, ids.data(), offsets.data(), K, entries, out.data(),
+                                         err.slot());
+          });
+          ASSERT_EQ(out.back(), 0xdeadbeefu);  // nothing past the output
+          out.pop_back();
+          ASSERT_EQ(out, want);
+          if (first_bad < 0) {
+            EXPECT_EQ(err.claimed, 0);
+          } else {
+            EXPECT_EQ(err.claimed, 1);
+            EXPECT_EQ(err.record.kind, kIdOutOfRange);
+            EXPECT_EQ(err.record.index, first_bad);
+            EXPECT_EQ(err.record.value, R);
+            EXPECT_EQ(err.record.head, 2);
+          }
+        }
+      }
+    }
+  });
+  simt::set_schedule(simt::Schedule::kForward);
 }
 
 // launch_row_gather (csrc/cuda/hash_embedding_ops.cu): the widest chunk that divides the row
@@ -333,7 +397,7 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i + 1);
   std::vector<float> acc(R * dh, 0.f);
   ErrorSlot err;
-  launch_gather(static_cast<int64_t>(ids.size()), [&] {
+  launch_scatter(static_cast<int64_t>(ids.size()), [&] {
     scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
                                           static_cast<int64_t>(ids.size()), acc.data(), err.slot());
   });
