@@ -319,7 +319,7 @@ __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, in
 // launcher checks entries < 2^31.
 constexpr int kRunPiece = 32;  // = the warp: lane l holds position piece * 32 + l
 
-inline int64_t run_pieces(int64_t entries) { return (entries + kRunPiece - 1) / kRunPiece; }
+ENGRAM_HD int64_t run_pieces(int64_t entries) { return (entries + kRunPiece - 1) / kRunPiece; }
 
 // The lowest set bit of a nonzero lane mask.
 __device__ __forceinline__ unsigned lowest_lane(unsigned mask) {
