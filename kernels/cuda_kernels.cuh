@@ -318,6 +318,7 @@ __global__ void entry_rows_kernel(const int64_t* ids, const int64_t* offsets, in
 // kGatherEntries)>>>: a warp (threadIdx.y) per piece, its lanes over d; the
 // launcher checks entries < 2^31.
 constexpr int kRunPiece = 32;  // = the warp: lane l holds position piece * 32 + l
+constexpr int kPartialBatch = 8;  // partials loaded at once by the totals kernel
 
 ENGRAM_HD int64_t run_pieces(int64_t entries) { return (entries + kRunPiece - 1) / kRunPiece; }
 
@@ -430,8 +431,19 @@ __global__ void sorted_run_totals_kernel(const scalar_t* grad, int64_t dh, const
       const int64_t d = d0 + lane;
       acc_t sum = 0;
       if (d < dh) {
-        sum = partial[int64_t(first_piece) * dh + d];
-        for (uint32_t k = first_piece + 1; k < j; ++k) sum += partial[int64_t(k) * dh + d];
+        // The pad row's run has thousands of pieces: their loads go out 8 at
+        // a time, the adds stay in piece order.
+        const acc_t* column = partial + d;
+        sum = column[int64_t(first_piece) * dh];
+        uint32_t k = first_piece + 1;
+        for (; k + kPartialBatch <= j; k += kPartialBatch) {
+          acc_t batch[kPartialBatch];
+          ENGRAM_UNROLL
+          for (int u = 0; u < kPartialBatch; ++u) batch[u] = column[int64_t(k + u) * dh];
+          ENGRAM_UNROLL
+          for (int u = 0; u < kPartialBatch; ++u) sum += batch[u];
+        }
+        for (; k < j; ++k) sum += column[int64_t(k) * dh];
       }
       sum = add_positions<scalar_t, acc_t>(sum, grad, dh, d, me.entry, 0, b);
       if (d < dh) out[row * dh + d] = static_cast<scalar_t>(sum);

@@ -463,21 +463,21 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
 }
 
 // Runs of every length against the pieces of 32 positions: one far longer
-// than several pieces (the pad row's), runs that end or start exactly at a
+// than several pieces (the pad row's: 13 whole pieces between its ends), runs that end or start exactly at a
 // piece's edge or straddle it, bad entries (-1, sorted first), at odd dh
 // (below 32, and past 32 but not a multiple), at both grid caps and under
 // three schedules.
 TEST(CudaKernelsMock, LongSortedRunsAreSummedInPiecesExactlyAndDeterministically) {
   const int64_t R = 12;
   // Run lengths of rows 0..R-1 (0: untouched), plus 3 bad entries.
-  const std::vector<int64_t> lengths = {1, 0, 2, 31, 32, 33, 230, 5, 64, 65, 0, 3};
+  const std::vector<int64_t> lengths = {1, 0, 2, 31, 32, 33, 420, 5, 64, 65, 0, 3};
   std::vector<int64_t> rows;
   for (int b = 0; b < 3; ++b) rows.push_back(-1);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t i = 0; i < lengths[r]; ++i) rows.push_back(r);
   }
   const int64_t entries = static_cast<int64_t>(rows.size());
-  ASSERT_GT(lengths[6], 6 * kRunPiece);
+  ASSERT_GT(lengths[6], (kPartialBatch + 3) * kRunPiece);  // the totals load a batch of partials and more
   // The entries in a shuffled order, as the stable sort's permutation.
   std::mt19937_64 rng(11);
   std::vector<int64_t> order(entries);
