@@ -59,6 +59,18 @@ struct FastMod {
     return r;
   }
 
+  // u / p, and u mod p into *rem: mod_u64's estimate, with the quotient
+  // corrected along (the CUDA kernels' 64-bit index split, without the
+  // hardware-less 64-bit division).
+  ENGRAM_HD uint64_t div_u64(uint64_t u, uint64_t* rem) const {
+    uint64_t q = mul_hi_u64(u, reciprocal);
+    uint64_t r = u - q * divisor;
+    if (r >= divisor) r -= divisor, ++q;
+    if (r >= divisor) r -= divisor, ++q;
+    *rem = r;
+    return q;
+  }
+
   // Floor modulo of a signed value: the result is in [0, p) also for x < 0,
   // like Python's and numpy's `%`.
   ENGRAM_HD uint64_t floor_mod_i64(int64_t x) const {

@@ -39,17 +39,32 @@ inline unsigned blocks_for(int64_t threads, int64_t max_blocks = 65535) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 // keys[e] = (row << entry_bits) | e, as int64 (the launcher keeps keys below
-// 2^63); a row outside [0, num_rows) raises *bad.
-static __global__ void dedup_keys_kernel(const int64_t* ids, const int64_t* offsets, int64_t num_heads, int64_t entries,
-                                  int64_t num_rows, optim::KeyLayout layout, int64_t* keys, int* bad) {
-  ENGRAM_THREAD_STRIDE(e, entries) {
-    const int64_t row = optim::entry_row(ids, offsets, num_heads, e, num_rows);
+// 2^63); a row outside [0, num_rows) raises *bad. The entry's head e % K is
+// stepped with e (a 64-bit % per entry is a ~20-instruction slow path): two
+// remainders per thread, in 32 bits whenever the values fit (always, at the
+// launcher's grids).
+__device__ __forceinline__ int64_t rem_small(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<int64_t>(static_cast<uint32_t>(a) % static_cast<uint32_t>(b));
+  return a % b;
+}
+
+static __global__ void dedup_keys_kernel(const int64_t* ids, const int64_t* offsets, int64_t num_heads,
+                                         int64_t entries, int64_t num_rows, optim::KeyLayout layout, int64_t* keys,
+                                         int* bad) {
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t heads = offsets ? num_heads : 1;
+  int64_t head = rem_small(first, heads);
+  const int64_t head_step = rem_small(stride, heads);
+  for (int64_t e = first; e < entries; e += stride) {
+    const int64_t row = optim::entry_row_of_head(ids, offsets, head, e, num_rows);
     if (row < 0) {
       *bad = 1;
       keys[e] = 0;
     } else {
       keys[e] = static_cast<int64_t>(layout.pack(static_cast<uint64_t>(row), static_cast<uint64_t>(e)));
     }
+    head += head_step;
+    if (head >= heads) head -= heads;
   }
 }
 

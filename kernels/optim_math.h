@@ -275,10 +275,17 @@ struct KeyLayout {
 
 // Table row of entry e of ids [..., K] (+ offsets [K]), or -1 when outside
 // [0, num_rows).
+// entry_row with the entry's head (e % num_heads) given: the CUDA kernel steps
+// it along its grid-stride loop instead of dividing per entry.
+ENGRAM_HD int64_t entry_row_of_head(const int64_t* ids, const int64_t* offsets, int64_t head, int64_t e,
+                                    int64_t num_rows) {
+  const int64_t row = offsets ? ids[e] + offsets[head] : ids[e];
+  return (row >= 0 && row < num_rows) ? row : -1;
+}
+
 ENGRAM_HD int64_t entry_row(const int64_t* ids, const int64_t* offsets, int64_t num_heads, int64_t e,
                             int64_t num_rows) {
-  const int64_t row = offsets ? ids[e] + offsets[e % num_heads] : ids[e];
-  return (row >= 0 && row < num_rows) ? row : -1;
+  return entry_row_of_head(ids, offsets, offsets ? e % num_heads : 0, e, num_rows);
 }
 
 // Digit sizes of an LSD sort over `bits` key bits: as few passes as digits of

@@ -32,14 +32,10 @@ from dataclasses import dataclass, field
 # Kernels (by function name, without namespace or template arguments) allowed
 # to call the 64-bit division slow path for now, each with the reason. Remove
 # an entry when its kernel is fixed: the check fails on entries not needed.
-ALLOWLIST = {
-    # kernels/layer_cuda.cuh: the per-element (token, channel) split and the
-    # row pointers are int64 / and % (issue 21 part 2: 2-D grids, stepped pointers)
-    # kernels/cuda_kernels.cuh
-    "ngram_hash_kernel": "only the uint64 instance, taken when L*B*T*K ids exceed 2^32",
-    "hash_mods_kernel": "FastMod::make divides once per head: L*K threads, off the per-token path",
-    # kernels/optim_cuda.cuh
-    "dedup_keys_kernel": "optim::entry_row's e % num_heads per entry",
+ALLOWLIST: dict[str, str] = {
+    # none left: the layer kernels (2-D grids, stepped pointers), the hash
+    # kernels (32-bit or FastMod index math, one thread per head for the
+    # constants) and dedup_keys_kernel (a stepped head) were fixed (issue 21)
 }
 
 

@@ -96,6 +96,33 @@ def test_embedding_forward_backward_match_reference(dtype):
     torch.testing.assert_close(weight.grad.double(), w64.grad, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dh", [5, 33])
+def test_embedding_backward_long_pad_run_matches_cpu(dtype, dh):
+    # 16-bit tables: each row's run of sorted entries is summed in pieces of
+    # 32, then per row in a fixed order. The pad row's run here spans ~30
+    # pieces; every other row has a few entries, summed exactly as on the CPU.
+    weight_rows, pad_row = 50, 7
+    ids = torch.randint(0, weight_rows, (4, 300))
+    ids[:, 60:] = pad_row
+    grad = torch.randn(4, 300, dh).to(dtype)
+    cpu = torch.ops.engram.multihead_embedding_backward(grad, ids, None, weight_rows)
+    grad_gpu, ids_gpu = grad.cuda(), ids.cuda()
+    torch.ops.engram.multihead_embedding_backward(grad_gpu, ids_gpu, None, weight_rows)  # warm-up: allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = torch.ops.engram.multihead_embedding_backward(grad_gpu, ids_gpu, None, weight_rows)
+        again = torch.ops.engram.multihead_embedding_backward(grad_gpu, ids_gpu, None, weight_rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(gpu, again)  # the same bits every run
+    gpu = gpu.cpu()
+    others = torch.arange(weight_rows) != pad_row
+    assert torch.equal(gpu[others], cpu[others])
+    torch.testing.assert_close(gpu[pad_row].float(), cpu[pad_row].float(), atol=1e-3, rtol=2**-7)
+
+
 def test_embedding_row_out_of_range_on_cuda(sync_checks):
     weight = torch.randn(10, 4, device="cuda", requires_grad=True)
     ids = torch.tensor([[1, 10]], device="cuda")
@@ -119,11 +146,13 @@ def test_embedding_row_out_of_range_on_cuda_deferred():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("dh", [1, 3, 8, 64])
-def test_embedding_gather_every_row_width(dtype, dh):
-    # 16-byte chunks where a row allows them, element words otherwise.
+@pytest.mark.parametrize("dh", [1, 3, 8, 64, 300])
+@pytest.mark.parametrize("tokens", [7, 333])
+def test_embedding_gather_every_row_width(dtype, dh, tokens):
+    # 16-byte chunks where a row allows them, element words otherwise; a warp
+    # per 32 entries (333 x 2: 21 groups, the last one partial).
     weight = torch.randn(50, dh, device="cuda").to(dtype)
-    ids = torch.randint(0, 24, (7, 2), device="cuda")
+    ids = torch.randint(0, 24, (tokens, 2), device="cuda")
     offsets = torch.tensor([0, 25], device="cuda")
     assert torch.equal(ops.multihead_embedding(weight, ids, offsets), weight[ids + offsets])
     assert torch.equal(ops.multihead_embedding(weight[1:], ids, offsets), weight[1:][ids + offsets])  # unaligned

@@ -42,7 +42,7 @@ void launch_row_gather(const void* table, int64_t num_rows, int64_t row_bytes, c
     using chunk_t = decltype(chunk);
     const int64_t chunks_per_row = row_bytes / static_cast<int64_t>(sizeof(chunk_t));
     cuda::gather_rows_kernel<chunk_t>
-        <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
+        <<<dim3(1, cuda::gather_group_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
         static_cast<const chunk_t*>(table), num_rows, chunks_per_row, ids, offsets, K, entries,
         static_cast<chunk_t*>(out), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -101,7 +101,7 @@ at::Tensor ngram_hash_cuda(const at::Tensor& input_ids, const at::Tensor& lookup
   at::Tensor mods = at::empty({words}, input_ids.options());
   at::Tensor size_table = head_sizes.contiguous();
   at::Tensor offset_table = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  cuda::hash_mods_kernel<<<cuda::blocks_for(L * K), cuda::kThreads, 0, stream>>>(
+  cuda::hash_mods_kernel<<<cuda::hash_mods_blocks(L * K), cuda::kThreads, 0, stream>>>(
       size_table.const_data_ptr<int64_t>(), offsets.has_value() ? offset_table.const_data_ptr<int64_t>() : nullptr,
       L * K, reinterpret_cast<FastMod*>(mods.data_ptr<int64_t>()), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -177,11 +177,20 @@ at::Tensor multihead_embedding_backward_cuda(const at::Tensor& grad_in, const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto [sorted_rows, order] = rows.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
     result = at::zeros({num_rows, Dh}, grad.options());
+    // Long runs (the pad row's) are summed in pieces of 32 positions, then
+    // per row in a fixed order (kernels/cuda_kernels.cuh): no host sync.
+    const int64_t pieces = cuda::run_pieces(entries);
+    const dim3 grid(1, cuda::gather_blocks(pieces)), block(cuda::kGatherLanes, cuda::kGatherEntries);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "multihead_embedding_backward_cuda", [&] {
-      cuda::sum_sorted_runs_kernel<scalar_t, at::opmath_type<scalar_t>>
-          <<<dim3(1, cuda::gather_blocks(entries)), dim3(cuda::kGatherLanes, cuda::kGatherEntries), 0, stream>>>(
-              grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(),
-              order.const_data_ptr<int64_t>(), entries, result.data_ptr<scalar_t>());
+      using acc_t = at::opmath_type<scalar_t>;
+      at::Tensor partial = at::empty({pieces, Dh}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      cuda::sorted_run_pieces_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+          entries, result.data_ptr<scalar_t>(), partial.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::sorted_run_totals_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), Dh, sorted_rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+          entries, partial.const_data_ptr<acc_t>(), result.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -39,6 +40,12 @@ void at_both_caps(F test) {
     test();
   }
   g_block_cap = 65535;
+}
+
+// hash_mods_kernel's launch: a thread per head, no grid-stride loop.
+template <typename F>
+void launch_mods(int64_t heads, F body) {
+  simt::launch(hash_mods_blocks(heads), kThreads, body);
 }
 
 struct ErrorSlot {
@@ -98,7 +105,7 @@ TEST(CudaKernelsMock, NgramHashMatchesTheHostHashPerToken) {
     std::vector<int64_t> canonical(B * T);
     launch_1d(B * T, [&] { compress_kernel(ids.data(), B * T, lookup.data(), vocab, canonical.data(), err.slot()); });
     std::vector<FastMod> mods(L * K);
-    launch_1d(L * K, [&] { hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot()); });
+    launch_mods(L * K, [&] { hash_mods_kernel(sizes.data(), with_offsets ? offsets.data() : nullptr, L * K, mods.data(), err.slot()); });
     std::vector<int64_t> out(static_cast<size_t>(L) * B * T * K, -1), out64(out.size(), -2);
     HashArgs a{};
     a.canonical = canonical.data();
@@ -154,26 +161,42 @@ TEST(CudaKernelsMock, HashTableErrorsAreReportedAndKeepTheKernelSafe) {
   const std::vector<int64_t> sizes = {5, 0, 7};
   std::vector<FastMod> mods(3);
   ErrorSlot err;
-  launch_1d(3, [&] { hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot()); });
+  launch_mods(3, [&] { hash_mods_kernel(sizes.data(), nullptr, 3, mods.data(), err.slot()); });
   EXPECT_EQ(err.record.kind, kHeadSizeInvalid);
   EXPECT_EQ(err.record.index, 1);
   EXPECT_EQ(err.record.value, 0);
   EXPECT_EQ(mods[1].divisor, 1u);  // no division by zero in the hash kernel
   EXPECT_EQ(mods[2].divisor, 7u);
 
+  // Heads over several blocks: every one gets its constants.
+  std::vector<int64_t> many(600);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int64_t>(i) + 2;
+  std::vector<FastMod> many_mods(many.size());
+  ErrorSlot none;
+  launch_mods(600, [&] { hash_mods_kernel(many.data(), nullptr, 600, many_mods.data(), none.slot()); });
+  EXPECT_EQ(none.record.ready, 0);
+  for (size_t i = 0; i < many.size(); ++i) ASSERT_EQ(many_mods[i].divisor, static_cast<uint64_t>(many[i])) << i;
+
   const std::vector<int64_t> offsets = {0, 5, INT64_MAX - 3};
   const std::vector<int64_t> good_sizes = {5, 6, 7};
   ErrorSlot overflow;
-  launch_1d(3, [&] { hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot()); });
+  launch_mods(3, [&] { hash_mods_kernel(good_sizes.data(), offsets.data(), 3, mods.data(), overflow.slot()); });
   EXPECT_EQ(overflow.record.kind, kHeadOffsetOverflow);
   EXPECT_EQ(overflow.record.index, 2);
   EXPECT_EQ(overflow.record.value, INT64_MAX - 3);
   EXPECT_EQ(overflow.record.extra, 7);
 }
 
-// The launch of gather_rows_kernel (csrc/cuda/hash_embedding_ops.cu): a warp per entry.
+// The launch of gather_rows_kernel (csrc/cuda/hash_embedding_ops.cu): a warp per 32 entries.
 template <typename F>
 void launch_gather(int64_t entries, F body) {
+  simt::launch(simt::Dim3(1, gather_group_blocks(entries, g_block_cap)), simt::Dim3(kGatherLanes, kGatherEntries),
+               body);
+}
+
+// The scatter's launch: a warp per entry.
+template <typename F>
+void launch_scatter(int64_t entries, F body) {
   simt::launch(simt::Dim3(1, gather_blocks(entries, g_block_cap)), simt::Dim3(kGatherLanes, kGatherEntries), body);
 }
 
@@ -223,6 +246,63 @@ TEST(CudaKernelsMock, GatherRowsInEveryChunkWidth) {
     check_gather<uint16_t, uint16_t>(7);
     check_gather<uint32_t, float>(301);  // rows longer than a block: the grid wraps at cap 2
   });
+}
+
+// The warp-per-32-entries gather against a plain CPU gather: groups that are
+// full or not (1, 31, 33, 600 entries), rows of 1 to 130 chunks (shorter
+// than a warp step, exactly 32, past 4 x 32: several steps), 3 heads with
+// offsets, one bad id (zeros, reported once and exactly), at both grid caps
+// (600 entries: 3 blocks, so cap 2 wraps) and under three schedules.
+TEST(CudaKernelsMock, GatherLoadsIdsPerWarpAndCopiesEveryChunkOfOddRows) {
+  const int64_t R = 40, K = 3;
+  const std::vector<int64_t> offsets = {0, 13, 26};
+  std::mt19937_64 rng(17);
+  at_both_caps([&] {
+    for (simt::Schedule sched : {simt::Schedule::kForward, simt::Schedule::kReverse, simt::Schedule::kShuffled}) {
+      simt::set_schedule(sched, 3);
+      for (int64_t entries : {1, 31, 33, 600}) {
+        for (int64_t cpr : {1, 3, 31, 32, 33, 130}) {
+          SCOPED_TRACE(testing::Message() << "entries " << entries << " chunks " << cpr << " schedule "
+                                          << static_cast<int>(sched));
+          std::vector<uint32_t> weight(R * cpr);
+          for (auto& w : weight) w = static_cast<uint32_t>(rng());
+          std::vector<int64_t> ids(entries);
+          for (auto& id : ids) id = static_cast<int64_t>(rng() % 13);
+          const int64_t bad_at = entries > 1 ? static_cast<int64_t>(rng() % static_cast<uint64_t>(entries)) : -1;
+          if (bad_at >= 0) ids[bad_at] = 14;  // + offsets[bad_at % 3]: row 14, 27 or 40 (40 is past the table)
+          std::vector<uint32_t> want(entries * cpr, 0);
+          int64_t first_bad = -1;
+          for (int64_t e = 0; e < entries; ++e) {
+            const int64_t row = ids[e] + offsets[e % K];
+            if (row >= R) {
+              if (first_bad < 0) first_bad = e;
+              continue;
+            }
+            std::copy(weight.begin() + row * cpr, weight.begin() + (row + 1) * cpr, want.begin() + e * cpr);
+          }
+          std::vector<uint32_t> out(entries * cpr + 1, 0xdeadbeefu);
+          ErrorSlot err;
+          launch_gather(entries, [&] {
+            gather_rows_kernel<uint32_t>(weight.data(), R, cpr, ids.data(), offsets.data(), K, entries, out.data(),
+                                         err.slot());
+          });
+          ASSERT_EQ(out.back(), 0xdeadbeefu);  // nothing past the output
+          out.pop_back();
+          ASSERT_EQ(out, want);
+          if (first_bad < 0) {
+            EXPECT_EQ(err.claimed, 0);
+          } else {
+            EXPECT_EQ(err.claimed, 1);
+            EXPECT_EQ(err.record.kind, kIdOutOfRange);
+            EXPECT_EQ(err.record.index, first_bad);
+            EXPECT_EQ(err.record.value, R);
+            EXPECT_EQ(err.record.head, 2);
+          }
+        }
+      }
+    }
+  });
+  simt::set_schedule(simt::Schedule::kForward);
 }
 
 // launch_row_gather (csrc/cuda/hash_embedding_ops.cu): the widest chunk that divides the row
@@ -317,7 +397,7 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i + 1);
   std::vector<float> acc(R * dh, 0.f);
   ErrorSlot err;
-  launch_gather(static_cast<int64_t>(ids.size()), [&] {
+  launch_scatter(static_cast<int64_t>(ids.size()), [&] {
     scatter_add_rows_kernel<float, float>(grad.data(), R, dh, ids.data(), nullptr, 1,
                                           static_cast<int64_t>(ids.size()), acc.data(), err.slot());
   });
@@ -330,6 +410,24 @@ TEST(CudaKernelsMock, ScatterAddSumsRepeatedRowsAndSkipsBadOnes) {
   EXPECT_EQ(err.record.kind, kIdOutOfRange);
   EXPECT_EQ(err.record.index, 3);
   EXPECT_EQ(err.record.value, 7);
+}
+
+// The 16-bit backward's run sums as multihead_embedding_backward_cuda
+// launches them: both kernels at the gather's shape, a warp per piece.
+template <typename scalar_t, typename acc_t>
+void sum_sorted_runs(const std::vector<scalar_t>& grad, int64_t dh, const std::vector<int64_t>& sorted_rows,
+                     const std::vector<int64_t>& order, std::vector<scalar_t>& out) {
+  const int64_t entries = static_cast<int64_t>(sorted_rows.size()), pieces = run_pieces(entries);
+  std::vector<acc_t> partial(static_cast<size_t>(pieces * dh), acc_t(-777));  // unwritten slots are never read
+  const simt::Dim3 grid(1, gather_blocks(pieces, g_block_cap)), block(kGatherLanes, kGatherEntries);
+  simt::launch(grid, block, [&] {
+    sorted_run_pieces_kernel<scalar_t, acc_t>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data(),
+                                              partial.data());
+  });
+  simt::launch(grid, block, [&] {
+    sorted_run_totals_kernel<scalar_t, acc_t>(grad.data(), dh, sorted_rows.data(), order.data(), entries,
+                                              partial.data(), out.data());
+  });
 }
 
 TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
@@ -355,15 +453,131 @@ TEST(CudaKernelsMock, SortedRunsSumEachRowOnceInEntryOrder) {
   std::vector<float> grad(entries * dh);
   for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 7) - 2.5f;
   std::vector<float> out(R * dh, 0.f);
-  launch_gather(entries, [&] {
-    sum_sorted_runs_kernel<float, double>(grad.data(), dh, sorted_rows.data(), order.data(), entries, out.data());
-  });
+  sum_sorted_runs<float, double>(grad, dh, sorted_rows, order, out);
   std::vector<float> want(R * dh, 0.f);
   for (int64_t e = 0; e < entries; ++e) {
     if (rows[e] < 0) continue;
     for (int64_t d = 0; d < dh; ++d) want[rows[e] * dh + d] += grad[e * dh + d];
   }
   EXPECT_EQ(out, want);
+}
+
+// Runs of every length against the pieces of 32 positions: one far longer
+// than several pieces (the pad row's: 13 whole pieces between its ends), runs that end or start exactly at a
+// piece's edge or straddle it, bad entries (-1, sorted first), at odd dh
+// (below 32, and past 32 but not a multiple), at both grid caps and under
+// three schedules.
+TEST(CudaKernelsMock, LongSortedRunsAreSummedInPiecesExactlyAndDeterministically) {
+  const int64_t R = 12;
+  // Run lengths of rows 0..R-1 (0: untouched), plus 3 bad entries.
+  const std::vector<int64_t> lengths = {1, 0, 2, 31, 32, 33, 420, 5, 64, 65, 0, 3};
+  std::vector<int64_t> rows;
+  for (int b = 0; b < 3; ++b) rows.push_back(-1);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < lengths[r]; ++i) rows.push_back(r);
+  }
+  const int64_t entries = static_cast<int64_t>(rows.size());
+  ASSERT_GT(lengths[6], (kPartialBatch + 3) * kRunPiece);  // the totals load a batch of partials and more
+  // The entries in a shuffled order, as the stable sort's permutation.
+  std::mt19937_64 rng(11);
+  std::vector<int64_t> order(entries);
+  for (int64_t e = 0; e < entries; ++e) order[e] = e;
+  std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int64_t> sorted_rows = rows;
+  // Keep each run's order ascending in entry index (a stable sort's).
+  for (int64_t q = 0; q < entries;) {
+    int64_t end = q;
+    while (end < entries && rows[end] == rows[q]) ++end;
+    std::sort(order.begin() + q, order.begin() + end);
+    q = end;
+  }
+  for (int64_t dh : {3, 33, 70}) {
+    SCOPED_TRACE(testing::Message() << "dh " << dh);
+    // Integer-valued gradients: every sum is exact in any order, so the
+    // kernels must equal the CPU's entry-order sum bit for bit.
+    std::vector<float> exact(entries * dh), noisy(entries * dh);
+    for (size_t i = 0; i < exact.size(); ++i) {
+      exact[i] = static_cast<float>(static_cast<int64_t>(rng() % 17) - 8);
+      noisy[i] = std::ldexp(static_cast<float>(rng() % (1u << 24)), -20) - 8.f;
+    }
+    std::vector<float> want_exact(R * dh, 0.f), want_serial(R * dh, 0.f);
+    for (int64_t q = 0; q < entries; ++q) {
+      if (sorted_rows[q] < 0) continue;
+      for (int64_t d = 0; d < dh; ++d) {
+        want_exact[sorted_rows[q] * dh + d] += exact[order[q] * dh + d];
+        want_serial[sorted_rows[q] * dh + d] += noisy[order[q] * dh + d];
+      }
+    }
+    // The documented order of a run over pieces j0..j1: the run's positions
+    // in piece j0 in order, each whole piece between as one partial sum, then
+    // the positions in piece j1 one by one.
+    std::vector<float> want_pieces(R * dh, 0.f);
+    for (int64_t q = 0; q < entries;) {
+      int64_t end = q;
+      while (end < entries && sorted_rows[end] == sorted_rows[q]) ++end;
+      if (sorted_rows[q] >= 0) {
+        const int64_t j0 = q / kRunPiece, j1 = (end - 1) / kRunPiece;
+        for (int64_t d = 0; d < dh; ++d) {
+          float sum = 0.f;
+          for (int64_t p = q; p < std::min(end, (j0 + 1) * kRunPiece); ++p) sum += noisy[order[p] * dh + d];
+          for (int64_t j = j0 + 1; j < j1; ++j) {
+            float part = 0.f;
+            for (int64_t p = j * kRunPiece; p < (j + 1) * kRunPiece; ++p) part += noisy[order[p] * dh + d];
+            sum += part;
+          }
+          if (j1 > j0) {
+            for (int64_t p = j1 * kRunPiece; p < end; ++p) sum += noisy[order[p] * dh + d];
+          }
+          want_pieces[sorted_rows[q] * dh + d] = sum;
+        }
+      }
+      q = end;
+    }
+    std::vector<float> first_noisy;
+    at_both_caps([&] {
+      for (simt::Schedule sched : {simt::Schedule::kForward, simt::Schedule::kReverse, simt::Schedule::kShuffled}) {
+        simt::set_schedule(sched, 5);
+        std::vector<float> out(R * dh, 0.f);
+        sum_sorted_runs<float, float>(exact, dh, sorted_rows, order, out);
+        ASSERT_EQ(out, want_exact);
+        std::fill(out.begin(), out.end(), 0.f);
+        sum_sorted_runs<float, float>(noisy, dh, sorted_rows, order, out);
+        ASSERT_EQ(out, want_pieces);
+        if (first_noisy.empty()) first_noisy = out;
+        ASSERT_EQ(out, first_noisy);  // the same bits at every cap and schedule
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t d = 0; d < dh; ++d) {
+            const float got = out[r * dh + d], serial = want_serial[r * dh + d];
+            if (lengths[r] <= kRunPiece + 1) {
+              // Within at most two pieces: the CPU's entry-order sum exactly.
+              ASSERT_EQ(got, serial) << "row " << r << " d " << d;
+            } else {
+              ASSERT_NEAR(got, serial, 1e-4 * lengths[r]) << "row " << r << " d " << d;
+            }
+          }
+        }
+      }
+    });
+    simt::set_schedule(simt::Schedule::kForward);
+  }
+}
+
+// One entry, and a single run that fills whole pieces exactly.
+TEST(CudaKernelsMock, SortedRunsOfOneEntryAndOfWholePieces) {
+  for (int64_t entries : {int64_t{1}, int64_t{2} * kRunPiece, int64_t{3} * kRunPiece}) {
+    const int64_t dh = 5;
+    std::vector<int64_t> sorted_rows(entries, 2), order(entries);
+    for (int64_t e = 0; e < entries; ++e) order[e] = e;
+    std::vector<float> grad(entries * dh);
+    for (size_t i = 0; i < grad.size(); ++i) grad[i] = static_cast<float>(i % 5) + 1.f;
+    std::vector<float> want(4 * dh, 0.f);
+    for (int64_t e = 0; e < entries; ++e) {
+      for (int64_t d = 0; d < dh; ++d) want[2 * dh + d] += grad[e * dh + d];
+    }
+    std::vector<float> out(4 * dh, 0.f);
+    sum_sorted_runs<float, float>(grad, dh, sorted_rows, order, out);
+    EXPECT_EQ(out, want) << entries << " entries";
+  }
 }
 
 // The update ops' row check (kernels/update_rows_cuda.cuh), here since it includes cuda_kernels.cuh.

@@ -54,6 +54,24 @@ TEST(FastMod, MatchesHardwareModulo) {
   }
 }
 
+TEST(FastMod, DividesLikeHardwareDivision) {
+  std::mt19937_64 rng(4);
+  const std::vector<uint64_t> divisors = {1, 2, 3, 7, 12, 4096, 646403, (1ULL << 31) - 1, (1ULL << 32) + 15,
+                                          (1ULL << 62) + 135, ~0ULL};
+  std::vector<uint64_t> values = {0, 1, 2, ~0ULL, ~0ULL - 1, 1ULL << 63, (1ULL << 63) - 1, 1ULL << 32};
+  for (int i = 0; i < 20000; ++i) values.push_back(i % 2 ? rng() : rng() >> (rng() % 64));
+  for (uint64_t p : divisors) {
+    const engram::FastMod f = engram::FastMod::make(p);
+    for (uint64_t u : values) {
+      for (uint64_t v : {u, u - u % p, u - u % p - 1}) {  // exact multiples and one below: the estimate's edges
+        uint64_t rem = ~0ULL;
+        ASSERT_EQ(f.div_u64(v, &rem), v / p) << "v=" << v << " p=" << p;
+        ASSERT_EQ(rem, v % p) << "v=" << v << " p=" << p;
+      }
+    }
+  }
+}
+
 TEST(FastMod, FloorModOfSignedValues) {
   std::mt19937_64 rng(3);
   for (int64_t p : {2LL, 3LL, 646403LL, 1000003LL, (1LL << 40) + 15}) {

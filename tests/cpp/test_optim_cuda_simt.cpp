@@ -193,6 +193,35 @@ TEST(OptimCudaSimt, DedupEqualsTheCpuOrderBitForBit) {
   check_dedup<float, double>(600, 3, 1000, 500, true, seed++);  // over 2 blocks of items
 }
 
+// dedup_keys_kernel steps each thread's head (e % K) along its grid-stride
+// loop: head counts that do not divide the grid's stride, a grid of one
+// block (each thread wraps several times) and one of 2, against entry_row.
+TEST(OptimCudaSimt, DedupKeysStepTheHeadOfEveryEntry) {
+  const int64_t E = 1000, num_rows = 400;
+  std::mt19937_64 rng(21);
+  for (int64_t K : {1, 3, 7}) {
+    std::vector<int64_t> offsets(K), ids(E);
+    for (int64_t k = 0; k < K; ++k) offsets[k] = 10 * k;
+    for (auto& id : ids) id = static_cast<int64_t>(rng() % 330);
+    const optim::KeyLayout layout = optim::KeyLayout::make(E, num_rows);
+    for (const int64_t* off : {static_cast<const int64_t*>(nullptr), static_cast<const int64_t*>(offsets.data())}) {
+      std::vector<int64_t> want(E);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t row = optim::entry_row(ids.data(), off, K, e, num_rows);
+        want[e] = static_cast<int64_t>(layout.pack(static_cast<uint64_t>(row), static_cast<uint64_t>(e)));
+      }
+      for (int64_t cap : {int64_t{65535}, int64_t{2}, int64_t{1}}) {
+        std::vector<int64_t> keys(E, -1);
+        int bad = 0;
+        simt::launch(blocks_for(E, cap), kThreads,
+                     [&] { dedup_keys_kernel(ids.data(), off, K, E, num_rows, layout, keys.data(), &bad); });
+        EXPECT_EQ(bad, 0);
+        EXPECT_EQ(keys, want) << "K " << K << " offsets " << (off != nullptr) << " cap " << cap;
+      }
+    }
+  }
+}
+
 TEST(OptimCudaSimt, DedupFlagsAnIdOutsideTheTable) {
   const std::vector<int64_t> ids = {0, 4, 9, 1};
   const std::vector<float> grad(4 * 2, 1.f);
