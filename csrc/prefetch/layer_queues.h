@@ -176,8 +176,7 @@ class LayerQueues {
       Task task;
       task.kind = TaskKind::kHashAndGather;
       task.ticket = std::make_shared<Ticket>(TaskKind::kHashAndGather, spec.dedup);
-      task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation);
-      task.ticket->set_stamps(stamps_locked(layers_[i]));
+      task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation, stamps_locked(layers_[i]));
       task.table = spec.table;
       task.offsets = spec.offsets;
       task.hash = spec.hash;
@@ -197,8 +196,7 @@ class LayerQueues {
            const at::Tensor& key) {
     std::lock_guard<std::mutex> lock(mutex_);
     Layer& layer = layers_.at(check_index(index));
-    ticket->set_source(input_ids, at::Tensor(), key, layer.generation);
-    ticket->set_stamps(stamps_locked(layer));
+    ticket->set_source(input_ids, at::Tensor(), key, layer.generation, stamps_locked(layer));
     push_locked(layer, ticket);
   }
 

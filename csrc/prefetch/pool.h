@@ -32,13 +32,12 @@
 
 namespace engram::prefetch {
 
-// Makes the calling worker thread a background thread (Linux): SCHED_BATCH,
-// so that waking it up (a submit) does not preempt the thread that submitted,
-// i.e. the model's compute, and a nice value above the caller's, so that on a
-// machine whose cores the compute keeps busy the gathers take the idle time
-// first. Without this, on a small machine every submit could hand the
-// caller's core to the worker for the whole gather: the very time the
-// prefetch is meant to hide. Best effort: failures leave the defaults.
+// Makes the calling worker a background thread (Linux): SCHED_BATCH, so that
+// waking it (a submit) does not preempt the submitting thread, i.e. the
+// model's compute, and a nice value above the caller's, so that gathers take
+// idle cores first: on a small machine a submit would otherwise hand the
+// caller's core to the worker for the very time the prefetch should hide.
+// Best effort: failures leave the defaults.
 inline void lower_worker_priority(int nice_increment) {
 #ifdef __linux__
   sched_param param{};
@@ -55,8 +54,7 @@ inline void lower_worker_priority(int nice_increment) {
 #endif
 }
 
-// Names the calling worker thread "engram-gather" (Linux), so that it can be
-// told apart in top, py-spy and /proc/<pid>/task/*/comm, and by the tests.
+// Names the worker "engram-gather" (Linux): told apart in top, py-spy, /proc/<pid>/task/*/comm and the tests.
 inline void name_worker_thread() {
 #ifdef __linux__
   (void)pthread_setname_np(pthread_self(), "engram-gather");
@@ -110,12 +108,9 @@ class GatherPool {
   // defined), deduplicated or expanded, using the hot-row `cache` if defined.
   std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
                                  const at::Tensor& offsets = {}, const Cache& cache = {}) {
-    check_gather_args(table, ids);
-    check_cache_args(table, cache);
-    TORCH_CHECK_VALUE(dedup || !cache.defined() || cache.data.defined(),
-                      "engram.Prefetcher: an expanded gather with a cache needs cache_data (the rows it copies)");
-    if (offsets.defined()) check_offsets(offsets, ids.dim() >= 1 ? ids.size(-1) : 0);
-    Task task;
+    check_gather_args(table, ids, offsets, cache, dedup);
+    std::vector<Task> tasks(1);
+    Task& task = tasks[0];
     task.ticket = std::make_shared<Ticket>(TaskKind::kGather, dedup);
     task.table = table;
     task.ids = ids;
@@ -123,8 +118,6 @@ class GatherPool {
     task.cache = cache;
     task.pin_memory = pin_memory;
     auto ticket = task.ticket;
-    std::vector<Task> tasks;
-    tasks.push_back(std::move(task));
     enqueue(std::move(tasks));
     return ticket;
   }
@@ -136,11 +129,7 @@ class GatherPool {
       TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
       for (auto& task : tasks) tasks_.push_back(std::move(task));
     }
-    if (tasks.size() > 1) {
-      cv_.notify_all();
-    } else {
-      cv_.notify_one();
-    }
+    tasks.size() > 1 ? cv_.notify_all() : cv_.notify_one();
   }
 
   // Queues the patch of a finished gather (patch_staged) with the rows an
@@ -162,7 +151,7 @@ class GatherPool {
     task.kind = TaskKind::kPatch;
     task.ticket = ticket;
     task.table = table;
-    task.ids = changed;
+    task.ids = changed;  // the rows to read again
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!closed_) {
@@ -207,7 +196,6 @@ class GatherPool {
     Staged result = task.ticket->dedup() ? dedup_gather(task.table, rows, task.pin_memory, task.cache)
                                          : expand_gather(task.table, rows, task.pin_memory, task.cache);
     if (task.kind == TaskKind::kHashAndGather) result.hashed = hashed;
-    if (!task.ticket->dedup()) result.ids = rows;
     return result;
   }
 

@@ -34,12 +34,12 @@ class Ticket {
  public:
   explicit Ticket(TaskKind kind, bool dedup) : kind_(kind), dedup_(dedup) {}
 
-  // What a lookup matches this batch by, set once before the ticket is
-  // queued (never changed after: read without the lock). source: the token
-  // tensor given to prefetch; tokens: a copy of it (hashed by the workers),
-  // or undefined; key: the hash ids when the caller hashed; generation: the
-  // layer spec's (LayerQueues).
-  void set_source(const at::Tensor& source, at::Tensor tokens, at::Tensor key, int64_t generation) {
+  // Set once before the ticket is queued (what a lookup matches it by: read
+  // without the lock): source, the token tensor given to prefetch; tokens, a
+  // copy (hashed by the workers) or undefined; key, the caller's hash ids;
+  // generation, the layer spec's (LayerQueues); stamps, the table's state.
+  void set_source(const at::Tensor& source, at::Tensor tokens, at::Tensor key, int64_t generation, Stamps stamps) {
+    stamps_ = stamps;
     source_ = source;
     source_version_ = source.defined() ? source._version() : -1;
     tokens_ = std::move(tokens);
@@ -77,14 +77,10 @@ class Ticket {
     std::lock_guard<std::mutex> lock(mutex_);
     return stamps_;
   }
-  void set_stamps(Stamps stamps) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stamps_ = stamps;
-  }
 
   // A patch (GatherPool::submit_patch) brings the staged rows up to the
-  // table's state `stamps`; wait() and ready() also wait for it. False
-  // (nothing to patch) unless the gather finished well and is patchable.
+  // table's state `stamps`; wait() and ready() wait for it too. False unless
+  // the gather finished well and is patchable.
   bool begin_patch(Stamps stamps) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!done_ || error_ || !patchable(result_)) return false;
