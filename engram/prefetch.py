@@ -1,12 +1,10 @@
 """engram.Prefetcher: gathers the Engram rows of the next batch ahead of use.
 
-Row ids depend only on the tokens, so the rows every Engram layer will read
-are known before the model runs. ``prefetch(input_ids)`` queues, per layer,
-the hashing of the batch, the deduplication of its rows and their gather
-into a staging buffer on the engine's worker threads (csrc/prefetch/); every
-batch, however it was hashed or gathered, sits in the engine's one queue per
-layer (LayerQueues). The layer's lookup takes its own batch from there and
-waits on it alone; any other ids are looked up directly::
+Row ids depend only on the tokens, so ``prefetch(input_ids)`` can queue, per
+layer, the hashing of the batch and the gather of its rows on the engine's
+worker threads (csrc/prefetch/). Every batch, however hashed or gathered,
+sits in the engine's one queue per layer (LayerQueues); the layer's lookup
+takes its own batch from there and waits on it alone::
 
     with engram.Prefetcher(model) as prefetcher:
         prefetcher.prefetch(batches[0])
@@ -16,19 +14,16 @@ waits on it alone; any other ids are looked up directly::
                 prefetcher.prefetch(batches[i + 1])  # overlaps what follows
             out.loss.backward(); optimizer.step()
 
-Gradients are the same as without a prefetcher, and no staged row is used
-stale: updates the prefetcher learns of (the module's update listener, an
-optimizer step pre-hook) are recorded and read again; any other change of a
-table bumps its version counter and its staged rows are gathered again. The
-order is in docs/design.md ("The prefetcher"). Only tables in CPU memory are
-prefetched; layers whose table is on an accelerator look up directly.
+Gradients are as without a prefetcher and no staged row is used stale (the
+order with updates: docs/design.md, "The prefetcher"). Only tables in CPU
+memory are prefetched; layers whose table is on an accelerator look up directly.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -36,8 +31,10 @@ from torch import nn
 from torch.nn.modules import module as _module
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import _loader, hot_rows as _hot, ops, zero_copy
+from . import _loader, hot_rows as _hot, zero_copy
 from .layer import EngramLayer
+from .layer_specs import LayerSpecs
+from .update_log import UpdateLog
 
 _engine = _loader.load("_engine")
 Take, TaskKind = _engine.Take, _engine.TaskKind
@@ -59,42 +56,27 @@ class PrefetchStats:
     cache_refreshes: int = 0  # hot-row sets chosen again from the counts
 
 
-@dataclass
-class _Log:
-    """A layer's table as the prefetcher saw it change: updates recorded, their version bumps, changed rows."""
-
-    epoch: int = 0
-    own_bumps: int = 0
-    updates: List[tuple] = field(default_factory=list)  # (epoch after, rows)
-
-
 class Prefetcher:
     """Prefetches the Engram rows of ``model``'s layers on ``num_threads``
-    worker threads (default: one per layer, at most half the cores, at least one).
+    workers (default: one per layer, at most half the cores, at least one).
     Use as a context manager or call :meth:`close`.
 
-    ``dedup``: gather each distinct row once and expand at use (what an
-    accelerator wants: fewer bytes cross the link), or gather the lookup's
-    output itself (what a CPU consumer wants). Default (None): dedup for
-    layers on an accelerator only. ``max_pending``: prefetched batches each
-    layer keeps (a prefetch beyond drops the oldest unused one).
+    ``dedup``: gather each distinct row once and expand at use (for an
+    accelerator: fewer bytes cross the link), or gather the lookup's output
+    itself (for a CPU consumer). Default (None): dedup on an accelerator only.
+    ``max_pending``: batches each layer keeps (a prefetch beyond drops the oldest).
+    ``hot_rows``: a hot-row cache per table (engram/hot_rows.py), in rows
+    (int) or as a share of the table (float in (0, 1]); 0 (default): none.
+    The hot set (LFU, counts halved every ``hot_refresh`` batches) never changes a result.
+    ``transfer`` (CUDA): "staged" (default: pinned staging buffers copied at
+    use) or "zero-copy" (a kernel reads a pinned "host" table over UVA on a
+    side stream, engram/zero_copy.py; no dedup, no cache).
+    ``worker_nice`` (Linux): workers run as SCHED_BATCH threads, nice raised
+    by this much (default 5), so gathers take idle CPU time first; -1: ordinary threads.
 
-    ``hot_rows``: an optional hot-row cache per table, in rows (int) or as a
-    share of the table (float in (0, 1]); 0 (default) turns it off. It keeps
-    the most looked-up rows (LFU, counts halved every ``hot_refresh``
-    batches) where the layer computes for deduplicated gathers, or as a
-    compact CPU copy for expanded ones (engram/hot_rows.py); it never changes a result.
-
-    ``transfer`` (CUDA only): "staged" (default: workers gather into pinned
-    buffers, copied at use) or "zero-copy" (a kernel reads a pinned "host"
-    table over UVA on a side stream, engram/zero_copy.py; no dedup, no cache).
-
-    ``worker_nice`` (Linux): workers run as SCHED_BATCH threads, nice raised by
-    this much (default 5), so gathers take idle CPU time first; -1: ordinary threads.
-
-    ``stats`` counts hits, misses, rows moved and cache hits. ``enabled = False``
-    makes every lookup direct. Call :meth:`refresh` after changing a layer's
-    tensors in a way its hooks do not see."""
+    ``stats`` counts hits, misses, rows moved and cache hits; ``enabled =
+    False`` makes every lookup direct; :meth:`refresh` after changing a
+    layer's tensors in a way its hooks do not see."""
 
     def __init__(self, model: nn.Module, num_threads: Optional[int] = None, dedup: Optional[bool] = None,
                  max_pending: int = 2, hot_rows=0, hot_refresh: int = 16, transfer: str = "staged",
@@ -109,20 +91,19 @@ class Prefetcher:
             raise ValueError("Prefetcher: a layer of this model already has a Prefetcher; close() it first")
         num_threads = max(1, min(len(self.layers), (os.cpu_count() or 2) // 2)) if num_threads is None else num_threads
 
-        def positive(v):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        def positive(v, low=1):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
         for name, value, ok, expected in (
             ("num_threads", num_threads, positive(num_threads), "a positive int"),
             ("max_pending", max_pending, positive(max_pending), "a positive int"),
             ("dedup", dedup, dedup in (None, True, False), "None, True or False"),
-            ("hot_rows", hot_rows, not isinstance(hot_rows, bool) and (
-                (isinstance(hot_rows, int) and hot_rows >= 0) or (isinstance(hot_rows, float) and 0 < hot_rows <= 1)),
+            ("hot_rows", hot_rows, positive(hot_rows, 0) or (isinstance(hot_rows, float) and 0 < hot_rows <= 1),
              "a row count >= 0 or a share of the table in (0, 1]"),
             ("hot_refresh", hot_refresh, positive(hot_refresh), "a positive int (batches)"),
             ("transfer", transfer, transfer in ("staged", "zero-copy"), "'staged' or 'zero-copy'"),
-            ("worker_nice", worker_nice, isinstance(worker_nice, int) and not isinstance(worker_nice, bool)
-             and -1 <= worker_nice <= 19, "-1 (ordinary threads) or 0..19"),
+            ("worker_nice", worker_nice, positive(worker_nice, -1) and worker_nice <= 19,
+             "-1 (ordinary threads) or 0..19"),
         ):
             if not ok:
                 raise ValueError(f"Prefetcher: {name}={value!r}, expected {expected}")
@@ -132,55 +113,40 @@ class Prefetcher:
         self._pool = _engine.GatherPool(num_threads, worker_nice)
         self._queues = _engine.LayerQueues(self._pool, len(self.layers), max_pending)
         self._index = {m: i for i, m in enumerate(self._modules)}
-        self._logs = [_Log() for _ in self.layers]
-        self._copies: List[Optional[tuple]] = [None] * len(self.layers)  # the specs' CPU copies (lookup, keys, sizes, offsets)
-        self._stacked, self._streams = {}, {}
-        self.enabled, self._closed, self._stale = True, False, True
-        self._build_specs()
+        self._logs = [UpdateLog() for _ in self.layers]
+        self._specs, self._streams = LayerSpecs(self.layers, self._queues), {}
+        self.enabled, self._closed = True, False
         ref = weakref.ref(self)
 
-        def lookup(module, hash_ids, input_ids=None):
-            prefetcher = ref()
-            if prefetcher is None or prefetcher._closed:
-                return module.direct_forward(hash_ids)
-            return prefetcher._lookup(module, hash_ids, input_ids)
+        def bound(method, otherwise):  # calls the prefetcher while it lives and is open
+            def call(*args):
+                prefetcher = ref()
+                alive = prefetcher is not None and not prefetcher._closed
+                return getattr(prefetcher, method)(*args) if alive else otherwise(*args)
+            return call
 
-        def before_update(table, update, rows):
-            prefetcher = ref()
-            # A table on an accelerator is never gathered: nothing to order (its rows may hold -1 padding).
-            if prefetcher is None or prefetcher._closed or table.device.type != "cpu":
-                return update()
-            prefetcher._update_table(table, update, rows, patch=True)
-
-        def changed(module=None, *args):
-            prefetcher = ref()
-            if prefetcher is not None and (module is None or module in prefetcher._watched):
-                prefetcher.refresh()
-
-        def before_step(optimizer, args, kwargs):
-            prefetcher = ref()
-            if prefetcher is not None and not prefetcher._closed:
-                prefetcher._before_step(optimizer)
-
-        self._hook, self._handles = lookup, [register_optimizer_step_pre_hook(before_step)]
-        # Reassigned tensors (a buffer, the table, its module) and load_state_dict / .to() are reported by hooks.
+        self._hook = bound("_lookup", lambda module, hash_ids, input_ids=None: module.direct_forward(hash_ids))
+        changed = bound("_changed", lambda *args: None)
+        self._handles = [register_optimizer_step_pre_hook(bound("_before_step", lambda *args: None))]
+        # Reassigned tensors (a buffer, the table, its module), load_state_dict and .to() call refresh().
         for register in (_module.register_module_buffer_registration_hook,
                          _module.register_module_parameter_registration_hook,
                          _module.register_module_module_registration_hook):
             self._handles.append(register(changed))
         for layer, module in zip(self.layers, self._modules):
-            module.row_source = lookup
-            self._handles += [module.add_update_listener(before_update), module.add_change_listener(changed),
+            module.row_source = self._hook
+            # Fused row-wise updates wait for this table's gathers and are recorded.
+            self._handles += [module.add_update_listener(bound("_before_update", lambda t, update, rows: update())),
+                              module.add_change_listener(changed),
                               layer.register_load_state_dict_post_hook(lambda *args: changed())]
 
     # ---- public API ----------------------------------------------------------
     def refresh(self) -> None:
-        """Builds every layer's spec (copies of its hash parameters and offsets,
-        its table) again before the next prefetch or lookup. The layers' hooks
-        call it (a tensor reassigned, load_state_dict, .to()); in-place changes
-        are seen anyway (version counters). Batches queued before still match
-        if the layer reads the same rows for them."""
-        self._stale = True
+        """Builds every layer's spec (copies of its hash parameters and
+        offsets, its table) again at the next prefetch or lookup. The layers'
+        hooks call it (a tensor reassigned, load_state_dict, .to()); in-place
+        changes need not (version counters). Queued batches that read the same rows stay."""
+        self._specs.stale = True
 
     def prefetch(self, input_ids: torch.Tensor) -> None:
         """Queues the gathers of the rows every layer will look up for
@@ -197,13 +163,11 @@ class Prefetcher:
             if stale:
                 raise RuntimeError(f"Prefetcher: the specs of layers {stale} are stale right after being built")
             return
-        for group in self._groups:  # the caller hashes: one ngram_hash call per group of layers
-            first = self.layers[group[0]]
-            hashed = ops.ngram_hash(input_ids, *self._stacked_params(group, input_ids.device), None,
-                                    first.config.pad_id, first.config.hash)  # [L, B, T, K], no offsets
+        for group in self._specs.groups:  # the caller hashes: one ngram_hash call per group of layers
+            hashed = self._specs.hash(group, input_ids)
             hashed_cpu = None  # copied to the CPU only for a gather there (from an accelerator: a host sync)
             for i, index in enumerate(group):
-                module, offsets = self._modules[index], self._copies[index][3]
+                module, offsets = self._modules[index], self._specs.copies[index][3]
                 table = module.embedding.weight
                 if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
                     ticket = zero_copy.gather(self._streams, table, hashed[i], module.offsets)
@@ -220,9 +184,8 @@ class Prefetcher:
 
     def wait(self) -> None:
         """Blocks until every queued gather finished (errors are raised when the rows are used)."""
-        for index in range(len(self.layers)):
-            for ticket in self._queues.pending(index):
-                _wait_quietly(ticket)
+        for ticket in (t for index in range(len(self.layers)) for t in self._queues.pending(index)):
+            _wait_quietly(ticket)
 
     def close(self) -> None:
         """Cancels queued gathers, joins the workers and detaches from the
@@ -250,47 +213,8 @@ class Prefetcher:
         except Exception:  # interpreter shutdown
             pass
 
-    # ---- specs -------------------------------------------------------------------
     def _build_specs(self, only: Optional[int] = None) -> None:
-        """Layer specs for the engine: copies (a worker must not read a buffer
-        the caller may change meanwhile) of the hash parameters and offsets,
-        watched by their version counters; all of them after a refresh(), else the stale ones."""
-        indices = range(len(self.layers)) if self._stale else [only] if only is not None else self._queues.stale()
-        if self._stale:
-            self._stale = False
-            self._watched = {m for layer in self.layers for m in (layer, layer.multi_head_embedding,
-                                                                  layer.multi_head_embedding.embedding)}
-        for index in indices:
-            layer, module = self.layers[index], self._modules[index]
-            table = module.embedding.weight
-            watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, module.offsets]
-            copies = tuple(t.detach().to("cpu", copy=True).contiguous() for t in watched)
-            spec = _engine.LayerSpec(table, *copies[:3], layer.config.pad_id, layer.config.hash, copies[3],
-                                     bool(self.dedup), False, watched) if table.device.type == "cpu" else \
-                _engine.LayerSpec.skipped(table)
-            self._queues.set_layer(index, spec)
-            self._copies[index] = copies
-        if indices:  # layers one ngram_hash call hashes: same family, pad, shapes and tokenizer map
-            self._groups: List[List[int]] = []
-            for index, layer in enumerate(self.layers):
-                key = (layer.config.hash, layer.config.pad_id, *(c.shape for c in self._copies[index][:3]))
-                group = next((g for g in self._groups if g[0] == key and torch.equal(
-                    self._copies[g[1]][0], self._copies[index][0])), None)
-                if group:
-                    group.append(index)
-                else:
-                    self._groups.append([key, index])
-            self._groups = [g[1:] for g in self._groups]
-
-    def _stacked_params(self, group: List[int], device: torch.device) -> tuple:
-        """A group's hash parameters (the specs' copies) stacked on `device`, built again when a spec is."""
-        copies = [self._copies[i] for i in group]
-        cached = self._stacked.get((group[0], device))
-        if cached is None or len(cached[0]) != len(copies) or any(a is not b for a, b in zip(cached[0], copies)):
-            cached = self._stacked[(group[0], device)] = (copies, (
-                copies[0][0].to(device), torch.cat([c[1] for c in copies]).to(device),
-                torch.cat([c[2] for c in copies]).to(device)))
-        return cached[1]
+        self._specs.build(bool(self.dedup), only)
 
     # ---- lookups and updates ---------------------------------------------------
     def _lookup(self, module, hash_ids: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -298,7 +222,7 @@ class Prefetcher:
         if weight.device.type != "cpu":
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
-        if self._stale:
+        if self._specs.stale:
             self._build_specs()
         found = Take.MISS
         if self.enabled:
@@ -308,11 +232,14 @@ class Prefetcher:
                 found, ticket = self._queues.take(index, input_ids, hash_ids)
         if found != Take.FOUND and not self._queues.current(index):
             self._build_specs(index)
-        ids, offsets = hash_ids.to(weight.device), self._copies[index][3]
+        offsets = self._specs.copies[index][3]
         if found != Take.FOUND:
             self.stats.misses += 1
-            return module.lookup(weight, ids, offsets).to(hash_ids.device, non_blocking=True)
-        return module.lookup(weight, ids, offsets, self._use(index, weight, ticket, hash_ids))
+            return module.lookup(weight, hash_ids.to(weight.device), offsets).to(hash_ids.device, non_blocking=True)
+        staged = self._use(index, weight, ticket, hash_ids)
+        # The ids reach the table's device only for the backward: from an accelerator that is a host sync.
+        grad = torch.is_grad_enabled() and weight.requires_grad
+        return module.lookup(weight, hash_ids.to(weight.device) if grad else hash_ids, offsets, staged)
 
     def _use(self, index: int, weight, ticket, hash_ids: torch.Tensor) -> list:
         """A batch's staged rows, current and on hash_ids' device: [table[ids]]
@@ -337,43 +264,12 @@ class Prefetcher:
                 _hot.assemble(rows, data, staged.slots, cache.data, device)
         log = self._logs[index]
         if log.updates or weight._version != ticket.table_version:
-            data = self._catch_up(index, weight, ticket, hash_ids, rows, data)
+            ids = None if rows is not None else hash_ids.to(weight.device) + self._specs.copies[index][3]
+            epochs = [t.epoch for t in self._queues.pending(index)]
+            data = log.catch_up(weight, ticket, ids, rows, data, epochs, stats)
         if rows is not None:
             return [data, staged.inverse.to(device, non_blocking=True)]
         return [data.to(device, non_blocking=True)]
-
-    def _catch_up(self, index: int, weight, ticket, hash_ids, rows, staged):
-        """Staged rows as the table holds them now: the recorded updates'
-        rows read again, or everything after a change of unknown rows."""
-        log = self._logs[index]
-        foreign = (weight._version - ticket.table_version) - (log.own_bumps - ticket.own_bumps)
-        changed = [r for epoch, r in log.updates if epoch > ticket.epoch]
-        epochs = [t.epoch for t in self._queues.pending(index)]  # drop the records no pending batch needs
-        log.updates = [(e, r) for e, r in log.updates if e > min(epochs, default=log.epoch)]
-        if foreign == 0 and not changed:
-            return staged
-        table = weight.detach()
-        ids = rows if rows is not None else hash_ids.to(table.device) + self._copies[index][3]
-        if foreign != 0:
-            self.stats.regathers += 1
-            return table[ids].to(staged.device)
-        changed = torch.cat(changed).to(table.device)
-        if rows is not None:  # rows sorted: find the changed ones
-            pos = torch.searchsorted(rows, changed)
-            hit = pos < rows.numel()
-            hit[hit.clone()] = rows[pos[hit]] == changed[hit]
-            pos = pos[hit]
-            staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
-        else:
-            # Integer positions found on the table's device (the CPU): a boolean
-            # mask sent to an accelerator would make index_put count it there, a host sync.
-            pos = torch.isin(ids, changed).reshape(-1).nonzero().squeeze(1)
-            flat = staged.view(-1, staged.shape[-1])
-            flat[pos.to(staged.device, non_blocking=True)] = table[ids.reshape(-1)[pos]].to(staged.device,
-                                                                                             non_blocking=True)
-            pos = ids.reshape(-1)[pos]
-        self.stats.patched_rows += int(torch.unique(pos).numel())
-        return staged
 
     def _update_table(self, table: torch.Tensor, update, rows: torch.Tensor, patch: bool = False) -> None:
         """Runs a row-wise update of `table` after its gathers in flight and
@@ -386,15 +282,13 @@ class Prefetcher:
             _wait_quietly(ticket)
         before, prior = table._version, {i: (self._logs[i].epoch, self._logs[i].own_bumps) for i in indices}
         update()
-        changed = None
         for i in indices:
             log = self._logs[i]
-            log.epoch, log.own_bumps = log.epoch + 1, log.own_bumps + table._version - before
+            log.record(table._version - before, rows, any(j == i for j, _ in pending))
             self._queues.set_counters(i, log.epoch, log.own_bumps)
-            if any(j == i for j, _ in pending):
-                log.updates.append((log.epoch, rows))
             if self._hot is not None:
                 self._hot.mark_dirty(i, rows)
+        changed = None
         for i, ticket in pending if patch else ():
             epoch, own_bumps = prior[i]
             # Only a batch with nothing else to catch up on (no earlier update,
@@ -405,7 +299,17 @@ class Prefetcher:
                 if self._pool.patch(ticket, table.detach(), changed, table._version, log.epoch, log.own_bumps):
                     self.stats.patched_batches += 1
 
-    def _before_step(self, optimizer) -> None:
+    def _changed(self, module=None, *args) -> None:
+        if module is None or module in self._specs.watched:
+            self.refresh()
+
+    def _before_update(self, table, update, rows) -> None:
+        # A table on an accelerator is never gathered: nothing to order (its rows may hold -1 padding).
+        if table.device.type != "cpu":
+            return update()
+        self._update_table(table, update, rows, patch=True)
+
+    def _before_step(self, optimizer, *args) -> None:
         """An optimizer is about to step: no gather of its tables may run
         while it writes them, and the rows of sparse gradients will change."""
         tables = {id(m.embedding.weight): m.embedding.weight for m in self._modules}

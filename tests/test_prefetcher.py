@@ -373,7 +373,7 @@ def test_prefetched_forward_backward_equal_direct(tmp_path, placement, dedup):
     direct, model = Toy(), Toy(placement, str(tmp_path))
     ids = batches(1)[0]
     with engram.Prefetcher(model, dedup=dedup) as prefetcher:
-        assert len(prefetcher.layers) == 2 and len(prefetcher._groups) == 1  # one hash call for both layers
+        assert len(prefetcher.layers) == 2 and len(prefetcher._specs.groups) == 1  # one hash call for both layers
         prefetcher.prefetch(ids)
         out = model(ids)
         assert prefetcher.stats.hits == 2 and prefetcher.stats.misses == 0
