@@ -116,6 +116,7 @@ class Prefetcher:
         self._logs = [UpdateLog() for _ in self.layers]
         self._specs, self._streams = LayerSpecs(self.layers, self._queues), {}
         self.enabled, self._closed = True, False
+        self._build_specs()
         ref = weakref.ref(self)
 
         def bound(method, otherwise):  # calls the prefetcher while it lives and is open
