@@ -34,7 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import _loader, hot_rows as _hot, zero_copy
 from .layer import EngramLayer
 from .layer_specs import LayerSpecs
-from .update_log import UpdateLog
+from .update_log import TableUpdates, wait_quietly
 
 _engine = _loader.load("_engine")
 Take, TaskKind = _engine.Take, _engine.TaskKind
@@ -112,8 +112,8 @@ class Prefetcher:
         self._hot = _hot.HotRows(hot_rows, hot_refresh, self.stats) if hot_rows else None
         self._pool = _engine.GatherPool(num_threads, worker_nice)
         self._queues = _engine.LayerQueues(self._pool, len(self.layers), max_pending)
+        self._updates = TableUpdates(self._modules, self._queues, self._pool, self.stats, self._hot)
         self._index = {m: i for i, m in enumerate(self._modules)}
-        self._logs = [UpdateLog() for _ in self.layers]
         self._specs, self._streams = LayerSpecs(self.layers, self._queues), {}
         self.enabled, self._closed = True, False
         self._build_specs()
@@ -176,7 +176,7 @@ class Prefetcher:
                     hashed_cpu = hashed.cpu() if hashed_cpu is None else hashed_cpu
                     dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
                     cache = None if self._hot is None else self._hot.snapshot(
-                        index, table, hashed_cpu[i], offsets, dedup, input_ids.device, self._logs[index].own_bumps)
+                        index, table, hashed_cpu[i], offsets, dedup, input_ids.device, self._updates.logs[index].own_bumps)
                     ticket = self._pool.submit(table.detach(), hashed_cpu[i], table.is_pinned(), dedup, offsets,
                                                None if cache is None else cache.rows,
                                                None if cache is None or dedup else cache.data)
@@ -186,7 +186,7 @@ class Prefetcher:
     def wait(self) -> None:
         """Blocks until every queued gather finished (errors are raised when the rows are used)."""
         for ticket in (t for index in range(len(self.layers)) for t in self._queues.pending(index)):
-            _wait_quietly(ticket)
+            wait_quietly(ticket)
 
     def close(self) -> None:
         """Cancels queued gathers, joins the workers and detaches from the
@@ -263,42 +263,11 @@ class Prefetcher:
         if rows is not None:
             data = data.to(device, non_blocking=True) if staged.slots is None else \
                 _hot.assemble(rows, data, staged.slots, cache.data, device)
-        log = self._logs[index]
-        if log.updates or weight._version != ticket.table_version:
-            ids = None if rows is not None else hash_ids.to(weight.device) + self._specs.copies[index][3]
-            epochs = [t.epoch for t in self._queues.pending(index)]
-            data = log.catch_up(weight, ticket, ids, rows, data, epochs, stats)
+        data = self._updates.catch_up(index, weight, ticket, lambda: hash_ids.to(weight.device) +
+                                      self._specs.copies[index][3], rows, data)
         if rows is not None:
             return [data, staged.inverse.to(device, non_blocking=True)]
         return [data.to(device, non_blocking=True)]
-
-    def _update_table(self, table: torch.Tensor, update, rows: torch.Tensor, patch: bool = False) -> None:
-        """Runs a row-wise update of `table` after its gathers in flight and
-        records the rows it changed. patch: its batches that were current
-        before get those rows read again on a worker, overlapped with what
-        follows, instead of at use on the critical path."""
-        indices = [i for i, m in enumerate(self._modules) if m.embedding.weight is table]
-        pending = [(i, t) for i in indices for t in self._queues.pending(i)]
-        for _, ticket in pending:
-            _wait_quietly(ticket)
-        before, prior = table._version, {i: (self._logs[i].epoch, self._logs[i].own_bumps) for i in indices}
-        update()
-        for i in indices:
-            log = self._logs[i]
-            log.record(table._version - before, rows, any(j == i for j, _ in pending))
-            self._queues.set_counters(i, log.epoch, log.own_bumps)
-            if self._hot is not None:
-                self._hot.mark_dirty(i, rows)
-        changed = None
-        for i, ticket in pending if patch else ():
-            epoch, own_bumps = prior[i]
-            # Only a batch with nothing else to catch up on (no earlier update,
-            # no change of unknown rows) is brought up to date here.
-            if ticket.epoch == epoch and before - ticket.table_version == own_bumps - ticket.own_bumps:
-                changed = rows.detach().to("cpu").contiguous() if changed is None else changed
-                log = self._logs[i]
-                if self._pool.patch(ticket, table.detach(), changed, table._version, log.epoch, log.own_bumps):
-                    self.stats.patched_batches += 1
 
     def _changed(self, module=None, *args) -> None:
         if module is None or module in self._specs.watched:
@@ -308,28 +277,7 @@ class Prefetcher:
         # A table on an accelerator is never gathered: nothing to order (its rows may hold -1 padding).
         if table.device.type != "cpu":
             return update()
-        self._update_table(table, update, rows, patch=True)
+        self._updates.run(table, update, rows, patch=True)
 
     def _before_step(self, optimizer, *args) -> None:
-        """An optimizer is about to step: no gather of its tables may run
-        while it writes them, and the rows of sparse gradients will change."""
-        tables = {id(m.embedding.weight): m.embedding.weight for m in self._modules}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in tables:
-                    continue
-                if p.grad is not None and p.grad.is_sparse:
-                    self._update_table(p, lambda: None, p.grad._indices()[0])
-                else:  # a dense step bumps the version counter: gathered again
-                    for i, m in enumerate(self._modules):
-                        for ticket in self._queues.pending(i) if m.embedding.weight is p else ():
-                            _wait_quietly(ticket)
-
-
-def _wait_quietly(ticket) -> None:
-    try:
-        if ticket.kind == TaskKind.DEVICE_GATHER:
-            ticket.payload.synchronize()  # the host waits: the table is about to be written
-        ticket.wait()
-    except Exception:  # reported when the rows are used
-        pass
+        self._updates.before_step(optimizer)

@@ -1,12 +1,18 @@
-"""What engram.Prefetcher knows of a layer's table changing between a gather
-and its use, and how staged rows are brought up to date at use (the order
-with updates: docs/design.md, "The prefetcher")."""
+"""engram.Prefetcher's order with table updates (docs/design.md, "The
+prefetcher"): updates wait for the gathers of their table and are recorded;
+batches current before a fused update get its rows read again on a worker;
+staged rows are brought up to date at use from the records, or gathered again
+after a change of unknown rows (the version counter)."""
 
 from __future__ import annotations
 
 from typing import List
 
 import torch
+
+from . import _loader
+
+_engine = _loader.load("_engine")
 
 
 class UpdateLog:
@@ -56,3 +62,66 @@ class UpdateLog:
             pos = ids.reshape(-1)[pos]
         stats.patched_rows += int(torch.unique(pos).numel())
         return staged
+
+
+class TableUpdates:
+    """The update logs of a prefetcher's layers, and the ordering around updates."""
+
+    def __init__(self, modules, queues, pool, stats, hot) -> None:
+        self.modules, self.queues, self.pool, self.stats, self.hot = modules, queues, pool, stats, hot
+        self.logs = [UpdateLog() for _ in modules]
+
+    def run(self, table: torch.Tensor, update, rows: torch.Tensor, patch: bool = False) -> None:
+        """Runs a row-wise update of `table` after its gathers in flight and
+        records the rows it changed. patch: its batches that were current
+        before get those rows read again on a worker, overlapped with what
+        follows, instead of at use on the critical path."""
+        indices = [i for i, m in enumerate(self.modules) if m.embedding.weight is table]
+        pending = [(i, t) for i in indices for t in self.queues.pending(i)]
+        for _, ticket in pending:
+            wait_quietly(ticket)
+        before, prior = table._version, {i: (self.logs[i].epoch, self.logs[i].own_bumps) for i in indices}
+        update()
+        for i in indices:
+            log = self.logs[i]
+            log.record(table._version - before, rows, any(j == i for j, _ in pending))
+            self.queues.set_counters(i, log.epoch, log.own_bumps)
+            if self.hot is not None:
+                self.hot.mark_dirty(i, rows)
+        changed = None
+        for i, ticket in pending if patch else ():
+            (epoch, own_bumps), log = prior[i], self.logs[i]
+            # Only a batch with nothing else to catch up on (no earlier update,
+            # no change of unknown rows) is brought up to date here.
+            if ticket.epoch == epoch and before - ticket.table_version == own_bumps - ticket.own_bumps:
+                changed = rows.detach().to("cpu").contiguous() if changed is None else changed
+                if self.pool.patch(ticket, table.detach(), changed, table._version, log.epoch, log.own_bumps):
+                    self.stats.patched_batches += 1
+
+    def before_step(self, optimizer) -> None:
+        """An optimizer is about to step: no gather of its tables may run
+        while it writes them, and the rows of sparse gradients will change."""
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            indices = [i for i, m in enumerate(self.modules) if m.embedding.weight is p]
+            if indices and p.grad is not None and p.grad.is_sparse:
+                self.run(p, lambda: None, p.grad._indices()[0])
+            for ticket in (t for i in indices for t in self.queues.pending(i)):  # a dense step: gathered again
+                wait_quietly(ticket)
+
+    def catch_up(self, index: int, weight, ticket, ids, rows, staged):
+        """Staged rows as the table holds them now (UpdateLog.catch_up)."""
+        log = self.logs[index]
+        if not log.updates and weight._version == ticket.table_version:
+            return staged
+        epochs = [t.epoch for t in self.queues.pending(index)]
+        return log.catch_up(weight, ticket, ids() if ids is not None and rows is None else None, rows, staged,
+                            epochs, self.stats)
+
+
+def wait_quietly(ticket) -> None:
+    try:
+        if ticket.kind == _engine.TaskKind.DEVICE_GATHER:
+            ticket.payload.synchronize()  # the host waits: the table is about to be written
+        ticket.wait()
+    except Exception:  # reported when the rows are used
+        pass
