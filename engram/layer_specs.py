@@ -9,9 +9,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _loader, ops
-
-_engine = _loader.load("_engine")
+from . import ops
 
 
 class LayerSpecs:
@@ -36,11 +34,11 @@ class LayerSpecs:
             table = layer.multi_head_embedding.embedding.weight
             watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, layer.multi_head_embedding.offsets]
             copies = self.copies[index] = tuple(t.detach().to("cpu", copy=True).contiguous() for t in watched)
-            if table.device.type != "cpu":  # on an accelerator: looked up directly
-                self.queues.set_layer(index, _engine.LayerSpec.skipped(table))
+            if table.device.type != "cpu":  # on an accelerator: looked up directly, nothing queued
+                self.queues.set_layer(index, table)
             else:
-                self.queues.set_layer(index, _engine.LayerSpec(table, *copies[:3], layer.config.pad_id,
-                                                               layer.config.hash, copies[3], dedup, False, watched))
+                self.queues.set_layer(index, table, *copies[:3], layer.config.pad_id, layer.config.hash, copies[3],
+                                      dedup, watched)
         if indices:  # same family, pad, shapes and tokenizer map
             groups = {}
             for index, layer in enumerate(self.layers):

@@ -84,17 +84,6 @@ void bind_prefetch(py::module_& m) {
           [](Ticket& t) -> py::object { return t.payload ? *static_cast<py::object*>(t.payload.get()) : py::none(); },
           [](Ticket& t, py::object object) { t.payload = object.is_none() ? nullptr : keep(std::move(object)); },
           "Any Python object the caller keeps with the batch (None by default).");
-  py::class_<LayerSpec>(m, "LayerSpec", "One layer of LayerQueues: table, hash parameters, offsets, gather kind.")
-      .def(py::init(&make_layer_spec), py::arg("table"), py::arg("lookup"), py::arg("keys"), py::arg("head_sizes"),
-           py::arg("pad_id"), py::arg("family"), py::arg("offsets"), py::arg("dedup") = false,
-           py::arg("pin_memory") = false, py::arg("watched") = std::vector<at::Tensor>{},
-           "table [R, Dh] (contiguous, CPU); lookup, keys [1, *], head_sizes [1, K], pad_id, family as "
-           "engram::ngram_hash takes them for one layer (no offsets); offsets [K] added to each head's ids; "
-           "watched: the tensors these are copies of (an in-place change makes the spec stale). Checked here, once.")
-      .def_static("skipped", &skipped_layer_spec, py::arg("table"),
-                  "The spec of a layer whose table is not in CPU memory: nothing is queued for it.")
-      .def_property_readonly("current", &LayerSpec::current,
-                             "False once a watched tensor changed in place or the table's data moved.");
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
       .def(py::init<int, int>(), py::arg("num_threads"), py::arg("background_nice") = 5,
            "background_nice: workers run as SCHED_BATCH threads with nice raised by this much (Linux), so "
@@ -132,9 +121,23 @@ void bind_prefetch(py::module_& m) {
       .def(py::init<PyGatherPool&, int64_t, int64_t>(), py::arg("pool"), py::arg("num_layers"),
            py::arg("max_pending"), py::keep_alive<1, 2>())
       .def_property_readonly("num_layers", &LayerQueues::num_layers)
-      .def("set_layer", &LayerQueues::set_layer, py::arg("index"), py::arg("spec"),
-           "Sets layer `index`'s spec; its batches are dropped unless the new spec reads the same rows (table, "
-           "offsets), and match by hash ids only unless it also hashes the same.")
+      .def(
+          "set_layer",
+          [](LayerQueues& q, int64_t index, const at::Tensor& table, const std::optional<at::Tensor>& lookup,
+             const std::optional<at::Tensor>& keys, const std::optional<at::Tensor>& head_sizes, int64_t pad_id,
+             const std::string& family, const std::optional<at::Tensor>& offsets, bool dedup,
+             const std::vector<at::Tensor>& watched) {
+            const at::Tensor none;
+            q.set_layer(index, LayerSpec(table, lookup, keys.value_or(none), head_sizes.value_or(none), pad_id, family,
+                                         offsets.value_or(none), dedup, watched));
+          },
+          py::arg("index"), py::arg("table"), py::arg("lookup") = py::none(), py::arg("keys") = py::none(),
+          py::arg("head_sizes") = py::none(), py::arg("pad_id") = 0, py::arg("family") = "",
+          py::arg("offsets") = py::none(), py::arg("dedup") = false, py::arg("watched") = std::vector<at::Tensor>{},
+          "Sets layer `index`'s spec (LayerSpec: lookup, keys [1, *], head_sizes [1, K], pad_id, family as "
+          "ngram_hash takes them, offsets [K]: CPU copies of `watched`); no lookup: the table is elsewhere, "
+          "nothing is queued. Batches are dropped unless the new spec reads the same rows, and match by hash "
+          "ids only unless it also hashes the same.")
       .def("stale", &LayerQueues::stale, "The layers whose spec is missing or stale.")
       .def("current", &LayerQueues::current, py::arg("index"))
       .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"),

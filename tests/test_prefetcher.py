@@ -147,13 +147,13 @@ def test_engine_close_cancels_queued_gathers_without_hanging():
 
 
 def layer_spec(layer, dedup=False):
-    """An engine LayerSpec of `layer` as the Prefetcher builds it: copies of the
-    hash parameters and offsets, the originals watched."""
+    """LayerQueues.set_layer's arguments for `layer` as the Prefetcher gives
+    them: copies of the hash parameters and offsets, the originals watched."""
     module = layer.multi_head_embedding
     watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, module.offsets]
     lookup, keys, sizes, offsets = (t.clone() for t in watched)
-    return _engine.LayerSpec(module.embedding.weight, lookup, keys, sizes, layer.config.pad_id, layer.config.hash,
-                             offsets, dedup, False, watched)
+    return (module.embedding.weight, lookup, keys, sizes, layer.config.pad_id, layer.config.hash, offsets, dedup,
+            watched)
 
 
 def test_layer_queues_match_token_ids_and_report_changes():
@@ -168,7 +168,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
     pool = _engine.GatherPool(1)
     queues = _engine.LayerQueues(pool, 1, 2)
     assert queues.prefetch(ids) == [0] and queues.stale() == [0]  # no spec yet: nothing queued
-    queues.set_layer(0, layer_spec(layer))
+    queues.set_layer(0, *layer_spec(layer))
     assert queues.prefetch(ids) == [] and len(queues.pending(0)) == 1
 
     def expected(tokens):
@@ -207,7 +207,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
     queued = len(queues.pending(0))
     assert queues.prefetch(other) == [0] and len(queues.pending(0)) == queued
     # Built again: the batch hashed with the old keys now matches by its hash ids only.
-    queues.set_layer(0, layer_spec(layer))
+    queues.set_layer(0, *layer_spec(layer))
     assert queues.take(0, ids, layer.hash(ids)) == (Take.MISS, None)
     found, ticket = queues.take(0, ids, old_hash)
     assert found == Take.FOUND and len(queues.pending(0)) == queued - 1
@@ -217,7 +217,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
     assert_same(ticket.wait().staged, expected(ids))
     # A spec built again with equal copies keeps matching by token ids.
     queues.prefetch(ids)
-    queues.set_layer(0, layer_spec(layer))
+    queues.set_layer(0, *layer_spec(layer))
     assert queues.take(0, ids)[0] == Take.FOUND
     # Token ids that are not int64 on the CPU cannot decide: the hash ids do.
     queues.prefetch(ids)
@@ -227,7 +227,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
     # A worker's error is raised by take, and the batch is removed.
     with torch.no_grad():
         module.offsets += 10**9  # rows beyond the table
-    queues.set_layer(0, layer_spec(layer))
+    queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     with pytest.raises(IndexError, match=r"rows holds \d+ at flat index \d+; expected values in \[0, \d+\) for table.size\(0\)"):
         queues.take(0, ids)
@@ -235,28 +235,30 @@ def test_layer_queues_match_token_ids_and_report_changes():
     module.offsets -= 10**9
 
     # Other offsets or the table's data replaced: the queued rows are dropped.
-    queues.set_layer(0, layer_spec(layer))
+    queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     with torch.no_grad():
         spec = layer_spec(layer)
         module.offsets += 1
-        queues.set_layer(0, layer_spec(layer))
+        queues.set_layer(0, *layer_spec(layer))
         module.offsets -= 1
     assert not queues.pending(0)
-    queues.set_layer(0, layer_spec(layer))
+    queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     table.data = table.data.clone()
     assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)
     assert queues.prefetch(ids) == [0] and not queues.current(0)
 
     # A layer whose table is elsewhere: nothing is queued for it.
-    queues.set_layer(0, _engine.LayerSpec.skipped(table))
+    queues.set_layer(0, table)
     assert queues.prefetch(ids) == [] and not queues.pending(0)
     with pytest.raises(IndexError, match="layer index 1 is outside 0..0"):
         queues.take(1, ids)
     with pytest.raises(ValueError, match="input_ids must be an int64 CPU tensor"):
-        queues.set_layer(0, spec)
+        queues.set_layer(0, *spec)
         queues.prefetch(ids.int())
+    with pytest.raises(ValueError, match=r"one layer's CPU tensors \(head_sizes \[1, K\]\), got head_sizes of shape \[4\]"):
+        queues.set_layer(0, *spec[:3], layer.hash_sizes[0], *spec[4:])
     queues.clear()
     pool.close()
 

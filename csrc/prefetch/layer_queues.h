@@ -1,8 +1,7 @@
-// The one queue of engram.Prefetcher: per layer, its LayerSpec and its
-// prefetched batches not used yet (oldest first, at most max_pending), of
-// every kind (hashed by the workers, hashed by the caller, gathered on a
-// device). prefetch() and take() are the calls on the model's critical path,
-// so each is one call into here with no Python per layer.
+// The one queue of engram.Prefetcher: per layer, its LayerSpec and its batches
+// not used yet (oldest first, at most max_pending) of every kind (hashed by
+// the workers or by the caller, gathered on a device). prefetch() and take()
+// are on the model's critical path: one call each, no Python per layer.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,6 +11,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -19,92 +20,61 @@
 
 namespace engram::prefetch {
 
-// One layer as its batches are hashed and gathered: its table, copies of its
-// hash parameters (HashSpec, input_ids undefined) and head offsets, the kind
-// of gather. Checked once when built, so that a prefetch does no per-layer
-// checking on the caller's critical path.
-//
-// Staleness has one rule, version counters: `watched` are the layer's own
-// tensors the copies were made from, with their version counters and data
-// then; an in-place change of one makes the spec stale. The table is the
-// layer's parameter itself (not an alias): should its data be replaced
-// (`param.data = ...`, a move) the spec sees the new pointer. Reassigned
-// tensors are the caller's to report (Prefetcher.refresh builds the spec again).
-// skipped: a layer whose table is not in CPU memory (looked up directly).
+// One layer as the workers hash and gather its batches: its table, copies of
+// its hash parameters (HashSpec, input_ids left undefined) and head offsets.
+// Checked once when built, not on the caller's critical path. Staleness has
+// one rule, version counters: `watched` are the layer's own tensors the
+// copies were made from, stale once one changed in place (version or data
+// pointer). The table is the layer's parameter itself: its data replaced
+// (`param.data = ...`, a move) makes it stale too. Reassigned tensors are
+// the caller's to report (Prefetcher.refresh builds the spec again).
+// skipped (no lookup given): the table is not in CPU memory, nothing is queued.
 struct LayerSpec {
   at::Tensor table, offsets;
   HashSpec hash;
-  bool dedup = false, pin_memory = false, skipped = false;
-  std::vector<at::Tensor> watched;
-  std::vector<int64_t> watched_versions;
-  std::vector<const void*> watched_data;
+  bool dedup = false, skipped = true;
+  std::vector<std::pair<at::Tensor, std::pair<int64_t, const void*>>> watched;  // tensor, (version, data) then
   const void* table_data = nullptr;
 
-  // The table's data is where it was: the queued gathers read this data.
+  LayerSpec() = default;
+  LayerSpec(const at::Tensor& table, const std::optional<at::Tensor>& lookup, const at::Tensor& keys,
+            const at::Tensor& head_sizes, int64_t pad_id, const std::string& family, const at::Tensor& offsets,
+            bool dedup, const std::vector<at::Tensor>& watched_tensors)
+      : table(table), offsets(offsets), dedup(dedup), skipped(!lookup.has_value()), table_data(table.const_data_ptr()) {
+    if (skipped) return;
+    check_table(table);
+    TORCH_CHECK_VALUE(head_sizes.device().is_cpu() && head_sizes.dim() == 2 && head_sizes.size(0) == 1 &&
+                          lookup->device().is_cpu() && keys.device().is_cpu(),
+                      "engram.Prefetcher: lookup, keys and head_sizes must be one layer's CPU tensors (head_sizes "
+                      "[1, K]), got head_sizes of shape ", head_sizes.sizes(), " on ", head_sizes.device());
+    check_offsets(offsets, head_sizes.size(1));
+    hash = HashSpec{at::Tensor(), *lookup, keys, head_sizes, pad_id, family};
+    for (const at::Tensor& t : watched_tensors) watched.push_back({t, {t._version(), t.const_data_ptr()}});
+  }
+
   bool table_current() const { return table.defined() && table.const_data_ptr() == table_data; }
   bool params_current() const {
-    for (size_t i = 0; i < watched.size(); ++i) {
-      if (watched[i]._version() != watched_versions[i] || watched[i].const_data_ptr() != watched_data[i]) {
-        return false;
-      }
-    }
-    return true;
+    return std::all_of(watched.begin(), watched.end(), [](const auto& w) {
+      return w.first._version() == w.second.first && w.first.const_data_ptr() == w.second.second;
+    });
   }
   bool current() const { return table_current() && params_current(); }
-  // Hashes token ids as `other` does (equal copies): batches hashed with it still match by token ids.
+  // Hashes as `other` does (equal copies): its batches still match by token ids.
   bool same_hash(const LayerSpec& other) const {
-    const auto eq = [](const at::Tensor& a, const at::Tensor& b) {
-      return a.defined() == b.defined() && (!a.defined() || (a.sizes() == b.sizes() && at::equal(a, b)));
-    };
-    return eq(hash.lookup, other.hash.lookup) && eq(hash.keys, other.hash.keys) &&
-           eq(hash.head_sizes, other.hash.head_sizes) && hash.pad_id == other.hash.pad_id &&
+    return equal(hash.lookup, other.hash.lookup) && equal(hash.keys, other.hash.keys) &&
+           equal(hash.head_sizes, other.hash.head_sizes) && hash.pad_id == other.hash.pad_id &&
            hash.family == other.hash.family;
   }
-  // Reads the same rows for the same hash ids as `other`: same table, same offsets.
+  // Reads the same rows for the same hash ids as `other`: same table data, same offsets.
   bool same_rows(const LayerSpec& other) const {
     return skipped == other.skipped && table.defined() && other.table.defined() &&
            table.unsafeGetTensorImpl() == other.table.unsafeGetTensorImpl() && table_data == other.table_data &&
-           offsets.defined() == other.offsets.defined() &&
-           (!offsets.defined() || (offsets.sizes() == other.offsets.sizes() && at::equal(offsets, other.offsets)));
+           equal(offsets, other.offsets);
+  }
+  static bool equal(const at::Tensor& a, const at::Tensor& b) {
+    return a.defined() == b.defined() && (!a.defined() || (a.sizes() == b.sizes() && at::equal(a, b)));
   }
 };
-
-inline LayerSpec make_layer_spec(const at::Tensor& table, const at::Tensor& lookup, const at::Tensor& keys,
-                                 const at::Tensor& head_sizes, int64_t pad_id, const std::string& family,
-                                 const at::Tensor& offsets, bool dedup, bool pin_memory,
-                                 const std::vector<at::Tensor>& watched) {
-  check_table(table);
-  TORCH_CHECK_VALUE(head_sizes.device().is_cpu() && head_sizes.dim() == 2 && head_sizes.size(0) == 1,
-                    "engram.Prefetcher: head_sizes must be one layer's CPU [1, K] tensor, got shape ",
-                    head_sizes.sizes(), " on ", head_sizes.device());
-  TORCH_CHECK_VALUE(lookup.device().is_cpu() && keys.device().is_cpu(),
-                    "engram.Prefetcher: lookup and keys must be on the CPU, got ", lookup.device(), " and ",
-                    keys.device());
-  check_offsets(offsets, head_sizes.size(1));
-  LayerSpec spec;
-  spec.table = table;
-  spec.offsets = offsets;
-  spec.hash = HashSpec{at::Tensor(), lookup, keys, head_sizes, pad_id, family};
-  spec.dedup = dedup;
-  spec.pin_memory = pin_memory;
-  spec.table_data = table.const_data_ptr();
-  for (const at::Tensor& t : watched) {
-    spec.watched.push_back(t);
-    spec.watched_versions.push_back(t._version());
-    spec.watched_data.push_back(t.const_data_ptr());
-  }
-  return spec;
-}
-
-// The spec of a layer whose table is not in CPU memory: nothing is queued for
-// it, and it is stale once the table's data moves (e.g. to the CPU).
-inline LayerSpec skipped_layer_spec(const at::Tensor& table) {
-  LayerSpec spec;
-  spec.table = table;
-  spec.table_data = table.const_data_ptr();
-  spec.skipped = true;
-  return spec;
-}
 
 // What take() found.
 enum class Take : int {
@@ -146,14 +116,11 @@ class LayerQueues {
     std::lock_guard<std::mutex> lock(mutex_);
     return layers_.at(check_index(index)).spec.current();
   }
-
-  // The caller's count of recorded updates of layer `index`'s table and their
-  // version bumps, stamped on each batch queued from now on.
+  // The caller's count of recorded updates of the layer's table and their
+  // version bumps, stamped on the batches queued from now on.
   void set_counters(int64_t index, int64_t epoch, int64_t own_bumps) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Layer& layer = layers_.at(check_index(index));
-    layer.epoch = epoch;
-    layer.own_bumps = own_bumps;
+    std::tie(layers_.at(check_index(index)).epoch, layers_[index].own_bumps) = std::tie(epoch, own_bumps);
   }
 
   // Queues every layer's hashing and gather for input_ids [B, T] (copied once,
@@ -181,7 +148,6 @@ class LayerQueues {
       task.offsets = spec.offsets;
       task.hash = spec.hash;
       task.hash.input_ids = tokens;
-      task.pin_memory = spec.pin_memory;
       queued.emplace_back(i, task.ticket);
       tasks.push_back(std::move(task));
     }

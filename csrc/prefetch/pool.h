@@ -32,32 +32,25 @@
 
 namespace engram::prefetch {
 
-// Makes the calling worker a background thread (Linux): SCHED_BATCH, so that
-// waking it (a submit) does not preempt the submitting thread, i.e. the
-// model's compute, and a nice value above the caller's, so that gathers take
-// idle cores first: on a small machine a submit would otherwise hand the
-// caller's core to the worker for the very time the prefetch should hide.
-// Best effort: failures leave the defaults.
-inline void lower_worker_priority(int nice_increment) {
-#ifdef __linux__
-  sched_param param{};
-  param.sched_priority = 0;
-  (void)sched_setscheduler(0, SCHED_BATCH, &param);  // 0: this thread
-  if (nice_increment > 0) {
-    const pid_t tid = static_cast<pid_t>(syscall(SYS_gettid));
-    errno = 0;
-    const int current = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
-    if (errno == 0) (void)setpriority(PRIO_PROCESS, static_cast<id_t>(tid), std::min(19, current + nice_increment));
-  }
-#else
-  (void)nice_increment;
-#endif
-}
-
-// Names the worker "engram-gather" (Linux): told apart in top, py-spy, /proc/<pid>/task/*/comm and the tests.
-inline void name_worker_thread() {
+// Names the calling worker "engram-gather" (told apart in top, py-spy,
+// /proc/<pid>/task/*/comm and the tests) and, with nice_increment >= 0, makes
+// it a background thread (Linux): SCHED_BATCH, so that waking it (a submit)
+// does not preempt the submitting thread, i.e. the model's compute, and a nice
+// value above the caller's, so that gathers take idle cores first: on a small
+// machine a submit would otherwise hand the caller's core to the worker for
+// the very time the prefetch should hide. Best effort.
+inline void set_up_worker_thread(int nice_increment) {
 #ifdef __linux__
   (void)pthread_setname_np(pthread_self(), "engram-gather");
+  if (nice_increment < 0) return;
+  sched_param param{};
+  (void)sched_setscheduler(0, SCHED_BATCH, &param);  // 0: this thread
+  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
+  errno = 0;
+  const int current = getpriority(PRIO_PROCESS, tid);
+  if (nice_increment > 0 && errno == 0) (void)setpriority(PRIO_PROCESS, tid, std::min(19, current + nice_increment));
+#else
+  (void)nice_increment;
 #endif
 }
 
@@ -75,9 +68,7 @@ struct Task {
 
 class GatherPool {
  public:
-  // background_nice: the workers run as background threads (SCHED_BATCH,
-  // nice raised by this much, see lower_worker_priority); -1 leaves them as
-  // ordinary threads.
+  // background_nice: see set_up_worker_thread; -1 leaves ordinary threads.
   explicit GatherPool(int num_threads, int background_nice = 5) {
     TORCH_CHECK_VALUE(num_threads >= 1 && num_threads <= 256, "engram.Prefetcher: num_threads=", num_threads,
                       ", expected 1..256");
@@ -85,8 +76,7 @@ class GatherPool {
                       background_nice, ", expected -1 (ordinary threads) or 0..19");
     for (int i = 0; i < num_threads; ++i) {
       workers_.emplace_back([this, background_nice] {
-        name_worker_thread();
-        if (background_nice >= 0) lower_worker_priority(background_nice);
+        set_up_worker_thread(background_nice);
         // The op a worker may call (ngram_hash) runs on this thread alone:
         // after ATen's own per-thread init (which would set the intra-op
         // count), an OpenMP team of one, so it never adds threads to the compute's.
@@ -143,10 +133,7 @@ class GatherPool {
                           changed.is_contiguous(),
                       "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
                       changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
-    if (ticket->kind() == TaskKind::kDeviceGather || ticket->peek().staged.size(-1) != table.size(1) ||
-        !ticket->begin_patch(stamps)) {
-      return false;
-    }
+    if (!ticket->begin_patch(stamps, table.size(1))) return false;
     Task task;
     task.kind = TaskKind::kPatch;
     task.ticket = ticket;

@@ -80,10 +80,10 @@ class Ticket {
 
   // A patch (GatherPool::submit_patch) brings the staged rows up to the
   // table's state `stamps`; wait() and ready() wait for it too. False unless
-  // the gather finished well and is patchable.
-  bool begin_patch(Stamps stamps) {
+  // the gather finished well and is patchable with rows of row_width.
+  bool begin_patch(Stamps stamps, int64_t row_width) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!done_ || error_ || !patchable(result_)) return false;
+    if (!done_ || error_ || !patchable(result_) || result_.staged.size(-1) != row_width) return false;
     ++patches_;
     stamps_ = stamps;
     return true;
