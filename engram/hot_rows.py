@@ -1,12 +1,12 @@
 """The hot-row cache of engram.Prefetcher: per layer, a copy of the table's
 most looked-up rows (LFU with aging). Deduplicated gathers skip the cached
 rows (the use takes them from the copy, on the consumer's device); expanded
-ones copy them from the compact CPU copy. Its order with updates (see
-docs/design.md, "The prefetcher"): recorded updates mark rows dirty, copied
-into the cache before the next gather; other changes (version counter) read
-it all again; a new hot set is new tensors (a running gather keeps its
-snapshot). Staged rows built from a snapshot are brought up to date at use
-like any others, so the cache never changes a result."""
+ones copy them from the compact CPU copy. Its order with updates
+(docs/design.md, "Table placements and the prefetcher"): recorded updates
+mark rows dirty, copied into the cache before the next gather; other changes
+(version counter) read it all again; a new hot set is new tensors (a running
+gather keeps its snapshot). Staged rows built from a snapshot are brought up
+to date at use like any others, so the cache never changes a result."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ takes its own batch from there and waits on it alone::
             out.loss.backward(); optimizer.step()
 
 Gradients are as without a prefetcher and no staged row is used stale (the
-order with updates: docs/design.md, "The prefetcher"). Only tables in CPU
-memory are prefetched; layers whose table is on an accelerator look up directly.
+order with updates: docs/design.md, "Table placements and the prefetcher").
+Only tables in CPU memory are prefetched; others are looked up directly.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""engram.Prefetcher's order with table updates (docs/design.md, "The
-prefetcher"): updates wait for the gathers of their table and are recorded;
+"""engram.Prefetcher's order with table updates (docs/design.md, "Table
+placements and the prefetcher"): updates wait for their table's gathers and are recorded;
 batches current before a fused update get its rows read again on a worker;
 staged rows are brought up to date at use from the records, or gathered again
 after a change of unknown rows (the version counter)."""
