@@ -68,17 +68,16 @@ void bind_prefetch(py::module_& m) {
             ticket->finish(std::move(staged));
             return ticket;
           },
-          py::arg("rows"), "A batch gathered by the caller on a device (table[ids], not deduplicated).")
+          py::arg("rows"), "A batch the caller gathered on a device (table[ids]).")
       .def_property_readonly("kind", &Ticket::kind)
       .def("ready", &Ticket::ready, "True once the gather (and any patch) finished or failed.")
       .def("wait", &Ticket::wait, py::call_guard<py::gil_scoped_release>(),
            "Blocks until done; returns its Staged or raises the worker's error.")
-      .def_property_readonly("table_version", [](Ticket& t) { return t.stamps().table_version; },
-                             "The table's version counter the rows were read at (-1 unknown).")
-      .def_property_readonly("epoch", [](Ticket& t) { return t.stamps().epoch; },
-                             "The caller's update count of the table then (LayerQueues.set_counters).")
-      .def_property_readonly("own_bumps", [](Ticket& t) { return t.stamps().own_bumps; },
-                             "Those updates' version bumps then.")
+      // The table's state the rows were read at: its version counter (-1 unknown), the caller's update count
+      // of the table (LayerQueues.set_counters) and those updates' version bumps.
+      .def_property_readonly("table_version", [](Ticket& t) { return t.stamps().table_version; })
+      .def_property_readonly("epoch", [](Ticket& t) { return t.stamps().epoch; })
+      .def_property_readonly("own_bumps", [](Ticket& t) { return t.stamps().own_bumps; })
       .def_property(
           "payload",
           [](Ticket& t) -> py::object { return t.payload ? *static_cast<py::object*>(t.payload.get()) : py::none(); },
@@ -86,8 +85,7 @@ void bind_prefetch(py::module_& m) {
           "Any Python object the caller keeps with the batch (None by default).");
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
       .def(py::init<int, int>(), py::arg("num_threads"), py::arg("background_nice") = 5,
-           "background_nice: workers run as SCHED_BATCH threads with nice raised by this much (Linux), so "
-           "they do not preempt the model's compute; -1: ordinary threads.")
+           "background_nice: SCHED_BATCH workers with nice raised by this much (Linux); -1: ordinary threads.")
       .def_property_readonly("num_threads", &PyGatherPool::num_threads)
       .def(
           "submit",
@@ -112,9 +110,8 @@ void bind_prefetch(py::module_& m) {
           },
           py::arg("ticket"), py::arg("table"), py::arg("changed"), py::arg("table_version"), py::arg("epoch"),
           py::arg("own_bumps"),
-          "Queues the re-reading of rows `changed` (int64 [M], CPU) from `table` into a finished gather's staged "
-          "rows, with the stamps of the table after the update that changed them. False if the gather failed, "
-          "is not done, or cannot be patched (a hot-row cache took part, or a device gather).")
+          "Queues the re-reading of rows `changed` (int64 [M], CPU) into a finished gather's staged rows, with "
+          "the table's stamps after the update. False if it failed, is not done, or cannot be patched.")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
   py::class_<LayerQueues>(m, "LayerQueues", "Per layer of a Prefetcher: its LayerSpec and its batches not used yet.")
@@ -140,11 +137,9 @@ void bind_prefetch(py::module_& m) {
           "ids only unless it also hashes the same.")
       .def("stale", &LayerQueues::stale, "The layers whose spec is missing or stale.")
       .def("current", &LayerQueues::current, py::arg("index"))
-      .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"),
-           "The caller's update count of the layer's table and their version bumps, stamped on later batches.")
+      .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"))
       .def("prefetch", &LayerQueues::prefetch, py::arg("input_ids"),
-           "Queues every layer's hashing and gather for input_ids [B, T] (int64, CPU) and returns []; or "
-           "returns the layers whose spec is missing or stale, queuing nothing.")
+           "Queues every layer's hashing and gather for input_ids [B, T] (int64, CPU); or returns the stale layers.")
       .def("add", &LayerQueues::add, py::arg("index"), py::arg("ticket"), py::arg("input_ids"), py::arg("key"),
            "Queues a batch the caller hashed: its token tensor and hash ids [B, T, K].")
       .def(
