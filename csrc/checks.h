@@ -7,7 +7,7 @@
 // The messages of errors found in the values (an id out of range, a bad head
 // size, rows out of order) are worded once, by the formatters below: the CPU
 // checks, the CUDA deferred reports (csrc/cuda/device_errors.cu) and the
-// prefetch engine (csrc/prefetch.h, another library, hence inline) use them.
+// prefetch engine (csrc/prefetch/gather.h, another library, hence inline) use them.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -37,6 +37,7 @@ import os
 import queue
 import shutil
 import threading
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -431,6 +432,29 @@ class ShardPrefetch:
         self._thread = threading.Thread(target=self._run, name="engram-shard-prefetch", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def split(cls, prefetcher, max_pending: int) -> Optional["ShardPrefetch"]:
+        """Takes the sharded layers out of ``prefetcher.layers`` (its local
+        gathers never see them) and serves their lookups; None if none is sharded."""
+        sharded = [l for l in prefetcher.layers if isinstance(l.multi_head_embedding, ShardedMultiHeadEmbedding)]
+        if not sharded:
+            return None
+        prefetcher.layers[:] = [l for l in prefetcher.layers if not any(l is s for s in sharded)]
+        prefetcher._modules[:] = [l.multi_head_embedding for l in prefetcher.layers]
+        part, owner = cls(sharded, max_pending, prefetcher.stats), weakref.ref(prefetcher)
+
+        def lookup(module, hash_ids, input_ids=None):
+            live = owner()
+            if live is None or live._closed:
+                return module.direct_forward(hash_ids)
+            part.enabled = live.enabled
+            return part.lookup(module, hash_ids)
+
+        part._hook = lookup
+        for module in part.modules:
+            module.row_source = lookup
+        return part
+
     def _listener(self, module):
         def before_update(table, update, rows):
             before = table._version
@@ -547,6 +571,9 @@ class ShardPrefetch:
         so they finish, or fail at the group's timeout)."""
         for handle in self._handles:
             handle.remove()
+        for module in self.modules:
+            if module.row_source is getattr(self, "_hook", None):
+                module.row_source = None
         self._jobs.put(None)
         self._thread.join()
         for pending in self._pending.values():

@@ -169,6 +169,7 @@ class MultiHeadEmbedding(nn.Module):
         # serves the lookup from rows gathered ahead of time.
         self.row_source = None
         self._update_listeners: "collections.OrderedDict" = collections.OrderedDict()  # weakref-able, for RemovableHandle
+        self._change_listeners: "collections.OrderedDict" = collections.OrderedDict()
 
     # Named in a changed-file error; EngramLayer sets its layer id here.
     file_owner = "MultiHeadEmbedding"
@@ -222,17 +223,28 @@ class MultiHeadEmbedding(nn.Module):
             update = (lambda listener, inner: lambda: listener(table, inner, rows))(listener, update)
         update()
 
+    def add_change_listener(self, listener) -> "torch.utils.hooks.RemovableHandle":
+        """listener() runs after the module is moved or cast (_apply): whoever
+        copied its tensors (a prefetcher) builds its copies again. Returns a handle."""
+        handle = torch.utils.hooks.RemovableHandle(self._change_listeners)
+        self._change_listeners[handle.id] = listener
+        return handle
+
     def _apply(self, fn, recurse=True):
-        if self.placement == "device":
-            return super()._apply(fn, recurse)
-        # The host / file table stays where it is (moving or casting it would
-        # drop the pinned or file-backed memory); the offsets follow the module.
-        embedding = self._modules.pop("embedding")
         try:
-            super()._apply(fn, recurse)
+            if self.placement == "device":
+                return super()._apply(fn, recurse)
+            # The host / file table stays where it is (moving or casting it would
+            # drop the pinned or file-backed memory); the offsets follow the module.
+            embedding = self._modules.pop("embedding")
+            try:
+                super()._apply(fn, recurse)
+            finally:
+                self._modules["embedding"] = embedding
+            return self
         finally:
-            self._modules["embedding"] = embedding
-        return self
+            for listener in list(self._change_listeners.values()):
+                listener()
 
     def flush(self) -> None:
         """Writes an mmap table's changed pages to its file (the OS does so

@@ -1,15 +1,11 @@
-// engram._engine bindings of the prefetch engine (csrc/prefetch.h). The only
+// engram._engine bindings of the prefetch engine (csrc/prefetch/*.h). The only
 // translation unit of _engine that includes torch's Python headers.
 #include <torch/extension.h>
 
-#include "csrc/prefetch.h"
+#include "csrc/prefetch/layer_queues.h"
 
 namespace py = pybind11;
-using engram::prefetch::Cache;
-using engram::prefetch::GatherPool;
-using engram::prefetch::LayerSpec;
-using engram::prefetch::Staged;
-using engram::prefetch::Ticket;
+using namespace engram::prefetch;
 
 namespace engram {
 namespace {
@@ -29,111 +25,67 @@ class PyGatherPool : public GatherPool {
   }
 };
 
-// LayerQueues that also see a layer's Python attributes: each layer's spec
-// lists (owner dict, key, object) for the tensors it was built from (a
-// module's _buffers entries); one reassigned (the dict holds another object)
-// makes the spec stale, like an in-place change does in LayerQueues. Checked
-// with the C API in the same call as the prefetch or take.
-class PyLayerQueues : public engram::prefetch::LayerQueues {
- public:
-  using Owner = std::tuple<py::dict, py::object, py::object>;
-  PyLayerQueues(PyGatherPool& pool, int64_t num_layers, int64_t max_pending)
-      : LayerQueues(pool, num_layers, max_pending),
-        owners_(static_cast<size_t>(std::max<int64_t>(num_layers, 0))),
-        table_owners_(owners_.size()) {}
-
-  // owners: of the hash parameters and offsets (changed: token ids cannot
-  // decide); table_owners: of the table (changed: the queued rows are void).
-  void set_layer_owned(int64_t index, LayerSpec spec, std::vector<Owner> owners, std::vector<Owner> table_owners) {
-    set_layer(index, std::move(spec));  // checks index
-    owners_[static_cast<size_t>(index)] = std::move(owners);
-    table_owners_[static_cast<size_t>(index)] = std::move(table_owners);
-  }
-  bool same_params(int64_t index) const { return same(owners_[check_index(index)]); }
-  bool same_table(int64_t index) const { return same(table_owners_[check_index(index)]); }
-  void clear_owned() {
-    clear();
-    for (auto& owners : owners_) owners.clear();
-    for (auto& owners : table_owners_) owners.clear();
-  }
-
- private:
-  static bool same(const std::vector<Owner>& owners) {
-    for (const auto& [dict, key, object] : owners) {
-      PyObject* now = PyDict_GetItemWithError(dict.ptr(), key.ptr());  // borrowed
-      if (now == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      if (now != object.ptr()) return false;
-    }
-    return true;
-  }
-
-  std::vector<std::vector<Owner>> owners_, table_owners_;
-};
+// A Python object kept with a ticket, released under the GIL wherever the
+// ticket's last reference goes (a worker thread included).
+std::shared_ptr<void> keep(py::object object) {
+  return std::shared_ptr<void>(new py::object(std::move(object)), [](void* p) {
+    if (!Py_IsInitialized()) return;  // interpreter gone: leak rather than crash
+    py::gil_scoped_acquire gil;
+    delete static_cast<py::object*>(p);
+  });
+}
 
 }  // namespace
 
 void bind_prefetch(py::module_& m) {
-  py::class_<Ticket, std::shared_ptr<Ticket>>(m, "GatherTicket", "The future of one submitted gather.")
-      .def("ready", &Ticket::ready, "True once the gather finished (or failed).")
-      .def("matches", &Ticket::matches, py::arg("input_ids"),
-           "Whether input_ids are the token ids this gather was hashed from (submit_layers): same shape and "
-           "values, int64 on the CPU.")
-      .def_property_readonly("table_version", &Ticket::table_version,
-                             "The table's version counter when the gather was queued (submit_layers), else -1.")
-      .def_property_readonly("epoch", &Ticket::epoch, "The spec's counters[0] when the gather was queued.")
-      .def_property_readonly("own_bumps", &Ticket::own_bumps, "The spec's counters[1] when the gather was queued.")
-      .def(
-          "wait",
-          [](Ticket& t) {
-            Staged s;
-            {
-              py::gil_scoped_release release;
-              s = t.wait();
-            }
-            return py::make_tuple(s.rows, s.staged, s.inverse);
+  py::enum_<TaskKind>(m, "TaskKind", "Who made a ticket's rows (csrc/prefetch/ticket.h).")
+      .value("GATHER", TaskKind::kGather)
+      .value("HASH_AND_GATHER", TaskKind::kHashAndGather)
+      .value("PATCH", TaskKind::kPatch)
+      .value("DEVICE_GATHER", TaskKind::kDeviceGather);
+  py::enum_<Take>(m, "Take", "What LayerQueues.take found.")
+      .value("MISS", Take::kMiss)
+      .value("FOUND", Take::kFound)
+      .value("STALE", Take::kStale);
+  py::class_<Staged>(m, "Staged",
+                     "A gather's result: deduplicated rows [U], staged = table[rows], inverse (rows[inverse] == ids); "
+                     "expanded: staged = table[ids] (rows, inverse None). With a hot-row cache, slots [U]: a "
+                     "deduplicated row's cache slot or -1 (staged holds only those), cache_hits: lookups it served.")
+      .def_readonly("rows", &Staged::rows)
+      .def_readonly("staged", &Staged::staged)
+      .def_readonly("inverse", &Staged::inverse)
+      .def_readonly("slots", &Staged::slots)
+      .def_readonly("cache_hits", &Staged::cache_hits)
+      .def("__iter__", [](const Staged& s) { return py::iter(py::make_tuple(s.rows, s.staged, s.inverse)); },
+           "rows, staged, inverse = staged");
+  py::class_<Ticket, std::shared_ptr<Ticket>>(m, "GatherTicket", "The future of one prefetched batch of one layer.")
+      .def_static(
+          "device_gather",
+          [](const at::Tensor& rows) {
+            auto ticket = std::make_shared<Ticket>(TaskKind::kDeviceGather, false);
+            Staged staged;
+            staged.staged = rows;
+            ticket->finish(std::move(staged));
+            return ticket;
           },
-          "Blocks until done; returns (rows, staged, inverse) or raises the worker's error.")
-      .def(
-          "slots",
-          [](Ticket& t) -> std::optional<at::Tensor> {
-            at::Tensor s = t.slots();
-            return s.defined() ? std::optional<at::Tensor>(s) : std::nullopt;
-          },
-          "After wait(): a deduplicated gather's cache slot per row (-1: gathered into staged), or None.")
-      .def("cache_hits", &Ticket::cache_hits, "After wait(): how many lookups (ids) the hot-row cache served.")
-      .def(
-          "hashed",
-          [](Ticket& t) -> std::optional<at::Tensor> {
-            at::Tensor h = t.hashed();
-            return h.defined() ? std::optional<at::Tensor>(h) : std::nullopt;
-          },
-          "After wait(): the hash ids [B, T, K] the worker computed (submit_layers), or None.");
-  py::class_<LayerSpec>(m, "LayerSpec",
-                        "One layer's part of GatherPool.submit_layers: table, hash parameters, offsets, gather kind.")
-      .def(py::init([](const at::Tensor& table, const at::Tensor& lookup, const at::Tensor& keys,
-                       const at::Tensor& head_sizes, int64_t pad_id, const std::string& family,
-                       const at::Tensor& offsets, bool dedup, bool pin_memory, const std::vector<at::Tensor>& watched,
-                       const std::optional<at::Tensor>& counters) {
-             return engram::prefetch::make_layer_spec(table, lookup, keys, head_sizes, pad_id, family, offsets, dedup,
-                                                      pin_memory, watched, counters.value_or(at::Tensor()));
-           }),
-           py::arg("table"), py::arg("lookup"), py::arg("keys"),
-           py::arg("head_sizes"), py::arg("pad_id"), py::arg("family"), py::arg("offsets"), py::arg("dedup") = false,
-           py::arg("pin_memory") = false, py::arg("watched") = std::vector<at::Tensor>{},
-           py::arg("counters") = py::none(),
-           "table [R, Dh] (contiguous, CPU); lookup, keys [1, *], head_sizes [1, K] and pad_id, family as "
-           "engram::ngram_hash takes them for one layer (no offsets); offsets [K] added to each head's ids; "
-           "dedup / pin_memory as in submit; watched: the tensors these are copies of (an in-place change "
-           "makes the spec stale); counters: int64 [2] stamped on each ticket (epoch, own_bumps). Checked "
-           "here, once.")
-      .def_static("skipped", &engram::prefetch::skipped_layer_spec, py::arg("table"),
-                  "The spec of a layer whose table is not in CPU memory: nothing is queued for it.")
-      .def_property_readonly("current", &LayerSpec::current,
-                             "False once a watched tensor changed in place since the spec was built.");
+          py::arg("rows"), "A batch the caller gathered on a device (table[ids]).")
+      .def_property_readonly("kind", &Ticket::kind)
+      .def("ready", &Ticket::ready, "True once the gather (and any patch) finished or failed.")
+      .def("wait", &Ticket::wait, py::call_guard<py::gil_scoped_release>(),
+           "Blocks until done; returns its Staged or raises the worker's error.")
+      // The table's state the rows were read at: its version counter (-1 unknown), the caller's update count
+      // of the table (LayerQueues.set_counters) and those updates' version bumps.
+      .def_property_readonly("table_version", [](Ticket& t) { return t.stamps().table_version; })
+      .def_property_readonly("epoch", [](Ticket& t) { return t.stamps().epoch; })
+      .def_property_readonly("own_bumps", [](Ticket& t) { return t.stamps().own_bumps; })
+      .def_property(
+          "payload",
+          [](Ticket& t) -> py::object { return t.payload ? *static_cast<py::object*>(t.payload.get()) : py::none(); },
+          [](Ticket& t, py::object object) { t.payload = object.is_none() ? nullptr : keep(std::move(object)); },
+          "Any Python object the caller keeps with the batch (None by default).");
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
       .def(py::init<int, int>(), py::arg("num_threads"), py::arg("background_nice") = 5,
-           "background_nice: workers run as SCHED_BATCH threads with nice raised by this much (Linux), so "
-           "they do not preempt the model's compute; -1: ordinary threads.")
+           "background_nice: SCHED_BATCH workers with nice raised by this much (Linux); -1: ordinary threads.")
       .def_property_readonly("num_threads", &PyGatherPool::num_threads)
       .def(
           "submit",
@@ -147,89 +99,70 @@ void bind_prefetch(py::module_& m) {
           },
           py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
           py::arg("offsets") = py::none(), py::arg("cache_rows") = py::none(), py::arg("cache_data") = py::none(),
-          "Queues the gather of table rows `ids` (int64; `offsets` [K], if given, is added to the ids of "
-          "each head first), deduplicated (-> rows, staged, inverse) or expanded (-> None, table[ids], None); "
-          "with a hot-row cache (sorted `cache_rows`, and `cache_data` = table[cache_rows] for expanded "
-          "gathers) cached rows are skipped (deduplicated: see slots()) or copied from cache_data. Returns a "
-          "GatherTicket.")
-      .def("submit_layers", &PyGatherPool::submit_layers, py::arg("input_ids"), py::arg("specs"),
-           "Queues, for token ids input_ids [B, T] (int64, CPU; copied), the hashing and gather of every "
-           "layer in `specs` (LayerSpec list) in one call. Returns a GatherTicket per layer, in order; "
-           "ticket.matches(ids) tells whether ids are its token ids, and ticket.hashed() (after wait()) "
-           "returns its hash ids [B, T, K].")
-      .def("patch", &PyGatherPool::submit_patch, py::arg("ticket"), py::arg("table"), py::arg("changed"),
-           py::arg("table_version"), py::arg("epoch"), py::arg("own_bumps"),
-           "Queues the re-reading of the rows `changed` (int64 [M], CPU) from `table` into a finished gather's "
-           "staged rows, and sets its stamps to (table_version, epoch, own_bumps): the table's state after the "
-           "update that changed them. The ticket's wait() waits for it. False if the gather failed or is not done.")
+          "Queues the gather of table rows `ids` (int64; `offsets` [K], if given, added to each head's ids), "
+          "deduplicated or expanded; with a hot-row cache (sorted `cache_rows`, and `cache_data` = "
+          "table[cache_rows] for expanded gathers) cached rows are skipped or copied from cache_data.")
+      .def(
+          "patch",
+          [](PyGatherPool& pool, const std::shared_ptr<Ticket>& ticket, const at::Tensor& table,
+             const at::Tensor& changed, int64_t table_version, int64_t epoch, int64_t own_bumps) {
+            return pool.submit_patch(ticket, table, changed, Stamps{table_version, epoch, own_bumps});
+          },
+          py::arg("ticket"), py::arg("table"), py::arg("changed"), py::arg("table_version"), py::arg("epoch"),
+          py::arg("own_bumps"),
+          "Queues the re-reading of rows `changed` (int64 [M], CPU) into a finished gather's staged rows, with "
+          "the table's stamps after the update. False if it failed, is not done, or cannot be patched.")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
-  py::class_<PyLayerQueues>(m, "LayerQueues",
-                            "Per layer of a Prefetcher: its LayerSpec and its prefetched batches not used yet.")
+  py::class_<LayerQueues>(m, "LayerQueues", "Per layer of a Prefetcher: its LayerSpec and its batches not used yet.")
       .def(py::init<PyGatherPool&, int64_t, int64_t>(), py::arg("pool"), py::arg("num_layers"),
            py::arg("max_pending"), py::keep_alive<1, 2>())
-      .def_property_readonly("num_layers", &PyLayerQueues::num_layers)
-      .def("set_layer", &PyLayerQueues::set_layer_owned, py::arg("index"), py::arg("spec"),
-           py::arg("owners") = std::vector<PyLayerQueues::Owner>{},
-           py::arg("table_owners") = std::vector<PyLayerQueues::Owner>{},
-           "Sets layer `index`'s spec (dropping its queued batches); owners: (dict, key, object) triples whose "
-           "dict must still hold that object (e.g. (module._buffers, 'offsets', offsets)), else the spec is "
-           "stale and token ids cannot decide; table_owners: the same for the table, else its queued batches "
-           "are dropped.")
+      .def_property_readonly("num_layers", &LayerQueues::num_layers)
       .def(
-          "prefetch",
-          [](PyLayerQueues& q, const at::Tensor& input_ids) {
-            std::vector<int64_t> stale;
-            for (int64_t i = 0; i < q.num_layers(); ++i) {
-              if (!q.same_params(i) || !q.same_table(i)) stale.push_back(i);
-            }
-            return stale.empty() ? q.prefetch(input_ids) : stale;
+          "set_layer",
+          [](LayerQueues& q, int64_t index, const at::Tensor& table, const std::optional<at::Tensor>& lookup,
+             const std::optional<at::Tensor>& keys, const std::optional<at::Tensor>& head_sizes, int64_t pad_id,
+             const std::string& family, const std::optional<at::Tensor>& offsets, bool dedup,
+             const std::vector<at::Tensor>& watched) {
+            const at::Tensor none;
+            q.set_layer(index, LayerSpec(table, lookup, keys.value_or(none), head_sizes.value_or(none), pad_id, family,
+                                         offsets.value_or(none), dedup, watched));
           },
-          py::arg("input_ids"),
-          "Queues every layer's hashing and gather for input_ids [B, T] (int64, CPU) and returns []; or "
-          "returns the indices of the layers whose spec is missing or stale, queuing nothing.")
+          py::arg("index"), py::arg("table"), py::arg("lookup") = py::none(), py::arg("keys") = py::none(),
+          py::arg("head_sizes") = py::none(), py::arg("pad_id") = 0, py::arg("family") = "",
+          py::arg("offsets") = py::none(), py::arg("dedup") = false, py::arg("watched") = std::vector<at::Tensor>{},
+          "Sets layer `index`'s spec (LayerSpec: lookup, keys [1, *], head_sizes [1, K], pad_id, family as "
+          "ngram_hash takes them, offsets [K]: CPU copies of `watched`); no lookup: the table is elsewhere, "
+          "nothing is queued. Batches are dropped unless the new spec reads the same rows, and match by hash "
+          "ids only unless it also hashes the same.")
+      .def("stale", &LayerQueues::stale, "The layers whose spec is missing or stale.")
+      .def("current", &LayerQueues::current, py::arg("index"))
+      .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"))
+      .def("prefetch", &LayerQueues::prefetch, py::arg("input_ids"),
+           "Queues every layer's hashing and gather for input_ids [B, T] (int64, CPU); or returns the stale layers.")
+      .def("add", &LayerQueues::add, py::arg("index"), py::arg("ticket"), py::arg("input_ids"), py::arg("key"),
+           "Queues a batch the caller hashed: its token tensor and hash ids [B, T, K].")
       .def(
           "take",
-          [](PyLayerQueues& q, int64_t index, const std::optional<at::Tensor>& input_ids) -> py::tuple {
-            using Take = engram::prefetch::LayerQueues::Take;
-            if (!q.same_table(index)) {  // the queued rows are another table's
-              q.drop(index);
-              return py::make_tuple(static_cast<int>(Take::kMiss), py::none());
-            }
-            if (!q.same_params(index)) return py::make_tuple(static_cast<int>(Take::kCompareHashIds), py::none());
-            std::shared_ptr<Ticket> ticket;
-            Take found;
-            {
-              py::gil_scoped_release release;
-              found = q.take(index, input_ids.value_or(at::Tensor()), ticket);
-            }
-            if (found == Take::kClean) return py::make_tuple(static_cast<int>(found), ticket->wait().staged);
-            if (found == Take::kChanged) return py::make_tuple(static_cast<int>(found), ticket);
-            return py::make_tuple(static_cast<int>(found), py::none());
+          [](LayerQueues& q, int64_t index, const std::optional<at::Tensor>& input_ids,
+             const std::optional<at::Tensor>& hash_ids) {
+            py::gil_scoped_release release;
+            return q.take(index, input_ids.value_or(at::Tensor()), hash_ids.value_or(at::Tensor()));
           },
-          py::arg("index"), py::arg("input_ids"),
-          "Layer `index`'s prefetched batch of these token ids, removed from its queue and waited for (a "
-          "worker's error is raised here): (0, None) none; (1, table[ids]) found and current; (2, ticket) "
-          "found, the caller checks it against the table's changes; (3, None) token ids cannot decide "
-          "(the layer's hash parameters changed, or ids are not int64 on the CPU): compare hash ids.")
-      .def("pending", &PyLayerQueues::pending, py::arg("index"),
-           "Layer `index`'s prefetched batches not used yet (tickets, oldest first).")
-      .def("remove", &PyLayerQueues::remove, py::arg("index"), py::arg("ticket"))
-      .def("clear", &PyLayerQueues::clear_owned, "Drops every pending batch and spec.");
+          py::arg("index"), py::arg("input_ids"), py::arg("hash_ids") = py::none(),
+          "(Take, ticket or None): layer `index`'s batch of these token ids (or, where they cannot decide, of "
+          "these hash ids), removed and waited for (a worker's error is raised here).")
+      .def("pending", &LayerQueues::pending, py::arg("index"), "Layer `index`'s batches not used yet, oldest first.")
+      .def("clear", &LayerQueues::clear, "Drops every pending batch and spec.");
   m.def(
       "gather",
       [](const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup) {
-        engram::prefetch::check_gather_args(table, ids);
-        Staged s;
-        {
-          py::gil_scoped_release release;
-          s = dedup ? engram::prefetch::dedup_gather(table, ids, pin_memory)
-                    : engram::prefetch::expand_gather(table, ids, pin_memory);
-        }
-        return py::make_tuple(s.rows, s.staged, s.inverse);
+        check_gather_args(table, ids);
+        py::gil_scoped_release release;
+        return dedup ? dedup_gather(table, ids, pin_memory) : expand_gather(table, ids, pin_memory);
       },
       py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
-      "The engine's work, synchronously: (rows, table[rows], inverse) or (None, table[ids], None).");
+      "The engine's work, synchronously: a Staged.");
 }
 
 }  // namespace engram

@@ -33,7 +33,7 @@ def test_dedup_gather_matches_unique_and_index_select():
         assert_same(staged, table[expected_rows])
         assert_same(staged[inverse], table[ids])
     empty = _engine.gather(table, torch.empty(0, 3, dtype=torch.int64))
-    assert empty[0].numel() == 0 and empty[1].shape == (0, 7) and empty[2].shape == (0, 3)
+    assert empty.rows.numel() == 0 and empty.staged.shape == (0, 7) and empty.inverse.shape == (0, 3)
 
 
 def test_engine_int64_rows_beyond_2_31_elements(tmp_path):
@@ -67,7 +67,7 @@ def test_engine_errors_surface_in_the_caller():
     with pytest.raises(ValueError, match="num_threads=0"):
         _engine.GatherPool(0)
     # The pool still works after errors.
-    assert_same(pool.submit(table, torch.tensor([4])).wait()[1], table[4:5])
+    assert_same(pool.submit(table, torch.tensor([4])).wait().staged, table[4:5])
     pool.close()
 
 
@@ -146,109 +146,119 @@ def test_engine_close_cancels_queued_gathers_without_hanging():
 # --------------------------------------------------------------------------
 
 
-def layer_spec(layer, dedup=False, counters=None):
-    """An engine LayerSpec of `layer` as the Prefetcher builds it: copies of the
-    hash parameters and offsets, the originals watched."""
+def layer_spec(layer, dedup=False):
+    """LayerQueues.set_layer's arguments for `layer` as the Prefetcher gives
+    them: copies of the hash parameters and offsets, the originals watched."""
     module = layer.multi_head_embedding
     watched = [layer.hash_lookup, layer.hash_keys, layer.hash_sizes, module.offsets]
     lookup, keys, sizes, offsets = (t.clone() for t in watched)
-    return _engine.LayerSpec(module.embedding.weight, lookup, keys, sizes, layer.config.pad_id, layer.config.hash,
-                             offsets, dedup, False, watched, counters)
+    return (module.embedding.weight, lookup, keys, sizes, layer.config.pad_id, layer.config.hash, offsets, dedup,
+            watched)
 
 
 def test_layer_queues_match_token_ids_and_report_changes():
-    """LayerQueues.take: 0 none, 1 found and current (the lookup's output
-    itself), 2 found but the table changed since it was queued, 3 the token
-    ids cannot decide (the hash parameters changed)."""
+    """LayerQueues.take: MISS, FOUND (removed, waited for, stamped with the
+    table's state it read), STALE (a hash parameter changed in place: build
+    the spec again); batches of an older spec match by their hash ids only."""
+    Take = _engine.Take
     layer = make_layer("host")
     module = layer.multi_head_embedding
     table = module.embedding.weight
     (_, ids), (_, other) = inputs(seed=1), inputs(seed=2)
-    counters = torch.zeros(2, dtype=torch.int64)
     pool = _engine.GatherPool(1)
     queues = _engine.LayerQueues(pool, 1, 2)
-    assert queues.prefetch(ids) == [0]  # no spec yet: nothing queued
-    queues.set_layer(0, layer_spec(layer, counters=counters),
-                     [(layer._buffers, "hash_keys", layer.hash_keys)])
+    assert queues.prefetch(ids) == [0] and queues.stale() == [0]  # no spec yet: nothing queued
+    queues.set_layer(0, *layer_spec(layer))
     assert queues.prefetch(ids) == [] and len(queues.pending(0)) == 1
 
     def expected(tokens):
         return table.detach()[layer.hash(tokens) + module.offsets]
 
-    assert queues.take(0, other) == (0, None)  # other tokens: still queued
-    found, rows = queues.take(0, ids)
-    assert found == 1
-    assert_same(rows, expected(ids))
-    assert queues.take(0, ids) == (0, None) and not queues.pending(0)  # used once
+    assert queues.take(0, other) == (Take.MISS, None)  # other tokens: still queued
+    found, ticket = queues.take(0, ids)
+    assert found == Take.FOUND and ticket.kind == _engine.TaskKind.HASH_AND_GATHER
+    assert_same(ticket.wait().staged, expected(ids))
+    assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)  # used once
 
     # At most max_pending batches: the oldest is dropped.
     for tokens in (ids, other, other):
         queues.prefetch(tokens)
     assert len(queues.pending(0)) == 2
-    assert queues.take(0, ids)[0] == 0
+    assert queues.take(0, ids)[0] == Take.MISS
 
-    # The table changed after the gather was queued: the caller must check the rows.
+    # Stamps: the table's version and the caller's update counters when queued.
     queues.prefetch(ids)
     version = table._version
     with torch.no_grad():
         table[0] += 1
     found, ticket = queues.take(0, ids)
-    assert found == 2 and ticket.table_version == version < table._version
-    # A recorded update (counters) after queuing: the same.
+    assert found == Take.FOUND and ticket.table_version == version < table._version and ticket.epoch == 0
+    queues.set_counters(0, 3, 1)
     queues.prefetch(ids)
-    counters[0] += 1
-    found, ticket = queues.take(0, ids)
-    assert found == 2 and ticket.epoch == 0
+    _, ticket = queues.take(0, ids)
+    assert (ticket.table_version, ticket.epoch, ticket.own_bumps) == (table._version, 3, 1)
 
-    # Hash parameters changed in place after queuing: token ids cannot decide,
-    # and a prefetch reports the layer stale and queues nothing.
+    # Hash parameters changed in place after queuing: stale, and a prefetch
+    # reports the layer and queues nothing.
     queues.prefetch(ids)
+    old_hash = layer.hash(ids)
     layer.hash_keys[0, 1] += 2
-    assert queues.take(0, ids) == (3, None)
+    assert queues.take(0, ids) == (Take.STALE, None)
     queued = len(queues.pending(0))
     assert queues.prefetch(other) == [0] and len(queues.pending(0)) == queued
-    queues.set_layer(0, layer_spec(layer, counters=counters), [(layer._buffers, "hash_keys", layer.hash_keys)])
-    assert not queues.pending(0)  # batches of the old spec are dropped
+    # Built again: the batch hashed with the old keys now matches by its hash ids only.
+    queues.set_layer(0, *layer_spec(layer))
+    assert queues.take(0, ids, layer.hash(ids)) == (Take.MISS, None)
+    found, ticket = queues.take(0, ids, old_hash)
+    assert found == Take.FOUND and len(queues.pending(0)) == queued - 1
     queues.prefetch(ids)
-    found, rows = queues.take(0, ids)
-    assert found == 1
-    assert_same(rows, expected(ids))
-    # Reassigned (another tensor, same values): stale as well.
+    found, ticket = queues.take(0, ids)
+    assert found == Take.FOUND
+    assert_same(ticket.wait().staged, expected(ids))
+    # A spec built again with equal copies keeps matching by token ids.
     queues.prefetch(ids)
-    layer.hash_keys = layer.hash_keys.clone()
-    assert queues.take(0, ids) == (3, None) and queues.prefetch(ids) == [0]
-    # Token ids that are not int64 on the CPU cannot decide either.
-    queues.set_layer(0, layer_spec(layer), [])
+    queues.set_layer(0, *layer_spec(layer))
+    assert queues.take(0, ids)[0] == Take.FOUND
+    # Token ids that are not int64 on the CPU cannot decide: the hash ids do.
     queues.prefetch(ids)
-    assert queues.take(0, ids.int()) == (3, None)
+    assert queues.take(0, ids.int()) == (Take.MISS, None)
+    assert queues.take(0, ids.int(), layer.hash(ids))[0] == Take.FOUND
 
     # A worker's error is raised by take, and the batch is removed.
     with torch.no_grad():
         module.offsets += 10**9  # rows beyond the table
-    queues.set_layer(0, layer_spec(layer), [])
+    queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     with pytest.raises(IndexError, match=r"rows holds \d+ at flat index \d+; expected values in \[0, \d+\) for table.size\(0\)"):
         queues.take(0, ids)
     assert not queues.pending(0)
     module.offsets -= 10**9
 
-    # The table's data replaced after queuing: the queued rows are dropped.
-    queues.set_layer(0, layer_spec(layer), [])
+    # Other offsets or the table's data replaced: the queued rows are dropped.
+    queues.set_layer(0, *layer_spec(layer))
+    queues.prefetch(ids)
+    with torch.no_grad():
+        spec = layer_spec(layer)
+        module.offsets += 1
+        queues.set_layer(0, *layer_spec(layer))
+        module.offsets -= 1
+    assert not queues.pending(0)
+    queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     table.data = table.data.clone()
-    assert queues.take(0, ids) == (0, None) and not queues.pending(0)
-    assert queues.prefetch(ids) == [0]
+    assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)
+    assert queues.prefetch(ids) == [0] and not queues.current(0)
 
     # A layer whose table is elsewhere: nothing is queued for it.
-    queues.set_layer(0, _engine.LayerSpec.skipped(table), [])
+    queues.set_layer(0, table)
     assert queues.prefetch(ids) == [] and not queues.pending(0)
     with pytest.raises(IndexError, match="layer index 1 is outside 0..0"):
         queues.take(1, ids)
     with pytest.raises(ValueError, match="input_ids must be an int64 CPU tensor"):
-        queues.set_layer(0, layer_spec(layer), [])
+        queues.set_layer(0, *spec)
         queues.prefetch(ids.int())
-    with pytest.raises(ValueError, match="counters must be a contiguous int64 CPU tensor"):
-        layer_spec(layer, counters=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"one layer's CPU tensors \(head_sizes \[1, K\]\), got head_sizes of shape \[4\]"):
+        queues.set_layer(0, *spec[:3], layer.hash_sizes[0], *spec[4:])
     queues.clear()
     pool.close()
 
@@ -279,11 +289,14 @@ def test_engine_patch_reads_updated_rows_again():
     with pytest.raises(IndexError):
         failed.wait()
     assert not pool.patch(failed, table, torch.tensor([1]), 0, 0, 0)
-    cached = pool.submit(table, ids, False, True, None, torch.tensor([1, 2]))
-    cached.wait()
-    assert pool.patch(cached, table, torch.tensor([1]), 0, 0, 0)
-    with pytest.raises(RuntimeError, match="used the hot-row cache cannot be patched"):
-        cached.wait()
+    for dedup in (True, False):
+        cached = pool.submit(table, ids, False, dedup, None, torch.tensor([1, 2]), table[[1, 2]])
+        before = cached.wait().staged.clone()
+        assert not pool.patch(cached, table, torch.tensor([1]), 0, 0, 0)
+        assert_same(cached.wait().staged, before)  # untouched, no error
+    device_gather = _engine.GatherTicket.device_gather(table[ids])
+    assert device_gather.kind == _engine.TaskKind.DEVICE_GATHER
+    assert not pool.patch(device_gather, table, torch.tensor([1]), 0, 0, 0)
     with pytest.raises(ValueError, match="changed rows must be a contiguous 1-D int64 CPU tensor"):
         pool.patch(ticket, table, torch.tensor([1], dtype=torch.int32), 0, 0, 0)
     pool.close()
@@ -362,7 +375,7 @@ def test_prefetched_forward_backward_equal_direct(tmp_path, placement, dedup):
     direct, model = Toy(), Toy(placement, str(tmp_path))
     ids = batches(1)[0]
     with engram.Prefetcher(model, dedup=dedup) as prefetcher:
-        assert len(prefetcher.layers) == 2 and len(prefetcher._groups) == 1  # one hash call for both layers
+        assert len(prefetcher.layers) == 2 and len(prefetcher._specs.groups) == 1  # one hash call for both layers
         prefetcher.prefetch(ids)
         out = model(ids)
         assert prefetcher.stats.hits == 2 and prefetcher.stats.misses == 0
@@ -472,9 +485,13 @@ def test_prefetch_matched_by_the_same_token_tensor_without_comparing_ids():
     first, second = batches(2)
     with torch.no_grad(), engram.Prefetcher(model, hot_rows=0.05) as prefetcher:
         prefetcher.prefetch(first)
-        for queue in prefetcher._pending.values():
-            queue[0].key = torch.full_like(queue[0].key, -1)  # a comparison could not match this
-        assert_same(model(first), reference(first))
+        layer = model.engrams[0]
+        module = layer.multi_head_embedding
+        garbage = torch.zeros_like(layer.hash(first))  # hash ids a comparison could not match
+        assert_same(module(garbage, first), reference.engrams[0].multi_head_embedding(layer.hash(first)))
+        assert prefetcher.stats.hits == 1
+        assert_same(model.engrams[1].multi_head_embedding(model.engrams[1].hash(first), first),
+                    reference.engrams[1].multi_head_embedding(model.engrams[1].hash(first)))
         assert prefetcher.stats.hits == 2
         # The same tensor changed in place after the prefetch: compared, no match.
         tokens = second.clone()
@@ -592,20 +609,20 @@ def test_hot_row_cache_engine_serves_cached_rows_from_the_cache():
     ticket = pool.submit(table, ids, False, False, offsets, cache_rows, cache_data)
     _, staged, _ = ticket.wait()
     cached = torch.isin(rows, cache_rows)
-    assert ticket.cache_hits() == int(cached.sum()) == 3
+    assert ticket.wait().cache_hits == int(cached.sum()) == 3
     assert_same(staged[~cached], table[rows[~cached]])
     assert_same(staged[cached], -table[rows[cached]])
     # Deduplicated: the cached rows are not gathered, slots say where they are.
     ticket = pool.submit(table, ids, False, True, offsets, cache_rows)
     unique, staged, inverse = ticket.wait()
-    slots = ticket.slots()
+    slots = ticket.wait().slots
     assert_same(unique, torch.unique(rows))
     assert_same(unique[inverse], rows)
     assert slots.tolist() == [-1, 1, -1, 2]  # rows 3, 6, 7, 12; the cache holds 4, 6, 12
     assert_same(staged, table[unique[slots < 0]])
-    assert ticket.cache_hits() == 3
-    plain = pool.submit(table, rows)  # no cache: every distinct row gathered
-    assert plain.wait()[1].shape == (4, 2) and plain.slots() is None and plain.cache_hits() == 0
+    assert ticket.wait().cache_hits == 3
+    plain = pool.submit(table, rows).wait()  # no cache: every distinct row gathered
+    assert plain.staged.shape == (4, 2) and plain.slots is None and plain.cache_hits == 0
     with pytest.raises(ValueError, match="cache_data must be a contiguous CPU \\[3, 2\\]"):
         pool.submit(table, ids, False, False, offsets, cache_rows, cache_data[:2])
     with pytest.raises(ValueError, match="expanded gather with a cache needs cache_data"):
@@ -711,9 +728,70 @@ def test_cuda_zero_copy_forward_waits_only_on_its_own_event():
         expected = model(ids)
         with engram.Prefetcher(model, transfer="zero-copy") as prefetcher:
             prefetcher.prefetch(ids)
-            pending = [q[0] for q in prefetcher._pending.values()]
-            assert all(isinstance(p.ticket, engram.prefetch._DeviceGather) for p in pending)
-            assert len({id(p.ticket.event) for p in pending}) == 2  # one event per layer
+            pending = [prefetcher._queues.pending(i)[0] for i in range(2)]
+            assert all(t.kind == _engine.TaskKind.DEVICE_GATHER for t in pending)
+            assert len({id(t.payload) for t in pending}) == 2  # one event per layer
             got = model(ids)
         assert prefetcher.stats.hits == 2
     torch.testing.assert_close(got, expected)
+
+
+# --------------------------------------------------------------------------
+# staleness: version counters, and refresh() from the layers' hooks
+# --------------------------------------------------------------------------
+
+
+def test_refresh_rebuilds_the_specs_after_a_change_no_hook_sees():
+    """A buffer replaced behind the hooks' back (straight into _buffers): the
+    prefetcher cannot know, until refresh() makes it build its copies again."""
+    model, reference = Toy("host"), Toy("host")
+    data = batches(2)
+    with torch.no_grad(), engram.Prefetcher(model) as prefetcher:
+        for m in (model, reference):
+            module = m.engrams[1].multi_head_embedding
+            module._buffers["offsets"] = torch.zeros_like(module.offsets)  # no hook runs
+        prefetcher.refresh()
+        prefetcher.prefetch(data[0])
+        assert_same(model(data[0]), reference(data[0]))
+        assert prefetcher.stats.hits == 2  # gathered with the new offsets
+        prefetcher.prefetch(data[1])
+        for m in (model, reference):
+            m.engrams[0]._buffers["hash_keys"] = m.engrams[0].hash_keys + 2  # other odd multipliers
+        prefetcher.refresh()
+        assert_same(model(data[1]), reference(data[1]))
+        assert prefetcher.stats.hits == 3 and prefetcher.stats.misses == 1  # layer 0's batch: hashed otherwise
+
+
+@pytest.mark.parametrize("change", ["table in place", "offsets in place", "load_state_dict",
+                                    "load_state_dict assign", "to() overwriting parameters"])
+def test_changes_between_prefetch_and_lookup_give_the_fresh_rows(change):
+    """Whatever changes a layer's table or offsets between a prefetch and its
+    use, the lookup returns the rows as they are now, never the staged ones."""
+    placement = "device" if change.startswith("to()") else "host"
+    model, reference, other = Toy(placement), Toy(placement), Toy(placement, seed=1)
+    ids = batches(1)[0]
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    with torch.no_grad(), engram.Prefetcher(model) as prefetcher:
+        prefetcher.prefetch(ids)
+        for m in (model, reference):
+            module = m.engrams[0].multi_head_embedding
+            if change == "table in place":
+                module.embedding.weight.mul_(-1)
+            elif change == "offsets in place":
+                module.offsets.copy_(torch.flip(module.offsets, [0]))
+            elif change.startswith("load_state_dict"):
+                m.load_state_dict(other.state_dict(), assign=change.endswith("assign"))
+            else:
+                torch.__future__.set_overwrite_module_params_on_conversion(True)
+                try:
+                    m.double()
+                finally:
+                    torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        got, want = model(ids.clone()), reference(ids)
+        assert not torch.equal(want, Toy(placement)(ids).to(want.dtype))  # the change mattered
+        assert_same(got, want)
+        # And the next prefetch is gathered from the changed model (not gathered again at use).
+        prefetcher.prefetch(ids)
+        hits, regathers = prefetcher.stats.hits, prefetcher.stats.regathers
+        assert_same(model(ids), want)
+        assert prefetcher.stats.hits == hits + 2 and prefetcher.stats.regathers == regathers

@@ -1,0 +1,269 @@
+// The one queue of engram.Prefetcher: per layer, its LayerSpec and its batches
+// not used yet (oldest first, at most max_pending) of every kind (hashed by
+// the workers or by the caller, gathered on a device). prefetch() and take()
+// are on the model's critical path: one call each, no Python per layer.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "csrc/prefetch/pool.h"
+
+namespace engram::prefetch {
+
+// One layer as the workers hash and gather its batches: its table, copies of
+// its hash parameters (HashSpec, input_ids left undefined) and head offsets.
+// Checked once when built, not on the caller's critical path. Staleness has
+// one rule, version counters: `watched` are the layer's own tensors the
+// copies were made from, stale once one changed in place (version or data
+// pointer). The table is the layer's parameter itself: its data replaced
+// (`param.data = ...`, a move) makes it stale too. Reassigned tensors are
+// the caller's to report (Prefetcher.refresh builds the spec again).
+// skipped (no lookup given): the table is not in CPU memory, nothing is queued.
+struct LayerSpec {
+  at::Tensor table, offsets;
+  HashSpec hash;
+  bool dedup = false, skipped = true;
+  std::vector<std::pair<at::Tensor, std::pair<int64_t, const void*>>> watched;  // tensor, (version, data) then
+  const void* table_data = nullptr;
+
+  LayerSpec() = default;
+  LayerSpec(const at::Tensor& table, const std::optional<at::Tensor>& lookup, const at::Tensor& keys,
+            const at::Tensor& head_sizes, int64_t pad_id, const std::string& family, const at::Tensor& offsets,
+            bool dedup, const std::vector<at::Tensor>& watched_tensors)
+      : table(table), offsets(offsets), dedup(dedup), skipped(!lookup.has_value()), table_data(table.const_data_ptr()) {
+    if (skipped) return;
+    check_table(table);
+    TORCH_CHECK_VALUE(head_sizes.device().is_cpu() && head_sizes.dim() == 2 && head_sizes.size(0) == 1 &&
+                          lookup->device().is_cpu() && keys.device().is_cpu(),
+                      "engram.Prefetcher: lookup, keys and head_sizes must be one layer's CPU tensors (head_sizes "
+                      "[1, K]), got head_sizes of shape ", head_sizes.sizes(), " on ", head_sizes.device());
+    check_offsets(offsets, head_sizes.size(1));
+    hash = HashSpec{at::Tensor(), *lookup, keys, head_sizes, pad_id, family};
+    for (const at::Tensor& t : watched_tensors) watched.push_back({t, {t._version(), t.const_data_ptr()}});
+  }
+
+  bool table_current() const { return table.defined() && table.const_data_ptr() == table_data; }
+  bool params_current() const {
+    return std::all_of(watched.begin(), watched.end(), [](const auto& w) {
+      return w.first._version() == w.second.first && w.first.const_data_ptr() == w.second.second;
+    });
+  }
+  bool current() const { return table_current() && params_current(); }
+  // Hashes as `other` does (equal copies): its batches still match by token ids.
+  bool same_hash(const LayerSpec& other) const {
+    return equal(hash.lookup, other.hash.lookup) && equal(hash.keys, other.hash.keys) &&
+           equal(hash.head_sizes, other.hash.head_sizes) && hash.pad_id == other.hash.pad_id &&
+           hash.family == other.hash.family;
+  }
+  // Reads the same rows for the same hash ids as `other`: same table data, same offsets.
+  bool same_rows(const LayerSpec& other) const {
+    return skipped == other.skipped && table.defined() && other.table.defined() &&
+           table.unsafeGetTensorImpl() == other.table.unsafeGetTensorImpl() && table_data == other.table_data &&
+           equal(offsets, other.offsets);
+  }
+  static bool equal(const at::Tensor& a, const at::Tensor& b) {
+    return a.defined() == b.defined() && (!a.defined() || (a.sizes() == b.sizes() && at::equal(a, b)));
+  }
+};
+
+// What take() found.
+enum class Take : int {
+  kMiss,   // no prefetched batch of these ids
+  kFound,  // the batch, removed from the queue and waited for
+  kStale,  // the layer's spec is stale: build it again (set_layer), then take again
+};
+
+class LayerQueues {
+ public:
+  LayerQueues(GatherPool& pool, int64_t num_layers, int64_t max_pending)
+      : pool_(pool), layers_(static_cast<size_t>(std::max<int64_t>(num_layers, 0))), max_pending_(max_pending) {
+    TORCH_CHECK_VALUE(num_layers >= 0 && max_pending >= 1, "engram.Prefetcher: num_layers=", num_layers,
+                      ", max_pending=", max_pending, "; expected >= 0 and >= 1");
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // Sets layer `index`'s spec. Its queued batches are kept if the new spec
+  // reads the same rows (table, offsets); they still match by token ids if
+  // it also hashes the same, else only by their hash ids.
+  void set_layer(int64_t index, LayerSpec spec) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Layer& layer = layers_.at(check_index(index));
+    if (!spec.same_rows(layer.spec)) {
+      layer.queue.clear();
+    } else if (!spec.same_hash(layer.spec)) {
+      ++layer.generation;
+    }
+    layer.spec = std::move(spec);
+  }
+
+  // The layers whose spec is missing or stale.
+  std::vector<int64_t> stale() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stale_locked();
+  }
+  bool current(int64_t index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return layers_.at(check_index(index)).spec.current();
+  }
+  // The caller's count of recorded updates of the layer's table and their
+  // version bumps, stamped on the batches queued from now on.
+  void set_counters(int64_t index, int64_t epoch, int64_t own_bumps) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::tie(layers_.at(check_index(index)).epoch, layers_[index].own_bumps) = std::tie(epoch, own_bumps);
+  }
+
+  // Queues every layer's hashing and gather for input_ids [B, T] (copied once,
+  // shared by the layers' tasks: the caller may reuse its buffer) in one
+  // lock and one wake-up. Returns the layers whose spec is missing or stale
+  // instead, queuing nothing.
+  std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
+    TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
+                      "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
+                      input_ids.scalar_type(), " of shape ", input_ids.sizes(), " on ", input_ids.device());
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<int64_t> stale = stale_locked();
+    if (!stale.empty()) return stale;
+    const at::Tensor tokens = input_ids.clone(at::MemoryFormat::Contiguous);
+    std::vector<Task> tasks;
+    std::vector<std::pair<size_t, std::shared_ptr<Ticket>>> queued;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerSpec& spec = layers_[i].spec;
+      if (spec.skipped) continue;
+      Task task;
+      task.kind = TaskKind::kHashAndGather;
+      task.ticket = std::make_shared<Ticket>(TaskKind::kHashAndGather, spec.dedup);
+      task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation, stamps_locked(layers_[i]));
+      task.table = spec.table;
+      task.offsets = spec.offsets;
+      task.hash = spec.hash;
+      task.hash.input_ids = tokens;
+      queued.emplace_back(i, task.ticket);
+      tasks.push_back(std::move(task));
+    }
+    pool_.enqueue(std::move(tasks));
+    for (auto& [i, ticket] : queued) push_locked(layers_[i], std::move(ticket));
+    return stale;
+  }
+
+  // Queues a batch the caller hashed (and submitted, or gathered on a device):
+  // input_ids the token tensor given to prefetch, key its hash ids [B, T, K].
+  void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids,
+           const at::Tensor& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Layer& layer = layers_.at(check_index(index));
+    ticket->set_source(input_ids, at::Tensor(), key, layer.generation, stamps_locked(layer));
+    push_locked(layer, ticket);
+  }
+
+  // Finds, removes and waits for layer `index`'s batch of these token ids (or,
+  // where they cannot decide, of these hash ids), rethrowing its worker's error.
+  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const at::Tensor& input_ids,
+                                                const at::Tensor& hash_ids) {
+    std::shared_ptr<Ticket> found;
+    std::vector<std::shared_ptr<Ticket>> undecided;
+    std::deque<std::shared_ptr<Ticket>> dropped;  // released after the lock (a ticket's payload takes the GIL)
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Layer& layer = layers_.at(check_index(index));
+      if (layer.queue.empty()) return {Take::kMiss, nullptr};
+      if (!layer.spec.table_current()) {  // gathered from data the table no longer holds
+        dropped.swap(layer.queue);
+        return {Take::kMiss, nullptr};
+      }
+      if (!layer.spec.params_current()) return {Take::kStale, nullptr};
+      for (auto it = layer.queue.begin(); it != layer.queue.end(); ++it) {
+        const Match match = (*it)->generation() == layer.generation ? (*it)->matches(input_ids) : Match::kUnknown;
+        if (match == Match::kYes) {
+          found = std::move(*it);
+          layer.queue.erase(it);
+          break;
+        }
+        if (match == Match::kUnknown) undecided.push_back(*it);
+      }
+    }
+    // Compared by hash ids outside the lock: an engine-hashed key is known once its gather ran.
+    for (size_t i = 0; !found && hash_ids.defined() && i < undecided.size(); ++i) {
+      try {
+        undecided[i]->wait();
+      } catch (...) {  // raised at use, if these are the ids; dropped either way
+        remove(index, undecided[i]);
+        throw;
+      }
+      const at::Tensor key = undecided[i]->key();
+      if (key.defined() && key.sizes() == hash_ids.sizes() && at::equal(key, hash_ids.to(key.device())) &&
+          remove(index, undecided[i])) {
+        found = undecided[i];
+      }
+    }
+    if (!found) return {Take::kMiss, nullptr};
+    found->wait();  // rethrows the worker's error, the ticket already removed
+    return {Take::kFound, found};
+  }
+
+  // Layer `index`'s prefetched batches not used yet, oldest first.
+  std::vector<std::shared_ptr<Ticket>> pending(int64_t index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto& queue = layers_.at(check_index(index)).queue;
+    return {queue.begin(), queue.end()};
+  }
+
+  // Drops every pending batch and spec (running gathers finish on their own).
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& layer : layers_) layer = Layer{};
+  }
+
+ private:
+  struct Layer {
+    LayerSpec spec;
+    std::deque<std::shared_ptr<Ticket>> queue;
+    int64_t generation = 0;  // bumped when the spec hashes differently: older batches match by hash ids
+    int64_t epoch = 0, own_bumps = 0;
+  };
+
+  size_t check_index(int64_t index) const {
+    TORCH_CHECK_INDEX(index >= 0 && index < num_layers(), "engram.Prefetcher: layer index ", index,
+                      " is outside 0..", num_layers() - 1);
+    return static_cast<size_t>(index);
+  }
+  std::vector<int64_t> stale_locked() const {
+    std::vector<int64_t> stale;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      if (!layers_[i].spec.current()) stale.push_back(static_cast<int64_t>(i));
+    }
+    return stale;
+  }
+  static Stamps stamps_locked(const Layer& layer) {
+    return Stamps{layer.spec.table.defined() ? layer.spec.table._version() : -1, layer.epoch, layer.own_bumps};
+  }
+  void push_locked(Layer& layer, std::shared_ptr<Ticket> ticket) {
+    layer.queue.push_back(std::move(ticket));
+    while (static_cast<int64_t>(layer.queue.size()) > max_pending_) layer.queue.pop_front();
+  }
+  bool remove(int64_t index, const std::shared_ptr<Ticket>& ticket) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& queue = layers_[static_cast<size_t>(index)].queue;
+    auto it = std::find(queue.begin(), queue.end(), ticket);
+    if (it == queue.end()) return false;
+    queue.erase(it);
+    return true;
+  }
+
+  GatherPool& pool_;
+  std::mutex mutex_;  // the layers (the Prefetcher calls from one thread; this keeps others safe)
+  std::vector<Layer> layers_;
+  int64_t max_pending_;
+};
+
+}  // namespace engram::prefetch

@@ -1,0 +1,231 @@
+// The worker threads of engram.Prefetcher's engine: one queue of tasks
+// (TaskKind), each finishing its own ticket, so a layer waits only on its own
+// rows. Workers use no Python and no at::parallel_for: they never need the
+// GIL, and do not compete with the caller's intra-op thread pool.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <cerrno>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "csrc/prefetch/gather.h"
+#include "csrc/prefetch/ticket.h"
+
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace engram::prefetch {
+
+// Names the calling worker "engram-gather" (told apart in top, py-spy,
+// /proc/<pid>/task/*/comm and the tests) and, with nice_increment >= 0, makes
+// it a background thread (Linux): SCHED_BATCH, so that waking it (a submit)
+// does not preempt the submitting thread, i.e. the model's compute, and a nice
+// value above the caller's, so that gathers take idle cores first: on a small
+// machine a submit would otherwise hand the caller's core to the worker for
+// the very time the prefetch should hide. Best effort.
+inline void set_up_worker_thread(int nice_increment) {
+#ifdef __linux__
+  (void)pthread_setname_np(pthread_self(), "engram-gather");
+  if (nice_increment < 0) return;
+  sched_param param{};
+  (void)sched_setscheduler(0, SCHED_BATCH, &param);  // 0: this thread
+  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
+  errno = 0;
+  const int current = getpriority(PRIO_PROCESS, tid);
+  if (nice_increment > 0 && errno == 0) (void)setpriority(PRIO_PROCESS, tid, std::min(19, current + nice_increment));
+#else
+  (void)nice_increment;
+#endif
+}
+
+// One worker task. kGather: table[ids (+ offsets)]; kHashAndGather: the same
+// after hashing hash.input_ids; kPatch: ids are the rows an update changed,
+// read again into the ticket's finished staged rows.
+struct Task {
+  TaskKind kind = TaskKind::kGather;
+  std::shared_ptr<Ticket> ticket;
+  at::Tensor table, ids, offsets;
+  Cache cache;
+  HashSpec hash;
+  bool pin_memory = false;
+};
+
+class GatherPool {
+ public:
+  // background_nice: see set_up_worker_thread; -1 leaves ordinary threads.
+  explicit GatherPool(int num_threads, int background_nice = 5) {
+    TORCH_CHECK_VALUE(num_threads >= 1 && num_threads <= 256, "engram.Prefetcher: num_threads=", num_threads,
+                      ", expected 1..256");
+    TORCH_CHECK_VALUE(background_nice >= -1 && background_nice <= 19, "engram.Prefetcher: background_nice=",
+                      background_nice, ", expected -1 (ordinary threads) or 0..19");
+    for (int i = 0; i < num_threads; ++i) {
+      workers_.emplace_back([this, background_nice] {
+        set_up_worker_thread(background_nice);
+        // The op a worker may call (ngram_hash) runs on this thread alone:
+        // after ATen's own per-thread init (which would set the intra-op
+        // count), an OpenMP team of one, so it never adds threads to the compute's.
+        at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+        omp_set_num_threads(1);
+#endif
+        run();
+      });
+    }
+  }
+  GatherPool(const GatherPool&) = delete;
+  GatherPool& operator=(const GatherPool&) = delete;
+  virtual ~GatherPool() { close(); }
+
+  int num_threads() const { return static_cast<int>(workers_.size()); }
+
+  // Queues the gather of table rows `ids` (+ `offsets` [K] per head, if
+  // defined), deduplicated or expanded, using the hot-row `cache` if defined.
+  std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
+                                 const at::Tensor& offsets = {}, const Cache& cache = {}) {
+    check_gather_args(table, ids, offsets, cache, dedup);
+    std::vector<Task> tasks(1);
+    Task& task = tasks[0];
+    task.ticket = std::make_shared<Ticket>(TaskKind::kGather, dedup);
+    task.table = table;
+    task.ids = ids;
+    task.offsets = offsets;
+    task.cache = cache;
+    task.pin_memory = pin_memory;
+    auto ticket = task.ticket;
+    enqueue(std::move(tasks));
+    return ticket;
+  }
+
+  // Queues tasks in one lock and one wake-up (a batch of every layer).
+  void enqueue(std::vector<Task> tasks) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      TORCH_CHECK(!closed_, "engram.Prefetcher: the prefetch engine is closed");
+      for (auto& task : tasks) tasks_.push_back(std::move(task));
+    }
+    tasks.size() > 1 ? cv_.notify_all() : cv_.notify_one();
+  }
+
+  // Queues the patch of a finished gather (patch_staged) with the rows an
+  // update changed, its stamps moved to `stamps`, the table's state after
+  // that update; the ticket's wait() then also waits for it. False, queuing
+  // nothing, if the gather failed, has not finished or is not patchable.
+  bool submit_patch(const std::shared_ptr<Ticket>& ticket, const at::Tensor& table, const at::Tensor& changed,
+                    Stamps stamps) {
+    check_table(table);
+    TORCH_CHECK_VALUE(changed.device().is_cpu() && changed.scalar_type() == at::kLong && changed.dim() == 1 &&
+                          changed.is_contiguous(),
+                      "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
+                      changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
+    if (!ticket->begin_patch(stamps, table.size(1))) return false;
+    Task task;
+    task.kind = TaskKind::kPatch;
+    task.ticket = ticket;
+    task.table = table;
+    task.ids = changed;  // the rows to read again
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!closed_) {
+        tasks_.push_back(std::move(task));
+        cv_.notify_one();
+        return true;
+      }
+    }
+    ticket->end_patch(std::make_exception_ptr(std::runtime_error("engram.Prefetcher: the prefetch engine is closed")));
+    return false;
+  }
+
+  // Cancels the tasks not started yet (their tickets raise), lets running
+  // ones finish and joins the workers. Idempotent.
+  void close() {
+    std::deque<Task> cancelled;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (closed_) return;
+      closed_ = true;
+      cancelled.swap(tasks_);
+    }
+    cv_.notify_all();
+    for (auto& task : cancelled) {
+      auto error = std::make_exception_ptr(
+          std::runtime_error("engram.Prefetcher: the prefetch engine was closed before this gather ran"));
+      if (task.kind == TaskKind::kPatch) {
+        task.ticket->end_patch(error);
+      } else {
+        task.ticket->finish(Staged{}, error);
+      }
+    }
+    for (auto& worker : workers_) {
+      if (worker.joinable()) worker.join();
+    }
+  }
+
+ private:
+  static Staged gather(const Task& task) {
+    at::Tensor hashed = task.kind == TaskKind::kHashAndGather ? hash_layer(task.hash).contiguous() : task.ids;
+    const at::Tensor rows = add_offsets(hashed, task.offsets);
+    Staged result = task.ticket->dedup() ? dedup_gather(task.table, rows, task.pin_memory, task.cache)
+                                         : expand_gather(task.table, rows, task.pin_memory, task.cache);
+    if (task.kind == TaskKind::kHashAndGather) result.hashed = hashed;
+    return result;
+  }
+
+  void run() {
+    for (;;) {
+      Task task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [this] { return closed_ || !tasks_.empty(); });
+        if (tasks_.empty()) return;  // closed
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      Staged result;
+      std::exception_ptr error;
+      try {
+        if (task.kind == TaskKind::kPatch) {
+          patch_staged(task.table, task.ticket->peek(), task.ids);
+        } else {
+          result = gather(task);
+        }
+      } catch (...) {
+        error = std::current_exception();
+      }
+      const bool patch = task.kind == TaskKind::kPatch;
+      auto ticket = std::move(task.ticket);
+      // Drop the inputs before the caller can go on: if the caller then drops
+      // the last other reference, freeing a numpy-backed (mmap) table here
+      // would need the GIL the caller may hold while it joins the workers.
+      task = Task{};
+      if (patch) {
+        ticket->end_patch(error);
+      } else {
+        ticket->finish(std::move(result), error);
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Task> tasks_;
+  bool closed_ = false;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace engram::prefetch
