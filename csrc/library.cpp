@@ -18,7 +18,7 @@ void set_cuda_sync_checks(bool enabled) { cuda_sync_checks_enabled.store(enabled
 bool cuda_sync_checks() { return cuda_sync_checks_enabled.load(); }
 
 #if !defined(ENGRAM_WITH_CUDA)
-std::pair<int, std::string> take_cuda_error() { return {0, std::string()}; }
+CudaError take_cuda_error() { return {}; }
 #endif
 
 }  // namespace engram

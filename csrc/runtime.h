@@ -4,7 +4,8 @@
 
 #include <cstddef>
 #include <string>
-#include <utility>
+
+#include "include/engram/runtime.h"  // EngramErrorKind
 
 namespace engram {
 
@@ -12,9 +13,14 @@ namespace engram {
 // The sync-check switch lives in library.cpp so that CPU builds have it too.
 void set_cuda_sync_checks(bool enabled);
 bool cuda_sync_checks();
-// Takes the pending report of any CUDA device, clearing it: {0, ""} when
-// there is none, else {1, message} for an IndexError, {2, message} for a ValueError.
-std::pair<int, std::string> take_cuda_error();
+// A CUDA kernel's deferred report: its kind (ENGRAM_ERROR_NONE when there is
+// none, INDEX for an IndexError, VALUE for a ValueError) and its message.
+struct CudaError {
+  EngramErrorKind kind = ENGRAM_ERROR_NONE;
+  std::string message;
+};
+// Takes the pending report of any CUDA device, clearing it.
+CudaError take_cuda_error();
 
 // Frees the blocks the CPU kernels keep for reuse (hash outputs, table
 // gradients); returns how many bytes that was (cpu_hash_embedding_ops.cpp).

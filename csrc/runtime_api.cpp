@@ -33,16 +33,9 @@ int engram_built_with_cuda(void) {
 
 EngramErrorKind engram_take_cuda_error(char* message, size_t capacity) {
   try {
-    const auto error = engram::take_cuda_error();
-    copy_message(error.second, message, capacity);
-    switch (error.first) {
-      case 0: return ENGRAM_ERROR_NONE;
-      case 1: return ENGRAM_ERROR_INDEX;
-      case 2: return ENGRAM_ERROR_VALUE;
-      default: break;
-    }
-    copy_message("engram: unknown CUDA error kind " + std::to_string(error.first) + ": " + error.second, message,
-                 capacity);
+    const engram::CudaError error = engram::take_cuda_error();
+    copy_message(error.message, message, capacity);
+    return error.kind;
   } catch (const std::exception& e) {
     copy_message(std::string("engram: reading the CUDA error reports failed: ") + e.what(), message, capacity);
   }

@@ -93,19 +93,20 @@ std::string format_device_error(const DeviceErrorRecord& r) {
   }
 }
 
-bool is_value_error(int kind) {
-  return kind == cuda::kHeadSizeInvalid || kind == cuda::kHeadOffsetOverflow || kind == cuda::kUpdateRowsUnordered ||
-         kind == cuda::kAdamStepInvalid;
+EngramErrorKind error_kind(int kind) {
+  const bool value_error = kind == cuda::kHeadSizeInvalid || kind == cuda::kHeadOffsetOverflow ||
+                           kind == cuda::kUpdateRowsUnordered || kind == cuda::kAdamStepInvalid;
+  return value_error ? ENGRAM_ERROR_VALUE : ENGRAM_ERROR_INDEX;
 }
 
-// The pending report of `device`, cleared for the next one; kind 0 if none.
+// The pending report of `device`, cleared for the next one; kind NONE if none.
 // Under capture a report stays pending (re-arming would have to be recorded
 // into the graph): the first call after the capture raises it.
-std::pair<int, std::string> take_device_error(int device, bool deferred) {
-  if (capturing(device)) return {0, std::string()};
+CudaError take_device_error(int device, bool deferred) {
+  if (capturing(device)) return {};
   DeviceErrorState& state = device_error_state(device);
   volatile DeviceErrorRecord* live = state.record;
-  if (live->ready == 0) return {0, std::string()};
+  if (live->ready == 0) return {};
   DeviceErrorRecord r;
   r.op = live->op;
   r.kind = live->kind;
@@ -123,19 +124,19 @@ std::pair<int, std::string> take_device_error(int device, bool deferred) {
     message += " (found by a CUDA kernel of an earlier engram call on cuda:" + std::to_string(device) +
                ", which read that entry as zeros; set ENGRAM_CUDA_SYNC_CHECKS=1 to raise at that call instead)";
   }
-  return {is_value_error(r.kind) ? 2 : 1, message};
+  return {error_kind(r.kind), message};
 }
 
-[[noreturn]] void raise_device_error(const std::pair<int, std::string>& error) {
-  if (error.first == 2) TORCH_CHECK_VALUE(false, error.second);
-  TORCH_CHECK_INDEX(false, error.second);
+[[noreturn]] void raise_device_error(const CudaError& error) {
+  if (error.kind == ENGRAM_ERROR_VALUE) TORCH_CHECK_VALUE(false, error.message);
+  TORCH_CHECK_INDEX(false, error.message);
 }
 
 }  // namespace
 
 DeviceErrorSlot device_error_slot(const at::Device& device, DeviceErrorOp op) {
   const auto pending = take_device_error(device.index(), /*deferred=*/true);
-  if (pending.first != 0) raise_device_error(pending);
+  if (pending.kind != ENGRAM_ERROR_NONE) raise_device_error(pending);
   const DeviceErrorState& state = device_error_state(device.index());
   return DeviceErrorSlot{state.claimed, state.record, static_cast<int>(op)};
 }
@@ -147,10 +148,10 @@ void finish_checked_launch(const at::Device& device, cudaStream_t stream) {
   if (capture != cudaStreamCaptureStatusNone) return;  // a sync would break the capture
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   const auto error = take_device_error(device.index(), /*deferred=*/false);
-  if (error.first != 0) raise_device_error(error);
+  if (error.kind != ENGRAM_ERROR_NONE) raise_device_error(error);
 }
 
-std::pair<int, std::string> take_cuda_error() {
+CudaError take_cuda_error() {
   const int devices = std::min(static_cast<int>(at::cuda::device_count()), kMaxDevices);
   for (int device = 0; device < devices; ++device) {
     bool allocated;
@@ -160,9 +161,9 @@ std::pair<int, std::string> take_cuda_error() {
     }
     if (!allocated) continue;  // no checked launch ran there
     auto error = take_device_error(device, /*deferred=*/true);
-    if (error.first != 0) return error;
+    if (error.kind != ENGRAM_ERROR_NONE) return error;
   }
-  return {0, std::string()};
+  return {};
 }
 
 }  // namespace engram
