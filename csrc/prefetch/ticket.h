@@ -27,8 +27,7 @@ struct Stamps {
   int64_t table_version = -1, epoch = 0, own_bumps = 0;
 };
 
-// How a ticket relates to a lookup's token ids.
-enum class Match { kNo, kYes, kUnknown };
+enum class Match { kNo, kYes, kUnknown };  // how a ticket relates to a lookup's token ids
 
 class Ticket {
  public:
