@@ -119,10 +119,9 @@ class LayerQueues {
     std::tie(layers_.at(check_index(index)).epoch, layers_[index].own_bumps) = std::tie(epoch, own_bumps);
   }
 
-  // Queues every layer's hashing and gather for input_ids [B, T] (copied once,
-  // shared by the layers' tasks: the caller may reuse its buffer) in one
-  // lock and one wake-up. Returns the layers whose spec is missing or stale
-  // instead, queuing nothing.
+  // Queues every layer's hashing and gather for input_ids [B, T] (copied once:
+  // the caller may reuse its buffer) in one lock and one wake-up; or, queuing
+  // nothing, returns the layers whose spec is missing or stale.
   std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
     TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
                       "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
@@ -148,8 +147,7 @@ class LayerQueues {
     return stale;
   }
 
-  // Queues a batch the caller hashed (and submitted, or gathered on a device):
-  // input_ids the token tensor given to prefetch, key its hash ids [B, T, K].
+  // Queues a batch the caller hashed (submitted, or gathered on a device): key its hash ids [B, T, K].
   void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids,
            const at::Tensor& key) {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -121,8 +121,7 @@ class Ticket {
     cv_.notify_all();
   }
 
-  // Whatever the caller keeps with the batch (the bindings: a Python object,
-  // e.g. the hot-row cache snapshot the gather used, or a device gather's event).
+  // A Python object the caller keeps with the batch (the hot-row snapshot used, a device gather's event).
   std::shared_ptr<void> payload;
 
  private:
