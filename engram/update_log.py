@@ -30,39 +30,6 @@ class UpdateLog:
         if needed:  # a batch gathered before this update is pending
             self.updates.append((self.epoch, rows))
 
-    def catch_up(self, weight, ticket, ids, rows, staged, pending_epochs, stats):
-        """Staged rows (deduplicated `rows`, else the table rows `ids` of each
-        lookup) as the table holds them now: the recorded updates' rows read
-        again, or everything after a change of unknown rows. staged may be on
-        another device than the table."""
-        foreign = (weight._version - ticket.table_version) - (self.own_bumps - ticket.own_bumps)
-        changed = [r for epoch, r in self.updates if epoch > ticket.epoch]
-        # Drop the records no pending batch needs any more.
-        self.updates = [(e, r) for e, r in self.updates if e > min(pending_epochs, default=self.epoch)]
-        if foreign == 0 and not changed:
-            return staged
-        table = weight.detach()
-        if foreign != 0:
-            stats.regathers += 1
-            return table[rows if rows is not None else ids].to(staged.device)
-        changed = torch.cat(changed).to(table.device)
-        if rows is not None:  # rows sorted: find the changed ones
-            pos = torch.searchsorted(rows, changed)
-            hit = pos < rows.numel()
-            hit[hit.clone()] = rows[pos[hit]] == changed[hit]
-            pos = pos[hit]
-            staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
-        else:
-            # Integer positions found on the table's device (the CPU): a boolean
-            # mask sent to an accelerator would make index_put count it there, a host sync.
-            pos = torch.isin(ids, changed).reshape(-1).nonzero().squeeze(1)
-            flat = staged.view(-1, staged.shape[-1])
-            flat[pos.to(staged.device, non_blocking=True)] = table[ids.reshape(-1)[pos]].to(staged.device,
-                                                                                             non_blocking=True)
-            pos = ids.reshape(-1)[pos]
-        stats.patched_rows += int(torch.unique(pos).numel())
-        return staged
-
 
 class TableUpdates:
     """The update logs of a prefetcher's layers, and the ordering around updates."""
@@ -109,13 +76,42 @@ class TableUpdates:
                 wait_quietly(ticket)
 
     def catch_up(self, index: int, weight, ticket, ids, rows, staged):
-        """Staged rows as the table holds them now (UpdateLog.catch_up)."""
-        log = self.logs[index]
+        """Staged rows (deduplicated `rows`, else the table rows `ids()` of each
+        lookup) as the table holds them now: the recorded updates' rows read
+        again, or everything after a change of unknown rows. staged may be on
+        another device than the table."""
+        log, stats = self.logs[index], self.stats
         if not log.updates and weight._version == ticket.table_version:
             return staged
-        epochs = [t.epoch for t in self.queues.pending(index)]
-        return log.catch_up(weight, ticket, ids() if ids is not None and rows is None else None, rows, staged,
-                            epochs, self.stats)
+        foreign = (weight._version - ticket.table_version) - (log.own_bumps - ticket.own_bumps)
+        changed = [r for epoch, r in log.updates if epoch > ticket.epoch]
+        # Drop the records no pending batch needs any more.
+        pending_epochs = [t.epoch for t in self.queues.pending(index)]
+        log.updates = [(e, r) for e, r in log.updates if e > min(pending_epochs, default=log.epoch)]
+        if foreign == 0 and not changed:
+            return staged
+        ids = ids() if rows is None else None
+        table = weight.detach()
+        if foreign != 0:
+            stats.regathers += 1
+            return table[rows if rows is not None else ids].to(staged.device)
+        changed = torch.cat(changed).to(table.device)
+        if rows is not None:  # rows sorted: find the changed ones
+            pos = torch.searchsorted(rows, changed)
+            hit = pos < rows.numel()
+            hit[hit.clone()] = rows[pos[hit]] == changed[hit]
+            pos = pos[hit]
+            staged[pos.to(staged.device)] = table[rows[pos]].to(staged.device)
+        else:
+            # Integer positions found on the table's device (the CPU): a boolean
+            # mask sent to an accelerator would make index_put count it there, a host sync.
+            pos = torch.isin(ids, changed).reshape(-1).nonzero().squeeze(1)
+            flat = staged.view(-1, staged.shape[-1])
+            flat[pos.to(staged.device, non_blocking=True)] = table[ids.reshape(-1)[pos]].to(staged.device,
+                                                                                             non_blocking=True)
+            pos = ids.reshape(-1)[pos]
+        stats.patched_rows += int(torch.unique(pos).numel())
+        return staged
 
 
 def wait_quietly(ticket) -> None:

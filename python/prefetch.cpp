@@ -16,12 +16,9 @@ class PyGatherPool : public GatherPool {
  public:
   using GatherPool::GatherPool;
   ~PyGatherPool() override {
-    if (Py_IsInitialized() && PyGILState_Check()) {
-      py::gil_scoped_release release;
-      close();
-    } else {
-      close();
-    }
+    std::optional<py::gil_scoped_release> release;
+    if (Py_IsInitialized() && PyGILState_Check()) release.emplace();
+    close();
   }
 };
 
@@ -47,10 +44,7 @@ void bind_prefetch(py::module_& m) {
       .value("MISS", Take::kMiss)
       .value("FOUND", Take::kFound)
       .value("STALE", Take::kStale);
-  py::class_<Staged>(m, "Staged",
-                     "A gather's result: deduplicated rows [U], staged = table[rows], inverse (rows[inverse] == ids); "
-                     "expanded: staged = table[ids] (rows, inverse None). With a hot-row cache, slots [U]: a "
-                     "deduplicated row's cache slot or -1 (staged holds only those), cache_hits: lookups it served.")
+  py::class_<Staged>(m, "Staged", "A gather's result (csrc/prefetch/gather.h).")
       .def_readonly("rows", &Staged::rows)
       .def_readonly("staged", &Staged::staged)
       .def_readonly("inverse", &Staged::inverse)
@@ -63,9 +57,7 @@ void bind_prefetch(py::module_& m) {
           "device_gather",
           [](const at::Tensor& rows) {
             auto ticket = std::make_shared<Ticket>(TaskKind::kDeviceGather, false);
-            Staged staged;
-            staged.staged = rows;
-            ticket->finish(std::move(staged));
+            ticket->finish(Staged{{}, rows});
             return ticket;
           },
           py::arg("rows"), "A batch the caller gathered on a device (table[ids]).")
@@ -86,7 +78,6 @@ void bind_prefetch(py::module_& m) {
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
       .def(py::init<int, int>(), py::arg("num_threads"), py::arg("background_nice") = 5,
            "background_nice: SCHED_BATCH workers with nice raised by this much (Linux); -1: ordinary threads.")
-      .def_property_readonly("num_threads", &PyGatherPool::num_threads)
       .def(
           "submit",
           [](PyGatherPool& pool, const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
@@ -99,9 +90,8 @@ void bind_prefetch(py::module_& m) {
           },
           py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
           py::arg("offsets") = py::none(), py::arg("cache_rows") = py::none(), py::arg("cache_data") = py::none(),
-          "Queues the gather of table rows `ids` (int64; `offsets` [K], if given, added to each head's ids), "
-          "deduplicated or expanded; with a hot-row cache (sorted `cache_rows`, and `cache_data` = "
-          "table[cache_rows] for expanded gathers) cached rows are skipped or copied from cache_data.")
+          "Queues the gather of table rows `ids` (+ `offsets` [K] per head), deduplicated or expanded, skipping "
+          "the hot-row cache's sorted `cache_rows` (expanded: copied from cache_data = table[cache_rows]).")
       .def(
           "patch",
           [](PyGatherPool& pool, const std::shared_ptr<Ticket>& ticket, const at::Tensor& table,
@@ -110,14 +100,12 @@ void bind_prefetch(py::module_& m) {
           },
           py::arg("ticket"), py::arg("table"), py::arg("changed"), py::arg("table_version"), py::arg("epoch"),
           py::arg("own_bumps"),
-          "Queues the re-reading of rows `changed` (int64 [M], CPU) into a finished gather's staged rows, with "
-          "the table's stamps after the update. False if it failed, is not done, or cannot be patched.")
+          "Queues the re-reading of rows `changed` into a finished gather's staged rows (GatherPool::submit_patch).")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
   py::class_<LayerQueues>(m, "LayerQueues", "Per layer of a Prefetcher: its LayerSpec and its batches not used yet.")
       .def(py::init<PyGatherPool&, int64_t, int64_t>(), py::arg("pool"), py::arg("num_layers"),
            py::arg("max_pending"), py::keep_alive<1, 2>())
-      .def_property_readonly("num_layers", &LayerQueues::num_layers)
       .def(
           "set_layer",
           [](LayerQueues& q, int64_t index, const at::Tensor& table, const std::optional<at::Tensor>& lookup,
@@ -131,15 +119,12 @@ void bind_prefetch(py::module_& m) {
           py::arg("index"), py::arg("table"), py::arg("lookup") = py::none(), py::arg("keys") = py::none(),
           py::arg("head_sizes") = py::none(), py::arg("pad_id") = 0, py::arg("family") = "",
           py::arg("offsets") = py::none(), py::arg("dedup") = false, py::arg("watched") = std::vector<at::Tensor>{},
-          "Sets layer `index`'s spec (LayerSpec: lookup, keys [1, *], head_sizes [1, K], pad_id, family as "
-          "ngram_hash takes them, offsets [K]: CPU copies of `watched`); no lookup: the table is elsewhere, "
-          "nothing is queued. Batches are dropped unless the new spec reads the same rows, and match by hash "
-          "ids only unless it also hashes the same.")
+          "Sets layer `index`'s spec (LayerSpec, LayerQueues::set_layer); no lookup: nothing is queued.")
       .def("stale", &LayerQueues::stale, "The layers whose spec is missing or stale.")
       .def("current", &LayerQueues::current, py::arg("index"))
       .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"))
       .def("prefetch", &LayerQueues::prefetch, py::arg("input_ids"),
-           "Queues every layer's hashing and gather for input_ids [B, T] (int64, CPU); or returns the stale layers.")
+           "Queues every layer's hashing and gather for input_ids [B, T]; or returns the stale layers.")
       .def("add", &LayerQueues::add, py::arg("index"), py::arg("ticket"), py::arg("input_ids"), py::arg("key"),
            "Queues a batch the caller hashed: its token tensor and hash ids [B, T, K].")
       .def(
@@ -150,8 +135,8 @@ void bind_prefetch(py::module_& m) {
             return q.take(index, input_ids.value_or(at::Tensor()), hash_ids.value_or(at::Tensor()));
           },
           py::arg("index"), py::arg("input_ids"), py::arg("hash_ids") = py::none(),
-          "(Take, ticket or None): layer `index`'s batch of these token ids (or, where they cannot decide, of "
-          "these hash ids), removed and waited for (a worker's error is raised here).")
+          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited "
+          "for (a worker's error is raised here).")
       .def("pending", &LayerQueues::pending, py::arg("index"), "Layer `index`'s batches not used yet, oldest first.")
       .def("clear", &LayerQueues::clear, "Drops every pending batch and spec.");
   m.def(

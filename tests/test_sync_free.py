@@ -129,7 +129,7 @@ def test_prefetched_training_patches_expanded_rows_on_the_cpu():
     for m, prefetch in ((direct, False), (model, True)):
         optimizer = engram.optim.make_rowwise(m, "sgd", lr=0.05)
         # Batches that used a hot-row cache are not patched on a worker: their
-        # expanded rows are brought up to date at use (UpdateLog.catch_up).
+        # expanded rows are brought up to date at use (TableUpdates.catch_up).
         prefetcher = engram.Prefetcher(m, dedup=False, max_pending=2, hot_rows=8, hot_refresh=2) if prefetch else None
         run = []
         if prefetcher:

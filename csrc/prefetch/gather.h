@@ -82,16 +82,14 @@ inline void check_rows(const at::Tensor& table, const at::Tensor& ids) {
 }
 
 // Copies table rows `from` (64-bit byte offsets: a table may hold more than
-// 2^31 elements), or cache rows where slot_of gives one, into dst.
-template <typename SlotOf>
-inline int64_t copy_rows(const at::Tensor& table, const int64_t* from, int64_t n, char* dst, const Cache& cache,
-                         SlotOf slot_of) {
+// 2^31 elements), or the cache's copy of those it holds data for, into dst.
+inline int64_t copy_rows(const at::Tensor& table, const int64_t* from, int64_t n, char* dst, const Cache& cache) {
   const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
   const char* src = static_cast<const char*>(table.const_data_ptr());
   const char* hot = cache.data.defined() ? static_cast<const char*>(cache.data.const_data_ptr()) : nullptr;
   int64_t hits = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t slot = hot ? slot_of(from[i]) : -1;
+    const int64_t slot = hot ? cache.slot(from[i]) : -1;
     hits += slot >= 0;
     std::memcpy(dst + static_cast<size_t>(i) * row_bytes,
                 slot >= 0 ? hot + static_cast<size_t>(slot) * row_bytes : src + static_cast<size_t>(from[i]) * row_bytes,
@@ -111,8 +109,7 @@ inline Staged expand_gather(const at::Tensor& table, const at::Tensor& ids, bool
   out.cached = cache.rows.defined();
   out.staged = at::empty(shape, table.options().pinned_memory(pin_memory));
   out.cache_hits = copy_rows(table, ids.const_data_ptr<int64_t>(), ids.numel(),
-                             static_cast<char*>(out.staged.mutable_data_ptr()), cache,
-                             [&](int64_t row) { return cache.slot(row); });
+                             static_cast<char*>(out.staged.mutable_data_ptr()), cache);
   return out;
 }
 
@@ -147,7 +144,7 @@ inline Staged dedup_gather(const at::Tensor& table, const at::Tensor& ids, bool 
   out.staged = at::empty({static_cast<int64_t>(gathered.size()), table.size(1)},
                          table.options().pinned_memory(pin_memory));
   copy_rows(table, gathered.data(), static_cast<int64_t>(gathered.size()),
-            static_cast<char*>(out.staged.mutable_data_ptr()), Cache{}, [](int64_t) { return -1; });
+            static_cast<char*>(out.staged.mutable_data_ptr()), Cache{});
   return out;
 }
 

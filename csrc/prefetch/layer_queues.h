@@ -76,12 +76,9 @@ struct LayerSpec {
   }
 };
 
-// What take() found.
-enum class Take : int {
-  kMiss,   // no prefetched batch of these ids
-  kFound,  // the batch, removed from the queue and waited for
-  kStale,  // the layer's spec is stale: build it again (set_layer), then take again
-};
+// What take() found: no batch of these ids; the batch (removed, waited for);
+// a stale spec (build it again with set_layer, then take again).
+enum class Take : int { kMiss, kFound, kStale };
 
 class LayerQueues {
  public:
@@ -107,8 +104,7 @@ class LayerQueues {
     layer.spec = std::move(spec);
   }
 
-  // The layers whose spec is missing or stale.
-  std::vector<int64_t> stale() {
+  std::vector<int64_t> stale() {  // the layers whose spec is missing or stale
     std::lock_guard<std::mutex> lock(mutex_);
     return stale_locked();
   }
@@ -123,10 +119,9 @@ class LayerQueues {
     std::tie(layers_.at(check_index(index)).epoch, layers_[index].own_bumps) = std::tie(epoch, own_bumps);
   }
 
-  // Queues every layer's hashing and gather for input_ids [B, T] (copied once,
-  // shared by the layers' tasks: the caller may reuse its buffer) in one
-  // lock and one wake-up. Returns the layers whose spec is missing or stale
-  // instead, queuing nothing.
+  // Queues every layer's hashing and gather for input_ids [B, T] (copied once:
+  // the caller may reuse its buffer) in one lock and one wake-up; or, queuing
+  // nothing, returns the layers whose spec is missing or stale.
   std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
     TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
                       "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
@@ -140,13 +135,9 @@ class LayerQueues {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerSpec& spec = layers_[i].spec;
       if (spec.skipped) continue;
-      Task task;
-      task.kind = TaskKind::kHashAndGather;
-      task.ticket = std::make_shared<Ticket>(TaskKind::kHashAndGather, spec.dedup);
+      Task task{TaskKind::kHashAndGather, std::make_shared<Ticket>(TaskKind::kHashAndGather, spec.dedup),
+                spec.table, {}, spec.offsets, {}, spec.hash};
       task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation, stamps_locked(layers_[i]));
-      task.table = spec.table;
-      task.offsets = spec.offsets;
-      task.hash = spec.hash;
       task.hash.input_ids = tokens;
       queued.emplace_back(i, task.ticket);
       tasks.push_back(std::move(task));
@@ -156,8 +147,7 @@ class LayerQueues {
     return stale;
   }
 
-  // Queues a batch the caller hashed (and submitted, or gathered on a device):
-  // input_ids the token tensor given to prefetch, key its hash ids [B, T, K].
+  // Queues a batch the caller hashed (submitted, or gathered on a device): key its hash ids [B, T, K].
   void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids,
            const at::Tensor& key) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -211,15 +201,13 @@ class LayerQueues {
     return {Take::kFound, found};
   }
 
-  // Layer `index`'s prefetched batches not used yet, oldest first.
-  std::vector<std::shared_ptr<Ticket>> pending(int64_t index) {
+  std::vector<std::shared_ptr<Ticket>> pending(int64_t index) {  // not used yet, oldest first
     std::lock_guard<std::mutex> lock(mutex_);
     const auto& queue = layers_.at(check_index(index)).queue;
     return {queue.begin(), queue.end()};
   }
 
-  // Drops every pending batch and spec (running gathers finish on their own).
-  void clear() {
+  void clear() {  // every pending batch and spec (running gathers finish on their own)
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& layer : layers_) layer = Layer{};
   }

@@ -92,22 +92,13 @@ class GatherPool {
   GatherPool& operator=(const GatherPool&) = delete;
   virtual ~GatherPool() { close(); }
 
-  int num_threads() const { return static_cast<int>(workers_.size()); }
-
   // Queues the gather of table rows `ids` (+ `offsets` [K] per head, if
   // defined), deduplicated or expanded, using the hot-row `cache` if defined.
   std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
                                  const at::Tensor& offsets = {}, const Cache& cache = {}) {
     check_gather_args(table, ids, offsets, cache, dedup);
-    std::vector<Task> tasks(1);
-    Task& task = tasks[0];
-    task.ticket = std::make_shared<Ticket>(TaskKind::kGather, dedup);
-    task.table = table;
-    task.ids = ids;
-    task.offsets = offsets;
-    task.cache = cache;
-    task.pin_memory = pin_memory;
-    auto ticket = task.ticket;
+    auto ticket = std::make_shared<Ticket>(TaskKind::kGather, dedup);
+    std::vector<Task> tasks(1, Task{TaskKind::kGather, ticket, table, ids, offsets, cache, {}, pin_memory});
     enqueue(std::move(tasks));
     return ticket;
   }
@@ -134,21 +125,13 @@ class GatherPool {
                       "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
                       changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
     if (!ticket->begin_patch(stamps, table.size(1))) return false;
-    Task task;
-    task.kind = TaskKind::kPatch;
-    task.ticket = ticket;
-    task.table = table;
-    task.ids = changed;  // the rows to read again
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!closed_) {
-        tasks_.push_back(std::move(task));
-        cv_.notify_one();
-        return true;
-      }
+    try {  // ids: the rows to read again
+      enqueue(std::vector<Task>(1, Task{TaskKind::kPatch, ticket, table, changed}));
+      return true;
+    } catch (const c10::Error&) {  // closed
+      ticket->end_patch(std::current_exception());
+      return false;
     }
-    ticket->end_patch(std::make_exception_ptr(std::runtime_error("engram.Prefetcher: the prefetch engine is closed")));
-    return false;
   }
 
   // Cancels the tasks not started yet (their tickets raise), lets running
@@ -162,15 +145,9 @@ class GatherPool {
       cancelled.swap(tasks_);
     }
     cv_.notify_all();
-    for (auto& task : cancelled) {
-      auto error = std::make_exception_ptr(
-          std::runtime_error("engram.Prefetcher: the prefetch engine was closed before this gather ran"));
-      if (task.kind == TaskKind::kPatch) {
-        task.ticket->end_patch(error);
-      } else {
-        task.ticket->finish(Staged{}, error);
-      }
-    }
+    const auto error = std::make_exception_ptr(
+        std::runtime_error("engram.Prefetcher: the prefetch engine was closed before this gather ran"));
+    for (auto& task : cancelled) settle(task.kind, *task.ticket, Staged{}, error);
     for (auto& worker : workers_) {
       if (worker.joinable()) worker.join();
     }
@@ -207,18 +184,19 @@ class GatherPool {
       } catch (...) {
         error = std::current_exception();
       }
-      const bool patch = task.kind == TaskKind::kPatch;
+      const TaskKind kind = task.kind;
       auto ticket = std::move(task.ticket);
       // Drop the inputs before the caller can go on: if the caller then drops
       // the last other reference, freeing a numpy-backed (mmap) table here
       // would need the GIL the caller may hold while it joins the workers.
       task = Task{};
-      if (patch) {
-        ticket->end_patch(error);
-      } else {
-        ticket->finish(std::move(result), error);
-      }
+      settle(kind, *ticket, std::move(result), error);
     }
+  }
+
+  // A patch task ends its patch; any other finishes its ticket.
+  static void settle(TaskKind kind, Ticket& ticket, Staged result, std::exception_ptr error) {
+    kind == TaskKind::kPatch ? ticket.end_patch(error) : ticket.finish(std::move(result), error);
   }
 
   std::mutex mutex_;

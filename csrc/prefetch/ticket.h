@@ -27,8 +27,7 @@ struct Stamps {
   int64_t table_version = -1, epoch = 0, own_bumps = 0;
 };
 
-// How a ticket relates to a lookup's token ids.
-enum class Match { kNo, kYes, kUnknown };
+enum class Match { kNo, kYes, kUnknown };  // how a ticket relates to a lookup's token ids
 
 class Ticket {
  public:
@@ -122,8 +121,7 @@ class Ticket {
     cv_.notify_all();
   }
 
-  // Whatever the caller keeps with the batch (the bindings: a Python object,
-  // e.g. the hot-row cache snapshot the gather used, or a device gather's event).
+  // A Python object the caller keeps with the batch (the hot-row snapshot used, a device gather's event).
   std::shared_ptr<void> payload;
 
  private:
