@@ -285,18 +285,20 @@ def _dense(model):
     return [p for p in model.parameters() if id(p) not in tables]
 
 
-def _train_reference(rule, steps=STEPS, model=None):
-    """One process at the global batch; returns (model, optimizer, losses)."""
+def _train_reference(rule, steps=STEPS, model=None, opt=None):
+    """One process at the global batch; returns (model, optimizer, losses).
+    opt: the tables' optimizer (default: make_rowwise with `rule`)."""
     from engram.optim import make_rowwise
 
     model = model or _model()
-    opt = make_rowwise(model, rule, **RULES[rule])
+    opt = opt or make_rowwise(model, rule, **RULES[rule])
     dense = torch.optim.SGD(_dense(model), lr=0.1)
     losses = []
     for step in range(steps):
         ids, hidden = _data(step)
         loss = model(hidden, ids).pow(2).mean()
         dense.zero_grad()
+        opt.zero_grad()
         loss.backward()
         dense.step()
         opt.step()
@@ -309,15 +311,22 @@ def _local(rank, world, *tensors):
     return [t[rank * b:(rank + 1) * b] for t in tensors]
 
 
-def _train_sharded(model, opt, rank, world, steps, first=0, reduce_dense=True, dense_params=None):
+def _train_sharded(model, opt, rank, world, steps, first=0, reduce_dense=True, dense_params=None, prefetcher=None):
+    """prefetcher: batch i+1 prefetched during batch i (before its backward and
+    updates: the staged rows must be patched or regathered)."""
     import torch.distributed as dist
 
     dense = torch.optim.SGD(dense_params if dense_params is not None else _dense(model), lr=0.1)
     losses = []
+    if prefetcher is not None:
+        prefetcher.prefetch(_local(rank, world, *_data(first))[0])
     for step in range(first, first + steps):
         ids, hidden = _local(rank, world, *_data(step))
+        if prefetcher is not None and step + 1 < first + steps:
+            prefetcher.prefetch(_local(rank, world, *_data(step + 1))[0])
         loss = model(hidden, ids).pow(2).mean()
         dense.zero_grad()
+        opt.zero_grad()
         loss.backward()
         if reduce_dense:  # what DDP does: average the dense gradients
             for p in dense.param_groups[0]["params"]:
@@ -449,34 +458,6 @@ def _composition(rank, world):
         _close(p.full_tensor(), q, "FSDP2 dense parameter")
 
 
-def _train_prefetched(model, opt, rank, world, steps, prefetcher, table_opt=None):
-    """_train_sharded with batch i+1 prefetched during batch i (before its
-    backward and updates: the staged rows must be patched or regathered)."""
-    import torch.distributed as dist
-
-    dense = torch.optim.SGD(_dense(model), lr=0.1)
-    losses = []
-    prefetcher.prefetch(_local(rank, world, *_data(0))[0])
-    for step in range(steps):
-        ids, hidden = _local(rank, world, *_data(step))
-        if step + 1 < steps:
-            prefetcher.prefetch(_local(rank, world, *_data(step + 1))[0])
-        loss = model(hidden, ids).pow(2).mean()
-        dense.zero_grad()
-        if table_opt is not None:
-            table_opt.zero_grad()
-        loss.backward()
-        for p in dense.param_groups[0]["params"]:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        dense.step()
-        (opt if table_opt is None else table_opt).step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
-
-
 def scenario_prefetch(rank, world, tmp):
     import engram
     from engram import distributed as ed
@@ -490,7 +471,7 @@ def scenario_prefetch(rank, world, tmp):
         model = ed.shard_tables(_model())
         opt = make_rowwise(model, rule, **RULES[rule])
         with engram.Prefetcher(model) as prefetcher:
-            losses = _train_prefetched(model, opt, rank, world, STEPS, prefetcher)
+            losses = _train_sharded(model, opt, rank, world, STEPS, prefetcher=prefetcher)
             _close(torch.tensor(losses), torch.tensor(ref_losses), f"prefetched {rule} losses")
             _check_tables(model, ref, opt, ref_opt)
             stats = prefetcher.stats
@@ -506,31 +487,20 @@ def scenario_prefetch(rank, world, tmp):
         model = ed.shard_tables(_model(**kw))
         opt = make_rowwise(model, "adam", **RULES["adam"])
         with engram.Prefetcher(model) as prefetcher:
-            losses = _train_prefetched(model, opt, rank, world, STEPS, prefetcher)
+            losses = _train_sharded(model, opt, rank, world, STEPS, prefetcher=prefetcher)
             assert prefetcher.stats.hits == STEPS, prefetcher.stats
         _close(torch.tensor(losses), torch.tensor(ref_losses), f"prefetched {placement} adam losses")
         _check_tables(model, ref, opt, ref_opt)
 
     # 2. A torch.optim step on the shard's sparse gradient (no listener sees it): the staged rows
     # are all gathered again (version counter), still equal to one process's SGD.
-    torch.manual_seed(0)
     ref = _model()
-    ref_table = torch.optim.SGD([ref.engram.multi_head_embedding.embedding.weight], lr=0.5)
-    ref_dense = torch.optim.SGD(_dense(ref), lr=0.1)
-    ref_losses = []
-    for step in range(STEPS):
-        ids, hidden = _data(step)
-        loss = ref(hidden, ids).pow(2).mean()
-        ref_dense.zero_grad()
-        ref_table.zero_grad()
-        loss.backward()
-        ref_dense.step()
-        ref_table.step()
-        ref_losses.append(loss.item())
+    ref, _, ref_losses = _train_reference(
+        None, model=ref, opt=torch.optim.SGD([ref.engram.multi_head_embedding.embedding.weight], lr=0.5))
     model = ed.shard_tables(_model())
     table_opt = torch.optim.SGD([ed.sharded_tables(model)[0].embedding.weight], lr=0.5)
     with engram.Prefetcher(model) as prefetcher:
-        losses = _train_prefetched(model, None, rank, world, STEPS, prefetcher, table_opt=table_opt)
+        losses = _train_sharded(model, table_opt, rank, world, STEPS, prefetcher=prefetcher)
         _close(torch.tensor(losses), torch.tensor(ref_losses), "prefetched torch.optim SGD losses")
         assert prefetcher.stats.hits == STEPS and prefetcher.stats.regathers == STEPS - 1, prefetcher.stats
     _close(ed.gather_table(ed.sharded_tables(model)[0]), ref.engram.multi_head_embedding.embedding.weight.detach(),
