@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,16 +18,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#if defined(__unix__)
-#include <pthread.h>
-#endif
-#if defined(__x86_64__) || defined(_M_X64)
-#include <emmintrin.h>
-#endif
 
 #include "csrc/checks.h"
 #include "csrc/runtime.h"
-#include "kernels/block_cache.h"
 #include "kernels/hash.h"
 #include "kernels/hash_cpu.h"
 
@@ -58,47 +50,6 @@ bool compress_into(const int64_t* ids, int64_t n, const int64_t* lookup, int64_t
     if (!chunk_ok) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
-}
-
-// Whether freed blocks are kept at all (engram.set_cpu_cache_enabled).
-std::atomic<bool> cache_enabled{true};
-
-// Never destroyed: tensors may be freed during interpreter shutdown.
-BlockCache& hash_output_cache() {
-  static BlockCache* cache = new BlockCache(2, cache_enabled);
-  return *cache;
-}
-// Table gradients (one per Engram layer and backward): up to 4 layers' worth.
-BlockCache& table_gradient_cache() {
-  static BlockCache* cache = new BlockCache(4, cache_enabled);
-  return *cache;
-}
-
-#if defined(__unix__)
-// A fork() (DataLoader workers) while another thread holds a cache's mutex
-// would leave the child's copy locked forever: hold both across the fork.
-void lock_caches_for_fork() {
-  hash_output_cache().lock();
-  table_gradient_cache().lock();
-}
-void unlock_caches_after_fork() {
-  table_gradient_cache().unlock();
-  hash_output_cache().unlock();
-}
-const int fork_handlers = pthread_atfork(lock_caches_for_fork, unlock_caches_after_fork, unlock_caches_after_fork);
-#endif
-
-constexpr size_t kCachedMinBytes = size_t(1) << 20;  // smaller blocks: malloc reuses them already
-
-at::Tensor empty_recycled_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  // Throws on a byte count that overflows.
-  const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
-  if (bytes < kCachedMinBytes) return at::empty(sizes, options);
-  void* data = hash_output_cache().take(bytes);
-  // 64-byte aligned like ATen's CPU allocator: the hash streams whole cache lines.
-  if (data == nullptr) data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  TORCH_CHECK(data != nullptr, "ngram_hash: could not allocate ", bytes, " bytes for an output of shape ", sizes);
-  return at::from_blob(data, sizes, [bytes](void* p) { hash_output_cache().keep(p, bytes); }, options);
 }
 
 at::Tensor compress_ids_cpu(const at::Tensor& input_ids, const at::Tensor& lookup) {
@@ -135,7 +86,7 @@ at::Tensor ngram_hash_cpu(const at::Tensor& input_ids, const at::Tensor& lookup,
   check_head_table("ngram_hash", sizes_ptr, offsets.has_value() ? offset_table.data_ptr<int64_t>() : nullptr, L * K);
   const cpu::HeadConstants heads(sizes_ptr, L * K);  // per call: L*K divisions, negligible
   at::Tensor key_table = keys.contiguous();
-  at::Tensor out = empty_recycled_cpu({L, B, T, K}, ids.options());
+  at::Tensor out = at::empty({L, B, T, K}, ids.options());
 
   cpu::HashPlan plan;
   plan.canonical = x;
@@ -204,61 +155,29 @@ at::Tensor multihead_embedding_cpu(const at::Tensor& weight, const at::Tensor& i
   return out;
 }
 
-// Zeroes [data, data + bytes) on all threads with non-temporal stores: the
-// block is far bigger than the caches, so skipping the read-for-ownership of
-// every line doubles the speed of a plain memset.
-void parallel_zero(char* data, size_t bytes) {
-  constexpr int64_t kChunk = int64_t(2) << 20;
-  const int64_t chunks = static_cast<int64_t>((bytes + kChunk - 1) / kChunk);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    char* begin = data + chunk_begin * kChunk;
-    char* end = data + std::min<size_t>(bytes, static_cast<size_t>(chunk_end * kChunk));
-#if defined(__x86_64__) || defined(_M_X64)
-    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(begin) + 15) & ~uintptr_t(15));
-    if (aligned > end) aligned = end;
-    std::memset(begin, 0, aligned - begin);
-    const __m128i zero = _mm_setzero_si128();
-    for (; aligned + 16 <= end; aligned += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(aligned), zero);
-    std::memset(aligned, 0, end - aligned);
-    _mm_sfence();
-#else
-    std::memset(begin, 0, end - begin);
-#endif
-  });
-}
-
 // A zero [rows, Dh] tensor for a dense table gradient, which is hundreds of MB
-// for real tables. A block freed by an earlier gradient is zeroed again in
-// parallel (its pages are already mapped). Otherwise calloc hands out pages
-// the OS has already zeroed (glibc maps large blocks and skips the memset),
-// and on Linux the block asks for transparent huge pages, which cut the
-// first-touch page faults ~500x (2 MiB instead of 4 KiB pages), as PyTorch's
-// allocator does under THP_MEM_ALLOC_ENABLE=1. Small blocks come from the
-// heap and calloc zeroes them.
+// for real tables. calloc hands out pages the OS has already zeroed (glibc
+// maps large blocks and skips the memset), and on Linux the block asks for
+// transparent huge pages, which cut the first-touch page faults ~500x (2 MiB
+// instead of 4 KiB pages), as PyTorch's allocator does under
+// THP_MEM_ALLOC_ENABLE=1. Small blocks come from the heap and calloc zeroes them.
 at::Tensor zeros_table_gradient(int64_t rows, int64_t Dh, const at::TensorOptions& options) {
   const size_t bytes = std::max<size_t>(static_cast<size_t>(rows) * static_cast<size_t>(Dh) *
                                             c10::elementSize(c10::typeMetaToScalarType(options.dtype())),
                                         1);
-  const bool cached = bytes >= kCachedMinBytes;
-  void* data = cached ? table_gradient_cache().take(bytes) : nullptr;
-  if (data != nullptr) {
-    parallel_zero(static_cast<char*>(data), bytes);
-  } else {
-    data = std::calloc(bytes, 1);
-    TORCH_CHECK(data != nullptr, "multihead_embedding_backward: could not allocate ", bytes,
-                " bytes for the table gradient [", rows, ", ", Dh, "]");
+  void* data = std::calloc(bytes, 1);
+  TORCH_CHECK(data != nullptr, "multihead_embedding_backward: could not allocate ", bytes,
+              " bytes for the table gradient [", rows, ", ", Dh, "]");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
-    const uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t aligned_end = (begin + bytes) & ~(kHugePage - 1);
-    if (aligned_end > aligned_begin) {
-      madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);  // a hint only
-    }
-#endif
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t aligned_end = (begin + bytes) & ~(kHugePage - 1);
+  if (aligned_end > aligned_begin) {
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);  // a hint only
   }
-  if (!cached) return at::from_blob(data, {rows, Dh}, [](void* p) { std::free(p); }, options);
-  return at::from_blob(data, {rows, Dh}, [bytes](void* p) { table_gradient_cache().keep(p, bytes); }, options);
+#endif
+  return at::from_blob(data, {rows, Dh}, [](void* p) { std::free(p); }, options);
 }
 
 at::Tensor multihead_embedding_backward_cpu(const at::Tensor& grad_in, const at::Tensor& ids_in,
@@ -350,17 +269,6 @@ at::Tensor gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows_in, b
 }
 
 }  // namespace
-
-size_t release_cached_cpu_blocks() {
-  return hash_output_cache().release_all() + table_gradient_cache().release_all();
-}
-
-size_t set_cpu_cache_enabled(bool enabled) {
-  cache_enabled.store(enabled);
-  return enabled ? 0 : release_cached_cpu_blocks();
-}
-
-bool cpu_cache_enabled() { return cache_enabled.load(); }
 
 TORCH_LIBRARY_IMPL(engram, CPU, m) {
   m.impl("compress_ids", &compress_ids_cpu);

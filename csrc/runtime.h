@@ -22,14 +22,4 @@ struct CudaError {
 // Takes the pending report of any CUDA device, clearing it.
 CudaError take_cuda_error();
 
-// Frees the blocks the CPU kernels keep for reuse (hash outputs, table
-// gradients); returns how many bytes that was (cpu_hash_embedding_ops.cpp).
-size_t release_cached_cpu_blocks();
-
-// Keeping freed blocks for reuse is on by default (engram/ops.py turns it
-// off at import under ENGRAM_CPU_CACHE=0). Turning it off frees what is kept
-// (returns its bytes) and keeps nothing more; thread-safe.
-size_t set_cpu_cache_enabled(bool enabled);
-bool cpu_cache_enabled();
-
 }  // namespace engram

@@ -45,10 +45,6 @@ EngramErrorKind engram_take_cuda_error(char* message, size_t capacity) {
 void engram_set_cuda_sync_checks(int enabled) { engram::set_cuda_sync_checks(enabled != 0); }
 int engram_cuda_sync_checks(void) { return engram::cuda_sync_checks() ? 1 : 0; }
 
-size_t engram_empty_cpu_cache(void) { return engram::release_cached_cpu_blocks(); }
-size_t engram_set_cpu_cache_enabled(int enabled) { return engram::set_cpu_cache_enabled(enabled != 0); }
-int engram_cpu_cache_enabled(void) { return engram::cpu_cache_enabled() ? 1 : 0; }
-
 int engram_cpu_isa(void) { return static_cast<int>(engram::cpu::current_cpu_isa()); }
 int engram_best_cpu_isa(void) { return static_cast<int>(engram::cpu::best_cpu_isa()); }
 int engram_set_cpu_isa(int level) {

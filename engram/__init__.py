@@ -5,8 +5,7 @@ import os as _os
 from .config import EngramConfig
 from .compression import CompressionTable
 from . import ops
-from .ops import check_cuda_errors, cpu_cache_enabled, cpu_isa, cuda_sync_checks, empty_cpu_cache
-from .ops import set_cpu_cache_enabled, set_cuda_sync_checks
+from .ops import check_cuda_errors, cpu_isa, cuda_sync_checks, set_cuda_sync_checks
 from .hashing import NgramHasher
 from .layer import EngramLayer, TableFileChangedError
 from .prefetch import Prefetcher
@@ -26,10 +25,7 @@ __all__ = [
     "check_cuda_errors",
     "cuda_sync_checks",
     "set_cuda_sync_checks",
-    "cpu_cache_enabled",
     "cpu_isa",
-    "empty_cpu_cache",
-    "set_cpu_cache_enabled",
     "ops",
     "moe",
     "optim",

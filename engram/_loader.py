@@ -64,9 +64,6 @@ class OpsLibrary:
             "engram_take_cuda_error": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_size_t]),
             "engram_set_cuda_sync_checks": (None, [ctypes.c_int]),
             "engram_cuda_sync_checks": (ctypes.c_int, []),
-            "engram_empty_cpu_cache": (ctypes.c_size_t, []),
-            "engram_set_cpu_cache_enabled": (ctypes.c_size_t, [ctypes.c_int]),
-            "engram_cpu_cache_enabled": (ctypes.c_int, []),
             "engram_cpu_isa": (ctypes.c_int, []),
             "engram_best_cpu_isa": (ctypes.c_int, []),
             "engram_set_cpu_isa": (ctypes.c_int, [ctypes.c_int]),
@@ -97,15 +94,6 @@ class OpsLibrary:
 
     def cuda_sync_checks(self) -> bool:
         return bool(self._lib.engram_cuda_sync_checks())
-
-    def empty_cpu_cache(self) -> int:
-        return self._lib.engram_empty_cpu_cache()
-
-    def set_cpu_cache_enabled(self, enabled: bool) -> int:
-        return self._lib.engram_set_cpu_cache_enabled(1 if enabled else 0)
-
-    def cpu_cache_enabled(self) -> bool:
-        return bool(self._lib.engram_cpu_cache_enabled())
 
     def _cpu_isa_state(self):
         """(level in use, best level, (kernel calls per level)), levels 0 scalar, 1 avx2, 2 avx512."""

@@ -1,6 +1,6 @@
 """Process-wide switches of engram's kernels and the environment variables
-that set them at import: ENGRAM_CPU_ISA (engram/_cpu_isa.py), ENGRAM_CPU_CACHE
-and ENGRAM_CUDA_SYNC_CHECKS. A bad value fails `import engram`."""
+that set them at import: ENGRAM_CPU_ISA (engram/_cpu_isa.py) and
+ENGRAM_CUDA_SYNC_CHECKS. A bad value fails `import engram`."""
 
 from __future__ import annotations
 
@@ -18,47 +18,6 @@ _CUDA_ERROR_TYPES = {
     _loader.ErrorKind.VALUE: ValueError,
     _loader.ErrorKind.INTERNAL: RuntimeError,
 }
-
-
-def empty_cpu_cache() -> int:
-    """Frees the memory the CPU kernels keep for reuse and returns its size in bytes.
-
-    Freed hash outputs and dense table gradients of a megabyte or more are
-    kept (a few blocks) and handed to the next call that needs the same size:
-    the OS faulting in fresh pages costs several times the kernels themselves.
-    A kept gradient block is zeroed again before reuse. Call this to give the
-    memory back, e.g. after training, like torch.cuda.empty_cache().
-    """
-    return _C.empty_cpu_cache()
-
-
-def set_cpu_cache_enabled(enabled: bool) -> None:
-    """Turns keeping freed CPU blocks for reuse (see empty_cpu_cache) on or off.
-
-    Off: every block is freed as soon as its tensor is, and what is kept now
-    is freed before this returns; results are the same, only allocation is
-    slower. The environment variable ENGRAM_CPU_CACHE=0 turns it off when
-    engram is imported. Safe to call while other threads run engram ops.
-    """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_cpu_cache_enabled: enabled must be a bool, got {type(enabled).__name__}")
-    _C.set_cpu_cache_enabled(enabled)
-
-
-def cpu_cache_enabled() -> bool:
-    """Whether the CPU kernels keep freed blocks for reuse (default True)."""
-    return _C.cpu_cache_enabled()
-
-
-def _cache_setting_from_environment() -> None:
-    value = os.environ.get("ENGRAM_CPU_CACHE")
-    if value is None or value == "":
-        return
-    if value not in ("0", "1"):
-        raise ValueError(f"ENGRAM_CPU_CACHE={value!r}: expected 0 (keep no freed CPU blocks) or 1 (keep them, the default)")
-    set_cpu_cache_enabled(value == "1")
-
-
 
 
 def set_cuda_sync_checks(enabled: bool) -> None:
@@ -112,7 +71,6 @@ def _cuda_sync_checks_from_environment() -> None:
 def apply_environment() -> None:
     """Applies the ENGRAM_* variables (once, at import)."""
     _cpu_isa.apply_environment()
-    _cache_setting_from_environment()
     _cuda_sync_checks_from_environment()
 
 

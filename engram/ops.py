@@ -15,14 +15,11 @@ from . import _loader
 
 _C = _loader.load("_C")
 
-# Process-wide switches (CPU ISA level, CPU block cache, CUDA sync checks) and
+# Process-wide switches (CPU ISA level, CUDA sync checks) and
 # the ENGRAM_* environment variables live in engram/_runtime.py; re-exported
 # here, where they have always been.
 from ._cpu_isa import cpu_isa, cpu_isa_calls, cpu_isa_levels, set_cpu_isa, use_cpu_isa  # noqa: E402,F401
-from ._runtime import (  # noqa: E402,F401
-    check_cuda_errors, cpu_cache_enabled, cuda_sync_checks, empty_cpu_cache, set_cpu_cache_enabled,
-    set_cuda_sync_checks,
-)
+from ._runtime import check_cuda_errors, cuda_sync_checks, set_cuda_sync_checks  # noqa: E402,F401
 
 _ops = torch.ops.engram
 

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The GoogleTest suite (kernels/) under AddressSanitizer + UndefinedBehaviorSanitizer,
-# and its BlockCache tests under ThreadSanitizer.
+# The GoogleTest suite (kernels/) under AddressSanitizer + UndefinedBehaviorSanitizer.
 #
-#   bash scripts/sanitize.sh            # GoogleTest only, in build/asan and build/tsan
+#   bash scripts/sanitize.sh            # GoogleTest only, in build/asan
 #   bash scripts/sanitize.sh --python   # also the pytest op tests against an
 #                                       # ASan+UBSan build of the extension
 #
@@ -23,14 +22,6 @@ cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_CXX_FLAGS="$SAN_FLAGS" -DCMAKE_EXE_LINKER_FLAGS="$SAN_FLAGS" > /dev/null
 cmake --build build/asan -j "${MAX_JOBS:-2}"
 ASAN_OPTIONS="abort_on_error=1:detect_leaks=1:strict_init_order=1" ctest --test-dir build/asan --output-on-failure
-
-# The block cache is shared by threads: ThreadSanitizer sees a missing lock
-# even when no run happens to collide.
-echo "== BlockCache tests under TSan (build/tsan)"
-cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DCMAKE_CXX_FLAGS="-fsanitize=thread" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=thread" > /dev/null
-cmake --build build/tsan -j "${MAX_JOBS:-2}"
-TSAN_OPTIONS="halt_on_error=1" ctest --test-dir build/tsan --output-on-failure -R BlockCache
 
 if [ "${1:-}" = "--python" ]; then
   echo "== extension with ENGRAM_SANITIZE=address (build/asan-py)"

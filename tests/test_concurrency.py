@@ -1,14 +1,13 @@
 """engram ops called from several Python threads (and DataLoader worker
 processes) at once give the bits a serial run gives.
 
-The CPU kernels hand freed blocks of >= 1 MiB (hash outputs, table
-gradients) to the next call of the same size. Here threads take and free
-such blocks all at once: each result is compared with the serial one, every
-result is overwritten before it is freed (a reused block must not leak old
-values), some are kept alive while others are freed (a live block must not
-be handed out), and one test switches the cache off and on underneath the
-workers. Threads start together on a barrier and are joined with a timeout:
-no sleeps, and a deadlock fails instead of hanging.
+Threads run ops whose outputs and table gradients are megabytes, all at
+once: each result is compared with the serial one, every result is
+overwritten before it is freed (memory the allocator hands out again must not
+leak old values), and some are kept alive while others are freed (a live
+result must not be written by another call). Threads start together on a
+barrier and are joined with a timeout: no sleeps, and a deadlock fails
+instead of hanging.
 """
 
 from __future__ import annotations
@@ -56,17 +55,8 @@ def run_threads(work, count=THREADS, extra=None):
         raise errors[0]
 
 
-@pytest.fixture
-def cache_on():
-    """The tests rely on the cache being on; restores whatever was set."""
-    was = engram.cpu_cache_enabled()
-    engram.set_cpu_cache_enabled(True)
-    yield
-    engram.set_cpu_cache_enabled(was)
-
-
-# Hash outputs of 2 MiB ([2, 2, 4096, 16] int64): kept when freed, and big
-# enough for the streaming-store path.
+# Hash outputs of 2 MiB ([2, 2, 4096, 16] int64): big enough for the
+# streaming-store path.
 HASH_SHAPE = (2, 4096)
 VOCAB = 5000
 
@@ -84,13 +74,13 @@ def hash_inputs(count):
     return [torch.randint(0, VOCAB, HASH_SHAPE, generator=gen) for _ in range(count)]
 
 
-def table_gradient_inputs(count, rows=9001, dh=64):  # 2.2 MiB float32 gradients: kept when freed
+def table_gradient_inputs(count, rows=9001, dh=64):  # 2.2 MiB float32 gradients
     gen = torch.Generator().manual_seed(3)
     return [(torch.randint(0, rows, (2, 100, 4), generator=gen), torch.randn(2, 100, 4, dh, generator=gen))
             for _ in range(count)]
 
 
-def test_ngram_hash_from_many_threads_matches_serial(cache_on):
+def test_ngram_hash_from_many_threads_matches_serial():
     lookup, keys, sizes = hash_params()
     inputs = hash_inputs(THREADS * ROUNDS)
     serial = [OPS.ngram_hash(ids, lookup, keys, sizes, None, 2, "deepseek").clone() for ids in inputs]
@@ -112,7 +102,7 @@ def test_ngram_hash_from_many_threads_matches_serial(cache_on):
     run_threads(work)
 
 
-def test_table_gradients_from_many_threads_match_serial(cache_on):
+def test_table_gradients_from_many_threads_match_serial():
     inputs = table_gradient_inputs(THREADS * 2)
     rows = 9001
     weight = torch.randn(rows, 64)
@@ -136,7 +126,7 @@ def test_table_gradients_from_many_threads_match_serial(cache_on):
     run_threads(work)
 
 
-def test_layer_forward_and_backward_from_many_threads_match_serial(cache_on):
+def test_layer_forward_and_backward_from_many_threads_match_serial():
     torch.manual_seed(0)
     cfg = engram.EngramConfig(engram_vocab_size=[5003, 5003], n_embed_per_ngram=64, n_head_per_ngram=4,
                               layer_ids=[1], pad_id=0)
@@ -164,38 +154,6 @@ def test_layer_forward_and_backward_from_many_threads_match_serial(cache_on):
     run_threads(work)
 
 
-def test_switching_the_cache_while_threads_run(cache_on):
-    lookup, keys, sizes = hash_params()
-    inputs = hash_inputs(THREADS)
-    serial = [OPS.ngram_hash(ids, lookup, keys, sizes, None, 2, "deepseek").clone() for ids in inputs]
-    grad_inputs = table_gradient_inputs(THREADS)
-    serial_grads = [OPS.multihead_embedding_backward(grad, ids, None, 9001).clone() for ids, grad in grad_inputs]
-    done = threading.Event()
-
-    def work(i):
-        try:
-            for r in range(ROUNDS):
-                j = (i + r) % THREADS
-                assert torch.equal(OPS.ngram_hash(inputs[j], lookup, keys, sizes, None, 2, "deepseek"), serial[j])
-                ids, grad = grad_inputs[j]
-                assert torch.equal(OPS.multihead_embedding_backward(grad, ids, None, 9001), serial_grads[j])
-        finally:
-            done.set()
-
-    def switch():
-        # Until a worker finishes: off (frees what is kept), on, empty.
-        while not done.is_set():
-            engram.set_cpu_cache_enabled(False)
-            engram.set_cpu_cache_enabled(True)
-            engram.empty_cpu_cache()
-
-    run_threads(work, extra=switch)
-    # Off, with every block freed: nothing may be kept.
-    engram.set_cpu_cache_enabled(False)
-    OPS.ngram_hash(inputs[0], lookup, keys, sizes, None, 2, "deepseek")
-    assert engram.empty_cpu_cache() == 0
-
-
 class _HashDataset(torch.utils.data.Dataset):
     def __init__(self):
         self.params = hash_params()
@@ -212,7 +170,7 @@ class _HashDataset(torch.utils.data.Dataset):
         return out
 
 
-def test_forked_dataloader_workers_match_serial(cache_on):
+def test_forked_dataloader_workers_match_serial():
     dataset = _HashDataset()
     serial = [dataset[i].clone() for i in range(len(dataset))]  # leaves blocks kept in this process
     stop = threading.Event()

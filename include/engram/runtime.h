@@ -45,12 +45,6 @@ ENGRAM_API EngramErrorKind engram_take_cuda_error(char* message, size_t capacity
 ENGRAM_API void engram_set_cuda_sync_checks(int enabled);
 ENGRAM_API int engram_cuda_sync_checks(void);
 
-// The CPU kernels' cache of freed blocks (hash outputs, table gradients).
-// Both return the bytes freed.
-ENGRAM_API size_t engram_empty_cpu_cache(void);
-ENGRAM_API size_t engram_set_cpu_cache_enabled(int enabled);
-ENGRAM_API int engram_cpu_cache_enabled(void);
-
 // CPU instruction-set levels: 0 scalar, 1 avx2, 2 avx512.
 ENGRAM_API int engram_cpu_isa(void);
 ENGRAM_API int engram_best_cpu_isa(void);
