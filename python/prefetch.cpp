@@ -1,5 +1,4 @@
-// engram._engine bindings of the prefetch engine (csrc/prefetch/*.h). The only
-// translation unit of _engine that includes torch's Python headers.
+// engram._engine bindings of the prefetch engine (csrc/prefetch/*.h): _engine's only user of torch/extension.h.
 #include <torch/extension.h>
 
 #include "csrc/prefetch/layer_queues.h"
@@ -56,8 +55,8 @@ void bind_prefetch(py::module_& m) {
       .def_static(
           "device_gather",
           [](const at::Tensor& rows) {
-            auto ticket = std::make_shared<Ticket>(TaskKind::kDeviceGather, false);
-            ticket->finish(Staged{{}, rows});
+            auto ticket = std::make_shared<Ticket>(TaskKind::kDeviceGather);
+            ticket->settle(false, Staged{{}, rows});
             return ticket;
           },
           py::arg("rows"), "A batch the caller gathered on a device (table[ids]).")
@@ -65,8 +64,7 @@ void bind_prefetch(py::module_& m) {
       .def("ready", &Ticket::ready, "True once the gather (and any patch) finished or failed.")
       .def("wait", &Ticket::wait, py::call_guard<py::gil_scoped_release>(),
            "Blocks until done; returns its Staged or raises the worker's error.")
-      // The table's state the rows were read at: its version counter (-1 unknown), the caller's update count
-      // of the table (LayerQueues.set_counters) and those updates' version bumps.
+      // The table's state the rows were read at (Stamps: version -1 when unknown).
       .def_property_readonly("table_version", [](Ticket& t) { return t.stamps().table_version; })
       .def_property_readonly("epoch", [](Ticket& t) { return t.stamps().epoch; })
       .def_property_readonly("own_bumps", [](Ticket& t) { return t.stamps().own_bumps; })
@@ -90,8 +88,8 @@ void bind_prefetch(py::module_& m) {
           },
           py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
           py::arg("offsets") = py::none(), py::arg("cache_rows") = py::none(), py::arg("cache_data") = py::none(),
-          "Queues the gather of table rows `ids` (+ `offsets` [K] per head), deduplicated or expanded, skipping "
-          "the hot-row cache's sorted `cache_rows` (expanded: copied from cache_data = table[cache_rows]).")
+          "Queues the gather of table rows `ids` (+ `offsets`), skipping the hot-row cache's sorted `cache_rows` "
+          "(expanded: copied from cache_data = table[cache_rows]).")
       .def(
           "patch",
           [](PyGatherPool& pool, const std::shared_ptr<Ticket>& ticket, const at::Tensor& table,
@@ -135,8 +133,7 @@ void bind_prefetch(py::module_& m) {
             return q.take(index, input_ids.value_or(at::Tensor()), hash_ids.value_or(at::Tensor()));
           },
           py::arg("index"), py::arg("input_ids"), py::arg("hash_ids") = py::none(),
-          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited "
-          "for (a worker's error is raised here).")
+          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited for.")
       .def("pending", &LayerQueues::pending, py::arg("index"), "Layer `index`'s batches not used yet, oldest first.")
       .def("clear", &LayerQueues::clear, "Drops every pending batch and spec.");
   m.def(
@@ -144,7 +141,7 @@ void bind_prefetch(py::module_& m) {
       [](const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup) {
         check_gather_args(table, ids);
         py::gil_scoped_release release;
-        return dedup ? dedup_gather(table, ids, pin_memory) : expand_gather(table, ids, pin_memory);
+        return gather(table, ids, dedup, pin_memory);
       },
       py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
       "The engine's work, synchronously: a Staged.");

@@ -1,7 +1,5 @@
-// The one queue of engram.Prefetcher: per layer, its LayerSpec and its batches
-// not used yet (oldest first, at most max_pending) of every kind (hashed by
-// the workers or by the caller, gathered on a device). prefetch() and take()
-// are on the model's critical path: one call each, no Python per layer.
+// The one queue of engram.Prefetcher: per layer, its LayerSpec and its batches not used yet (oldest first, at
+// most max_pending) of every kind. prefetch() and take() are on the model's critical path: one call each.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,8 +9,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -20,14 +18,10 @@
 
 namespace engram::prefetch {
 
-// One layer as the workers hash and gather its batches: its table, copies of
-// its hash parameters (HashSpec, input_ids left undefined) and head offsets.
-// Checked once when built, not on the caller's critical path. Staleness has
-// one rule, version counters: `watched` are the layer's own tensors the
-// copies were made from, stale once one changed in place (version or data
-// pointer). The table is the layer's parameter itself: its data replaced
-// (`param.data = ...`, a move) makes it stale too. Reassigned tensors are
-// the caller's to report (Prefetcher.refresh builds the spec again).
+// One layer as the workers hash and gather its batches: its table, copies of its hash parameters (input_ids
+// left undefined) and head offsets, checked once when built. Stale once a `watched` tensor (the layer's own,
+// copied) changed in place (version or data pointer), or the table's data was replaced
+// (`param.data = ...`); reassigned tensors are the caller's to report (Prefetcher.refresh).
 // skipped (no lookup given): the table is not in CPU memory, nothing is queued.
 struct LayerSpec {
   at::Tensor table, offsets;
@@ -88,11 +82,8 @@ class LayerQueues {
                       ", max_pending=", max_pending, "; expected >= 0 and >= 1");
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
-  // Sets layer `index`'s spec. Its queued batches are kept if the new spec
-  // reads the same rows (table, offsets); they still match by token ids if
-  // it also hashes the same, else only by their hash ids.
+  // Sets layer `index`'s spec. Its queued batches are kept if the new spec reads the same rows (table, offsets);
+  // they still match by token ids if it also hashes the same, else only by their hash ids.
   void set_layer(int64_t index, LayerSpec spec) {
     std::lock_guard<std::mutex> lock(mutex_);
     Layer& layer = layers_.at(check_index(index));
@@ -112,16 +103,14 @@ class LayerQueues {
     std::lock_guard<std::mutex> lock(mutex_);
     return layers_.at(check_index(index)).spec.current();
   }
-  // The caller's count of recorded updates of the layer's table and their
-  // version bumps, stamped on the batches queued from now on.
+  // The caller's count of recorded updates of the layer's table and their bumps, stamped on batches queued now on.
   void set_counters(int64_t index, int64_t epoch, int64_t own_bumps) {
     std::lock_guard<std::mutex> lock(mutex_);
     std::tie(layers_.at(check_index(index)).epoch, layers_[index].own_bumps) = std::tie(epoch, own_bumps);
   }
 
-  // Queues every layer's hashing and gather for input_ids [B, T] (copied once:
-  // the caller may reuse its buffer) in one lock and one wake-up; or, queuing
-  // nothing, returns the layers whose spec is missing or stale.
+  // Queues every layer's hashing and gather for input_ids [B, T] (copied once: the caller may reuse its buffer)
+  // in one lock and one wake-up; or, queuing nothing, returns the layers whose spec is missing or stale.
   std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
     TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
                       "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
@@ -135,8 +124,8 @@ class LayerQueues {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerSpec& spec = layers_[i].spec;
       if (spec.skipped) continue;
-      Task task{TaskKind::kHashAndGather, std::make_shared<Ticket>(TaskKind::kHashAndGather, spec.dedup),
-                spec.table, {}, spec.offsets, {}, spec.hash};
+      Task task{TaskKind::kHashAndGather, std::make_shared<Ticket>(TaskKind::kHashAndGather), spec.table, {},
+                spec.offsets, {}, spec.hash, spec.dedup};
       task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation, stamps_locked(layers_[i]));
       task.hash.input_ids = tokens;
       queued.emplace_back(i, task.ticket);
@@ -156,8 +145,8 @@ class LayerQueues {
     push_locked(layer, ticket);
   }
 
-  // Finds, removes and waits for layer `index`'s batch of these token ids (or,
-  // where they cannot decide, of these hash ids), rethrowing its worker's error.
+  // Finds, removes and waits for layer `index`'s batch of these token ids (or, where they cannot decide, of
+  // these hash ids), rethrowing its worker's error.
   std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const at::Tensor& input_ids,
                                                 const at::Tensor& hash_ids) {
     std::shared_ptr<Ticket> found;
@@ -221,8 +210,8 @@ class LayerQueues {
   };
 
   size_t check_index(int64_t index) const {
-    TORCH_CHECK_INDEX(index >= 0 && index < num_layers(), "engram.Prefetcher: layer index ", index,
-                      " is outside 0..", num_layers() - 1);
+    const auto n = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK_INDEX(index >= 0 && index < n, "engram.Prefetcher: layer index ", index, " is outside 0..", n - 1);
     return static_cast<size_t>(index);
   }
   std::vector<int64_t> stale_locked() const {
