@@ -29,8 +29,9 @@ class _Layer:
     device: torch.device
     current: Optional[HotSnapshot] = None
     window: List[torch.Tensor] = field(default_factory=list)  # rows looked up since the last choice
-    seen_rows: Optional[torch.Tensor] = None  # rows counted before the window (sorted), and
-    seen_counts: Optional[torch.Tensor] = None  # their counts, halved at every choice
+    # The rows counted before the window (sorted) and their counts, halved at every choice.
+    seen_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    seen_counts: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
     dirty: List[torch.Tensor] = field(default_factory=list)  # rows updated since data was last synced
 
 
@@ -60,13 +61,11 @@ class HotRows:
         if len(hot.window) >= self.refresh:
             # The window's counts plus half the older ones; the most looked-up
             # rows win, ties to the lower row.
-            rows, counts = torch.unique(torch.cat(hot.window), sorted=True, return_counts=True)
-            counts = counts.double()
+            window = torch.cat(hot.window)
             hot.window.clear()
-            if hot.seen_rows is not None:
-                rows, inverse = torch.unique(torch.cat([hot.seen_rows, rows]), sorted=True, return_inverse=True)
-                counts = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(
-                    0, inverse, torch.cat([hot.seen_counts * 0.5, counts]))
+            rows, inverse = torch.unique(torch.cat([hot.seen_rows, window]), sorted=True, return_inverse=True)
+            weights = torch.cat([hot.seen_counts * 0.5, torch.ones(window.numel(), dtype=torch.float64)])
+            counts = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, inverse, weights)
             order = torch.sort(counts, descending=True, stable=True).indices
             history = torch.sort(order[: 4 * hot.size]).values  # counts kept for 4x the cache: rows on their way up
             hot.seen_rows, hot.seen_counts = rows[history], counts[history]

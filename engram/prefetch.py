@@ -32,7 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import _loader, hot_rows as _hot, zero_copy
 from .layer import EngramLayer
 from .layer_specs import LayerSpecs
-from .update_log import TableUpdates, wait_quietly
+from .update_log import TableUpdates
 
 _engine = _loader.load("_engine")
 Take, TaskKind = _engine.Take, _engine.TaskKind
@@ -183,8 +183,7 @@ class Prefetcher:
 
     def wait(self) -> None:
         """Blocks until every queued gather finished (errors are raised when the rows are used)."""
-        for ticket in (t for index in range(len(self.layers)) for t in self._queues.pending(index)):
-            wait_quietly(ticket)
+        self._updates.wait(range(len(self.layers)))
         if self._sharded is not None:
             self._sharded.wait()
 

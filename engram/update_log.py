@@ -38,9 +38,7 @@ class TableUpdates:
         patch: its batches that were current before get those rows read again on a worker, overlapped with
         what follows, instead of at use on the critical path."""
         indices = [i for i, m in enumerate(self.modules) if m.embedding.weight is table]
-        pending = [(i, t) for i in indices for t in self.queues.pending(i)]
-        for _, ticket in pending:
-            wait_quietly(ticket)
+        pending = self.wait(indices)
         before, prior = table._version, {i: (self.logs[i].epoch, self.logs[i].own_bumps) for i in indices}
         update()
         for i in indices:
@@ -68,8 +66,19 @@ class TableUpdates:
             indices = [i for i, m in enumerate(self.modules) if m.embedding.weight is p]
             if indices and p.grad is not None and p.grad.is_sparse:
                 self.run(p, lambda: None, p.grad._indices()[0])
-            for ticket in (t for i in indices for t in self.queues.pending(i)):  # a dense step: gathered again
-                wait_quietly(ticket)
+            self.wait(indices)  # a dense step: gathered again
+
+    def wait(self, indices) -> list:
+        """Waits for the pending batches of layers `indices` (their errors are raised at use); (index, ticket)s."""
+        pending = [(i, t) for i in indices for t in self.queues.pending(i)]
+        for _, ticket in pending:
+            try:
+                if ticket.kind == _engine.TaskKind.DEVICE_GATHER:
+                    ticket.payload.synchronize()  # the host waits: the table is about to be written
+                ticket.wait()
+            except Exception:  # reported when the rows are used
+                pass
+        return pending
 
     def catch_up(self, index: int, weight, ticket, ids, rows, staged):
         """Staged rows (deduplicated `rows`, else the table rows `ids()` of each lookup) as the table holds them
@@ -97,12 +106,3 @@ class TableUpdates:
         flat[pos.to(staged.device, non_blocking=True)] = table[looked_up[pos]].to(staged.device, non_blocking=True)
         self.stats.patched_rows += int(torch.unique(looked_up[pos]).numel())
         return staged
-
-
-def wait_quietly(ticket) -> None:
-    try:
-        if ticket.kind == _engine.TaskKind.DEVICE_GATHER:
-            ticket.payload.synchronize()  # the host waits: the table is about to be written
-        ticket.wait()
-    except Exception:  # reported when the rows are used
-        pass

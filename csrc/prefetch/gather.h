@@ -1,6 +1,5 @@
-// The gathers of engram.Prefetcher's engine: copy the rows a batch will look up
-// (deduplicated, or as the lookup's output itself) into a staging buffer.
-// Torch-only, no Python: the workers run these without the GIL.
+// The gathers of engram.Prefetcher's engine: the rows a batch will look up, deduplicated or as the lookup's
+// output, copied into a staging buffer. Torch-only, no Python: the workers run these without the GIL.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,12 +15,10 @@
 
 namespace engram::prefetch {
 
-// What a gather produces. Deduplicated: rows [U] strictly increasing, staged
-// [U, Dh] = table[rows], inverse shaped like the ids with rows[inverse] ==
-// ids; with a hot-row cache, slots [U] holds each row's cache slot or -1 and
-// staged only the rows not cached, in order (the cached ones never cross the
-// link). Expanded: staged = table[ids], shaped ids.shape + [Dh], ids the
-// table row of each lookup. cache_hits: the lookups whose row the cache held.
+// What a gather produces. Deduplicated: rows [U] strictly increasing, staged [U, Dh] = table[rows], inverse
+// shaped like the ids with rows[inverse] == ids; with a hot-row cache, slots [U] holds each row's cache slot or
+// -1 and staged only the rows not cached, in order (those never cross the link). Expanded: staged = table[ids],
+// shaped ids.shape + [Dh], ids the table row of each lookup. cache_hits: the lookups whose row the cache held.
 struct Staged {
   at::Tensor rows, staged, inverse, slots, ids;
   at::Tensor hashed;  // the hash ids [B, T, K] when the worker hashed them
@@ -29,8 +26,7 @@ struct Staged {
   bool cached = false;  // a cache took part: brought up to date at use, never patched
 };
 
-// One layer's hashing on a worker (the engram::ngram_hash op through the
-// dispatcher: the engine does not link the op library), without offsets.
+// One layer's hashing on a worker, without offsets: engram::ngram_hash through the dispatcher (not linked).
 struct HashSpec {
   at::Tensor input_ids, lookup, keys, head_sizes;
   int64_t pad_id = 0;
@@ -47,9 +43,8 @@ inline at::Tensor hash_layer(const HashSpec& spec) {
                  c10::string_view(spec.family))[0];
 }
 
-// A snapshot of the hot-row cache: rows [H] strictly increasing, data [H, Dh]
-// = table[rows] on the CPU (expanded gathers copy from it) or undefined
-// (deduplicated ones only skip those rows). Not written while a gather runs.
+// A snapshot of the hot-row cache: rows [H] strictly increasing, data [H, Dh] = table[rows] on the CPU (expanded
+// gathers copy from it) or undefined (deduplicated ones only skip those rows). Not written while a gather runs.
 struct Cache {
   at::Tensor rows, data;
   int64_t slot(int64_t row) const {  // the slot of `row`, or -1
@@ -68,8 +63,8 @@ inline void check_rows(const at::Tensor& table, const at::Tensor& ids) {
   }
 }
 
-// Copies table rows `from` (64-bit byte offsets: a table may hold more than
-// 2^31 elements), or the cache's copy of those it holds data for, into dst.
+// Copies table rows `from` (64-bit byte offsets: a table may hold more than 2^31 elements), or the cache's
+// copy of those it holds data for, into dst.
 inline int64_t copy_rows(const at::Tensor& table, const int64_t* from, int64_t n, char* dst, const Cache& cache) {
   const size_t row_bytes = static_cast<size_t>(table.size(1)) * table.element_size();
   const char* src = static_cast<const char*>(table.const_data_ptr());
@@ -84,9 +79,8 @@ inline int64_t copy_rows(const at::Tensor& table, const int64_t* from, int64_t n
   return hits;
 }
 
-// Deduplicated: rows = unique(ids), inverse, staged = table[rows] but for the
-// rows the cache holds (the consumer takes those from its own copy, on the
-// device). Else staged = table[ids], the lookup's output itself, for a
+// Deduplicated: rows = unique(ids), inverse, staged = table[rows] but for the rows the cache holds (the consumer
+// takes those from its own copy, on the device). Else staged = table[ids], the lookup's output itself, for a
 // consumer on the CPU (nothing crosses a link there: deduplicating would only add the sort).
 inline Staged gather(const at::Tensor& table, const at::Tensor& ids, bool dedup, bool pin_memory,
                      const Cache& cache = {}) {
@@ -157,8 +151,7 @@ inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids, co
                     " of shape ", data.sizes(), " on ", data.device());
 }
 
-// Reads the rows listed in `changed` again from `table` into a finished,
-// patchable gather's staged rows: those an update wrote after it read them.
+// Reads the rows `changed` (an update wrote them after the gather read them) again into its staged rows.
 inline void patch_staged(const at::Tensor& table, const Staged& staged, const at::Tensor& changed) {
   const at::Tensor ids = (staged.rows.defined() ? staged.rows : staged.ids).reshape(-1);
   const at::Tensor pos = at::isin(ids, changed).nonzero().squeeze(1);  // ids checked against the table when gathered

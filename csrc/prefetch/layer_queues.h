@@ -20,9 +20,8 @@ namespace engram::prefetch {
 
 // One layer as the workers hash and gather its batches: its table, copies of its hash parameters (input_ids
 // left undefined) and head offsets, checked once when built. Stale once a `watched` tensor (the layer's own,
-// copied) changed in place (version or data pointer), or the table's data was replaced
-// (`param.data = ...`); reassigned tensors are the caller's to report (Prefetcher.refresh).
-// skipped (no lookup given): the table is not in CPU memory, nothing is queued.
+// copied) changed in place (version or data pointer) or the table's data was replaced (`param.data = ...`);
+// reassigned tensors are the caller's to report (Prefetcher.refresh). skipped (no lookup): nothing is queued.
 struct LayerSpec {
   at::Tensor table, offsets;
   HashSpec hash;
@@ -70,8 +69,7 @@ struct LayerSpec {
   }
 };
 
-// What take() found: no batch of these ids; the batch (removed, waited for);
-// a stale spec (build it again with set_layer, then take again).
+// What take() found: no batch of these ids; the batch (removed, waited for); a stale spec (set_layer, take again).
 enum class Take : int { kMiss, kFound, kStale };
 
 class LayerQueues {
@@ -137,8 +135,7 @@ class LayerQueues {
   }
 
   // Queues a batch the caller hashed (submitted, or gathered on a device): key its hash ids [B, T, K].
-  void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids,
-           const at::Tensor& key) {
+  void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids, const at::Tensor& key) {
     std::lock_guard<std::mutex> lock(mutex_);
     Layer& layer = layers_.at(check_index(index));
     ticket->set_source(input_ids, at::Tensor(), key, layer.generation, stamps_locked(layer));
@@ -147,8 +144,9 @@ class LayerQueues {
 
   // Finds, removes and waits for layer `index`'s batch of these token ids (or, where they cannot decide, of
   // these hash ids), rethrowing its worker's error.
-  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const at::Tensor& input_ids,
-                                                const at::Tensor& hash_ids) {
+  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const std::optional<at::Tensor>& input_ids,
+                                                const std::optional<at::Tensor>& hash_ids) {
+    const at::Tensor tokens = input_ids.value_or(at::Tensor()), hashes = hash_ids.value_or(at::Tensor());
     std::shared_ptr<Ticket> found;
     std::vector<std::shared_ptr<Ticket>> undecided;
     std::deque<std::shared_ptr<Ticket>> dropped;  // released after the lock (a ticket's payload takes the GIL)
@@ -162,7 +160,7 @@ class LayerQueues {
       }
       if (!layer.spec.params_current()) return {Take::kStale, nullptr};
       for (auto it = layer.queue.begin(); it != layer.queue.end(); ++it) {
-        const Match match = (*it)->generation() == layer.generation ? (*it)->matches(input_ids) : Match::kUnknown;
+        const Match match = (*it)->generation() == layer.generation ? (*it)->matches(tokens) : Match::kUnknown;
         if (match == Match::kYes) {
           found = std::move(*it);
           layer.queue.erase(it);
@@ -172,7 +170,7 @@ class LayerQueues {
       }
     }
     // Compared by hash ids outside the lock: an engine-hashed key is known once its gather ran.
-    for (size_t i = 0; !found && hash_ids.defined() && i < undecided.size(); ++i) {
+    for (size_t i = 0; !found && hashes.defined() && i < undecided.size(); ++i) {
       try {
         undecided[i]->wait();
       } catch (...) {  // raised at use, if these are the ids; dropped either way
@@ -180,7 +178,7 @@ class LayerQueues {
         throw;
       }
       const at::Tensor key = undecided[i]->key();
-      if (key.defined() && key.sizes() == hash_ids.sizes() && at::equal(key, hash_ids.to(key.device())) &&
+      if (key.defined() && key.sizes() == hashes.sizes() && at::equal(key, hashes.to(key.device())) &&
           remove(index, undecided[i])) {
         found = undecided[i];
       }

@@ -1,6 +1,5 @@
-// The worker threads of engram.Prefetcher's engine: one queue of tasks, each
-// finishing its own ticket, so a layer waits only on its own rows. Workers use
-// no Python and no intra-op threads: they never need the GIL, nor take the compute's cores.
+// The worker threads of engram.Prefetcher's engine: one queue of tasks, each finishing its own ticket, so a layer
+// waits only on its own rows. No Python, no intra-op threads: workers never need the GIL nor take the compute's cores.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +13,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -31,11 +31,9 @@
 
 namespace engram::prefetch {
 
-// Names the calling worker "engram-gather" (for top, py-spy, the tests) and,
-// with nice_increment >= 0, makes it a background thread (Linux): SCHED_BATCH,
-// so that a submit does not preempt the submitting thread (the model's
-// compute), and a higher nice value, so that gathers take idle cores first
-// rather than the caller's. Best effort.
+// Names the calling worker "engram-gather" (for top, py-spy, the tests) and, with nice_increment >= 0, makes it
+// a background thread (Linux): SCHED_BATCH, so that a submit does not preempt the submitter (the model's
+// compute), and a higher nice value, so that gathers take idle cores before the caller's. Best effort.
 inline void set_up_worker_thread(int nice_increment) {
 #ifdef __linux__
   (void)pthread_setname_np(pthread_self(), "engram-gather");
@@ -51,8 +49,8 @@ inline void set_up_worker_thread(int nice_increment) {
 #endif
 }
 
-// One worker task. kGather: table[ids (+ offsets)]; kHashAndGather: the same
-// after hashing hash.input_ids; kPatch: ids are the rows an update changed.
+// One worker task. kGather: table[ids (+ offsets)]; kHashAndGather: the same after hashing hash.input_ids;
+// kPatch: ids are the rows an update changed.
 struct Task {
   TaskKind kind = TaskKind::kGather;
   std::shared_ptr<Ticket> ticket;
@@ -73,8 +71,8 @@ class GatherPool {
     for (int i = 0; i < num_threads; ++i) {
       workers_.emplace_back([this, background_nice] {
         set_up_worker_thread(background_nice);
-        // The ops a worker calls run on this thread alone: after ATen's own
-        // per-thread init (which would set the intra-op count), an OpenMP team of one.
+        // The ops a worker calls run on this thread alone: after ATen's per-thread init (which would set the
+        // intra-op count), an OpenMP team of one.
         at::internal::lazy_init_num_threads();
 #ifdef _OPENMP
         omp_set_num_threads(1);
@@ -85,13 +83,17 @@ class GatherPool {
   }
   virtual ~GatherPool() { close(); }
 
-  // Queues the gather of table rows `ids` (+ `offsets` [K] per head, if
-  // defined), deduplicated or expanded, using the hot-row `cache` if defined.
+  // Queues the gather of table rows `ids` (+ `offsets` [K] per head, if given), deduplicated or expanded,
+  // skipping the hot-row cache's sorted `cache_rows` (expanded: copied from cache_data = table[cache_rows]).
   std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
-                                 const at::Tensor& offsets, const Cache& cache) {
-    check_gather_args(table, ids, offsets, cache, dedup);
+                                 const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cache_rows,
+                                 const std::optional<at::Tensor>& cache_data) {
+    TORCH_CHECK_VALUE(cache_rows || !cache_data, "engram.Prefetcher: cache_data given without cache_rows");
+    const Cache cache{cache_rows.value_or(at::Tensor()), cache_data.value_or(at::Tensor())};
+    const at::Tensor offs = offsets.value_or(at::Tensor());
+    check_gather_args(table, ids, offs, cache, dedup);
     auto ticket = std::make_shared<Ticket>(TaskKind::kGather);
-    enqueue({Task{TaskKind::kGather, ticket, table, ids, offsets, cache, {}, dedup, pin_memory}});
+    enqueue({Task{TaskKind::kGather, ticket, table, ids, offs, cache, {}, dedup, pin_memory}});
     return ticket;
   }
 
@@ -105,17 +107,16 @@ class GatherPool {
     tasks.size() > 1 ? cv_.notify_all() : cv_.notify_one();
   }
 
-  // Queues the patch of a finished gather (patch_staged) with the rows an
-  // update changed, its stamps moved to `stamps`, the table's state after that
-  // update. False, queuing nothing, if the gather failed, has not finished or is not patchable.
+  // Queues the patch of a finished gather (patch_staged) with the rows an update changed, its stamps moved to
+  // the table's state after it. False, queuing nothing, if Ticket::begin_patch refuses.
   bool submit_patch(const std::shared_ptr<Ticket>& ticket, const at::Tensor& table, const at::Tensor& changed,
-                    Stamps stamps) {
+                    int64_t table_version, int64_t epoch, int64_t own_bumps) {
     check_table(table);
     TORCH_CHECK_VALUE(changed.device().is_cpu() && changed.scalar_type() == at::kLong && changed.dim() == 1 &&
                           changed.is_contiguous(),
                       "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
                       changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
-    if (!ticket->begin_patch(stamps, table.size(1))) return false;
+    if (!ticket->begin_patch(Stamps{table_version, epoch, own_bumps}, table.size(1))) return false;
     try {
       enqueue({Task{TaskKind::kPatch, ticket, table, changed}});
       return true;
@@ -125,8 +126,7 @@ class GatherPool {
     }
   }
 
-  // Cancels the tasks not started yet (their tickets raise), lets running
-  // ones finish and joins the workers. Idempotent.
+  // Cancels the tasks not started yet (their tickets raise), lets running ones finish, joins the workers. Idempotent.
   void close() {
     std::deque<Task> cancelled;
     {

@@ -13,13 +13,12 @@
 
 namespace engram::prefetch {
 
-// Who made a ticket's rows: a worker's gather of given ids or of the token ids
-// it hashed, or the caller on a device (zero-copy: ready once its stream
-// reaches the caller's event). kPatch: the task that reads updated rows again.
+// Who made a ticket's rows: a worker's gather of given ids or of the token ids it hashed, or the caller on a
+// device (zero-copy: ready once its stream reaches the caller's event). kPatch: reads updated rows again.
 enum class TaskKind : int { kGather, kHashAndGather, kPatch, kDeviceGather };
 
-// The table's state a gather read: its version counter, and the caller's
-// count of recorded updates of the table and those updates' version bumps.
+// The table's state a gather read: its version counter, the caller's count of recorded updates of the table
+// and those updates' version bumps.
 struct Stamps {
   int64_t table_version = -1, epoch = 0, own_bumps = 0;
 };
@@ -30,9 +29,8 @@ class Ticket {
  public:
   explicit Ticket(TaskKind kind) : kind_(kind) {}
 
-  // Set once before the ticket is queued (read without the lock): source, the
-  // token tensor given to prefetch; tokens, a copy (hashed by the workers) or
-  // undefined; key, the caller's hash ids; generation, the layer spec's.
+  // Set once before the ticket is queued (read without the lock): source, the token tensor given to prefetch;
+  // tokens, a copy (hashed by the workers) or undefined; key, the caller's hash ids; generation, the spec's.
   void set_source(const at::Tensor& source, at::Tensor tokens, at::Tensor key, int64_t generation, Stamps stamps) {
     stamps_ = stamps;
     source_ = source;
@@ -44,9 +42,8 @@ class Ticket {
   int64_t generation() const { return generation_; }
   TaskKind kind() const { return kind_; }
 
-  // The very token tensor, unchanged, decides without comparing anything; a
-  // copy of the tokens decides by their values (a few KB compared here, not in
-  // Python on the model's critical path); else the hash ids must.
+  // The very token tensor, unchanged, decides without comparing anything; a copy of the tokens decides by
+  // their values (a few KB compared here, not in Python on the critical path); else the hash ids must.
   Match matches(const at::Tensor& ids) const {
     if (!ids.defined()) return Match::kUnknown;
     if (source_.defined() && ids.unsafeGetTensorImpl() == source_.unsafeGetTensorImpl() &&
