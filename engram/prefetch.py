@@ -22,6 +22,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import List, Optional
 
 import torch
@@ -116,16 +117,16 @@ class Prefetcher:
         self._specs.build(bool(self.dedup))
         ref = weakref.ref(self)
 
-        def bound(method, otherwise):  # calls the prefetcher while it lives and is open
+        def bound(method, otherwise):  # calls the prefetcher's `method` (a dotted name) while it lives and is open
             def call(*args):
                 prefetcher = ref()
                 alive = prefetcher is not None and not prefetcher._closed
-                return getattr(prefetcher, method)(*args) if alive else otherwise(*args)
+                return attrgetter(method)(prefetcher)(*args) if alive else otherwise(*args)
             return call
 
         self._hook = bound("_lookup", lambda module, hash_ids, input_ids=None: module.direct_forward(hash_ids))
         changed = bound("_changed", lambda *args: None)
-        self._handles = [register_optimizer_step_pre_hook(bound("_before_step", lambda *args: None))]
+        self._handles = [register_optimizer_step_pre_hook(bound("_updates.before_step", lambda *args: None))]
         # Reassigned tensors (a buffer, the table, its module), load_state_dict and .to() call refresh().
         for register in (_module.register_module_buffer_registration_hook,
                          _module.register_module_parameter_registration_hook,
@@ -134,7 +135,7 @@ class Prefetcher:
         for layer, module in zip(self.layers, self._modules):
             module.row_source = self._hook
             # Fused row-wise updates wait for this table's gathers and are recorded.
-            self._handles += [module.add_update_listener(bound("_before_update", lambda t, update, rows: update())),
+            self._handles += [module.add_update_listener(bound("_updates.run", lambda t, update, rows: update())),
                               module.add_change_listener(changed),
                               layer.register_load_state_dict_post_hook(lambda *args: changed())]
 
@@ -266,12 +267,3 @@ class Prefetcher:
     def _changed(self, module=None, *args) -> None:
         if module is None or module in self._specs.watched:
             self.refresh()
-
-    def _before_update(self, table, update, rows) -> None:
-        # A table on an accelerator is never gathered: nothing to order (its rows may hold -1 padding).
-        if table.device.type != "cpu":
-            return update()
-        self._updates.run(table, update, rows, patch=True)
-
-    def _before_step(self, optimizer, *args) -> None:
-        self._updates.before_step(optimizer)

@@ -33,10 +33,12 @@ class TableUpdates:
         self.modules, self.queues, self.pool, self.stats, self.hot = modules, queues, pool, stats, hot
         self.logs = [UpdateLog() for _ in modules]
 
-    def run(self, table: torch.Tensor, update, rows: torch.Tensor, patch: bool = False) -> None:
-        """Runs a row-wise update of `table` after its gathers in flight and records the rows it changed.
-        patch: its batches that were current before get those rows read again on a worker, overlapped with
-        what follows, instead of at use on the critical path."""
+    def run(self, table: torch.Tensor, update, rows: torch.Tensor, patch: bool = True) -> None:
+        """Runs a row-wise update of `table` (its modules' update listener) after its gathers in flight and
+        records the rows it changed. patch: its batches that were current before get those rows read again on a
+        worker, overlapped with what follows, instead of at use on the critical path."""
+        if table.device.type != "cpu":  # never gathered: nothing to order (its rows may hold -1 padding)
+            return update()
         indices = [i for i, m in enumerate(self.modules) if m.embedding.weight is table]
         pending = self.wait(indices)
         before, prior = table._version, {i: (self.logs[i].epoch, self.logs[i].own_bumps) for i in indices}
@@ -59,13 +61,13 @@ class TableUpdates:
                 if self.pool.patch(ticket, table.detach(), changed, table._version, log.epoch, log.own_bumps):
                     self.stats.patched_batches += 1
 
-    def before_step(self, optimizer) -> None:
+    def before_step(self, optimizer, *args) -> None:
         """An optimizer is about to step: no gather of its tables may run
         while it writes them, and the rows of sparse gradients will change."""
         for p in (p for group in optimizer.param_groups for p in group["params"]):
             indices = [i for i, m in enumerate(self.modules) if m.embedding.weight is p]
             if indices and p.grad is not None and p.grad.is_sparse:
-                self.run(p, lambda: None, p.grad._indices()[0])
+                self.run(p, lambda: None, p.grad._indices()[0], patch=False)
             self.wait(indices)  # a dense step: gathered again
 
     def wait(self, indices) -> list:
