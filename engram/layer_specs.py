@@ -39,7 +39,7 @@ class LayerSpecs:
                 self.queues.set_layer(index, table, *copies[:3], layer.config.pad_id, layer.config.hash, copies[3],
                                       dedup, watched)
         if indices:  # same family, pad, shapes and tokenizer map
-            groups = {}
+            groups, self._stacked = {}, {}
             for index, layer in enumerate(self.layers):
                 lookup, keys, sizes, _ = self.copies[index]
                 key = (layer.config.hash, layer.config.pad_id, keys.shape, sizes.shape, lookup.numpy().tobytes())
@@ -50,10 +50,8 @@ class LayerSpecs:
         """[L, B, T, K] hash ids (no offsets) of the group's layers, in one ngram_hash call with their parameters
         stacked on input_ids' device (cached until a spec is built again)."""
         device, copies = input_ids.device, [self.copies[i] for i in group]
-        cached = self._stacked.get((group[0], device))
-        if cached is None or len(cached[0]) != len(copies) or any(a is not b for a, b in zip(cached[0], copies)):
-            cached = self._stacked[(group[0], device)] = (copies, (
-                copies[0][0].to(device), torch.cat([c[1] for c in copies]).to(device),
-                torch.cat([c[2] for c in copies]).to(device)))
+        if (group[0], device) not in self._stacked:
+            self._stacked[(group[0], device)] = (copies[0][0].to(device), torch.cat([c[1] for c in copies]).to(device),
+                                                 torch.cat([c[2] for c in copies]).to(device))
         config = self.layers[group[0]].config
-        return ops.ngram_hash(input_ids, *cached[1], None, config.pad_id, config.hash)
+        return ops.ngram_hash(input_ids, *self._stacked[(group[0], device)], None, config.pad_id, config.hash)

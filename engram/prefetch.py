@@ -189,8 +189,7 @@ class Prefetcher:
             self._sharded.wait()
 
     def close(self) -> None:
-        """Cancels queued gathers, joins the workers and detaches from the layers (they look up directly again).
-        Idempotent."""
+        """Cancels queued gathers, joins the workers, detaches from the layers (they look up directly). Idempotent."""
         if getattr(self, "_closed", True):
             return
         self._closed = True

@@ -91,9 +91,8 @@ class TableUpdates:
             return staged
         foreign = (weight._version - ticket.table_version) - (log.own_bumps - ticket.own_bumps)
         changed = [r for epoch, r in log.updates if epoch > ticket.epoch]
-        # Drop the records no pending batch needs any more.
-        pending_epochs = [t.epoch for t in self.queues.pending(index)]
-        log.updates = [(e, r) for e, r in log.updates if e > min(pending_epochs, default=log.epoch)]
+        oldest = min((t.epoch for t in self.queues.pending(index)), default=log.epoch)  # drop what none needs now
+        log.updates = [(e, r) for e, r in log.updates if e > oldest]
         if foreign == 0 and not changed:
             return staged
         table, ids = weight.detach(), rows if rows is not None else ids()

@@ -121,26 +121,26 @@ inline void check_table(const at::Tensor& table) {
                     "-D tensor on ", table.device(), table.is_contiguous() ? "" : " (not contiguous)");
 }
 
+// That `t` is an int64 CPU tensor meeting `ok` (its other requirements), all of them worded by `expected`.
+template <typename... Expected>
+inline void check_long(const at::Tensor& t, bool ok, const Expected&... expected) {
+  TORCH_CHECK_VALUE(ok && t.device().is_cpu() && t.scalar_type() == at::kLong, "engram.Prefetcher: ", expected...,
+                    ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+}
+
 inline void check_offsets(const at::Tensor& offsets, int64_t heads) {
-  TORCH_CHECK_VALUE(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
-                        offsets.is_contiguous() && offsets.numel() == heads,
-                    "engram.Prefetcher: offsets must be contiguous int64 on the CPU with one entry per head (", heads,
-                    "), got ", offsets.scalar_type(), " of shape ", offsets.sizes(), " on ", offsets.device());
+  check_long(offsets, offsets.dim() == 1 && offsets.is_contiguous() && offsets.numel() == heads,
+             "offsets must be contiguous int64 on the CPU with one entry per head (", heads, ")");
 }
 
 inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& offsets = {},
                               const Cache& cache = {}, bool dedup = true) {
   check_table(table);
-  TORCH_CHECK_VALUE(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous(),
-                    "engram.Prefetcher: ids must be contiguous int64 on the CPU, got ", ids.scalar_type(), " on ",
-                    ids.device());
+  check_long(ids, ids.is_contiguous(), "ids must be contiguous int64 on the CPU");
   if (offsets.defined()) check_offsets(offsets, ids.dim() >= 1 ? ids.size(-1) : 0);
   if (!cache.rows.defined()) return;
   const at::Tensor &rows = cache.rows, &data = cache.data;
-  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 &&
-                        rows.is_contiguous(),
-                    "engram.Prefetcher: cache_rows must be a contiguous 1-D int64 CPU tensor, got ",
-                    rows.scalar_type(), " of shape ", rows.sizes(), " on ", rows.device());
+  check_long(rows, rows.dim() == 1 && rows.is_contiguous(), "cache_rows must be a contiguous 1-D int64 CPU tensor");
   TORCH_CHECK_VALUE(dedup || data.defined(),
                     "engram.Prefetcher: an expanded gather with a cache needs cache_data (the rows it copies)");
   TORCH_CHECK_VALUE(!data.defined() || (data.device().is_cpu() && data.is_contiguous() &&

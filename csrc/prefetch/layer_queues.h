@@ -110,9 +110,7 @@ class LayerQueues {
   // Queues every layer's hashing and gather for input_ids [B, T] (copied once: the caller may reuse its buffer)
   // in one lock and one wake-up; or, queuing nothing, returns the layers whose spec is missing or stale.
   std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
-    TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
-                      "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
-                      input_ids.scalar_type(), " of shape ", input_ids.sizes(), " on ", input_ids.device());
+    check_long(input_ids, input_ids.dim() == 2, "input_ids must be an int64 CPU tensor [B, T]");
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<int64_t> stale = stale_locked();
     if (!stale.empty()) return stale;

@@ -112,10 +112,8 @@ class GatherPool {
   bool submit_patch(const std::shared_ptr<Ticket>& ticket, const at::Tensor& table, const at::Tensor& changed,
                     int64_t table_version, int64_t epoch, int64_t own_bumps) {
     check_table(table);
-    TORCH_CHECK_VALUE(changed.device().is_cpu() && changed.scalar_type() == at::kLong && changed.dim() == 1 &&
-                          changed.is_contiguous(),
-                      "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
-                      changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
+    check_long(changed, changed.dim() == 1 && changed.is_contiguous(),
+               "changed rows must be a contiguous 1-D int64 CPU tensor");
     if (!ticket->begin_patch(Stamps{table_version, epoch, own_bumps}, table.size(1))) return false;
     try {
       enqueue({Task{TaskKind::kPatch, ticket, table, changed}});
