@@ -229,13 +229,13 @@ class Prefetcher:
             if found == Take.STALE:  # a hash parameter or the offsets changed in place
                 self._specs.build(bool(self.dedup), index)
                 found, ticket = self._queues.take(index, input_ids, hash_ids)
+        if found != Take.FOUND and not self._queues.current(index):
+            self._specs.build(bool(self.dedup), index)
+        offsets = self._specs.copies[index][3]
         if found != Take.FOUND:
-            if not self._queues.current(index):
-                self._specs.build(bool(self.dedup), index)
             self.stats.misses += 1
-            offsets = self._specs.copies[index][3]
             return module.lookup(weight, hash_ids.to(weight.device), offsets).to(hash_ids.device, non_blocking=True)
-        staged, offsets = self._use(index, weight, ticket, hash_ids), self._specs.copies[index][3]
+        staged = self._use(index, weight, ticket, hash_ids)
         # The ids reach the table's device only for the backward: from an accelerator that is a host sync.
         grad = torch.is_grad_enabled() and weight.requires_grad
         return module.lookup(weight, hash_ids.to(weight.device) if grad else hash_ids, offsets, staged)

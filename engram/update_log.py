@@ -54,8 +54,7 @@ class TableUpdates:
         changed = None
         for i, ticket in pending if patch else ():
             (epoch, own_bumps), log = prior[i], self.logs[i]
-            # Only a batch with nothing else to catch up on (no earlier update,
-            # no change of unknown rows) is brought up to date here.
+            # Only a batch with nothing else to catch up on (no earlier update, no change of unknown rows).
             if ticket.epoch == epoch and before - ticket.table_version == own_bumps - ticket.own_bumps:
                 changed = rows.detach().to("cpu").contiguous() if changed is None else changed
                 if self.pool.patch(ticket, table.detach(), changed, table._version, log.epoch, log.own_bumps):
