@@ -1,12 +1,9 @@
-"""The hot-row cache of engram.Prefetcher: per layer, a copy of the table's
-most looked-up rows (LFU with aging). Deduplicated gathers skip the cached
-rows (the use takes them from the copy, on the consumer's device); expanded
-ones copy them from the compact CPU copy. Its order with updates
-(docs/design.md, "Table placements and the prefetcher"): recorded updates
-mark rows dirty, copied into the cache before the next gather; other changes
-(version counter) read it all again; a new hot set is new tensors (a running
-gather keeps its snapshot). Staged rows built from a snapshot are brought up
-to date at use like any others, so the cache never changes a result."""
+"""The hot-row cache of engram.Prefetcher: per layer, a copy of the table's most looked-up rows (LFU with
+aging). Deduplicated gathers skip the cached rows (the use takes them from the copy, on the consumer's device);
+expanded ones copy them from the compact CPU copy. With updates (docs/design.md, "Table placements and the
+prefetcher"): recorded ones mark rows dirty, copied into the cache before the next gather; other changes
+(version counter) read it all again; a new hot set is new tensors (a running gather keeps its snapshot).
+Staged rows are brought up to date at use like any others, so the cache never changes a result."""
 
 from __future__ import annotations
 
@@ -18,8 +15,7 @@ import torch
 
 @dataclass
 class HotSnapshot:
-    """rows [H] sorted (CPU), data = table[rows] on the cache's device, as of
-    table version `version` and the prefetcher's `own_bumps` then."""
+    """rows [H] sorted (CPU), data = table[rows] on the cache's device, as of `version` and `own_bumps`."""
 
     rows: torch.Tensor
     data: torch.Tensor
@@ -33,8 +29,9 @@ class _Layer:
     device: torch.device
     current: Optional[HotSnapshot] = None
     window: List[torch.Tensor] = field(default_factory=list)  # rows looked up since the last choice
-    seen_rows: Optional[torch.Tensor] = None  # rows counted before the window (sorted), and
-    seen_counts: Optional[torch.Tensor] = None  # their counts, halved at every choice
+    # The rows counted before the window (sorted) and their counts, halved at every choice.
+    seen_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    seen_counts: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
     dirty: List[torch.Tensor] = field(default_factory=list)  # rows updated since data was last synced
 
 
@@ -43,8 +40,7 @@ def _read(table: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torc
 
 
 class HotRows:
-    """hot_rows: rows per table (int) or share of its rows (float in (0, 1]);
-    the hot set is chosen again every `refresh` batches."""
+    """hot_rows: rows per table (int) or share of its rows (float in (0, 1]), chosen every `refresh` batches."""
 
     def __init__(self, hot_rows, refresh: int, stats) -> None:
         self.hot_rows, self.refresh, self.stats = hot_rows, refresh, stats
@@ -52,8 +48,7 @@ class HotRows:
 
     def snapshot(self, index: int, table, hashed: torch.Tensor, offsets: torch.Tensor, dedup: bool,
                  device: torch.device, own_bumps: int) -> Optional[HotSnapshot]:
-        """The cache the gather of these hash ids may use, up to date with the
-        table; counts the ids, and chooses the hot rows again every `refresh` batches."""
+        """The cache the gather of these hash ids may use, up to date with the table; counts the ids."""
         # Deduplicated gathers leave the cached rows to the consumer's device;
         # expanded ones copy them on the worker, so the cache is on the CPU.
         where = device if dedup else torch.device("cpu")
@@ -66,13 +61,11 @@ class HotRows:
         if len(hot.window) >= self.refresh:
             # The window's counts plus half the older ones; the most looked-up
             # rows win, ties to the lower row.
-            rows, counts = torch.unique(torch.cat(hot.window), sorted=True, return_counts=True)
-            counts = counts.double()
+            window = torch.cat(hot.window)
             hot.window.clear()
-            if hot.seen_rows is not None:
-                rows, inverse = torch.unique(torch.cat([hot.seen_rows, rows]), sorted=True, return_inverse=True)
-                counts = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(
-                    0, inverse, torch.cat([hot.seen_counts * 0.5, counts]))
+            rows, inverse = torch.unique(torch.cat([hot.seen_rows, window]), sorted=True, return_inverse=True)
+            weights = torch.cat([hot.seen_counts * 0.5, torch.ones(window.numel(), dtype=torch.float64)])
+            counts = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, inverse, weights)
             order = torch.sort(counts, descending=True, stable=True).indices
             history = torch.sort(order[: 4 * hot.size]).values  # counts kept for 4x the cache: rows on their way up
             hot.seen_rows, hot.seen_counts = rows[history], counts[history]
@@ -93,19 +86,15 @@ class HotRows:
         elif hot.dirty:
             # No gather of this table is running (the updates waited for them
             # and none was submitted since), so the data may change in place.
-            changed = torch.cat(hot.dirty)
+            pos = torch.isin(current.rows, torch.cat(hot.dirty)).nonzero().squeeze(1)
             hot.dirty.clear()
-            pos = torch.searchsorted(current.rows, changed).clamp_(max=max(current.rows.numel() - 1, 0))
-            found = current.rows.numel() > 0 and current.rows[pos] == changed
-            if current.rows.numel() and bool(found.any()):
-                pos, changed = pos[found], changed[found]
-                current.data[pos.to(current.data.device)] = _read(table, changed, where)
+            if pos.numel():
+                current.data[pos.to(current.data.device)] = _read(table, current.rows[pos], where)
         current.version, current.own_bumps = table._version, own_bumps
         return current
 
     def mark_dirty(self, index: int, rows: torch.Tensor) -> None:
-        """Rows of layer `index`'s table a recorded update changed: copied into
-        the cache before the next gather reads it (no gather of the table runs now)."""
+        """Rows of layer `index`'s table a recorded update changed: copied into the cache before the next gather."""
         hot = self._layers.get(index)
         if hot is not None and hot.current is not None:
             hot.dirty.append(rows.detach().to("cpu"))

@@ -1,10 +1,8 @@
 """engram.Prefetcher: gathers the Engram rows of the next batch ahead of use.
 
-Row ids depend only on the tokens, so ``prefetch(input_ids)`` can queue, per
-layer, the hashing of the batch and the gather of its rows on the engine's
-worker threads (csrc/prefetch/). Every batch, however hashed or gathered,
-sits in the engine's one queue per layer (LayerQueues); the layer's lookup
-takes its own batch from there and waits on it alone::
+Row ids depend only on the tokens, so ``prefetch(input_ids)`` can queue, per layer, the hashing of the batch
+and the gather of its rows on the engine's worker threads (csrc/prefetch/). Every batch sits in the engine's
+one queue per layer (LayerQueues); the layer's lookup takes its own batch from there and waits on it alone::
 
     with engram.Prefetcher(model) as prefetcher:
         prefetcher.prefetch(batches[0])
@@ -14,9 +12,8 @@ takes its own batch from there and waits on it alone::
                 prefetcher.prefetch(batches[i + 1])  # overlaps what follows
             out.loss.backward(); optimizer.step()
 
-Gradients are as without a prefetcher and no staged row is used stale (the
-order with updates: docs/design.md, "Table placements and the prefetcher").
-Only tables in CPU memory are prefetched; others are looked up directly.
+Gradients are as without a prefetcher and no staged row is used stale (docs/design.md, "Table placements and
+the prefetcher"). Only tables in CPU memory are prefetched; others are looked up directly.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import List, Optional
 
 import torch
@@ -35,7 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import _loader, hot_rows as _hot, zero_copy
 from .layer import EngramLayer
 from .layer_specs import LayerSpecs
-from .update_log import TableUpdates, wait_quietly
+from .update_log import TableUpdates
 
 _engine = _loader.load("_engine")
 Take, TaskKind = _engine.Take, _engine.TaskKind
@@ -58,26 +56,22 @@ class PrefetchStats:
 
 
 class Prefetcher:
-    """Prefetches the Engram rows of ``model``'s layers on ``num_threads``
-    workers (default: one per layer, at most half the cores, at least one).
-    Use as a context manager or call :meth:`close`.
+    """Prefetches the Engram rows of ``model``'s layers on ``num_threads`` workers (default: one per layer, at
+    most half the cores, at least one). Use as a context manager or call :meth:`close`.
 
-    ``dedup``: gather each distinct row once and expand at use (for an
-    accelerator: fewer bytes cross the link), or gather the lookup's output
-    itself (for a CPU consumer). Default (None): dedup on an accelerator only.
+    ``dedup``: gather each distinct row once and expand at use (for an accelerator: fewer bytes cross the
+    link), or gather the lookup's output itself (for a CPU consumer). Default (None): dedup on an accelerator.
     ``max_pending``: batches each layer keeps (a prefetch beyond drops the oldest).
-    ``hot_rows``: a hot-row cache per table (engram/hot_rows.py), in rows
-    (int) or as a share of the table (float in (0, 1]); 0 (default): none.
-    The hot set (LFU, counts halved every ``hot_refresh`` batches) never changes a result.
-    ``transfer`` (CUDA): "staged" (default: pinned staging buffers copied at
-    use) or "zero-copy" (a kernel reads a pinned "host" table over UVA on a
-    side stream, engram/zero_copy.py; no dedup, no cache).
-    ``worker_nice`` (Linux): workers run as SCHED_BATCH threads, nice raised
-    by this much (default 5), so gathers take idle CPU time first; -1: ordinary threads.
+    ``hot_rows``: a hot-row cache per table (engram/hot_rows.py), in rows (int) or as a share of the table
+    (float in (0, 1]); 0 (default): none. The hot set (LFU, counts halved every ``hot_refresh`` batches)
+    never changes a result.
+    ``transfer`` (CUDA): "staged" (default: pinned staging buffers copied at use) or "zero-copy" (a kernel
+    reads a pinned "host" table over UVA on a side stream, engram/zero_copy.py; no dedup, no cache).
+    ``worker_nice`` (Linux): workers run as SCHED_BATCH threads, nice raised by this much (default 5), so
+    gathers take idle CPU time first; -1: ordinary threads.
 
-    ``stats`` counts hits, misses, rows moved and cache hits; ``enabled =
-    False`` makes every lookup direct; :meth:`refresh` after changing a
-    layer's tensors in a way its hooks do not see."""
+    ``stats`` counts hits, misses, rows moved and cache hits; ``enabled = False`` makes every lookup direct;
+    :meth:`refresh` after changing a layer's tensors in a way its hooks do not see."""
 
     def __init__(self, model: nn.Module, num_threads: Optional[int] = None, dedup: Optional[bool] = None,
                  max_pending: int = 2, hot_rows=0, hot_refresh: int = 16, transfer: str = "staged",
@@ -120,19 +114,19 @@ class Prefetcher:
         self._index = {m: i for i, m in enumerate(self._modules)}
         self._specs, self._streams = LayerSpecs(self.layers, self._queues), {}
         self.enabled, self._closed = True, False
-        self._build_specs()
+        self._specs.build(bool(self.dedup))
         ref = weakref.ref(self)
 
-        def bound(method, otherwise):  # calls the prefetcher while it lives and is open
+        def bound(method, otherwise):  # calls the prefetcher's `method` (a dotted name) while it lives and is open
             def call(*args):
                 prefetcher = ref()
                 alive = prefetcher is not None and not prefetcher._closed
-                return getattr(prefetcher, method)(*args) if alive else otherwise(*args)
+                return attrgetter(method)(prefetcher)(*args) if alive else otherwise(*args)
             return call
 
         self._hook = bound("_lookup", lambda module, hash_ids, input_ids=None: module.direct_forward(hash_ids))
         changed = bound("_changed", lambda *args: None)
-        self._handles = [register_optimizer_step_pre_hook(bound("_before_step", lambda *args: None))]
+        self._handles = [register_optimizer_step_pre_hook(bound("_updates.before_step", lambda *args: None))]
         # Reassigned tensors (a buffer, the table, its module), load_state_dict and .to() call refresh().
         for register in (_module.register_module_buffer_registration_hook,
                          _module.register_module_parameter_registration_hook,
@@ -141,28 +135,26 @@ class Prefetcher:
         for layer, module in zip(self.layers, self._modules):
             module.row_source = self._hook
             # Fused row-wise updates wait for this table's gathers and are recorded.
-            self._handles += [module.add_update_listener(bound("_before_update", lambda t, update, rows: update())),
+            self._handles += [module.add_update_listener(bound("_updates.run", lambda t, update, rows: update())),
                               module.add_change_listener(changed),
                               layer.register_load_state_dict_post_hook(lambda *args: changed())]
 
     # ---- public API ----------------------------------------------------------
     def refresh(self) -> None:
-        """Builds every layer's spec (copies of its hash parameters and
-        offsets, its table) again at the next prefetch or lookup. The layers'
-        hooks call it (a tensor reassigned, load_state_dict, .to()); in-place
+        """Builds every layer's spec (copies of its hash parameters and offsets, its table) again at the next
+        prefetch or lookup. The layers' hooks call it (a tensor reassigned, load_state_dict, .to()); in-place
         changes need not (version counters). Queued batches that read the same rows stay."""
         self._specs.stale = True
 
     def prefetch(self, input_ids: torch.Tensor) -> None:
-        """Queues the gathers of the rows every layer will look up for
-        ``input_ids`` [B, T]; returns at once."""
+        """Queues the gathers of the rows every layer will look up for ``input_ids`` [B, T]; returns at once."""
         if self._closed:
             raise RuntimeError("Prefetcher: closed")
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"Prefetcher.prefetch: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if self._sharded is not None:
             self._sharded.prefetch(input_ids)
-        self._build_specs()
+        self._specs.build(bool(self.dedup))
         if input_ids.device.type == "cpu" and input_ids.dtype == torch.int64 and input_ids.dim() == 2 \
                 and self._hot is None:
             # One engine call: the workers hash too, off the caller's critical path.
@@ -181,8 +173,9 @@ class Prefetcher:
                 else:
                     hashed_cpu = hashed.cpu() if hashed_cpu is None else hashed_cpu
                     dedup = self.dedup if self.dedup is not None else input_ids.device.type != "cpu"
-                    cache = None if self._hot is None else self._hot.snapshot(
-                        index, table, hashed_cpu[i], offsets, dedup, input_ids.device, self._updates.logs[index].own_bumps)
+                    own_bumps = self._updates.logs[index].own_bumps
+                    cache = None if self._hot is None else \
+                        self._hot.snapshot(index, table, hashed_cpu[i], offsets, dedup, input_ids.device, own_bumps)
                     ticket = self._pool.submit(table.detach(), hashed_cpu[i], table.is_pinned(), dedup, offsets,
                                                None if cache is None else cache.rows,
                                                None if cache is None or dedup else cache.data)
@@ -191,14 +184,12 @@ class Prefetcher:
 
     def wait(self) -> None:
         """Blocks until every queued gather finished (errors are raised when the rows are used)."""
-        for ticket in (t for index in range(len(self.layers)) for t in self._queues.pending(index)):
-            wait_quietly(ticket)
+        self._updates.wait(range(len(self.layers)))
         if self._sharded is not None:
             self._sharded.wait()
 
     def close(self) -> None:
-        """Cancels queued gathers, joins the workers and detaches from the
-        layers (they look up directly again). Idempotent."""
+        """Cancels queued gathers, joins the workers, detaches from the layers (they look up directly). Idempotent."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
@@ -224,9 +215,6 @@ class Prefetcher:
         except Exception:  # interpreter shutdown
             pass
 
-    def _build_specs(self, only: Optional[int] = None) -> None:
-        self._specs.build(bool(self.dedup), only)
-
     # ---- lookups and updates ---------------------------------------------------
     def _lookup(self, module, hash_ids: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight, index = module.embedding.weight, self._index[module]
@@ -234,15 +222,15 @@ class Prefetcher:
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
         if self._specs.stale:
-            self._build_specs()
+            self._specs.build(bool(self.dedup))
         found = Take.MISS
         if self.enabled:
             found, ticket = self._queues.take(index, input_ids, hash_ids)
             if found == Take.STALE:  # a hash parameter or the offsets changed in place
-                self._build_specs(index)
+                self._specs.build(bool(self.dedup), index)
                 found, ticket = self._queues.take(index, input_ids, hash_ids)
         if found != Take.FOUND and not self._queues.current(index):
-            self._build_specs(index)
+            self._specs.build(bool(self.dedup), index)
         offsets = self._specs.copies[index][3]
         if found != Take.FOUND:
             self.stats.misses += 1
@@ -253,16 +241,12 @@ class Prefetcher:
         return module.lookup(weight, hash_ids.to(weight.device) if grad else hash_ids, offsets, staged)
 
     def _use(self, index: int, weight, ticket, hash_ids: torch.Tensor) -> list:
-        """A batch's staged rows, current and on hash_ids' device: [table[ids]]
-        or [rows, inverse] (see engram.lookup.staged_rows)."""
+        """A batch's staged rows, current and on hash_ids' device: [table[ids]] or [rows, inverse] (see
+        engram.lookup.staged_rows)."""
         device, looked_up = hash_ids.device, hash_ids.numel()
-        if ticket.kind == TaskKind.DEVICE_GATHER:
-            staged, data = None, zero_copy.use(ticket, device)
-        else:
-            staged = ticket.wait()
-            data = staged.staged
-        rows = None if staged is None else staged.rows
-        cache = None if staged is None else ticket.payload
+        staged = None if ticket.kind == TaskKind.DEVICE_GATHER else ticket.wait()
+        data = zero_copy.use(ticket, device) if staged is None else staged.staged
+        rows, cache = (None, None) if staged is None else (staged.rows, ticket.payload)
         stats = self.stats
         stats.hits += 1
         stats.rows_looked_up += looked_up
@@ -282,12 +266,3 @@ class Prefetcher:
     def _changed(self, module=None, *args) -> None:
         if module is None or module in self._specs.watched:
             self.refresh()
-
-    def _before_update(self, table, update, rows) -> None:
-        # A table on an accelerator is never gathered: nothing to order (its rows may hold -1 padding).
-        if table.device.type != "cpu":
-            return update()
-        self._updates.run(table, update, rows, patch=True)
-
-    def _before_step(self, optimizer, *args) -> None:
-        self._updates.before_step(optimizer)

@@ -1,7 +1,6 @@
-"""The zero-copy path of engram.Prefetcher (CUDA, pinned "host" tables): a
-kernel (engram::gather_rows) reads the rows straight from host memory over
-UVA on a side stream, with one event per layer and batch; the layer's stream
-waits on its own event only, and the host never waits."""
+"""The zero-copy path of engram.Prefetcher (CUDA, pinned "host" tables): a kernel (engram::gather_rows) reads
+the rows straight from host memory over UVA on a side stream, with one event per layer and batch; the layer's
+stream waits on its own event only, and the host never waits."""
 
 from __future__ import annotations
 
@@ -14,16 +13,15 @@ _ops = torch.ops.engram
 
 
 def gather(streams: dict, table: torch.Tensor, hashed: torch.Tensor, offsets: torch.Tensor):
-    """Launches the gather of one layer's rows on the side stream of hashed's
-    device; returns its ticket (payload: the event). No host sync."""
-    device = hashed.device
-    stream = streams.get(device)
-    if stream is None:
-        stream = streams[device] = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))  # the hash ids are computed there
+    """Launches the gather of one layer's rows on the side stream of hashed's device; returns its ticket
+    (payload: the event). No host sync."""
+    if hashed.device not in streams:
+        streams[hashed.device] = torch.cuda.Stream(hashed.device)
+    stream = streams[hashed.device]
+    stream.wait_stream(torch.cuda.current_stream(hashed.device))  # the hash ids are computed there
     with torch.cuda.stream(stream):
-        # Rows are in range by construction (hash mod each head's prime, plus
-        # that head's offset): the kernel's range check (a host sync) is skipped.
+        # Rows are in range by construction (hash mod each head's prime, plus that head's offset): the kernel's
+        # range check (a host sync) is skipped.
         out = _ops.gather_rows(table.detach(), hashed + offsets, False)
         event = torch.cuda.Event()
         event.record(stream)

@@ -18,7 +18,8 @@ PYBIND11_MODULE(_engine, m) {
   m.doc() = "engram helpers that are not operators";
   engram::bind_prefetch(m);
   m.def("head_primes", &engram::head_primes, py::arg("min_size_per_order"), py::arg("heads_per_order"),
-        py::arg("num_layers"), "Distinct prime head sizes of spec §2, one list of (N-1)*H primes per layer in configured order.");
+        py::arg("num_layers"),
+        "Distinct prime head sizes of spec §2, one list of (N-1)*H primes per layer in configured order.");
   m.def(
       "xxh64",
       [](py::bytes data, uint64_t seed) {

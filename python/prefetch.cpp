@@ -1,5 +1,4 @@
-// engram._engine bindings of the prefetch engine (csrc/prefetch/*.h). The only
-// translation unit of _engine that includes torch's Python headers.
+// engram._engine bindings of the prefetch engine (csrc/prefetch/*.h): _engine's only user of torch/extension.h.
 #include <torch/extension.h>
 
 #include "csrc/prefetch/layer_queues.h"
@@ -56,8 +55,8 @@ void bind_prefetch(py::module_& m) {
       .def_static(
           "device_gather",
           [](const at::Tensor& rows) {
-            auto ticket = std::make_shared<Ticket>(TaskKind::kDeviceGather, false);
-            ticket->finish(Staged{{}, rows});
+            auto ticket = std::make_shared<Ticket>(TaskKind::kDeviceGather);
+            ticket->settle(false, Staged{{}, rows});
             return ticket;
           },
           py::arg("rows"), "A batch the caller gathered on a device (table[ids]).")
@@ -65,8 +64,7 @@ void bind_prefetch(py::module_& m) {
       .def("ready", &Ticket::ready, "True once the gather (and any patch) finished or failed.")
       .def("wait", &Ticket::wait, py::call_guard<py::gil_scoped_release>(),
            "Blocks until done; returns its Staged or raises the worker's error.")
-      // The table's state the rows were read at: its version counter (-1 unknown), the caller's update count
-      // of the table (LayerQueues.set_counters) and those updates' version bumps.
+      // The table's state the rows were read at (Stamps: version -1 when unknown).
       .def_property_readonly("table_version", [](Ticket& t) { return t.stamps().table_version; })
       .def_property_readonly("epoch", [](Ticket& t) { return t.stamps().epoch; })
       .def_property_readonly("own_bumps", [](Ticket& t) { return t.stamps().own_bumps; })
@@ -78,29 +76,12 @@ void bind_prefetch(py::module_& m) {
   py::class_<PyGatherPool>(m, "GatherPool", "Worker threads that deduplicate and gather table rows.")
       .def(py::init<int, int>(), py::arg("num_threads"), py::arg("background_nice") = 5,
            "background_nice: SCHED_BATCH workers with nice raised by this much (Linux); -1: ordinary threads.")
-      .def(
-          "submit",
-          [](PyGatherPool& pool, const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
-             const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cache_rows,
-             const std::optional<at::Tensor>& cache_data) {
-            TORCH_CHECK_VALUE(cache_rows.has_value() || !cache_data.has_value(),
-                              "engram.Prefetcher: cache_data given without cache_rows");
-            Cache cache{cache_rows.value_or(at::Tensor()), cache_data.value_or(at::Tensor())};
-            return pool.submit(table, ids, pin_memory, dedup, offsets.value_or(at::Tensor()), cache);
-          },
-          py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
-          py::arg("offsets") = py::none(), py::arg("cache_rows") = py::none(), py::arg("cache_data") = py::none(),
-          "Queues the gather of table rows `ids` (+ `offsets` [K] per head), deduplicated or expanded, skipping "
-          "the hot-row cache's sorted `cache_rows` (expanded: copied from cache_data = table[cache_rows]).")
-      .def(
-          "patch",
-          [](PyGatherPool& pool, const std::shared_ptr<Ticket>& ticket, const at::Tensor& table,
-             const at::Tensor& changed, int64_t table_version, int64_t epoch, int64_t own_bumps) {
-            return pool.submit_patch(ticket, table, changed, Stamps{table_version, epoch, own_bumps});
-          },
-          py::arg("ticket"), py::arg("table"), py::arg("changed"), py::arg("table_version"), py::arg("epoch"),
-          py::arg("own_bumps"),
-          "Queues the re-reading of rows `changed` into a finished gather's staged rows (GatherPool::submit_patch).")
+      .def("submit", &PyGatherPool::submit, py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false,
+           py::arg("dedup") = true, py::arg("offsets") = py::none(), py::arg("cache_rows") = py::none(),
+           py::arg("cache_data") = py::none(), "Queues a gather of table rows (GatherPool::submit).")
+      .def("patch", &PyGatherPool::submit_patch, py::arg("ticket"), py::arg("table"), py::arg("changed"),
+           py::arg("table_version"), py::arg("epoch"), py::arg("own_bumps"),
+           "Queues the re-reading of rows `changed` into a finished gather's staged rows (GatherPool::submit_patch).")
       .def("close", &PyGatherPool::close, py::call_guard<py::gil_scoped_release>(),
            "Cancels queued gathers, finishes running ones, joins the workers.");
   py::class_<LayerQueues>(m, "LayerQueues", "Per layer of a Prefetcher: its LayerSpec and its batches not used yet.")
@@ -127,16 +108,9 @@ void bind_prefetch(py::module_& m) {
            "Queues every layer's hashing and gather for input_ids [B, T]; or returns the stale layers.")
       .def("add", &LayerQueues::add, py::arg("index"), py::arg("ticket"), py::arg("input_ids"), py::arg("key"),
            "Queues a batch the caller hashed: its token tensor and hash ids [B, T, K].")
-      .def(
-          "take",
-          [](LayerQueues& q, int64_t index, const std::optional<at::Tensor>& input_ids,
-             const std::optional<at::Tensor>& hash_ids) {
-            py::gil_scoped_release release;
-            return q.take(index, input_ids.value_or(at::Tensor()), hash_ids.value_or(at::Tensor()));
-          },
-          py::arg("index"), py::arg("input_ids"), py::arg("hash_ids") = py::none(),
-          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited "
-          "for (a worker's error is raised here).")
+      .def("take", &LayerQueues::take, py::call_guard<py::gil_scoped_release>(), py::arg("index"),
+           py::arg("input_ids"), py::arg("hash_ids") = py::none(),
+          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited for.")
       .def("pending", &LayerQueues::pending, py::arg("index"), "Layer `index`'s batches not used yet, oldest first.")
       .def("clear", &LayerQueues::clear, "Drops every pending batch and spec.");
   m.def(
@@ -144,7 +118,7 @@ void bind_prefetch(py::module_& m) {
       [](const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup) {
         check_gather_args(table, ids);
         py::gil_scoped_release release;
-        return dedup ? dedup_gather(table, ids, pin_memory) : expand_gather(table, ids, pin_memory);
+        return gather(table, ids, dedup, pin_memory);
       },
       py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
       "The engine's work, synchronously: a Staged.");

@@ -1,7 +1,5 @@
-// The one queue of engram.Prefetcher: per layer, its LayerSpec and its batches
-// not used yet (oldest first, at most max_pending) of every kind (hashed by
-// the workers or by the caller, gathered on a device). prefetch() and take()
-// are on the model's critical path: one call each, no Python per layer.
+// The one queue of engram.Prefetcher: per layer, its LayerSpec and its batches not used yet (oldest first, at
+// most max_pending) of every kind. prefetch() and take() are on the model's critical path: one call each.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,8 +9,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -20,15 +18,10 @@
 
 namespace engram::prefetch {
 
-// One layer as the workers hash and gather its batches: its table, copies of
-// its hash parameters (HashSpec, input_ids left undefined) and head offsets.
-// Checked once when built, not on the caller's critical path. Staleness has
-// one rule, version counters: `watched` are the layer's own tensors the
-// copies were made from, stale once one changed in place (version or data
-// pointer). The table is the layer's parameter itself: its data replaced
-// (`param.data = ...`, a move) makes it stale too. Reassigned tensors are
-// the caller's to report (Prefetcher.refresh builds the spec again).
-// skipped (no lookup given): the table is not in CPU memory, nothing is queued.
+// One layer as the workers hash and gather its batches: its table, copies of its hash parameters (input_ids
+// left undefined) and head offsets, checked once when built. Stale once a `watched` tensor (the layer's own,
+// copied) changed in place (version or data pointer) or the table's data was replaced (`param.data = ...`);
+// reassigned tensors are the caller's to report (Prefetcher.refresh). skipped (no lookup): nothing is queued.
 struct LayerSpec {
   at::Tensor table, offsets;
   HashSpec hash;
@@ -76,8 +69,7 @@ struct LayerSpec {
   }
 };
 
-// What take() found: no batch of these ids; the batch (removed, waited for);
-// a stale spec (build it again with set_layer, then take again).
+// What take() found: no batch of these ids; the batch (removed, waited for); a stale spec (set_layer, take again).
 enum class Take : int { kMiss, kFound, kStale };
 
 class LayerQueues {
@@ -88,11 +80,8 @@ class LayerQueues {
                       ", max_pending=", max_pending, "; expected >= 0 and >= 1");
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
-  // Sets layer `index`'s spec. Its queued batches are kept if the new spec
-  // reads the same rows (table, offsets); they still match by token ids if
-  // it also hashes the same, else only by their hash ids.
+  // Sets layer `index`'s spec. Its queued batches are kept if the new spec reads the same rows (table, offsets);
+  // they still match by token ids if it also hashes the same, else only by their hash ids.
   void set_layer(int64_t index, LayerSpec spec) {
     std::lock_guard<std::mutex> lock(mutex_);
     Layer& layer = layers_.at(check_index(index));
@@ -112,20 +101,16 @@ class LayerQueues {
     std::lock_guard<std::mutex> lock(mutex_);
     return layers_.at(check_index(index)).spec.current();
   }
-  // The caller's count of recorded updates of the layer's table and their
-  // version bumps, stamped on the batches queued from now on.
+  // The caller's count of recorded updates of the layer's table and their bumps, stamped on batches queued now on.
   void set_counters(int64_t index, int64_t epoch, int64_t own_bumps) {
     std::lock_guard<std::mutex> lock(mutex_);
     std::tie(layers_.at(check_index(index)).epoch, layers_[index].own_bumps) = std::tie(epoch, own_bumps);
   }
 
-  // Queues every layer's hashing and gather for input_ids [B, T] (copied once:
-  // the caller may reuse its buffer) in one lock and one wake-up; or, queuing
-  // nothing, returns the layers whose spec is missing or stale.
+  // Queues every layer's hashing and gather for input_ids [B, T] (copied once: the caller may reuse its buffer)
+  // in one lock and one wake-up; or, queuing nothing, returns the layers whose spec is missing or stale.
   std::vector<int64_t> prefetch(const at::Tensor& input_ids) {
-    TORCH_CHECK_VALUE(input_ids.device().is_cpu() && input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
-                      "engram.Prefetcher: input_ids must be an int64 CPU tensor [B, T], got ",
-                      input_ids.scalar_type(), " of shape ", input_ids.sizes(), " on ", input_ids.device());
+    check_long(input_ids, input_ids.dim() == 2, "input_ids must be an int64 CPU tensor [B, T]");
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<int64_t> stale = stale_locked();
     if (!stale.empty()) return stale;
@@ -135,8 +120,8 @@ class LayerQueues {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerSpec& spec = layers_[i].spec;
       if (spec.skipped) continue;
-      Task task{TaskKind::kHashAndGather, std::make_shared<Ticket>(TaskKind::kHashAndGather, spec.dedup),
-                spec.table, {}, spec.offsets, {}, spec.hash};
+      Task task{TaskKind::kHashAndGather, std::make_shared<Ticket>(TaskKind::kHashAndGather), spec.table, {},
+                spec.offsets, {}, spec.hash, spec.dedup};
       task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation, stamps_locked(layers_[i]));
       task.hash.input_ids = tokens;
       queued.emplace_back(i, task.ticket);
@@ -148,18 +133,18 @@ class LayerQueues {
   }
 
   // Queues a batch the caller hashed (submitted, or gathered on a device): key its hash ids [B, T, K].
-  void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids,
-           const at::Tensor& key) {
+  void add(int64_t index, const std::shared_ptr<Ticket>& ticket, const at::Tensor& input_ids, const at::Tensor& key) {
     std::lock_guard<std::mutex> lock(mutex_);
     Layer& layer = layers_.at(check_index(index));
     ticket->set_source(input_ids, at::Tensor(), key, layer.generation, stamps_locked(layer));
     push_locked(layer, ticket);
   }
 
-  // Finds, removes and waits for layer `index`'s batch of these token ids (or,
-  // where they cannot decide, of these hash ids), rethrowing its worker's error.
-  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const at::Tensor& input_ids,
-                                                const at::Tensor& hash_ids) {
+  // Finds, removes and waits for layer `index`'s batch of these token ids (or, where they cannot decide, of
+  // these hash ids), rethrowing its worker's error.
+  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const std::optional<at::Tensor>& input_ids,
+                                                const std::optional<at::Tensor>& hash_ids) {
+    const at::Tensor tokens = input_ids.value_or(at::Tensor()), hashes = hash_ids.value_or(at::Tensor());
     std::shared_ptr<Ticket> found;
     std::vector<std::shared_ptr<Ticket>> undecided;
     std::deque<std::shared_ptr<Ticket>> dropped;  // released after the lock (a ticket's payload takes the GIL)
@@ -173,7 +158,7 @@ class LayerQueues {
       }
       if (!layer.spec.params_current()) return {Take::kStale, nullptr};
       for (auto it = layer.queue.begin(); it != layer.queue.end(); ++it) {
-        const Match match = (*it)->generation() == layer.generation ? (*it)->matches(input_ids) : Match::kUnknown;
+        const Match match = (*it)->generation() == layer.generation ? (*it)->matches(tokens) : Match::kUnknown;
         if (match == Match::kYes) {
           found = std::move(*it);
           layer.queue.erase(it);
@@ -183,7 +168,7 @@ class LayerQueues {
       }
     }
     // Compared by hash ids outside the lock: an engine-hashed key is known once its gather ran.
-    for (size_t i = 0; !found && hash_ids.defined() && i < undecided.size(); ++i) {
+    for (size_t i = 0; !found && hashes.defined() && i < undecided.size(); ++i) {
       try {
         undecided[i]->wait();
       } catch (...) {  // raised at use, if these are the ids; dropped either way
@@ -191,7 +176,7 @@ class LayerQueues {
         throw;
       }
       const at::Tensor key = undecided[i]->key();
-      if (key.defined() && key.sizes() == hash_ids.sizes() && at::equal(key, hash_ids.to(key.device())) &&
+      if (key.defined() && key.sizes() == hashes.sizes() && at::equal(key, hashes.to(key.device())) &&
           remove(index, undecided[i])) {
         found = undecided[i];
       }
@@ -221,8 +206,8 @@ class LayerQueues {
   };
 
   size_t check_index(int64_t index) const {
-    TORCH_CHECK_INDEX(index >= 0 && index < num_layers(), "engram.Prefetcher: layer index ", index,
-                      " is outside 0..", num_layers() - 1);
+    const auto n = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK_INDEX(index >= 0 && index < n, "engram.Prefetcher: layer index ", index, " is outside 0..", n - 1);
     return static_cast<size_t>(index);
   }
   std::vector<int64_t> stale_locked() const {

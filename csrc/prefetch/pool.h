@@ -1,7 +1,5 @@
-// The worker threads of engram.Prefetcher's engine: one queue of tasks
-// (TaskKind), each finishing its own ticket, so a layer waits only on its own
-// rows. Workers use no Python and no at::parallel_for: they never need the
-// GIL, and do not compete with the caller's intra-op thread pool.
+// The worker threads of engram.Prefetcher's engine: one queue of tasks, each finishing its own ticket, so a layer
+// waits only on its own rows. No Python, no intra-op threads: workers never need the GIL nor take the compute's cores.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,6 +13,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -32,13 +31,9 @@
 
 namespace engram::prefetch {
 
-// Names the calling worker "engram-gather" (told apart in top, py-spy,
-// /proc/<pid>/task/*/comm and the tests) and, with nice_increment >= 0, makes
-// it a background thread (Linux): SCHED_BATCH, so that waking it (a submit)
-// does not preempt the submitting thread, i.e. the model's compute, and a nice
-// value above the caller's, so that gathers take idle cores first: on a small
-// machine a submit would otherwise hand the caller's core to the worker for
-// the very time the prefetch should hide. Best effort.
+// Names the calling worker "engram-gather" (for top, py-spy, the tests) and, with nice_increment >= 0, makes it
+// a background thread (Linux): SCHED_BATCH, so that a submit does not preempt the submitter (the model's
+// compute), and a higher nice value, so that gathers take idle cores before the caller's. Best effort.
 inline void set_up_worker_thread(int nice_increment) {
 #ifdef __linux__
   (void)pthread_setname_np(pthread_self(), "engram-gather");
@@ -54,16 +49,15 @@ inline void set_up_worker_thread(int nice_increment) {
 #endif
 }
 
-// One worker task. kGather: table[ids (+ offsets)]; kHashAndGather: the same
-// after hashing hash.input_ids; kPatch: ids are the rows an update changed,
-// read again into the ticket's finished staged rows.
+// One worker task. kGather: table[ids (+ offsets)]; kHashAndGather: the same after hashing hash.input_ids;
+// kPatch: ids are the rows an update changed.
 struct Task {
   TaskKind kind = TaskKind::kGather;
   std::shared_ptr<Ticket> ticket;
   at::Tensor table, ids, offsets;
   Cache cache;
   HashSpec hash;
-  bool pin_memory = false;
+  bool dedup = false, pin_memory = false;
 };
 
 class GatherPool {
@@ -77,9 +71,8 @@ class GatherPool {
     for (int i = 0; i < num_threads; ++i) {
       workers_.emplace_back([this, background_nice] {
         set_up_worker_thread(background_nice);
-        // The op a worker may call (ngram_hash) runs on this thread alone:
-        // after ATen's own per-thread init (which would set the intra-op
-        // count), an OpenMP team of one, so it never adds threads to the compute's.
+        // The ops a worker calls run on this thread alone: after ATen's per-thread init (which would set the
+        // intra-op count), an OpenMP team of one.
         at::internal::lazy_init_num_threads();
 #ifdef _OPENMP
         omp_set_num_threads(1);
@@ -88,18 +81,19 @@ class GatherPool {
       });
     }
   }
-  GatherPool(const GatherPool&) = delete;
-  GatherPool& operator=(const GatherPool&) = delete;
   virtual ~GatherPool() { close(); }
 
-  // Queues the gather of table rows `ids` (+ `offsets` [K] per head, if
-  // defined), deduplicated or expanded, using the hot-row `cache` if defined.
+  // Queues the gather of table rows `ids` (+ `offsets` [K] per head, if given), deduplicated or expanded,
+  // skipping the hot-row cache's sorted `cache_rows` (expanded: copied from cache_data = table[cache_rows]).
   std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
-                                 const at::Tensor& offsets = {}, const Cache& cache = {}) {
-    check_gather_args(table, ids, offsets, cache, dedup);
-    auto ticket = std::make_shared<Ticket>(TaskKind::kGather, dedup);
-    std::vector<Task> tasks(1, Task{TaskKind::kGather, ticket, table, ids, offsets, cache, {}, pin_memory});
-    enqueue(std::move(tasks));
+                                 const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cache_rows,
+                                 const std::optional<at::Tensor>& cache_data) {
+    TORCH_CHECK_VALUE(cache_rows || !cache_data, "engram.Prefetcher: cache_data given without cache_rows");
+    const Cache cache{cache_rows.value_or(at::Tensor()), cache_data.value_or(at::Tensor())};
+    const at::Tensor offs = offsets.value_or(at::Tensor());
+    check_gather_args(table, ids, offs, cache, dedup);
+    auto ticket = std::make_shared<Ticket>(TaskKind::kGather);
+    enqueue({Task{TaskKind::kGather, ticket, table, ids, offs, cache, {}, dedup, pin_memory}});
     return ticket;
   }
 
@@ -113,29 +107,24 @@ class GatherPool {
     tasks.size() > 1 ? cv_.notify_all() : cv_.notify_one();
   }
 
-  // Queues the patch of a finished gather (patch_staged) with the rows an
-  // update changed, its stamps moved to `stamps`, the table's state after
-  // that update; the ticket's wait() then also waits for it. False, queuing
-  // nothing, if the gather failed, has not finished or is not patchable.
+  // Queues the patch of a finished gather (patch_staged) with the rows an update changed, its stamps moved to
+  // the table's state after it. False, queuing nothing, if Ticket::begin_patch refuses.
   bool submit_patch(const std::shared_ptr<Ticket>& ticket, const at::Tensor& table, const at::Tensor& changed,
-                    Stamps stamps) {
+                    int64_t table_version, int64_t epoch, int64_t own_bumps) {
     check_table(table);
-    TORCH_CHECK_VALUE(changed.device().is_cpu() && changed.scalar_type() == at::kLong && changed.dim() == 1 &&
-                          changed.is_contiguous(),
-                      "engram.Prefetcher: changed rows must be a contiguous 1-D int64 CPU tensor, got ",
-                      changed.scalar_type(), " of shape ", changed.sizes(), " on ", changed.device());
-    if (!ticket->begin_patch(stamps, table.size(1))) return false;
-    try {  // ids: the rows to read again
-      enqueue(std::vector<Task>(1, Task{TaskKind::kPatch, ticket, table, changed}));
+    check_long(changed, changed.dim() == 1 && changed.is_contiguous(),
+               "changed rows must be a contiguous 1-D int64 CPU tensor");
+    if (!ticket->begin_patch(Stamps{table_version, epoch, own_bumps}, table.size(1))) return false;
+    try {
+      enqueue({Task{TaskKind::kPatch, ticket, table, changed}});
       return true;
     } catch (const c10::Error&) {  // closed
-      ticket->end_patch(std::current_exception());
+      ticket->settle(true, {}, std::current_exception());
       return false;
     }
   }
 
-  // Cancels the tasks not started yet (their tickets raise), lets running
-  // ones finish and joins the workers. Idempotent.
+  // Cancels the tasks not started yet (their tickets raise), lets running ones finish, joins the workers. Idempotent.
   void close() {
     std::deque<Task> cancelled;
     {
@@ -147,18 +136,21 @@ class GatherPool {
     cv_.notify_all();
     const auto error = std::make_exception_ptr(
         std::runtime_error("engram.Prefetcher: the prefetch engine was closed before this gather ran"));
-    for (auto& task : cancelled) settle(task.kind, *task.ticket, Staged{}, error);
+    for (auto& task : cancelled) task.ticket->settle(task.kind == TaskKind::kPatch, {}, error);
     for (auto& worker : workers_) {
       if (worker.joinable()) worker.join();
     }
   }
 
  private:
-  static Staged gather(const Task& task) {
-    at::Tensor hashed = task.kind == TaskKind::kHashAndGather ? hash_layer(task.hash).contiguous() : task.ids;
-    const at::Tensor rows = add_offsets(hashed, task.offsets);
-    Staged result = task.ticket->dedup() ? dedup_gather(task.table, rows, task.pin_memory, task.cache)
-                                         : expand_gather(task.table, rows, task.pin_memory, task.cache);
+  static Staged run_task(const Task& task) {
+    if (task.kind == TaskKind::kPatch) {
+      patch_staged(task.table, task.ticket->peek(), task.ids);
+      return {};
+    }
+    const at::Tensor hashed = task.kind == TaskKind::kHashAndGather ? hash_layer(task.hash).contiguous() : task.ids;
+    Staged result = gather(task.table, task.offsets.defined() ? hashed + task.offsets : hashed, task.dedup,
+                           task.pin_memory, task.cache);
     if (task.kind == TaskKind::kHashAndGather) result.hashed = hashed;
     return result;
   }
@@ -176,27 +168,18 @@ class GatherPool {
       Staged result;
       std::exception_ptr error;
       try {
-        if (task.kind == TaskKind::kPatch) {
-          patch_staged(task.table, task.ticket->peek(), task.ids);
-        } else {
-          result = gather(task);
-        }
+        result = run_task(task);
       } catch (...) {
         error = std::current_exception();
       }
-      const TaskKind kind = task.kind;
+      const bool patch = task.kind == TaskKind::kPatch;
       auto ticket = std::move(task.ticket);
       // Drop the inputs before the caller can go on: if the caller then drops
       // the last other reference, freeing a numpy-backed (mmap) table here
       // would need the GIL the caller may hold while it joins the workers.
       task = Task{};
-      settle(kind, *ticket, std::move(result), error);
+      ticket->settle(patch, std::move(result), error);
     }
-  }
-
-  // A patch task ends its patch; any other finishes its ticket.
-  static void settle(TaskKind kind, Ticket& ticket, Staged result, std::exception_ptr error) {
-    kind == TaskKind::kPatch ? ticket.end_patch(error) : ticket.finish(std::move(result), error);
   }
 
   std::mutex mutex_;

@@ -1,12 +1,10 @@
-// The future of one prefetched batch of one layer (engram.Prefetcher's
-// engine): the gather's result or error, the stamps of the table's state it
-// was read from, and what a lookup matches it by.
+// The future of one prefetched batch of one layer: the gather's result or
+// error, the stamps of the table's state it read, what a lookup matches it by.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <condition_variable>
-#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -15,14 +13,12 @@
 
 namespace engram::prefetch {
 
-// Who made a ticket's rows: a worker's gather of given ids, a worker's
-// hashing and gather of token ids, or the caller on a device (zero-copy: the
-// rows are a device tensor, ready once its stream reaches the caller's event).
-// kPatch names the worker task that reads updated rows again into a ticket.
+// Who made a ticket's rows: a worker's gather of given ids or of the token ids it hashed, or the caller on a
+// device (zero-copy: ready once its stream reaches the caller's event). kPatch: reads updated rows again.
 enum class TaskKind : int { kGather, kHashAndGather, kPatch, kDeviceGather };
 
-// The table's state a gather read: its version counter, and the caller's
-// count of recorded updates of the table and those updates' version bumps.
+// The table's state a gather read: its version counter, the caller's count of recorded updates of the table
+// and those updates' version bumps.
 struct Stamps {
   int64_t table_version = -1, epoch = 0, own_bumps = 0;
 };
@@ -31,12 +27,10 @@ enum class Match { kNo, kYes, kUnknown };  // how a ticket relates to a lookup's
 
 class Ticket {
  public:
-  explicit Ticket(TaskKind kind, bool dedup) : kind_(kind), dedup_(dedup) {}
+  explicit Ticket(TaskKind kind) : kind_(kind) {}
 
-  // Set once before the ticket is queued (what a lookup matches it by: read
-  // without the lock): source, the token tensor given to prefetch; tokens, a
-  // copy (hashed by the workers) or undefined; key, the caller's hash ids;
-  // generation, the layer spec's (LayerQueues); stamps, the table's state.
+  // Set once before the ticket is queued (read without the lock): source, the token tensor given to prefetch;
+  // tokens, a copy (hashed by the workers) or undefined; key, the caller's hash ids; generation, the spec's.
   void set_source(const at::Tensor& source, at::Tensor tokens, at::Tensor key, int64_t generation, Stamps stamps) {
     stamps_ = stamps;
     source_ = source;
@@ -47,11 +41,9 @@ class Ticket {
   }
   int64_t generation() const { return generation_; }
   TaskKind kind() const { return kind_; }
-  bool dedup() const { return dedup_; }
 
-  // The very token tensor, unchanged, decides without comparing anything; a
-  // copy of the tokens decides by their values (a few KB compared here, not
-  // on the model's critical path in Python); else the hash ids must.
+  // The very token tensor, unchanged, decides without comparing anything; a copy of the tokens decides by
+  // their values (a few KB compared here, not in Python on the critical path); else the hash ids must.
   Match matches(const at::Tensor& ids) const {
     if (!ids.defined()) return Match::kUnknown;
     if (source_.defined() && ids.unsafeGetTensorImpl() == source_.unsafeGetTensorImpl() &&
@@ -59,12 +51,7 @@ class Ticket {
       return Match::kYes;
     }
     if (!tokens_.defined() || !ids.device().is_cpu() || ids.scalar_type() != at::kLong) return Match::kUnknown;
-    if (ids.sizes() != tokens_.sizes()) return Match::kNo;
-    const at::Tensor dense = ids.contiguous();
-    return std::memcmp(dense.const_data_ptr<int64_t>(), tokens_.const_data_ptr<int64_t>(),
-                       sizeof(int64_t) * static_cast<size_t>(dense.numel())) == 0
-               ? Match::kYes
-               : Match::kNo;
+    return at::equal(ids, tokens_) ? Match::kYes : Match::kNo;
   }
   // The hash ids [B, T, K] (no offsets) of this batch: the caller's, or after wait() the worker's.
   at::Tensor key() {
@@ -77,23 +64,17 @@ class Ticket {
     return stamps_;
   }
 
-  // A patch (GatherPool::submit_patch) brings the staged rows up to the
-  // table's state `stamps`; wait() and ready() wait for it too. False unless
-  // the gather finished well and is patchable with rows of row_width.
+  // A patch (GatherPool::submit_patch) brings the staged rows up to the table's state `stamps`; wait() and
+  // ready() wait for it. False unless the gather finished well, with known rows (not a device gather), no
+  // hot-row cache (those are brought up to date at use) and rows of row_width.
   bool begin_patch(Stamps stamps, int64_t row_width) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!done_ || error_ || !patchable(result_) || result_.staged.size(-1) != row_width) return false;
+    const Staged& r = result_;
+    if (!done_ || error_ || r.cached || !(r.rows.defined() || r.ids.defined())) return false;
+    if (!r.staged.defined() || r.staged.size(-1) != row_width) return false;
     ++patches_;
     stamps_ = stamps;
     return true;
-  }
-  void end_patch(std::exception_ptr error) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      --patches_;
-      if (error && !error_) error_ = std::move(error);
-    }
-    cv_.notify_all();
   }
   // The result as it stands (for a patch, which writes into its staged rows).
   Staged peek() {
@@ -111,12 +92,17 @@ class Ticket {
     if (error_) std::rethrow_exception(error_);
     return result_;
   }
-  void finish(Staged result, std::exception_ptr error = nullptr) {
+  // Ends a patch (patch), else finishes the ticket with its result; the first error is kept.
+  void settle(bool patch, Staged result, std::exception_ptr error = nullptr) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      result_ = std::move(result);
-      error_ = std::move(error);
-      done_ = true;
+      if (patch) {
+        --patches_;
+      } else {
+        result_ = std::move(result);
+        done_ = true;
+      }
+      if (error && !error_) error_ = std::move(error);
     }
     cv_.notify_all();
   }
@@ -126,7 +112,6 @@ class Ticket {
 
  private:
   const TaskKind kind_;
-  const bool dedup_;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool done_ = false;
