@@ -235,14 +235,13 @@ class Prefetcher:
         if found != Take.FOUND:
             self.stats.misses += 1
             return module.lookup(weight, hash_ids.to(weight.device), offsets).to(hash_ids.device, non_blocking=True)
-        staged = self._use(index, weight, ticket, hash_ids)
-        # The ids reach the table's device only for the backward: from an accelerator that is a host sync.
-        grad = torch.is_grad_enabled() and weight.requires_grad
-        return module.lookup(weight, hash_ids.to(weight.device) if grad else hash_ids, offsets, staged)
+        staged, table_ids = self._use(index, weight, ticket, hash_ids)
+        grad = torch.is_grad_enabled() and weight.requires_grad  # only the backward needs the ids on the CPU
+        return module.lookup(weight, table_ids() if grad else hash_ids, offsets, staged)
 
-    def _use(self, index: int, weight, ticket, hash_ids: torch.Tensor) -> list:
+    def _use(self, index: int, weight, ticket, hash_ids: torch.Tensor):
         """A batch's staged rows, current and on hash_ids' device: [table[ids]] or [rows, inverse] (see
-        engram.lookup.staged_rows)."""
+        engram.lookup.staged_rows); and a callable giving hash_ids on the table's device (the CPU)."""
         device, looked_up = hash_ids.device, hash_ids.numel()
         staged = None if ticket.kind == TaskKind.DEVICE_GATHER else ticket.wait()
         data = zero_copy.use(ticket, device) if staged is None else staged.staged
@@ -257,11 +256,13 @@ class Prefetcher:
         if rows is not None:
             data = data.to(device, non_blocking=True) if staged.slots is None else \
                 _hot.assemble(rows, data, staged.slots, cache.data, device)
-        data = self._updates.catch_up(index, weight, ticket, lambda: hash_ids.to(weight.device) +
-                                      self._specs.copies[index][3], rows, data)
+        # The engine's CPU copy of the hash ids; a device gather has none: copied from the accelerator, a host sync.
+        table_ids = (lambda: staged.hashed) if staged is not None else (lambda: hash_ids.to(weight.device))
+        data = self._updates.catch_up(index, weight, ticket, lambda: table_ids() + self._specs.copies[index][3],
+                                      rows, data)
         if rows is not None:
-            return [data, staged.inverse.to(device, non_blocking=True)]
-        return [data.to(device, non_blocking=True)]
+            return [data, staged.inverse.to(device, non_blocking=True)], table_ids
+        return [data.to(device, non_blocking=True)], table_ids
 
     def _changed(self, module=None, *args) -> None:
         if module is None or module in self._specs.watched:

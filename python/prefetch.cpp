@@ -48,6 +48,7 @@ void bind_prefetch(py::module_& m) {
       .def_readonly("staged", &Staged::staged)
       .def_readonly("inverse", &Staged::inverse)
       .def_readonly("slots", &Staged::slots)
+      .def_readonly("hashed", &Staged::hashed)
       .def_readonly("cache_hits", &Staged::cache_hits)
       .def("__iter__", [](const Staged& s) { return py::iter(py::make_tuple(s.rows, s.staged, s.inverse)); },
            "rows, staged, inverse = staged");

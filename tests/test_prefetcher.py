@@ -394,6 +394,29 @@ def test_prefetched_forward_backward_equal_direct(tmp_path, placement, dedup):
         assert prefetcher.stats.misses == 2
 
 
+@pytest.mark.parametrize("hot_rows", [0, 48])  # the engine hashes; the caller hashes (for the cache's counts)
+def test_prefetched_backward_takes_the_engines_cpu_hash_ids(hot_rows):
+    """Every gathered batch keeps its hash ids on the CPU, equal to the layer's, and a prefetched lookup hands
+    those to its backward: from an accelerator, copying the layer's ids to the table would be a host sync."""
+    model, ids = Toy("host"), batches(1)[0]
+    handed = []
+    for layer in model.engrams:
+        module = layer.multi_head_embedding
+        module.lookup = lambda w, hash_ids, offsets, staged=None, own=module.lookup: (
+            handed.append(hash_ids), own(w, hash_ids, offsets, staged))[1]
+    with engram.Prefetcher(model, hot_rows=hot_rows) as prefetcher:
+        prefetcher.prefetch(ids)
+        kept = []
+        for i, layer in enumerate(model.engrams):
+            (ticket,) = prefetcher._queues.pending(i)
+            kept.append(ticket.wait().hashed)
+            assert kept[-1].device.type == "cpu"
+            assert_same(kept[-1], layer.hash(ids))
+        loss_of(model(ids)).backward()
+        assert prefetcher.stats.hits == 2
+    assert [t.data_ptr() for t in handed] == [t.data_ptr() for t in kept]
+
+
 def test_prefetched_rows_used_only_for_their_ids(tmp_path):
     model, direct = Toy("host"), Toy()
     first, second = batches(2)

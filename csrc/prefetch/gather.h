@@ -21,7 +21,7 @@ namespace engram::prefetch {
 // shaped ids.shape + [Dh], ids the table row of each lookup. cache_hits: the lookups whose row the cache held.
 struct Staged {
   at::Tensor rows, staged, inverse, slots, ids;
-  at::Tensor hashed;  // the hash ids [B, T, K] when the worker hashed them
+  at::Tensor hashed;  // the hash ids [B, T, K] (no offsets) on the CPU: the caller's or the worker's
   int64_t cache_hits = 0;
   bool cached = false;  // a cache took part: brought up to date at use, never patched
 };

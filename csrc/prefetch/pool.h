@@ -151,7 +151,7 @@ class GatherPool {
     const at::Tensor hashed = task.kind == TaskKind::kHashAndGather ? hash_layer(task.hash).contiguous() : task.ids;
     Staged result = gather(task.table, task.offsets.defined() ? hashed + task.offsets : hashed, task.dedup,
                            task.pin_memory, task.cache);
-    if (task.kind == TaskKind::kHashAndGather) result.hashed = hashed;
+    result.hashed = hashed;  // the backward's ids: no copy from an accelerator (a host sync) at use
     return result;
   }
 

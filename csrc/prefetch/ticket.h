@@ -53,7 +53,7 @@ class Ticket {
     if (!tokens_.defined() || !ids.device().is_cpu() || ids.scalar_type() != at::kLong) return Match::kUnknown;
     return at::equal(ids, tokens_) ? Match::kYes : Match::kNo;
   }
-  // The hash ids [B, T, K] (no offsets) of this batch: the caller's, or after wait() the worker's.
+  // The hash ids [B, T, K] (no offsets) of this batch: the caller's (on its device), or after wait() the worker's.
   at::Tensor key() {
     std::lock_guard<std::mutex> lock(mutex_);
     return key_.defined() ? key_ : result_.hashed;
