@@ -168,6 +168,8 @@ class Prefetcher:
             for i, index in enumerate(group):
                 module, offsets = self._modules[index], self._specs.copies[index][3]
                 table = module.embedding.weight
+                if table.device.type != "cpu":
+                    continue  # on an accelerator: looked up directly
                 if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
                     ticket = zero_copy.gather(self._streams, table, hashed[i], module.offsets)
                 else:
@@ -223,14 +225,11 @@ class Prefetcher:
             return module.direct_forward(hash_ids)
         if self._specs.stale:
             self._specs.build(bool(self.dedup))
-        found = Take.MISS
-        if self.enabled:
-            found, ticket = self._queues.take(index, input_ids, hash_ids)
-            if found == Take.STALE:  # a hash parameter or the offsets changed in place
-                self._specs.build(bool(self.dedup), index)
-                found, ticket = self._queues.take(index, input_ids, hash_ids)
-        if found != Take.FOUND and not self._queues.current(index):
+        ids = (input_ids, hash_ids) if self.enabled else (None, None)  # disabled: only whether the spec is current
+        found, ticket = self._queues.take(index, *ids)
+        if found == Take.STALE:  # a hash parameter, the offsets or the table's data changed in place
             self._specs.build(bool(self.dedup), index)
+            found, ticket = self._queues.take(index, *ids)
         offsets = self._specs.copies[index][3]
         if found != Take.FOUND:
             self.stats.misses += 1

@@ -103,7 +103,6 @@ void bind_prefetch(py::module_& m) {
           py::arg("offsets") = py::none(), py::arg("dedup") = false, py::arg("watched") = std::vector<at::Tensor>{},
           "Sets layer `index`'s spec (LayerSpec, LayerQueues::set_layer); no lookup: nothing is queued.")
       .def("stale", &LayerQueues::stale, "The layers whose spec is missing or stale.")
-      .def("current", &LayerQueues::current, py::arg("index"))
       .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"))
       .def("prefetch", &LayerQueues::prefetch, py::arg("input_ids"),
            "Queues every layer's hashing and gather for input_ids [B, T]; or returns the stale layers.")

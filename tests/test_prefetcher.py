@@ -246,8 +246,9 @@ def test_layer_queues_match_token_ids_and_report_changes():
     queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     table.data = table.data.clone()
-    assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)
-    assert queues.prefetch(ids) == [0] and not queues.current(0)
+    assert queues.take(0, ids) == (Take.STALE, None) and queues.prefetch(ids) == [0] and queues.stale() == [0]
+    queues.set_layer(0, *layer_spec(layer))  # gathered from the old data: dropped
+    assert not queues.pending(0) and queues.take(0, ids) == (Take.MISS, None)
 
     # A layer whose table is elsewhere: nothing is queued for it.
     queues.set_layer(0, table)
@@ -415,6 +416,22 @@ def test_prefetched_backward_takes_the_engines_cpu_hash_ids(hot_rows):
         loss_of(model(ids)).backward()
         assert prefetcher.stats.hits == 2
     assert [t.data_ptr() for t in handed] == [t.data_ptr() for t in kept]
+
+
+def test_caller_hashed_prefetch_skips_a_table_off_the_cpu():
+    """Where the caller hashes (here for the hot-row counts; on CUDA for every
+    batch), a layer whose table is not in CPU memory gets nothing queued (it
+    is looked up directly), and the others are prefetched as usual."""
+    model = Toy("host")
+    model.engrams[1].multi_head_embedding.embedding.to("meta")  # stands in for an accelerator
+    ids = batches(1)[0]
+    layer, hidden = model.engrams[0], model.embed(ids)
+    expected = layer(hidden, ids)
+    with engram.Prefetcher(model, hot_rows=8) as prefetcher:
+        prefetcher.prefetch(ids)
+        assert len(prefetcher._queues.pending(0)) == 1 and not prefetcher._queues.pending(1)
+        assert_same(layer(hidden, ids), expected)
+        assert prefetcher.stats.hits == 1
 
 
 def test_prefetched_rows_used_only_for_their_ids(tmp_path):
