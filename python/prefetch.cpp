@@ -110,7 +110,8 @@ void bind_prefetch(py::module_& m) {
            "Queues a batch the caller hashed: its token tensor and hash ids [B, T, K].")
       .def("take", &LayerQueues::take, py::call_guard<py::gil_scoped_release>(), py::arg("index"),
            py::arg("input_ids"), py::arg("hash_ids") = py::none(),
-          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited for.")
+          "(Take, ticket or None, rows or None): layer `index`'s batch of these token ids, else hash ids, removed "
+          "and waited for; rows: its staged rows if they are the lookup's output, current (LayerQueues::take).")
       .def("pending", &LayerQueues::pending, py::arg("index"), "Layer `index`'s batches not used yet, oldest first.")
       .def("clear", &LayerQueues::clear, "Drops every pending batch and spec.");
   m.def(

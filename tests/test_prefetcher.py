@@ -174,11 +174,12 @@ def test_layer_queues_match_token_ids_and_report_changes():
     def expected(tokens):
         return table.detach()[layer.hash(tokens) + module.offsets]
 
-    assert queues.take(0, other) == (Take.MISS, None)  # other tokens: still queued
-    found, ticket = queues.take(0, ids)
+    assert queues.take(0, other) == (Take.MISS, None, None)  # other tokens: still queued
+    found, ticket, rows = queues.take(0, ids)
     assert found == Take.FOUND and ticket.kind == _engine.TaskKind.HASH_AND_GATHER
     assert_same(ticket.wait().staged, expected(ids))
-    assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)  # used once
+    assert rows is ticket.wait().staged  # current, expanded: the lookup's output as it is
+    assert queues.take(0, ids) == (Take.MISS, None, None) and not queues.pending(0)  # used once
 
     # At most max_pending batches: the oldest is dropped.
     for tokens in (ids, other, other):
@@ -191,28 +192,32 @@ def test_layer_queues_match_token_ids_and_report_changes():
     version = table._version
     with torch.no_grad():
         table[0] += 1
-    found, ticket = queues.take(0, ids)
+    found, ticket, rows = queues.take(0, ids)
     assert found == Take.FOUND and ticket.table_version == version < table._version and ticket.epoch == 0
+    assert rows is None  # the table changed since: to be brought up to date
     queues.set_counters(0, 3, 1)
     queues.prefetch(ids)
-    _, ticket = queues.take(0, ids)
-    assert (ticket.table_version, ticket.epoch, ticket.own_bumps) == (table._version, 3, 1)
+    _, ticket, rows = queues.take(0, ids)
+    assert (ticket.table_version, ticket.epoch, ticket.own_bumps) == (table._version, 3, 1) and rows is not None
+    queues.prefetch(ids)
+    queues.set_counters(0, 4, 1)  # an update recorded after queuing, the version unchanged
+    assert queues.take(0, ids)[2] is None
 
     # Hash parameters changed in place after queuing: stale, and a prefetch
     # reports the layer and queues nothing.
     queues.prefetch(ids)
     old_hash = layer.hash(ids)
     layer.hash_keys[0, 1] += 2
-    assert queues.take(0, ids) == (Take.STALE, None)
+    assert queues.take(0, ids) == (Take.STALE, None, None)
     queued = len(queues.pending(0))
     assert queues.prefetch(other) == [0] and len(queues.pending(0)) == queued
     # Built again: the batch hashed with the old keys now matches by its hash ids only.
     queues.set_layer(0, *layer_spec(layer))
-    assert queues.take(0, ids, layer.hash(ids)) == (Take.MISS, None)
-    found, ticket = queues.take(0, ids, old_hash)
+    assert queues.take(0, ids, layer.hash(ids)) == (Take.MISS, None, None)
+    found, ticket, _ = queues.take(0, ids, old_hash)
     assert found == Take.FOUND and len(queues.pending(0)) == queued - 1
     queues.prefetch(ids)
-    found, ticket = queues.take(0, ids)
+    found, ticket, _ = queues.take(0, ids)
     assert found == Take.FOUND
     assert_same(ticket.wait().staged, expected(ids))
     # A spec built again with equal copies keeps matching by token ids.
@@ -221,7 +226,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
     assert queues.take(0, ids)[0] == Take.FOUND
     # Token ids that are not int64 on the CPU cannot decide: the hash ids do.
     queues.prefetch(ids)
-    assert queues.take(0, ids.int()) == (Take.MISS, None)
+    assert queues.take(0, ids.int()) == (Take.MISS, None, None)
     assert queues.take(0, ids.int(), layer.hash(ids))[0] == Take.FOUND
 
     # A worker's error is raised by take, and the batch is removed.
@@ -246,9 +251,9 @@ def test_layer_queues_match_token_ids_and_report_changes():
     queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     table.data = table.data.clone()
-    assert queues.take(0, ids) == (Take.STALE, None) and queues.prefetch(ids) == [0] and queues.stale() == [0]
+    assert queues.take(0, ids) == (Take.STALE, None, None) and queues.prefetch(ids) == [0] and queues.stale() == [0]
     queues.set_layer(0, *layer_spec(layer))  # gathered from the old data: dropped
-    assert not queues.pending(0) and queues.take(0, ids) == (Take.MISS, None)
+    assert not queues.pending(0) and queues.take(0, ids) == (Take.MISS, None, None)
 
     # A layer whose table is elsewhere: nothing is queued for it.
     queues.set_layer(0, table)

@@ -133,17 +133,22 @@ class LayerQueues {
   }
 
   // Finds, removes and waits for layer `index`'s batch of these token ids (or, where they cannot decide, of
-  // these hash ids), rethrowing its worker's error. With neither: only whether the spec is current.
-  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const std::optional<at::Tensor>& input_ids,
-                                                const std::optional<at::Tensor>& hash_ids) {
+  // these hash ids), rethrowing its worker's error. With neither: only whether the spec is current. Third, the
+  // staged rows when they are the lookup's output as the table holds it now (expanded, no cache, the table
+  // unchanged and no update recorded since queued): the common CPU case needs nothing else.
+  std::tuple<Take, std::shared_ptr<Ticket>, std::optional<at::Tensor>> take(
+      int64_t index, const std::optional<at::Tensor>& input_ids, const std::optional<at::Tensor>& hash_ids) {
     const at::Tensor tokens = input_ids.value_or(at::Tensor()), hashes = hash_ids.value_or(at::Tensor());
     std::shared_ptr<Ticket> found;
     std::vector<std::shared_ptr<Ticket>> undecided;
+    at::Tensor table;
+    int64_t epoch = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       Layer& layer = layers_.at(check_index(index));
       // set_layer drops what was gathered from data the table no longer holds, and keeps the rest.
-      if (!layer.spec.current()) return {Take::kStale, nullptr};
+      if (!layer.spec.current()) return {Take::kStale, nullptr, std::nullopt};
+      std::tie(table, epoch) = std::tie(layer.spec.table, layer.epoch);
       for (auto it = layer.queue.begin(); it != layer.queue.end(); ++it) {
         const Match match = (*it)->generation() == layer.generation ? (*it)->matches(tokens) : Match::kUnknown;
         if (match == Match::kYes) {
@@ -168,9 +173,13 @@ class LayerQueues {
         found = undecided[i];
       }
     }
-    if (!found) return {Take::kMiss, nullptr};
-    found->wait();  // rethrows the worker's error, the ticket already removed
-    return {Take::kFound, found};
+    if (!found) return {Take::kMiss, nullptr, std::nullopt};
+    const Staged staged = found->wait();  // rethrows the worker's error, the ticket already removed
+    const Stamps stamps = found->stamps();
+    if (staged.ids.defined() && !staged.cached && stamps.table_version == table._version() && stamps.epoch == epoch) {
+      return {Take::kFound, found, staged.staged};
+    }
+    return {Take::kFound, found, std::nullopt};
   }
 
   std::vector<std::shared_ptr<Ticket>> pending(int64_t index) {  // not used yet, oldest first
