@@ -262,8 +262,6 @@ class Prefetcher:
             data = data.to(device, non_blocking=True) if staged.slots is None else \
                 _hot.assemble(rows, data, staged.slots, cache.data, device)
         data = self._updates.catch_up(index, weight, ticket, lambda: table_ids() + offsets, rows, data)
-        if hash_ids.is_cpu:  # no copy to make (each op costs tens of us right after the model's compute)
-            return ([data] if rows is None else [data, staged.inverse]), table_ids
         if rows is not None:
             return [data, staged.inverse.to(device, non_blocking=True)], table_ids
         return [data.to(device, non_blocking=True)], table_ids

@@ -22,17 +22,17 @@ _engine = engram._loader.load("_engine")
 
 
 def test_dedup_gather_matches_unique_and_index_select():
-    gen = torch.Generator().manual_seed(3)
+    gen, pool = torch.Generator().manual_seed(3), _engine.GatherPool(1)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         table = torch.randn(500, 7, generator=gen).to(dtype)
         ids = torch.randint(0, 500, (4, 9, 3), generator=gen)
-        rows, staged, inverse = _engine.gather(table, ids)
+        rows, staged, inverse = pool.submit(table, ids).wait()
         expected_rows, expected_inverse = torch.unique(ids, sorted=True, return_inverse=True)
         assert_same(rows, expected_rows)
         assert_same(inverse, expected_inverse)
         assert_same(staged, table[expected_rows])
         assert_same(staged[inverse], table[ids])
-    empty = _engine.gather(table, torch.empty(0, 3, dtype=torch.int64))
+    empty = pool.submit(table, torch.empty(0, 3, dtype=torch.int64)).wait()
     assert empty.rows.numel() == 0 and empty.staged.shape == (0, 7) and empty.inverse.shape == (0, 3)
 
 
