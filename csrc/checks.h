@@ -7,7 +7,8 @@
 // The messages of errors found in the values (an id out of range, a bad head
 // size, rows out of order) are worded once, by the formatters below: the CPU
 // checks, the CUDA deferred reports (csrc/cuda/device_errors.cu) and the
-// prefetch engine (csrc/prefetch/gather.h, another library, hence inline) use them.
+// prefetch engine use them. The prefetch engine's own checks are at the end,
+// inline: it is another library (engram._engine), not linked with checks.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -155,5 +156,78 @@ int64_t check_adam_update_args(const at::Tensor& weight, const at::Tensor& exp_a
 // After a kernel saw a row outside [0, num_rows) or rows not strictly
 // increasing: reports the first such position.
 [[noreturn]] void report_bad_update_rows(const char* op, const at::Tensor& rows, int64_t num_rows);
+
+// --- the prefetch engine (csrc/prefetch/, engram._engine: inline) --------------
+
+namespace prefetch {
+
+inline void check_table(const at::Tensor& table) {
+  TORCH_CHECK_VALUE(table.device().is_cpu() && table.dim() == 2 && table.is_contiguous(),
+                    "engram.Prefetcher: table must be a contiguous 2-D CPU tensor, got a ", table.dim(),
+                    "-D tensor on ", table.device(), table.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// Every id of a gather is a row of the table.
+inline void check_rows(const at::Tensor& table, const at::Tensor& ids) {
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < table.size(0),
+                      id_out_of_range_message({"engram.Prefetcher", "rows", "table.size(0)"}, id[i], i, table.size(0)));
+  }
+}
+
+// That `t` is an int64 CPU tensor meeting `ok` (its other requirements), all of them worded by `expected`.
+template <typename... Expected>
+inline void check_long(const at::Tensor& t, bool ok, const Expected&... expected) {
+  TORCH_CHECK_VALUE(ok && t.device().is_cpu() && t.scalar_type() == at::kLong, "engram.Prefetcher: ", expected...,
+                    ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+}
+
+inline void check_offsets(const at::Tensor& offsets, int64_t heads) {
+  check_long(offsets, offsets.dim() == 1 && offsets.is_contiguous() && offsets.numel() == heads,
+             "offsets must be contiguous int64 on the CPU with one entry per head (", heads, ")");
+}
+
+// A gather of table[ids (+ offsets)], skipping the hot-row cache's rows (expanded: copied from cache_data).
+inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& offsets = {},
+                              const at::Tensor& cache_rows = {}, const at::Tensor& cache_data = {},
+                              bool dedup = true) {
+  check_table(table);
+  check_long(ids, ids.is_contiguous(), "ids must be contiguous int64 on the CPU");
+  if (offsets.defined()) check_offsets(offsets, ids.dim() >= 1 ? ids.size(-1) : 0);
+  TORCH_CHECK_VALUE(cache_rows.defined() || !cache_data.defined(),
+                    "engram.Prefetcher: cache_data given without cache_rows");
+  if (!cache_rows.defined()) return;
+  const at::Tensor &rows = cache_rows, &data = cache_data;
+  check_long(rows, rows.dim() == 1 && rows.is_contiguous(), "cache_rows must be a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK_VALUE(dedup || data.defined(),
+                    "engram.Prefetcher: an expanded gather with a cache needs cache_data (the rows it copies)");
+  TORCH_CHECK_VALUE(!data.defined() || (data.device().is_cpu() && data.is_contiguous() &&
+                                        data.scalar_type() == table.scalar_type() && data.dim() == 2 &&
+                                        data.size(0) == rows.numel() && data.size(1) == table.size(1)),
+                    "engram.Prefetcher: cache_data must be a contiguous CPU [", rows.numel(), ", ", table.size(1),
+                    "] ", table.scalar_type(), " tensor (one row per cache row), got ", data.scalar_type(),
+                    " of shape ", data.sizes(), " on ", data.device());
+}
+
+// One layer's spec: its table, and its hash parameters as CPU copies (head_sizes [1, K]) with offsets [K].
+inline void check_layer_spec(const at::Tensor& table, const at::Tensor& lookup, const at::Tensor& keys,
+                             const at::Tensor& head_sizes, const at::Tensor& offsets) {
+  check_table(table);
+  TORCH_CHECK_VALUE(head_sizes.device().is_cpu() && head_sizes.dim() == 2 && head_sizes.size(0) == 1 &&
+                        lookup.device().is_cpu() && keys.device().is_cpu(),
+                    "engram.Prefetcher: lookup, keys and head_sizes must be one layer's CPU tensors (head_sizes "
+                    "[1, K]), got head_sizes of shape ", head_sizes.sizes(), " on ", head_sizes.device());
+  check_offsets(offsets, head_sizes.size(1));
+}
+
+inline void check_pool_args(int num_threads, int background_nice) {
+  TORCH_CHECK_VALUE(num_threads >= 1 && num_threads <= 256, "engram.Prefetcher: num_threads=", num_threads,
+                    ", expected 1..256");
+  TORCH_CHECK_VALUE(background_nice >= -1 && background_nice <= 19, "engram.Prefetcher: background_nice=",
+                    background_nice, ", expected -1 (ordinary threads) or 0..19");
+}
+
+}  // namespace prefetch
 
 }  // namespace engram

@@ -28,9 +28,10 @@ _ops = torch.ops.engram
 
 def staged_rows(staged: List[torch.Tensor], ids: torch.Tensor, dim: int) -> torch.Tensor:
     """The lookup's output from a prefetcher's staged rows: [table[ids]]
-    (expanded) or [rows, inverse] (deduplicated: rows[inverse])."""
+    (expanded, shaped ids.shape + [dim]) or [rows, inverse] (deduplicated:
+    rows[inverse])."""
     if len(staged) == 1:
-        return staged[0].view(*ids.shape, dim)
+        return staged[0]
     return ops.multihead_embedding(*staged)
 
 

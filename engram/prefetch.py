@@ -36,7 +36,7 @@ from .layer_specs import LayerSpecs
 from .update_log import TableUpdates
 
 _engine = _loader.load("_engine")
-Take, TaskKind = _engine.Take, _engine.TaskKind
+Take = _engine.Take
 
 __all__ = ["Prefetcher"]
 
@@ -168,6 +168,8 @@ class Prefetcher:
             for i, index in enumerate(group):
                 module, offsets = self._modules[index], self._specs.copies[index][3]
                 table = module.embedding.weight
+                if table.device.type != "cpu":
+                    continue  # on an accelerator: looked up directly
                 if self.transfer == "zero-copy" and input_ids.device.type == "cuda" and table.is_pinned():
                     ticket = zero_copy.gather(self._streams, table, hashed[i], module.offsets)
                 else:
@@ -218,48 +220,48 @@ class Prefetcher:
     # ---- lookups and updates ---------------------------------------------------
     def _lookup(self, module, hash_ids: torch.Tensor, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight, index = module.embedding.weight, self._index[module]
-        if weight.device.type != "cpu":
+        if not weight.is_cpu:
             self.stats.misses += 1
             return module.direct_forward(hash_ids)
         if self._specs.stale:
             self._specs.build(bool(self.dedup))
-        found = Take.MISS
-        if self.enabled:
-            found, ticket = self._queues.take(index, input_ids, hash_ids)
-            if found == Take.STALE:  # a hash parameter or the offsets changed in place
-                self._specs.build(bool(self.dedup), index)
-                found, ticket = self._queues.take(index, input_ids, hash_ids)
-        if found != Take.FOUND and not self._queues.current(index):
+        ids = (input_ids, hash_ids) if self.enabled else (None, None)  # disabled: only whether the spec is current
+        found, ticket, output = self._queues.take(index, *ids)
+        if ticket is None and found == Take.STALE:  # a hash parameter, the offsets or the table data changed
             self._specs.build(bool(self.dedup), index)
-        offsets = self._specs.copies[index][3]
-        if found != Take.FOUND:
-            self.stats.misses += 1
+            found, ticket, output = self._queues.take(index, *ids)
+        offsets, stats = self._specs.copies[index][3], self.stats
+        if ticket is None:
+            stats.misses += 1
             return module.lookup(weight, hash_ids.to(weight.device), offsets).to(hash_ids.device, non_blocking=True)
-        staged, table_ids = self._use(index, weight, ticket, hash_ids)
         grad = torch.is_grad_enabled() and weight.requires_grad  # only the backward needs the ids on the CPU
+        if output is not None and hash_ids.is_cpu:  # the common CPU case: the staged rows are the output, current
+            looked_up = hash_ids.numel()
+            stats.hits, stats.rows_looked_up, stats.rows_gathered = \
+                stats.hits + 1, stats.rows_looked_up + looked_up, stats.rows_gathered + looked_up
+            return module.lookup(weight, ticket.wait().hashed, offsets, [output]) if grad else output
+        staged, table_ids = self._use(index, weight, ticket, hash_ids, offsets)
         return module.lookup(weight, table_ids() if grad else hash_ids, offsets, staged)
 
-    def _use(self, index: int, weight, ticket, hash_ids: torch.Tensor):
+    def _use(self, index: int, weight, ticket, hash_ids: torch.Tensor, offsets: torch.Tensor):
         """A batch's staged rows, current and on hash_ids' device: [table[ids]] or [rows, inverse] (see
         engram.lookup.staged_rows); and a callable giving hash_ids on the table's device (the CPU)."""
-        device, looked_up = hash_ids.device, hash_ids.numel()
-        staged = None if ticket.kind == TaskKind.DEVICE_GATHER else ticket.wait()
-        data = zero_copy.use(ticket, device) if staged is None else staged.staged
-        rows, cache = (None, None) if staged is None else (staged.rows, ticket.payload)
-        stats = self.stats
+        device, looked_up, stats, staged = hash_ids.device, hash_ids.numel(), self.stats, ticket.wait()
+        rows, data, cpu_ids = staged.rows, staged.staged, staged.hashed  # the engine's CPU copy of the hash ids
         stats.hits += 1
         stats.rows_looked_up += looked_up
         stats.rows_gathered += looked_up if rows is None else rows.numel()
+        if cpu_ids is None:  # a device gather (zero-copy): hash ids copied from the accelerator, a host sync
+            data, table_ids, cache = zero_copy.use(ticket, device), lambda: hash_ids.to(weight.device), None
+        else:
+            table_ids, cache = (lambda: cpu_ids), ticket.payload
         if cache is not None:
             stats.cache_lookups += looked_up
             stats.cache_hits += staged.cache_hits
         if rows is not None:
             data = data.to(device, non_blocking=True) if staged.slots is None else \
                 _hot.assemble(rows, data, staged.slots, cache.data, device)
-        # The engine's CPU copy of the hash ids; a device gather has none: copied from the accelerator, a host sync.
-        table_ids = (lambda: staged.hashed) if staged is not None else (lambda: hash_ids.to(weight.device))
-        data = self._updates.catch_up(index, weight, ticket, lambda: table_ids() + self._specs.copies[index][3],
-                                      rows, data)
+        data = self._updates.catch_up(index, weight, ticket, lambda: table_ids() + offsets, rows, data)
         if rows is not None:
             return [data, staged.inverse.to(device, non_blocking=True)], table_ids
         return [data.to(device, non_blocking=True)], table_ids

@@ -22,17 +22,17 @@ _engine = engram._loader.load("_engine")
 
 
 def test_dedup_gather_matches_unique_and_index_select():
-    gen = torch.Generator().manual_seed(3)
+    gen, pool = torch.Generator().manual_seed(3), _engine.GatherPool(1)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         table = torch.randn(500, 7, generator=gen).to(dtype)
         ids = torch.randint(0, 500, (4, 9, 3), generator=gen)
-        rows, staged, inverse = _engine.gather(table, ids)
+        rows, staged, inverse = pool.submit(table, ids).wait()
         expected_rows, expected_inverse = torch.unique(ids, sorted=True, return_inverse=True)
         assert_same(rows, expected_rows)
         assert_same(inverse, expected_inverse)
         assert_same(staged, table[expected_rows])
         assert_same(staged[inverse], table[ids])
-    empty = _engine.gather(table, torch.empty(0, 3, dtype=torch.int64))
+    empty = pool.submit(table, torch.empty(0, 3, dtype=torch.int64)).wait()
     assert empty.rows.numel() == 0 and empty.staged.shape == (0, 7) and empty.inverse.shape == (0, 3)
 
 
@@ -174,11 +174,12 @@ def test_layer_queues_match_token_ids_and_report_changes():
     def expected(tokens):
         return table.detach()[layer.hash(tokens) + module.offsets]
 
-    assert queues.take(0, other) == (Take.MISS, None)  # other tokens: still queued
-    found, ticket = queues.take(0, ids)
+    assert queues.take(0, other) == (Take.MISS, None, None)  # other tokens: still queued
+    found, ticket, rows = queues.take(0, ids)
     assert found == Take.FOUND and ticket.kind == _engine.TaskKind.HASH_AND_GATHER
     assert_same(ticket.wait().staged, expected(ids))
-    assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)  # used once
+    assert rows is ticket.wait().staged  # current, expanded: the lookup's output as it is
+    assert queues.take(0, ids) == (Take.MISS, None, None) and not queues.pending(0)  # used once
 
     # At most max_pending batches: the oldest is dropped.
     for tokens in (ids, other, other):
@@ -191,28 +192,32 @@ def test_layer_queues_match_token_ids_and_report_changes():
     version = table._version
     with torch.no_grad():
         table[0] += 1
-    found, ticket = queues.take(0, ids)
+    found, ticket, rows = queues.take(0, ids)
     assert found == Take.FOUND and ticket.table_version == version < table._version and ticket.epoch == 0
+    assert rows is None  # the table changed since: to be brought up to date
     queues.set_counters(0, 3, 1)
     queues.prefetch(ids)
-    _, ticket = queues.take(0, ids)
-    assert (ticket.table_version, ticket.epoch, ticket.own_bumps) == (table._version, 3, 1)
+    _, ticket, rows = queues.take(0, ids)
+    assert (ticket.table_version, ticket.epoch, ticket.own_bumps) == (table._version, 3, 1) and rows is not None
+    queues.prefetch(ids)
+    queues.set_counters(0, 4, 1)  # an update recorded after queuing, the version unchanged
+    assert queues.take(0, ids)[2] is None
 
     # Hash parameters changed in place after queuing: stale, and a prefetch
     # reports the layer and queues nothing.
     queues.prefetch(ids)
     old_hash = layer.hash(ids)
     layer.hash_keys[0, 1] += 2
-    assert queues.take(0, ids) == (Take.STALE, None)
+    assert queues.take(0, ids) == (Take.STALE, None, None)
     queued = len(queues.pending(0))
     assert queues.prefetch(other) == [0] and len(queues.pending(0)) == queued
     # Built again: the batch hashed with the old keys now matches by its hash ids only.
     queues.set_layer(0, *layer_spec(layer))
-    assert queues.take(0, ids, layer.hash(ids)) == (Take.MISS, None)
-    found, ticket = queues.take(0, ids, old_hash)
+    assert queues.take(0, ids, layer.hash(ids)) == (Take.MISS, None, None)
+    found, ticket, _ = queues.take(0, ids, old_hash)
     assert found == Take.FOUND and len(queues.pending(0)) == queued - 1
     queues.prefetch(ids)
-    found, ticket = queues.take(0, ids)
+    found, ticket, _ = queues.take(0, ids)
     assert found == Take.FOUND
     assert_same(ticket.wait().staged, expected(ids))
     # A spec built again with equal copies keeps matching by token ids.
@@ -221,7 +226,7 @@ def test_layer_queues_match_token_ids_and_report_changes():
     assert queues.take(0, ids)[0] == Take.FOUND
     # Token ids that are not int64 on the CPU cannot decide: the hash ids do.
     queues.prefetch(ids)
-    assert queues.take(0, ids.int()) == (Take.MISS, None)
+    assert queues.take(0, ids.int()) == (Take.MISS, None, None)
     assert queues.take(0, ids.int(), layer.hash(ids))[0] == Take.FOUND
 
     # A worker's error is raised by take, and the batch is removed.
@@ -246,8 +251,9 @@ def test_layer_queues_match_token_ids_and_report_changes():
     queues.set_layer(0, *layer_spec(layer))
     queues.prefetch(ids)
     table.data = table.data.clone()
-    assert queues.take(0, ids) == (Take.MISS, None) and not queues.pending(0)
-    assert queues.prefetch(ids) == [0] and not queues.current(0)
+    assert queues.take(0, ids) == (Take.STALE, None, None) and queues.prefetch(ids) == [0] and queues.stale() == [0]
+    queues.set_layer(0, *layer_spec(layer))  # gathered from the old data: dropped
+    assert not queues.pending(0) and queues.take(0, ids) == (Take.MISS, None, None)
 
     # A layer whose table is elsewhere: nothing is queued for it.
     queues.set_layer(0, table)
@@ -415,6 +421,22 @@ def test_prefetched_backward_takes_the_engines_cpu_hash_ids(hot_rows):
         loss_of(model(ids)).backward()
         assert prefetcher.stats.hits == 2
     assert [t.data_ptr() for t in handed] == [t.data_ptr() for t in kept]
+
+
+def test_caller_hashed_prefetch_skips_a_table_off_the_cpu():
+    """Where the caller hashes (here for the hot-row counts; on CUDA for every
+    batch), a layer whose table is not in CPU memory gets nothing queued (it
+    is looked up directly), and the others are prefetched as usual."""
+    model = Toy("host")
+    model.engrams[1].multi_head_embedding.embedding.to("meta")  # stands in for an accelerator
+    ids = batches(1)[0]
+    layer, hidden = model.engrams[0], model.embed(ids)
+    expected = layer(hidden, ids)
+    with engram.Prefetcher(model, hot_rows=8) as prefetcher:
+        prefetcher.prefetch(ids)
+        assert len(prefetcher._queues.pending(0)) == 1 and not prefetcher._queues.pending(1)
+        assert_same(layer(hidden, ids), expected)
+        assert prefetcher.stats.hits == 1
 
 
 def test_prefetched_rows_used_only_for_their_ids(tmp_path):

@@ -55,14 +55,6 @@ struct Cache {
   }
 };
 
-inline void check_rows(const at::Tensor& table, const at::Tensor& ids) {
-  const int64_t* id = ids.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < ids.numel(); ++i) {
-    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < table.size(0),
-                      id_out_of_range_message({"engram.Prefetcher", "rows", "table.size(0)"}, id[i], i, table.size(0)));
-  }
-}
-
 // Copies table rows `from` (64-bit byte offsets: a table may hold more than 2^31 elements), or the cache's
 // copy of those it holds data for, into dst.
 inline int64_t copy_rows(const at::Tensor& table, const int64_t* from, int64_t n, char* dst, const Cache& cache) {
@@ -113,42 +105,6 @@ inline Staged gather(const at::Tensor& table, const at::Tensor& ids, bool dedup,
   out.staged = at::empty({n, table.size(1)}, options);
   copy_rows(table, out.cached ? fetch.data() : row, n, static_cast<char*>(out.staged.mutable_data_ptr()), Cache{});
   return out;
-}
-
-inline void check_table(const at::Tensor& table) {
-  TORCH_CHECK_VALUE(table.device().is_cpu() && table.dim() == 2 && table.is_contiguous(),
-                    "engram.Prefetcher: table must be a contiguous 2-D CPU tensor, got a ", table.dim(),
-                    "-D tensor on ", table.device(), table.is_contiguous() ? "" : " (not contiguous)");
-}
-
-// That `t` is an int64 CPU tensor meeting `ok` (its other requirements), all of them worded by `expected`.
-template <typename... Expected>
-inline void check_long(const at::Tensor& t, bool ok, const Expected&... expected) {
-  TORCH_CHECK_VALUE(ok && t.device().is_cpu() && t.scalar_type() == at::kLong, "engram.Prefetcher: ", expected...,
-                    ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
-}
-
-inline void check_offsets(const at::Tensor& offsets, int64_t heads) {
-  check_long(offsets, offsets.dim() == 1 && offsets.is_contiguous() && offsets.numel() == heads,
-             "offsets must be contiguous int64 on the CPU with one entry per head (", heads, ")");
-}
-
-inline void check_gather_args(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& offsets = {},
-                              const Cache& cache = {}, bool dedup = true) {
-  check_table(table);
-  check_long(ids, ids.is_contiguous(), "ids must be contiguous int64 on the CPU");
-  if (offsets.defined()) check_offsets(offsets, ids.dim() >= 1 ? ids.size(-1) : 0);
-  if (!cache.rows.defined()) return;
-  const at::Tensor &rows = cache.rows, &data = cache.data;
-  check_long(rows, rows.dim() == 1 && rows.is_contiguous(), "cache_rows must be a contiguous 1-D int64 CPU tensor");
-  TORCH_CHECK_VALUE(dedup || data.defined(),
-                    "engram.Prefetcher: an expanded gather with a cache needs cache_data (the rows it copies)");
-  TORCH_CHECK_VALUE(!data.defined() || (data.device().is_cpu() && data.is_contiguous() &&
-                                        data.scalar_type() == table.scalar_type() && data.dim() == 2 &&
-                                        data.size(0) == rows.numel() && data.size(1) == table.size(1)),
-                    "engram.Prefetcher: cache_data must be a contiguous CPU [", rows.numel(), ", ", table.size(1),
-                    "] ", table.scalar_type(), " tensor (one row per cache row), got ", data.scalar_type(),
-                    " of shape ", data.sizes(), " on ", data.device());
 }
 
 // Reads the rows `changed` (an update wrote them after the gather read them) again into its staged rows.

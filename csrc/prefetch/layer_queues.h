@@ -35,12 +35,7 @@ struct LayerSpec {
             bool dedup, const std::vector<at::Tensor>& watched_tensors)
       : table(table), offsets(offsets), dedup(dedup), skipped(!lookup.has_value()), table_data(table.const_data_ptr()) {
     if (skipped) return;
-    check_table(table);
-    TORCH_CHECK_VALUE(head_sizes.device().is_cpu() && head_sizes.dim() == 2 && head_sizes.size(0) == 1 &&
-                          lookup->device().is_cpu() && keys.device().is_cpu(),
-                      "engram.Prefetcher: lookup, keys and head_sizes must be one layer's CPU tensors (head_sizes "
-                      "[1, K]), got head_sizes of shape ", head_sizes.sizes(), " on ", head_sizes.device());
-    check_offsets(offsets, head_sizes.size(1));
+    check_layer_spec(table, *lookup, keys, head_sizes, offsets);
     hash = HashSpec{at::Tensor(), *lookup, keys, head_sizes, pad_id, family};
     for (const at::Tensor& t : watched_tensors) watched.push_back({t, {t._version(), t.const_data_ptr()}});
   }
@@ -69,7 +64,8 @@ struct LayerSpec {
   }
 };
 
-// What take() found: no batch of these ids; the batch (removed, waited for); a stale spec (set_layer, take again).
+// What take() found: no batch of these ids; the batch (removed, waited for); a missing or stale spec (set_layer,
+// take again).
 enum class Take : int { kMiss, kFound, kStale };
 
 class LayerQueues {
@@ -96,10 +92,6 @@ class LayerQueues {
   std::vector<int64_t> stale() {  // the layers whose spec is missing or stale
     std::lock_guard<std::mutex> lock(mutex_);
     return stale_locked();
-  }
-  bool current(int64_t index) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return layers_.at(check_index(index)).spec.current();
   }
   // The caller's count of recorded updates of the layer's table and their bumps, stamped on batches queued now on.
   void set_counters(int64_t index, int64_t epoch, int64_t own_bumps) {
@@ -141,22 +133,22 @@ class LayerQueues {
   }
 
   // Finds, removes and waits for layer `index`'s batch of these token ids (or, where they cannot decide, of
-  // these hash ids), rethrowing its worker's error.
-  std::pair<Take, std::shared_ptr<Ticket>> take(int64_t index, const std::optional<at::Tensor>& input_ids,
-                                                const std::optional<at::Tensor>& hash_ids) {
+  // these hash ids), rethrowing its worker's error. With neither: only whether the spec is current. Third, the
+  // staged rows when they are the lookup's output as the table holds it now (expanded, no cache, the table
+  // unchanged and no update recorded since queued): the common CPU case needs nothing else.
+  std::tuple<Take, std::shared_ptr<Ticket>, std::optional<at::Tensor>> take(
+      int64_t index, const std::optional<at::Tensor>& input_ids, const std::optional<at::Tensor>& hash_ids) {
     const at::Tensor tokens = input_ids.value_or(at::Tensor()), hashes = hash_ids.value_or(at::Tensor());
     std::shared_ptr<Ticket> found;
     std::vector<std::shared_ptr<Ticket>> undecided;
-    std::deque<std::shared_ptr<Ticket>> dropped;  // released after the lock (a ticket's payload takes the GIL)
+    at::Tensor table;
+    int64_t epoch = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       Layer& layer = layers_.at(check_index(index));
-      if (layer.queue.empty()) return {Take::kMiss, nullptr};
-      if (!layer.spec.table_current()) {  // gathered from data the table no longer holds
-        dropped.swap(layer.queue);
-        return {Take::kMiss, nullptr};
-      }
-      if (!layer.spec.params_current()) return {Take::kStale, nullptr};
+      // set_layer drops what was gathered from data the table no longer holds, and keeps the rest.
+      if (!layer.spec.current()) return {Take::kStale, nullptr, std::nullopt};
+      std::tie(table, epoch) = std::tie(layer.spec.table, layer.epoch);
       for (auto it = layer.queue.begin(); it != layer.queue.end(); ++it) {
         const Match match = (*it)->generation() == layer.generation ? (*it)->matches(tokens) : Match::kUnknown;
         if (match == Match::kYes) {
@@ -181,9 +173,13 @@ class LayerQueues {
         found = undecided[i];
       }
     }
-    if (!found) return {Take::kMiss, nullptr};
-    found->wait();  // rethrows the worker's error, the ticket already removed
-    return {Take::kFound, found};
+    if (!found) return {Take::kMiss, nullptr, std::nullopt};
+    const Staged staged = found->wait();  // rethrows the worker's error, the ticket already removed
+    const Stamps stamps = found->stamps();
+    if (staged.ids.defined() && !staged.cached && stamps.table_version == table._version() && stamps.epoch == epoch) {
+      return {Take::kFound, found, staged.staged};
+    }
+    return {Take::kFound, found, std::nullopt};
   }
 
   std::vector<std::shared_ptr<Ticket>> pending(int64_t index) {  // not used yet, oldest first

@@ -64,10 +64,7 @@ class GatherPool {
  public:
   // background_nice: see set_up_worker_thread; -1 leaves ordinary threads.
   explicit GatherPool(int num_threads, int background_nice = 5) {
-    TORCH_CHECK_VALUE(num_threads >= 1 && num_threads <= 256, "engram.Prefetcher: num_threads=", num_threads,
-                      ", expected 1..256");
-    TORCH_CHECK_VALUE(background_nice >= -1 && background_nice <= 19, "engram.Prefetcher: background_nice=",
-                      background_nice, ", expected -1 (ordinary threads) or 0..19");
+    check_pool_args(num_threads, background_nice);
     for (int i = 0; i < num_threads; ++i) {
       workers_.emplace_back([this, background_nice] {
         set_up_worker_thread(background_nice);
@@ -88,10 +85,9 @@ class GatherPool {
   std::shared_ptr<Ticket> submit(const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup,
                                  const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cache_rows,
                                  const std::optional<at::Tensor>& cache_data) {
-    TORCH_CHECK_VALUE(cache_rows || !cache_data, "engram.Prefetcher: cache_data given without cache_rows");
     const Cache cache{cache_rows.value_or(at::Tensor()), cache_data.value_or(at::Tensor())};
     const at::Tensor offs = offsets.value_or(at::Tensor());
-    check_gather_args(table, ids, offs, cache, dedup);
+    check_gather_args(table, ids, offs, cache.rows, cache.data, dedup);
     auto ticket = std::make_shared<Ticket>(TaskKind::kGather);
     enqueue({Task{TaskKind::kGather, ticket, table, ids, offs, cache, {}, dedup, pin_memory}});
     return ticket;

@@ -1,12 +1,16 @@
-// engram._engine bindings of the prefetch engine (csrc/prefetch/*.h): _engine's only user of torch/extension.h.
+// engram._engine: the prefetch engine (csrc/prefetch/*.h) and the kernels' hash helpers, for Python. Not an
+// operator library: the ops stay dispatcher-only (engram.lib.libengram_ops).
 #include <torch/extension.h>
 
+#include <string>
+
 #include "csrc/prefetch/layer_queues.h"
+#include "kernels/hash.h"
+#include "kernels/primes.h"
 
 namespace py = pybind11;
 using namespace engram::prefetch;
 
-namespace engram {
 namespace {
 
 // Joins the workers without the GIL when Python frees the pool: a worker may
@@ -33,7 +37,8 @@ std::shared_ptr<void> keep(py::object object) {
 
 }  // namespace
 
-void bind_prefetch(py::module_& m) {
+PYBIND11_MODULE(_engine, m) {
+  m.doc() = "engram helpers that are not operators: the prefetch engine, the hash helpers";
   py::enum_<TaskKind>(m, "TaskKind", "Who made a ticket's rows (csrc/prefetch/ticket.h).")
       .value("GATHER", TaskKind::kGather)
       .value("HASH_AND_GATHER", TaskKind::kHashAndGather)
@@ -103,7 +108,6 @@ void bind_prefetch(py::module_& m) {
           py::arg("offsets") = py::none(), py::arg("dedup") = false, py::arg("watched") = std::vector<at::Tensor>{},
           "Sets layer `index`'s spec (LayerSpec, LayerQueues::set_layer); no lookup: nothing is queued.")
       .def("stale", &LayerQueues::stale, "The layers whose spec is missing or stale.")
-      .def("current", &LayerQueues::current, py::arg("index"))
       .def("set_counters", &LayerQueues::set_counters, py::arg("index"), py::arg("epoch"), py::arg("own_bumps"))
       .def("prefetch", &LayerQueues::prefetch, py::arg("input_ids"),
            "Queues every layer's hashing and gather for input_ids [B, T]; or returns the stale layers.")
@@ -111,18 +115,20 @@ void bind_prefetch(py::module_& m) {
            "Queues a batch the caller hashed: its token tensor and hash ids [B, T, K].")
       .def("take", &LayerQueues::take, py::call_guard<py::gil_scoped_release>(), py::arg("index"),
            py::arg("input_ids"), py::arg("hash_ids") = py::none(),
-          "(Take, ticket or None): layer `index`'s batch of these token ids, else hash ids, removed and waited for.")
+          "(Take, ticket or None, rows or None): layer `index`'s batch of these token ids, else hash ids, removed "
+          "and waited for; rows: its staged rows if they are the lookup's output, current (LayerQueues::take).")
       .def("pending", &LayerQueues::pending, py::arg("index"), "Layer `index`'s batches not used yet, oldest first.")
       .def("clear", &LayerQueues::clear, "Drops every pending batch and spec.");
+  m.def("head_primes", &engram::head_primes, py::arg("min_size_per_order"), py::arg("heads_per_order"),
+        py::arg("num_layers"),
+        "Distinct prime head sizes of spec §2, one list of (N-1)*H primes per layer in configured order.");
   m.def(
-      "gather",
-      [](const at::Tensor& table, const at::Tensor& ids, bool pin_memory, bool dedup) {
-        check_gather_args(table, ids);
-        py::gil_scoped_release release;
-        return gather(table, ids, dedup, pin_memory);
+      "xxh64",
+      [](py::bytes data, uint64_t seed) {
+        std::string s = data;
+        return engram::xxh64(reinterpret_cast<const uint8_t*>(s.data()), s.size(), seed);
       },
-      py::arg("table"), py::arg("ids"), py::arg("pin_memory") = false, py::arg("dedup") = true,
-      "The engine's work, synchronously: a Staged.");
+      py::arg("data"), py::arg("seed") = 0, "XXH64 of a byte string (the kernels' implementation).");
+  m.def("xxh64_ngram_seed", &engram::xxh64_ngram_seed, py::arg("seed"), py::arg("layer_id"), py::arg("order"),
+        "Seed of the xxh64 n-gram hash for one (seed, layer id, order).");
 }
-
-}  // namespace engram
