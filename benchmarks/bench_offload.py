@@ -230,6 +230,9 @@ def main():
     parser.add_argument("--sparse-table-gib", type=float, default=None,
                         help="mmap tables of this many GiB each in sparse files, forward only, no (a)")
     args = parser.parse_args()
+    if args.layers <= max(ENGRAM_BLOCKS):  # else no Engram layer runs and the ratios divide by zero
+        parser.error(f"--layers {args.layers}: the Engram layers sit before blocks {list(ENGRAM_BLOCKS)}, "
+                     f"so at least {max(ENGRAM_BLOCKS) + 1} blocks are needed")
     device = torch.device(args.device)
     args.hidden = args.hidden or (1024 if device.type == "cuda" else 256)
     args.heads = args.heads or max(1, args.hidden // 64)

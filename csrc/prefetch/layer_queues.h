@@ -112,8 +112,8 @@ class LayerQueues {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerSpec& spec = layers_[i].spec;
       if (spec.skipped) continue;
-      Task task{TaskKind::kHashAndGather, std::make_shared<Ticket>(TaskKind::kHashAndGather), spec.table, {},
-                spec.offsets, {}, spec.hash, spec.dedup};
+      Task task{.kind = TaskKind::kHashAndGather, .ticket = std::make_shared<Ticket>(TaskKind::kHashAndGather),
+                .table = spec.table, .offsets = spec.offsets, .hash = spec.hash, .dedup = spec.dedup};
       task.ticket->set_source(input_ids, tokens, at::Tensor(), layers_[i].generation, stamps_locked(layers_[i]));
       task.hash.input_ids = tokens;
       queued.emplace_back(i, task.ticket);

@@ -89,7 +89,8 @@ class GatherPool {
     const at::Tensor offs = offsets.value_or(at::Tensor());
     check_gather_args(table, ids, offs, cache.rows, cache.data, dedup);
     auto ticket = std::make_shared<Ticket>(TaskKind::kGather);
-    enqueue({Task{TaskKind::kGather, ticket, table, ids, offs, cache, {}, dedup, pin_memory}});
+    enqueue({Task{.kind = TaskKind::kGather, .ticket = ticket, .table = table, .ids = ids, .offsets = offs,
+                  .cache = cache, .dedup = dedup, .pin_memory = pin_memory}});
     return ticket;
   }
 
@@ -112,7 +113,7 @@ class GatherPool {
                "changed rows must be a contiguous 1-D int64 CPU tensor");
     if (!ticket->begin_patch(Stamps{table_version, epoch, own_bumps}, table.size(1))) return false;
     try {
-      enqueue({Task{TaskKind::kPatch, ticket, table, changed}});
+      enqueue({Task{.kind = TaskKind::kPatch, .ticket = ticket, .table = table, .ids = changed}});
       return true;
     } catch (const c10::Error&) {  // closed
       ticket->settle(true, {}, std::current_exception());
