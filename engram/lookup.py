@@ -26,10 +26,10 @@ from . import ops
 _ops = torch.ops.engram
 
 
-def staged_rows(staged: List[torch.Tensor], ids: torch.Tensor, dim: int) -> torch.Tensor:
+def staged_rows(staged: List[torch.Tensor]) -> torch.Tensor:
     """The lookup's output from a prefetcher's staged rows: [table[ids]]
-    (expanded, shaped ids.shape + [dim]) or [rows, inverse] (deduplicated:
-    rows[inverse])."""
+    (expanded, already shaped ids.shape + [Dh]) or [rows, inverse]
+    (deduplicated: rows[inverse])."""
     if len(staged) == 1:
         return staged[0]
     return ops.multihead_embedding(*staged)
@@ -48,7 +48,7 @@ class _TableLookup(torch.autograd.Function):
         ctx.table, ctx.module = weight, module
         if staged is None:
             return ops.multihead_embedding(weight, ids, offsets)
-        return staged_rows(staged, ids, weight.shape[1])
+        return staged_rows(staged)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -84,5 +84,5 @@ def lookup(module, weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tenso
     if torch.is_grad_enabled() and weight.requires_grad and (fused or staged is not None):
         return _table_lookup(weight, ids, offsets, module, staged)
     if staged is not None:  # no graph to record: the staged rows are the output
-        return staged_rows(staged, ids, weight.shape[1])
+        return staged_rows(staged)
     return ops.multihead_embedding(weight, ids, offsets, module.sparse)
